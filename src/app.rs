@@ -1,0 +1,100 @@
+//! Wiring for `backfilld run`: pool, metrics, HTTP, signals, config reload, the daemon loop.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DatabaseConfig, Source};
+use crate::daemon::{Daemon, Readiness};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::runner::Context;
+use crate::sql::Names;
+use crate::telemetry::Telemetry;
+use crate::{http, schema, shutdown};
+
+/// Opens the pool; every connection carries `application_name` so DBAs can see who we are.
+pub async fn connect(db: &DatabaseConfig) -> Result<PgPool> {
+    let options: PgConnectOptions = db.url.parse()?;
+    let options = options.application_name(&db.application_name);
+    Ok(PgPoolOptions::new()
+        .max_connections(db.max_connections)
+        .acquire_timeout(db.connect_timeout)
+        .connect_with(options)
+        .await?)
+}
+
+/// `<hostname>-<pid>-<random>` unless configured.
+pub fn replica_id(cfg: &Config) -> String {
+    if !cfg.worker.replica_id.is_empty() {
+        return cfg.worker.replica_id.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "backfilld".into());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// Runs the daemon until a stop signal (or idleness with `until_idle`).
+pub async fn run_daemon(source: Source, cfg: Config, until_idle: bool, telemetry: &Telemetry) -> Result<()> {
+    let names = Names::new(&cfg.database.schema);
+    let pool = connect(&cfg.database).await?;
+    schema::check(&pool, &names).await?;
+    let shutdown = CancellationToken::new();
+    let reloads = shutdown::install(shutdown.clone()).map_err(|e| Error::Refused {
+        job: "-".into(),
+        reason: format!("cannot install signal handlers: {e}"),
+    })?;
+    let metrics = Metrics::new();
+    let readiness = Arc::new(Readiness::default());
+    let server = match cfg.metrics.listen.as_str() {
+        "" => None,
+        listen => Some(http::serve(listen, metrics.clone(), readiness.clone(), cfg.worker.poll_interval, shutdown.clone()).await?),
+    };
+    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
+    let ctx = Arc::new(Context { pool: pool.clone(), names, config: config_rx, metrics, owner: replica_id(&cfg) });
+    let reloader = tokio::spawn(reload_on_hup(reloads, source, config_tx, telemetry.filter_handle()));
+    Daemon { ctx, until_idle, shutdown: shutdown.clone(), readiness }.run().await?;
+    shutdown.cancel();
+    reloader.abort();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// On SIGHUP: reload and validate; apply what can change at run time, keep the rest.
+async fn reload_on_hup(
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
+    source: Source,
+    config: watch::Sender<Arc<Config>>,
+    set_level: impl Fn(&str),
+) {
+    while reloads.recv().await.is_some() {
+        let new = match source.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: configuration rejected; keeping the current one");
+                continue;
+            }
+        };
+        let old = config.borrow().clone();
+        if new.database.url != old.database.url
+            || new.database.max_connections != old.database.max_connections
+            || new.database.schema != old.database.schema
+            || new.metrics.listen != old.metrics.listen
+        {
+            tracing::warn!("SIGHUP: database and metrics.listen settings need a restart; other changes apply now");
+        }
+        set_level(&new.log.level);
+        config.send_replace(Arc::new(new));
+        tracing::info!("SIGHUP: configuration reloaded");
+    }
+}

@@ -1,0 +1,211 @@
+//! Before-image archive tables, one per job, in backfilld's schema: `<job>_<yyyymmdd>_j<id>`.
+//! An update archives the key plus the before- and after-values of the columns it sets; a delete
+//! archives whole rows. Rows are written by the change statement itself (see `change`), so a
+//! batch and its archive commit or roll back together. Expired archives are dropped by the daemon.
+
+use sqlx::{Executor, PgConnection};
+
+use crate::sql::{Names, quote_ident, quote_literal};
+use crate::target::{Target, column_list};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveKind {
+    /// Columns the update set, in set-clause order.
+    Update { touched: Vec<String> },
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArchiveTable {
+    /// Bare table name inside backfilld's schema.
+    pub name: String,
+    /// `"backfill"."name"`.
+    pub quoted: String,
+    pub keys: Vec<String>,
+    pub kind: ArchiveKind,
+}
+
+/// Prefix of the columns holding an update's after-values.
+const AFTER_PREFIX: &str = "_bf_after_";
+
+impl ArchiveTable {
+    pub fn new(names: &Names, name: String, target: &Target, kind: ArchiveKind) -> Self {
+        Self {
+            quoted: format!("{}.{}", quote_ident(&names.schema), quote_ident(&name)),
+            name,
+            keys: target.keys.iter().map(|k| k.name.clone()).collect(),
+            kind,
+        }
+    }
+
+    /// `orders_status_v1_20261121_j42`: readable, unique (job id), at most 63 bytes.
+    pub fn name_for(job: &str, job_id: i64, date: chrono::NaiveDate) -> String {
+        let suffix = format!("_{}_j{job_id}", date.format("%Y%m%d"));
+        let mut base: String = job
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .collect();
+        base.truncate(63 - suffix.len());
+        format!("{base}{suffix}")
+    }
+
+    pub fn after_column(i: usize) -> String {
+        format!("{AFTER_PREFIX}{i}")
+    }
+
+    /// Column list the change statement inserts, in the order its RETURNING produces.
+    pub fn insert_columns(&self) -> String {
+        match &self.kind {
+            ArchiveKind::Update { touched } => {
+                let after: Vec<String> = (0..touched.len()).map(Self::after_column).collect();
+                column_list(
+                    self.keys
+                        .iter()
+                        .chain(touched)
+                        .chain(&after)
+                        .map(String::as_str),
+                )
+            }
+            ArchiveKind::Delete => "*".into(),
+        }
+    }
+
+    /// Creates the archive table if missing (a retried attempt finds it already there).
+    pub async fn create(
+        &self,
+        conn: &mut PgConnection,
+        target: &Target,
+        job: &str,
+    ) -> sqlx::Result<()> {
+        let create = match &self.kind {
+            ArchiveKind::Update { touched } => {
+                let after: Vec<String> = touched
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{} AS {}", quote_ident(c), quote_ident(&Self::after_column(i))))
+                    .collect();
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {} AS SELECT {}, {}, {} FROM {} WITH NO DATA",
+                    self.quoted,
+                    column_list(self.keys.iter().map(String::as_str)),
+                    column_list(touched.iter().map(String::as_str)),
+                    after.join(", "),
+                    target.quoted
+                )
+            }
+            ArchiveKind::Delete => format!(
+                "CREATE TABLE IF NOT EXISTS {} (LIKE {})",
+                self.quoted, target.quoted
+            ),
+        };
+        let comment = format!(
+            "COMMENT ON TABLE {} IS {}",
+            self.quoted,
+            quote_literal(&format!(
+                "backfilld before-images of job {job} on {} ({})",
+                target.display(),
+                if self.kind == ArchiveKind::Delete { "deleted rows" } else { "updated columns" }
+            ))
+        );
+        // Simple-protocol execution: two statements, no parameters (DDL takes none).
+        conn.execute(format!("{create}; {comment}").as_str()).await?;
+        Ok(())
+    }
+
+    /// Reads an existing archive's layout back (for revert): update archives are recognised by
+    /// their after-value columns, and the touched columns are those between keys and after-values.
+    pub async fn open(
+        conn: &mut PgConnection,
+        names: &Names,
+        name: &str,
+        target: &Target,
+    ) -> sqlx::Result<Option<Self>> {
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+        .bind(format!("{}.{}", quote_ident(&names.schema), quote_ident(name)))
+        .fetch_all(conn)
+        .await?;
+        if columns.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = target.keys.iter().map(|k| k.name.clone()).collect();
+        let kind = if columns.iter().any(|c| c.starts_with(AFTER_PREFIX)) {
+            let touched = columns
+                .into_iter()
+                .filter(|c| !keys.contains(c) && !c.starts_with(AFTER_PREFIX))
+                .collect();
+            ArchiveKind::Update { touched }
+        } else {
+            ArchiveKind::Delete
+        };
+        Ok(Some(Self::new(names, name.to_owned(), target, kind)))
+    }
+
+    /// A unique index on the keys, built when a revert starts (not during the backfill, where
+    /// it would slow every archived batch) so the revert can walk the archive by keyset.
+    pub async fn index_keys(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        let sql = format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
+            quote_ident(&format!("{}_key", &self.name[..self.name.len().min(58)])),
+            self.quoted,
+            column_list(self.keys.iter().map(String::as_str))
+        );
+        conn.execute(sql.as_str()).await?;
+        Ok(())
+    }
+}
+
+const EXPIRED: &str = "
+SELECT j.id, j.name, j.archive_table FROM {jobs} j
+WHERE j.archive_table IS NOT NULL
+  AND j.state IN ('succeeded', 'failed', 'cancelled')
+  AND j.finished_at < now() - make_interval(days => $1)
+  AND NOT EXISTS (SELECT 1 FROM {jobs} r
+                  WHERE r.reverts = j.name AND r.state NOT IN ('succeeded', 'failed', 'cancelled'))
+FOR UPDATE SKIP LOCKED";
+
+/// Drops archive tables of jobs finished more than `days` ago, logging each; returns how many.
+pub async fn drop_expired(pool: &sqlx::PgPool, names: &Names, days: i64) -> sqlx::Result<usize> {
+    if days <= 0 {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let expired: Vec<(i64, String, String)> = sqlx::query_as(&names.render(EXPIRED))
+        .bind(i32::try_from(days).unwrap_or(i32::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+    for (id, job, table) in &expired {
+        let drop = format!(
+            "DROP TABLE IF EXISTS {}.{}",
+            quote_ident(&names.schema),
+            quote_ident(table)
+        );
+        sqlx::raw_sql(&drop).execute(&mut *tx).await?;
+        sqlx::query(&names.render("UPDATE {jobs} SET archive_table = NULL WHERE id = $1"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(job = %job, archive = %table, retention_days = days, "dropped expired archive");
+    }
+    tx.commit().await?;
+    Ok(expired.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_names_are_readable_and_bounded() {
+        let d = chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap();
+        assert_eq!(
+            ArchiveTable::name_for("Orders-Status v1", 42, d),
+            "orders_status_v1_20261121_j42"
+        );
+        let long = ArchiveTable::name_for(&"x".repeat(200), 7, d);
+        assert_eq!(long.len(), 63);
+        assert!(long.ends_with("_20261121_j7"));
+    }
+}

@@ -1,0 +1,196 @@
+//! One batch: a single short transaction that picks the next window of keys, applies the change
+//! to it, and commits the checkpoint with it.
+//!
+//! **Invariant:** the checkpoint (cursor and counters) commits in the batch's own transaction, so a
+//! crash anywhere re-runs at most the uncommitted batch: each row's change happens exactly once.
+//! **Invariant:** the checkpoint is fenced by attempt and lease owner; when it matches no row the
+//! whole batch rolls back.
+//! **Invariant:** every batch transaction sets `lock_timeout` and `statement_timeout` locally.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::change::Change;
+use crate::claim::{Control, Lease};
+use crate::error::JobError;
+use crate::keyset::{Key, Keyset, bind_keys};
+use crate::sql::Names;
+
+/// Per-transaction settings, applied with `set_config(..., is_local => true)`.
+#[derive(Debug, Clone)]
+pub struct TxSettings {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub synchronous_commit: String,
+}
+
+impl TxSettings {
+    /// Applies the settings to the current transaction only. `force_custom_plan` makes every
+    /// batch plan with its actual bounds, so the range scan's row estimate is right.
+    pub async fn apply(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        sqlx::query(
+            "SELECT set_config('lock_timeout', $1, true),
+                    set_config('statement_timeout', $2, true),
+                    set_config('synchronous_commit', $3, true),
+                    set_config('plan_cache_mode', 'force_custom_plan', true)",
+        )
+        .bind(format!("{}ms", self.lock_timeout.as_millis()))
+        .bind(format!("{}ms", self.statement_timeout.as_millis()))
+        .bind(&self.synchronous_commit)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Everything a batch needs that stays the same for the whole run.
+pub struct Batcher<'a> {
+    pub pool: &'a PgPool,
+    pub names: &'a Names,
+    pub lease: &'a Lease,
+    pub table: &'a str,
+    /// Walks the table whose keys the job visits (the target, or the archive for a revert).
+    pub keyset: &'a Keyset,
+    pub change: &'a Change,
+    pub upper: &'a Key,
+    pub settings: TxSettings,
+    pub lease_ttl: Duration,
+    pub max_affected: Option<i64>,
+}
+
+/// A committed batch.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub scanned: i64,
+    pub changed: i64,
+    pub skipped: i64,
+    pub last: Key,
+    pub elapsed: Duration,
+    pub control: Control,
+}
+
+const CHECKPOINT: &str = "
+UPDATE {jobs}
+SET cursor = $4,
+    rows_scanned = rows_scanned + $5,
+    rows_changed = rows_changed + $6,
+    rows_skipped = rows_skipped + $7,
+    batches = batches + 1,
+    batch_size_current = $8,
+    heartbeat_at = now(),
+    lease_expires_at = now() + make_interval(secs => $9)
+WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
+RETURNING requested_state, rows_changed";
+
+impl Batcher<'_> {
+    fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
+        move |e| JobError::sql(&self.lease.job, self.table, step, e)
+    }
+
+    /// Runs one batch of at most `size` keys after `cursor`. `Ok(None)` when the key range is
+    /// exhausted (nothing was written).
+    pub async fn run(&self, cursor: Option<&Key>, size: i64) -> Result<Option<Committed>, JobError> {
+        let started = Instant::now();
+        let mut tx = self.pool.begin().await.map_err(self.sql_err("begin"))?;
+        self.settings
+            .apply(&mut tx)
+            .await
+            .map_err(self.sql_err("setting timeouts"))?;
+        let Some((scanned, hi)) = self.window(&mut tx, cursor, size).await? else {
+            tx.rollback().await.map_err(self.sql_err("rollback"))?;
+            return Ok(None);
+        };
+        let changed = self.apply_change(&mut tx, cursor, &hi).await?;
+        let skipped = if self.change.counts_skipped() { scanned - changed } else { 0 };
+        let control = self
+            .checkpoint(&mut tx, &hi, scanned, changed, skipped, size)
+            .await?;
+        tx.commit().await.map_err(self.sql_err("commit"))?;
+        Ok(Some(Committed {
+            scanned,
+            changed,
+            skipped,
+            last: hi,
+            elapsed: started.elapsed(),
+            control,
+        }))
+    }
+
+    /// The number of keys in the next window and its last key.
+    async fn window(
+        &self,
+        conn: &mut PgConnection,
+        cursor: Option<&Key>,
+        size: i64,
+    ) -> Result<Option<(i64, Key)>, JobError> {
+        let sql = self.keyset.window_sql(cursor.is_some());
+        let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
+        let row = bind_keys(sqlx::query(&sql), &bounds)
+            .bind(size)
+            .fetch_optional(conn)
+            .await
+            .map_err(self.sql_err("reading the next window"))?;
+        let Some(row) = row else { return Ok(None) };
+        let scanned: i64 = row.try_get(0).map_err(self.sql_err("reading the next window"))?;
+        let last = (1..=self.keyset.width())
+            .map(|i| row.try_get::<String, _>(i))
+            .collect::<sqlx::Result<Vec<_>>>()
+            .map_err(self.sql_err("reading the next window"))?;
+        Ok(Some((scanned, Key(last))))
+    }
+
+    async fn apply_change(
+        &self,
+        conn: &mut PgConnection,
+        cursor: Option<&Key>,
+        hi: &Key,
+    ) -> Result<i64, JobError> {
+        let bounds: Vec<&Key> = cursor.into_iter().chain([hi]).collect();
+        let done = bind_keys(sqlx::query(self.change.statement(cursor.is_some())), &bounds)
+            .execute(conn)
+            .await
+            .map_err(self.sql_err("applying the change"))?;
+        Ok(done.rows_affected() as i64)
+    }
+
+    /// Writes the cursor and counters, fenced by the lease; enforces the ceiling.
+    async fn checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        hi: &Key,
+        scanned: i64,
+        changed: i64,
+        skipped: i64,
+        size: i64,
+    ) -> Result<Control, JobError> {
+        let row: Option<(Option<String>, i64)> = sqlx::query_as(&self.names.render(CHECKPOINT))
+            .bind(self.lease.job_id)
+            .bind(self.lease.attempt)
+            .bind(&self.lease.owner)
+            .bind(hi.to_json())
+            .bind(scanned)
+            .bind(changed)
+            .bind(skipped)
+            .bind(i32::try_from(size).unwrap_or(i32::MAX))
+            .bind(self.lease_ttl.as_secs_f64())
+            .fetch_optional(conn)
+            .await
+            .map_err(self.sql_err("writing the checkpoint"))?;
+        let Some((requested, total_changed)) = row else {
+            return Err(JobError::LeaseLost {
+                job: self.lease.job.clone(),
+                attempt: self.lease.attempt,
+            });
+        };
+        if let Some(max) = self.max_affected.filter(|m| total_changed > *m) {
+            return Err(JobError::Ceiling {
+                job: self.lease.job.clone(),
+                table: self.table.to_owned(),
+                would_change: total_changed,
+                max_affected: max,
+            });
+        }
+        Ok(Control::from_requested(requested.as_deref()))
+    }
+}

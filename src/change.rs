@@ -1,0 +1,68 @@
+//! The kinds of data change a batch applies to one window of keys `(cursor, hi]`. Each kind
+//! renders its statement once per job run; every statement takes the window bounds as its only
+//! parameters (`$1..$k` the cursor when present, then the window's last key) and reports the rows
+//! it changed as its affected-row count.
+//!
+//! **Invariant:** every write repeats the job's predicate, so a row that live traffic changed
+//! between the window read and the write is re-checked by PostgreSQL and never clobbered.
+
+mod delete;
+mod revert;
+mod update;
+
+pub use delete::Delete;
+pub use revert::Revert;
+pub use update::Update;
+
+use crate::keyset::Keyset;
+
+#[derive(Debug, Clone)]
+pub enum Change {
+    Update(Update),
+    Delete(Delete),
+    Revert(Revert),
+}
+
+impl Change {
+    /// The statement for a window with or without a lower bound.
+    pub fn statement(&self, has_cursor: bool) -> &str {
+        let pair = match self {
+            Change::Update(c) => &c.statements,
+            Change::Delete(c) => &c.statements,
+            Change::Revert(c) => &c.statements,
+        };
+        if has_cursor { &pair.with_cursor } else { &pair.first }
+    }
+
+    /// Reverts count the window rows they did not restore (changed again since the backfill).
+    pub fn counts_skipped(&self) -> bool {
+        matches!(self, Change::Revert(_))
+    }
+}
+
+/// A statement rendered for the first window (no cursor) and for every later one.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    first: String,
+    with_cursor: String,
+}
+
+impl Statements {
+    /// Renders `build(range_condition)` for both cursor shapes; the condition selects the keys
+    /// `(cursor, hi]`. `alias` qualifies the key columns in it.
+    fn render(keyset: &Keyset, alias: Option<&str>, build: impl Fn(&str) -> String) -> Self {
+        let statement = |has_cursor: bool| {
+            let row = keyset.row(alias);
+            let (lower, next) = if has_cursor {
+                (format!("{row} > {} AND ", keyset.params(1)), 1 + keyset.width())
+            } else {
+                (String::new(), 1)
+            };
+            build(&format!("{lower}{row} <= {}", keyset.params(next)))
+        };
+        Self {
+            first: statement(false),
+            with_cursor: statement(true),
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! `action = 'revert'`: restores the before-images another job archived. The window walks the
+//! archive table's keys. A row whose current values differ from the backfill's after-image was
+//! changed again since, and is skipped (counted, never overwritten). A deleted row is re-inserted
+//! unless a row with its key exists again.
+
+use super::Statements;
+use crate::archive::{ArchiveKind, ArchiveTable};
+use crate::keyset::Keyset;
+use crate::sql::quote_ident;
+use crate::target::Target;
+
+#[derive(Debug, Clone)]
+pub struct Revert {
+    pub(super) statements: Statements,
+}
+
+impl Revert {
+    /// `keyset` walks the archive table.
+    pub fn new(target: &Target, keyset: &Keyset, archive: &ArchiveTable) -> Self {
+        let statements = match &archive.kind {
+            ArchiveKind::Update { touched } => Statements::render(keyset, Some("_bf_a"), |range| {
+                restore_update(target, archive, touched, range)
+            }),
+            ArchiveKind::Delete => Statements::render(keyset, Some("_bf_a"), |range| {
+                reinsert(target, archive, range)
+            }),
+        };
+        Self { statements }
+    }
+}
+
+fn restore_update(target: &Target, archive: &ArchiveTable, touched: &[String], range: &str) -> String {
+    let set: Vec<String> = touched
+        .iter()
+        .map(|c| format!("{0} = _bf_a.{0}", quote_ident(c)))
+        .collect();
+    let join: Vec<String> = target
+        .keys
+        .iter()
+        .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
+        .collect();
+    let current: Vec<String> = touched
+        .iter()
+        .map(|c| format!("{}.{}", target.quoted, quote_ident(c)))
+        .collect();
+    let after: Vec<String> = (0..touched.len())
+        .map(|i| format!("_bf_a.{}", quote_ident(&ArchiveTable::after_column(i))))
+        .collect();
+    // Text forms compare every type, including those without an equality operator (json, point).
+    format!(
+        "UPDATE {table} SET {set} FROM {archive} AS _bf_a
+         WHERE {join} AND {range}
+           AND ROW({current})::text = ROW({after})::text",
+        table = target.quoted,
+        set = set.join(", "),
+        archive = archive.quoted,
+        join = join.join(" AND "),
+        current = current.join(", "),
+        after = after.join(", "),
+    )
+}
+
+fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
+    let cols: Vec<&str> = target
+        .columns
+        .iter()
+        .filter(|c| !c.generated)
+        .map(|c| c.name.as_str())
+        .collect();
+    let list = crate::target::column_list(cols.iter().copied());
+    let select: Vec<String> = cols
+        .iter()
+        .map(|c| format!("_bf_a.{}", quote_ident(c)))
+        .collect();
+    let overriding = if target.columns.iter().any(|c| c.identity_always) {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO {table} ({list}){overriding}
+         SELECT {select} FROM {archive} AS _bf_a WHERE {range}
+         ON CONFLICT DO NOTHING",
+        table = target.quoted,
+        select = select.join(", "),
+        archive = archive.quoted,
+    )
+}

@@ -1,0 +1,269 @@
+//! Claiming jobs under a lease, renewing it, giving it back, and rescuing expired ones.
+//!
+//! **Invariant:** every write to a claimed job row is fenced by `id`, `attempt` and `lease_owner`;
+//! a write that matches no row means the lease was lost and the writer must stop.
+//! **Invariant:** lease times come from the database clock (`now()`), never the daemon's.
+
+use std::time::Duration;
+
+use sqlx::PgExecutor;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::JobRow;
+use crate::sql::Names;
+
+/// The fencing token of one claimed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: i64,
+    pub job: String,
+    pub attempt: i32,
+    pub owner: String,
+}
+
+/// What an operator asked for, as last seen by the heartbeat or a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Control {
+    #[default]
+    Run,
+    Pause,
+    Cancel,
+    LeaseLost,
+}
+
+impl Control {
+    pub fn from_requested(requested: Option<&str>) -> Self {
+        match requested {
+            Some("paused") => Control::Pause,
+            Some("cancelled") => Control::Cancel,
+            _ => Control::Run,
+        }
+    }
+}
+
+const CLAIM: &str = "
+WITH next AS (
+    SELECT id FROM {jobs}
+    WHERE run_at <= now()
+      AND (   (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
+                                 AND requested_state IS DISTINCT FROM 'cancelled')
+           OR (state = 'paused'  AND requested_state = 'running')
+           OR (state = 'planned' AND mode = 'execute'
+                                 AND requested_state IS DISTINCT FROM 'paused'
+                                 AND requested_state IS DISTINCT FROM 'cancelled'))
+    ORDER BY priority DESC, run_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {jobs} j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    lease_owner = $2,
+    lease_expires_at = now() + make_interval(secs => $3),
+    heartbeat_at = now(),
+    started_at = coalesce(j.started_at, now())
+FROM next
+WHERE j.id = next.id
+RETURNING j.*";
+
+/// Claims up to `limit` runnable jobs in one short transaction (the statement itself).
+pub async fn claim<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    owner: &str,
+    ttl: Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<JobRow>> {
+    sqlx::query_as(&names.render(CLAIM))
+        .bind(limit)
+        .bind(owner)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(db)
+        .await
+}
+
+const RENEW: &str = "
+UPDATE {jobs}
+SET lease_expires_at = now() + make_interval(secs => $4), heartbeat_at = now()
+WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
+RETURNING requested_state";
+
+/// Extends the lease; `Control::LeaseLost` when the fence no longer matches.
+pub async fn renew<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    lease: &Lease,
+    ttl: Duration,
+) -> sqlx::Result<Control> {
+    let row: Option<(Option<String>,)> = sqlx::query_as(&names.render(RENEW))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(db)
+        .await?;
+    Ok(match row {
+        Some((requested,)) => Control::from_requested(requested.as_deref()),
+        None => Control::LeaseLost,
+    })
+}
+
+/// Renews the lease every `interval` until `stop`, publishing what the operator asked for.
+/// A failed renewal is retried at the next tick; the lease TTL covers a few missed beats.
+pub fn spawn_heartbeat(
+    pool: sqlx::PgPool,
+    names: Names,
+    lease: Lease,
+    ttl: Duration,
+    interval: Duration,
+    stop: CancellationToken,
+) -> watch::Receiver<Control> {
+    let (tx, rx) = watch::channel(Control::Run);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match renew(&pool, &names, &lease, ttl).await {
+                Ok(control) => {
+                    tx.send_if_modified(|c| std::mem::replace(c, control) != control);
+                    if control == Control::LeaseLost {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(job = %lease.job, error = %e, "heartbeat failed"),
+            }
+        }
+    });
+    rx
+}
+
+/// How a claimed attempt ends, as written to the job row.
+#[derive(Debug, Clone)]
+pub enum Release {
+    /// Back to pending without burning the attempt (graceful shutdown).
+    Requeue,
+    /// Back to pending after `delay`, the attempt counted; failed once attempts are exhausted.
+    Retry { delay: Duration, error: String },
+    Paused,
+    Planned,
+    Succeeded,
+    Cancelled,
+    Failed { error: String },
+}
+
+const RELEASE: &str = "
+UPDATE {jobs}
+SET state = CASE
+        WHEN $4 = 'retry' AND attempt >= $7 THEN 'failed'
+        WHEN $4 = 'retry' THEN 'pending'
+        ELSE $4 END,
+    attempt = CASE WHEN $4 IN ('pending', 'paused') THEN attempt - 1 ELSE attempt END,
+    run_at = CASE WHEN $4 = 'retry' THEN now() + make_interval(secs => $6) ELSE run_at END,
+    last_error = coalesce($5, CASE WHEN $4 IN ('succeeded', 'planned') THEN NULL ELSE last_error END),
+    finished_at = CASE
+        WHEN $4 IN ('succeeded', 'failed', 'cancelled') OR ($4 = 'retry' AND attempt >= $7) THEN now()
+        ELSE finished_at END,
+    lease_owner = NULL,
+    lease_expires_at = NULL
+WHERE id = $1 AND attempt = $2 AND lease_owner = $3
+RETURNING state";
+
+/// Writes the end of an attempt, fenced. Returns the resulting state, or `None` if the lease was
+/// already lost (then another replica owns the job and nothing is written).
+pub async fn release<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    lease: &Lease,
+    how: &Release,
+    max_attempts: i32,
+) -> sqlx::Result<Option<String>> {
+    let (state, error, delay) = match how {
+        Release::Requeue => ("pending", None, 0.0),
+        Release::Retry { delay, error } => ("retry", Some(error.as_str()), delay.as_secs_f64()),
+        Release::Paused => ("paused", None, 0.0),
+        Release::Planned => ("planned", None, 0.0),
+        Release::Succeeded => ("succeeded", None, 0.0),
+        Release::Cancelled => ("cancelled", None, 0.0),
+        Release::Failed { error } => ("failed", Some(error.as_str()), 0.0),
+    };
+    sqlx::query_scalar(&names.render(RELEASE))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(state)
+        .bind(error)
+        .bind(delay)
+        .bind(max_attempts)
+        .fetch_optional(db)
+        .await
+}
+
+const RESCUE: &str = "
+WITH expired AS (
+    SELECT id FROM {jobs}
+    WHERE state = 'running' AND lease_expires_at < now()
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {jobs} j
+SET state = CASE WHEN j.attempt >= $1 THEN 'failed' ELSE 'pending' END,
+    last_error = CASE WHEN j.attempt >= $1
+        THEN format('lease of %s expired at %s and attempts are exhausted (%s of %s)',
+                    j.lease_owner, j.lease_expires_at, j.attempt, $1)
+        ELSE j.last_error END,
+    finished_at = CASE WHEN j.attempt >= $1 THEN now() ELSE NULL END,
+    lease_owner = NULL,
+    lease_expires_at = NULL
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.name, j.state";
+
+/// Returns jobs whose lease expired (their replica died or stalled) to pending, or fails them
+/// when attempts are exhausted.
+pub async fn rescue_expired<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    max_attempts: i32,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(&names.render(RESCUE))
+        .bind(max_attempts)
+        .fetch_all(db)
+        .await
+}
+
+const APPLY_REQUESTS: &str = "
+UPDATE {jobs}
+SET state = CASE requested_state WHEN 'cancelled' THEN 'cancelled' ELSE 'paused' END,
+    finished_at = CASE requested_state WHEN 'cancelled' THEN now() ELSE finished_at END
+WHERE (requested_state = 'cancelled' AND state IN ('pending', 'planned', 'paused'))
+   OR (requested_state = 'paused' AND state = 'pending')
+RETURNING name, state";
+
+/// Applies pause and cancel requests to jobs that no replica is running.
+pub async fn apply_requests<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(&names.render(APPLY_REQUESTS))
+        .fetch_all(db)
+        .await
+}
+
+const RUNNABLE: &str = "
+SELECT count(*) FROM {jobs}
+WHERE (run_at <= now() AND (
+           (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
+                              AND requested_state IS DISTINCT FROM 'cancelled')
+        OR (state = 'paused' AND requested_state = 'running')
+        OR (state = 'planned' AND mode = 'execute'
+                              AND requested_state IS DISTINCT FROM 'cancelled')))
+   OR (state = 'running' AND lease_expires_at < now())";
+
+/// Jobs this or another replica could pick up now (including expired leases awaiting rescue).
+pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
+    sqlx::query_scalar(&names.render(RUNNABLE)).fetch_one(db).await
+}

@@ -1,0 +1,465 @@
+//! One typed configuration tree: file (`--config`), then `BACKFILLD_<SECTION>__<KEY>` environment
+//! variables, then `DATABASE_URL`. Validated once at start (and on every SIGHUP reload).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Errors found while loading or validating configuration; each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    pub batch: BatchConfig,
+    pub throttle: ThrottleConfig,
+    pub safety: SafetyConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Connection URL; `DATABASE_URL` in the environment wins.
+    pub url: String,
+    /// Schema holding `jobs`, the migration ledger and the archive tables.
+    pub schema: String,
+    pub max_connections: u32,
+    pub application_name: String,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Jobs run at once by this replica.
+    pub concurrency: usize,
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Claims (crashes and exhausted retries included) before a job fails for good.
+    pub max_attempts: i32,
+    /// Transient errors in a row on one batch before the attempt gives up and the job is re-queued.
+    pub max_batch_retries: u32,
+    /// `lease_owner` written by this replica; empty means `<hostname>-<pid>-<random>`.
+    pub replica_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Initial rows per batch when the job row does not say.
+    pub size: i64,
+    pub min_size: i64,
+    pub max_size: i64,
+    pub target_batch_ms: i64,
+    pub sleep_ms: i64,
+    /// 0 means no cap.
+    pub max_rows_per_second: i64,
+    #[serde(deserialize_with = "duration")]
+    pub lock_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub statement_timeout: Duration,
+    /// `off` lets PostgreSQL acknowledge batch commits before the WAL flush. Safe for exactly-once
+    /// because data and checkpoint are lost together, never one without the other.
+    pub synchronous_commit: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// How often the health signals are sampled.
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
+    /// Pause while any streaming replica's replay lag exceeds this; 0s disables.
+    #[serde(deserialize_with = "duration")]
+    pub max_replica_lag: Duration,
+    /// Pause while another transaction has been open longer than this; 0s disables.
+    #[serde(deserialize_with = "duration")]
+    pub max_transaction_age: Duration,
+    /// Pause while more than this many sessions wait on locks; 0 disables.
+    pub max_lock_waiters: i64,
+    /// Pause while the target table has more dead tuples than this; 0 disables.
+    pub max_dead_tuples: i64,
+    /// Pause while autovacuum is working on the target table.
+    pub pause_during_autovacuum: bool,
+    /// Pause while WAL is generated faster than this many bytes per second; 0 disables.
+    pub max_wal_bytes_per_second: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SafetyConfig {
+    /// Default ceiling on affected rows when the job row has none; 0 means no default ceiling.
+    pub max_affected: i64,
+    /// Archive tables older than this many days are dropped; 0 keeps them forever.
+    pub archive_retention_days: i64,
+    /// When non-empty, only these tables (`schema.table`) may be targets.
+    pub allowed_tables: Vec<String>,
+    /// Rows sampled into a dry-run plan.
+    pub plan_sample_rows: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` for /metrics, /healthz, /readyz; empty disables the listener.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `backfilld=debug,sqlx=warn`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`; empty disables tracing export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            schema: "backfill".into(),
+            max_connections: 8,
+            application_name: "backfilld".into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            poll_interval: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            max_attempts: 5,
+            max_batch_retries: 8,
+            replica_id: String::new(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            size: 1000,
+            min_size: 100,
+            max_size: 50_000,
+            target_batch_ms: 500,
+            sleep_ms: 100,
+            max_rows_per_second: 0,
+            lock_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(30),
+            synchronous_commit: "on".into(),
+        }
+    }
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: Duration::from_secs(5),
+            max_replica_lag: Duration::from_secs(10),
+            max_transaction_age: Duration::from_secs(0),
+            max_lock_waiters: 0,
+            max_dead_tuples: 0,
+            pause_during_autovacuum: false,
+            max_wal_bytes_per_second: 0,
+        }
+    }
+}
+
+impl Default for SafetyConfig {
+    fn default() -> Self {
+        Self {
+            max_affected: 0,
+            archive_retention_days: 30,
+            allowed_tables: Vec::new(),
+            plan_sample_rows: 10,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "backfilld".into(),
+        }
+    }
+}
+
+/// Where configuration comes from; kept so SIGHUP can reload from the same places.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    pub path: Option<PathBuf>,
+    pub database_url: Option<String>,
+}
+
+impl Source {
+    /// The configured file, or `config/backfilld.toml` when present.
+    pub fn new(path: Option<PathBuf>, database_url: Option<String>) -> Self {
+        let default = Path::new("config/backfilld.toml");
+        let path = path.or_else(|| default.exists().then(|| default.to_path_buf()));
+        Self { path, database_url }
+    }
+
+    /// Reads file, environment and `DATABASE_URL`, then validates.
+    pub fn load(&self) -> Result<Config> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = &self.path {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("BACKFILLD")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("safety.allowed_tables")
+                .try_parsing(true),
+        );
+        let mut cfg: Config = builder.build()?.try_deserialize()?;
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            cfg.database.url = url;
+        }
+        if let Some(url) = &self.database_url {
+            cfg.database.url = url.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Rejects values the daemon could not run with, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.database.url.is_empty() {
+            return Err(invalid(
+                "database.url",
+                "no database configured: set DATABASE_URL, --database-url or database.url",
+            ));
+        }
+        if !is_plain_identifier(&self.database.schema) {
+            return Err(invalid(
+                "database.schema",
+                "must be a lower-case identifier ([a-z_][a-z0-9_]*)",
+            ));
+        }
+        positive("database.max_connections", self.database.max_connections as i64)?;
+        positive("worker.concurrency", self.worker.concurrency as i64)?;
+        positive("worker.max_attempts", self.worker.max_attempts as i64)?;
+        if self.database.max_connections as usize <= self.worker.concurrency {
+            return Err(invalid(
+                "database.max_connections",
+                "must exceed worker.concurrency (each job also needs a heartbeat connection)",
+            ));
+        }
+        if self.worker.heartbeat_interval.is_zero()
+            || self.worker.heartbeat_interval * 2 > self.worker.lease_ttl
+        {
+            return Err(invalid(
+                "worker.heartbeat_interval",
+                "must be non-zero and at most half of worker.lease_ttl",
+            ));
+        }
+        self.batch.validate()?;
+        if !["on", "off", "local", "remote_write", "remote_apply"]
+            .contains(&self.batch.synchronous_commit.as_str())
+        {
+            return Err(invalid(
+                "batch.synchronous_commit",
+                "must be on, off, local, remote_write or remote_apply",
+            ));
+        }
+        non_negative("safety.max_affected", self.safety.max_affected)?;
+        non_negative(
+            "safety.archive_retention_days",
+            self.safety.archive_retention_days,
+        )?;
+        positive("safety.plan_sample_rows", self.safety.plan_sample_rows)?;
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{:?} is not host:port", self.metrics.listen),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BatchConfig {
+    fn validate(&self) -> Result<()> {
+        positive("batch.min_size", self.min_size)?;
+        positive("batch.size", self.size)?;
+        positive("batch.target_batch_ms", self.target_batch_ms)?;
+        non_negative("batch.sleep_ms", self.sleep_ms)?;
+        non_negative("batch.max_rows_per_second", self.max_rows_per_second)?;
+        if self.min_size > self.max_size {
+            return Err(invalid("batch.max_size", "must be >= batch.min_size"));
+        }
+        if self.size < self.min_size || self.size > self.max_size {
+            return Err(invalid(
+                "batch.size",
+                "must lie between batch.min_size and batch.max_size",
+            ));
+        }
+        if self.lock_timeout.is_zero() || self.statement_timeout.is_zero() {
+            return Err(invalid(
+                "batch.statement_timeout",
+                "lock_timeout and statement_timeout must be non-zero: a batch must never wait forever",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &'static str, value: i64) -> Result<()> {
+    if value <= 0 {
+        return Err(invalid(key, format!("must be > 0, got {value}")));
+    }
+    Ok(())
+}
+
+fn non_negative(key: &'static str, value: i64) -> Result<()> {
+    if value < 0 {
+        return Err(invalid(key, format!("must be >= 0, got {value}")));
+    }
+    Ok(())
+}
+
+fn is_plain_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && s.len() <= 63
+}
+
+/// Accepts `"30s"`, `"1m 30s"`, `"250ms"` and bare integers (seconds).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.database.url = "postgres://localhost/x".into();
+        c
+    }
+
+    #[test]
+    fn defaults_with_a_url_are_valid() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("database.url", Box::new(|c| c.database.url.clear())),
+            ("database.schema", Box::new(|c| c.database.schema = "Bad;".into())),
+            ("batch.min_size", Box::new(|c| c.batch.min_size = 0)),
+            ("batch.max_size", Box::new(|c| c.batch.max_size = 10)),
+            ("batch.size", Box::new(|c| c.batch.size = 1_000_000)),
+            ("worker.concurrency", Box::new(|c| c.worker.concurrency = 0)),
+            ("database.max_connections", Box::new(|c| c.database.max_connections = 2)),
+            (
+                "worker.heartbeat_interval",
+                Box::new(|c| c.worker.heartbeat_interval = Duration::from_secs(60)),
+            ),
+            ("metrics.listen", Box::new(|c| c.metrics.listen = "nowhere".into())),
+            (
+                "batch.synchronous_commit",
+                Box::new(|c| c.batch.synchronous_commit = "maybe".into()),
+            ),
+        ];
+        for (key, mutate) in cases {
+            let mut c = valid();
+            mutate(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_from_text_and_seconds() {
+        let c: WorkerConfig = toml_like(r#"{"lease_ttl": "1m 30s", "heartbeat_interval": 3}"#);
+        assert_eq!(c.lease_ttl, Duration::from_secs(90));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(3));
+    }
+
+    fn toml_like<T: serde::de::DeserializeOwned>(json: &str) -> T {
+        serde_json::from_str(json).unwrap()
+    }
+}

@@ -1,0 +1,198 @@
+//! The daemon loop of one replica: housekeeping (rescue expired leases, apply operator requests,
+//! drop expired archives, refresh gauges), claim up to `worker.concurrency` jobs, run each in its
+//! own task, and drain on shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive;
+use crate::claim;
+use crate::error::Result;
+use crate::job::State;
+use crate::runner::{self, Context};
+
+/// What `/healthz` and `/readyz` report.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Unix seconds of the last loop iteration that reached the database.
+    pub last_ok: AtomicI64,
+    /// Unix seconds of the last loop iteration at all.
+    pub last_tick: AtomicI64,
+    pub stopping: AtomicBool,
+}
+
+impl Readiness {
+    fn mark(&self, field: &AtomicI64) {
+        field.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// Ready while the loop reached the database within `window` and is not stopping.
+    pub fn is_ready(&self, window: Duration) -> bool {
+        !self.stopping.load(Ordering::Relaxed) && age(&self.last_ok) <= window.as_secs() as i64
+    }
+
+    /// Alive while the loop ticked within `window` (a stuck loop is restarted by the orchestrator).
+    pub fn is_alive(&self, window: Duration) -> bool {
+        age(&self.last_tick) <= window.as_secs() as i64
+    }
+}
+
+fn age(field: &AtomicI64) -> i64 {
+    chrono::Utc::now().timestamp() - field.load(Ordering::Relaxed)
+}
+
+pub struct Daemon {
+    pub ctx: Arc<Context>,
+    pub until_idle: bool,
+    pub shutdown: CancellationToken,
+    pub readiness: Arc<Readiness>,
+}
+
+const ARCHIVE_SWEEP_EVERY: Duration = Duration::from_secs(600);
+const CHANNEL: &str = "backfilld_jobs";
+
+impl Daemon {
+    /// Runs until shutdown (or, with `until_idle`, until nothing is runnable).
+    pub async fn run(self) -> Result<()> {
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut listener = self.listen().await;
+        let mut last_sweep: Option<Instant> = None;
+        tracing::info!(owner = %self.ctx.owner, until_idle = self.until_idle, "daemon started");
+        loop {
+            self.readiness.mark(&self.readiness.last_tick);
+            let claimed = match self.tick(&mut tasks, &mut last_sweep).await {
+                Ok(n) => {
+                    self.readiness.mark(&self.readiness.last_ok);
+                    n
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll failed; retrying at the next interval");
+                    0
+                }
+            };
+            if self.until_idle && claimed == 0 && tasks.is_empty() && self.idle().await {
+                tracing::info!("no runnable job left; exiting (--until-idle)");
+                break;
+            }
+            if !self.wait(&mut tasks, &mut listener, claimed).await {
+                break;
+            }
+        }
+        self.drain(tasks).await;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(&self.ctx.pool).await.ok()?;
+        listener.listen(CHANNEL).await.ok()?;
+        Some(listener)
+    }
+
+    /// Housekeeping and claiming; returns how many jobs were claimed.
+    async fn tick(&self, tasks: &mut JoinSet<()>, last_sweep: &mut Option<Instant>) -> sqlx::Result<usize> {
+        let cfg = self.ctx.config();
+        let (pool, names) = (&self.ctx.pool, &self.ctx.names);
+        for (job, state) in claim::rescue_expired(pool, names, cfg.worker.max_attempts).await? {
+            self.ctx.metrics.leases_rescued.inc();
+            tracing::warn!(job = %job, state = %state, "rescued a job whose lease expired");
+        }
+        for (job, state) in claim::apply_requests(pool, names).await? {
+            tracing::info!(job = %job, state = %state, "applied operator request");
+        }
+        if last_sweep.is_none_or(|t| t.elapsed() > ARCHIVE_SWEEP_EVERY) {
+            *last_sweep = Some(Instant::now());
+            if let Err(e) = archive::drop_expired(pool, names, cfg.safety.archive_retention_days).await {
+                tracing::warn!(error = %e, "dropping expired archives failed");
+            }
+        }
+        self.refresh_gauges().await?;
+        let free = cfg.worker.concurrency.saturating_sub(tasks.len());
+        if free == 0 || self.shutdown.is_cancelled() {
+            return Ok(0);
+        }
+        let jobs = claim::claim(pool, names, &self.ctx.owner, cfg.worker.lease_ttl, free as i64).await?;
+        let claimed = jobs.len();
+        for row in jobs {
+            tasks.spawn(runner::run(self.ctx.clone(), row, self.shutdown.clone()));
+        }
+        Ok(claimed)
+    }
+
+    async fn refresh_gauges(&self) -> sqlx::Result<()> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(&self.ctx.names.render("SELECT state, count(*) FROM {jobs} GROUP BY state"))
+            .fetch_all(&self.ctx.pool)
+            .await?;
+        for state in State::ALL {
+            let n = counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+            self.ctx.metrics.jobs.with_label_values(&[state.as_str()]).set(n);
+        }
+        Ok(())
+    }
+
+    async fn idle(&self) -> bool {
+        match claim::runnable_count(&self.ctx.pool, &self.ctx.names).await {
+            Ok(n) => n == 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether jobs are runnable");
+                false
+            }
+        }
+    }
+
+    /// Waits for the next reason to poll; `false` on shutdown.
+    async fn wait(&self, tasks: &mut JoinSet<()>, listener: &mut Option<PgListener>, claimed: usize) -> bool {
+        // Just claimed a full set: look again at once, there may be more.
+        if claimed > 0 && tasks.len() < self.ctx.config().worker.concurrency {
+            return !self.shutdown.is_cancelled();
+        }
+        let poll = self.ctx.config().worker.poll_interval;
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "a job task panicked; its lease will expire and be rescued");
+                }
+                true
+            }
+            notified = recv(listener) => {
+                if let Err(e) = notified {
+                    tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
+                    *listener = None;
+                }
+                true
+            }
+            _ = tokio::time::sleep(poll) => true,
+        }
+    }
+
+    /// Lets running jobs finish their current batch and hand back their leases.
+    async fn drain(&self, mut tasks: JoinSet<()>) {
+        self.readiness.stopping.store(true, Ordering::Relaxed);
+        if tasks.is_empty() {
+            return;
+        }
+        let cfg = self.ctx.config();
+        let limit = cfg.batch.statement_timeout + cfg.batch.lock_timeout + Duration::from_secs(1);
+        tracing::info!(jobs = tasks.len(), limit_ms = limit.as_millis() as u64, "draining running jobs");
+        let drained = tokio::time::timeout(limit, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(jobs = tasks.len(), "jobs did not stop in time; aborting them (their leases will expire)");
+            tasks.abort_all();
+        }
+    }
+}
+
+async fn recv(listener: &mut Option<PgListener>) -> sqlx::Result<()> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}

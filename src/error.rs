@@ -1,0 +1,171 @@
+//! The library's error types. Job errors split into *retryable* (transient: retry the batch with
+//! backoff and a smaller size) and *fatal* (the job fails with the cause in `last_error`).
+
+use crate::{config::ConfigError, schema::SchemaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Job(#[from] JobError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("no job named {0:?}")]
+    NoSuchJob(String),
+    #[error("job {job}: {reason}")]
+    Refused { job: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Why one attempt at a job stopped short of success.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job row itself is unusable (bad fragment, unknown table, no key, ...). Never retried.
+    #[error("job {job}: {reason}")]
+    Invalid { job: String, reason: String },
+    /// PostgreSQL refused a statement; `retryable` follows the SQLSTATE class.
+    #[error("job {job} on {table}: {step} failed: SQLSTATE {code}: {message}")]
+    Sql {
+        job: String,
+        table: String,
+        step: &'static str,
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    /// The connection or pool failed; always worth retrying.
+    #[error("job {job} on {table}: {step} failed: {source}")]
+    Connection {
+        job: String,
+        table: String,
+        step: &'static str,
+        source: sqlx::Error,
+    },
+    /// The fenced checkpoint matched no row: another replica owns the job now.
+    #[error("job {job}: lease lost (attempt {attempt}); another replica owns the job now")]
+    LeaseLost { job: String, attempt: i32 },
+    /// The job would change more rows than its ceiling allows.
+    #[error(
+        "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is {max_affected}"
+    )]
+    Ceiling {
+        job: String,
+        table: String,
+        would_change: i64,
+        max_affected: i64,
+    },
+}
+
+impl JobError {
+    /// Wraps a database error with the job, table and step it happened in.
+    pub fn sql(job: &str, table: &str, step: &'static str, err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                Self::Sql {
+                    job: job.into(),
+                    table: table.into(),
+                    step,
+                    retryable: is_transient_sqlstate(&code),
+                    message: db.message().to_owned(),
+                    code,
+                }
+            }
+            _ => Self::Connection {
+                job: job.into(),
+                table: table.into(),
+                step,
+                source: err,
+            },
+        }
+    }
+
+    pub fn invalid(job: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            job: job.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Sql { retryable, .. } => *retryable,
+            Self::Connection { source, .. } => !matches!(source, sqlx::Error::Configuration(_)),
+            _ => false,
+        }
+    }
+
+    /// The `kind` label of `backfilld_batch_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "invalid",
+            Self::Sql { code, .. } => sqlstate_kind(code),
+            Self::Connection { .. } => "connection",
+            Self::LeaseLost { .. } => "lease_lost",
+            Self::Ceiling { .. } => "ceiling",
+        }
+    }
+
+    /// SQLSTATE when the error came from the server.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Self::Sql { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Transient conditions: lock not available, deadlock, serialization failure, statement timeout
+/// (query_canceled), operator intervention (admin/crash shutdown, cannot connect now), connection
+/// exceptions and too many connections.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "55P03" | "40P01" | "40001" | "57014" | "57P01" | "57P02" | "57P03" | "53300" | "53400"
+    ) || code.starts_with("08")
+}
+
+fn sqlstate_kind(code: &str) -> &'static str {
+    match code {
+        "55P03" => "lock_timeout",
+        "40P01" => "deadlock",
+        "40001" => "serialization",
+        "57014" => "statement_timeout",
+        c if c.starts_with("57P") || c.starts_with("08") || c.starts_with("53") => "connection",
+        _ => "permanent",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        let cases = [
+            ("55P03", true, "lock_timeout"),
+            ("40P01", true, "deadlock"),
+            ("40001", true, "serialization"),
+            ("57014", true, "statement_timeout"),
+            ("57P01", true, "connection"),
+            ("08006", true, "connection"),
+            ("42703", false, "permanent"),
+            ("42601", false, "permanent"),
+            ("23505", false, "permanent"),
+            ("22012", false, "permanent"),
+        ];
+        for (code, transient, kind) in cases {
+            assert_eq!(is_transient_sqlstate(code), transient, "{code}");
+            assert_eq!(sqlstate_kind(code), kind, "{code}");
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! SQL fragments from job rows (`predicate`, `set_clause`) are data written by whoever may insert
+//! into `backfill.jobs`. This module tokenizes them with PostgreSQL's lexical rules (strings,
+//! escape strings, dollar quotes, quoted identifiers, nested comments) and enforces their shape:
+//! exactly one parenthesis-balanced expression, no statement separators, no comments, no calls to
+//! session- or server-level functions. The server then parses the assembled statement (prepare
+//! only, never executed) in `validate_on_server`, which catches everything else: syntax, unknown
+//! columns, a predicate that is not boolean.
+
+use sqlx::{Executor, PgConnection};
+
+use crate::target::Target;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// Unquoted identifier or keyword, folded to lower case.
+    Word(String),
+    /// `"Quoted"` identifier, exact.
+    Quoted(String),
+    /// String literal of any form (`'..'`, `E'..'`, `$tag$..$tag$`, `B'..'`, `X'..'`, `U&'..'`).
+    Literal,
+    Number,
+    Param,
+    Op(String),
+    Open,
+    Close,
+    Comma,
+    Semicolon,
+    Comment,
+}
+
+/// Functions a fragment may not call: they act on the server, other sessions, files or this
+/// session's settings, never on the row being changed.
+const FORBIDDEN_FUNCTIONS: &[&str] = &[
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_logical_emit_message",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "set_config",
+    "pg_notify",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "lo_unlink",
+    "lo_create",
+    "lo_from_bytea",
+    "lo_put",
+    "pg_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_unlock_all",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "pg_file_write",
+    "pg_file_unlink",
+    "pg_file_rename",
+    "query_to_xml",
+    "query_to_json",
+    "table_to_xml",
+    "cursor_to_xml",
+];
+
+/// What is wrong with a fragment, phrased for `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FragmentError(pub String);
+
+fn err(msg: impl Into<String>) -> FragmentError {
+    FragmentError(msg.into())
+}
+
+pub fn tokenize(src: &str) -> Result<Vec<Token>, FragmentError> {
+    let mut lexer = Lexer {
+        chars: src.chars().collect(),
+        pos: 0,
+    };
+    let mut tokens = Vec::new();
+    while let Some(tok) = lexer.next()? {
+        tokens.push(tok);
+    }
+    Ok(tokens)
+}
+
+struct Lexer {
+    chars: Vec<char>,
+    pos: usize,
+}
+
+impl Lexer {
+    fn peek(&self, ahead: usize) -> Option<char> {
+        self.chars.get(self.pos + ahead).copied()
+    }
+
+    fn next(&mut self) -> Result<Option<Token>, FragmentError> {
+        while self.peek(0).is_some_and(char::is_whitespace) {
+            self.pos += 1;
+        }
+        let Some(c) = self.peek(0) else {
+            return Ok(None);
+        };
+        let tok = match c {
+            '-' if self.peek(1) == Some('-') => self.line_comment(),
+            '/' if self.peek(1) == Some('*') => self.block_comment()?,
+            '\'' => self.string(false)?,
+            '"' => self.quoted_ident()?,
+            '$' if self.peek(1).is_some_and(|d| d.is_ascii_digit()) => self.param(),
+            '$' => self.dollar_string()?,
+            '(' | '[' => self.single(Token::Open),
+            ')' | ']' => self.single(Token::Close),
+            ',' => self.single(Token::Comma),
+            ';' => self.single(Token::Semicolon),
+            c if c.is_ascii_digit() || (c == '.' && self.peek(1).is_some_and(|d| d.is_ascii_digit())) => {
+                self.number()
+            }
+            c if c.is_alphabetic() || c == '_' => self.word()?,
+            _ => self.operator(),
+        };
+        Ok(Some(tok))
+    }
+
+    fn single(&mut self, tok: Token) -> Token {
+        self.pos += 1;
+        tok
+    }
+
+    fn line_comment(&mut self) -> Token {
+        while self.peek(0).is_some_and(|c| c != '\n') {
+            self.pos += 1;
+        }
+        Token::Comment
+    }
+
+    fn block_comment(&mut self) -> Result<Token, FragmentError> {
+        // PostgreSQL block comments nest.
+        let mut depth = 0;
+        loop {
+            match (self.peek(0), self.peek(1)) {
+                (Some('/'), Some('*')) => {
+                    depth += 1;
+                    self.pos += 2;
+                }
+                (Some('*'), Some('/')) => {
+                    depth -= 1;
+                    self.pos += 2;
+                    if depth == 0 {
+                        return Ok(Token::Comment);
+                    }
+                }
+                (Some(_), _) => self.pos += 1,
+                (None, _) => return Err(err("unterminated /* comment")),
+            }
+        }
+    }
+
+    /// `'...'` with `''` escapes; with `backslash`, also `\'` (E-strings).
+    fn string(&mut self, backslash: bool) -> Result<Token, FragmentError> {
+        self.pos += 1;
+        loop {
+            match self.peek(0) {
+                None => return Err(err("unterminated string literal")),
+                Some('\\') if backslash => self.pos += 2,
+                Some('\'') if self.peek(1) == Some('\'') => self.pos += 2,
+                Some('\'') => {
+                    self.pos += 1;
+                    return Ok(Token::Literal);
+                }
+                Some(_) => self.pos += 1,
+            }
+        }
+    }
+
+    fn quoted_ident(&mut self) -> Result<Token, FragmentError> {
+        self.pos += 1;
+        let mut name = String::new();
+        loop {
+            match self.peek(0) {
+                None => return Err(err("unterminated quoted identifier")),
+                Some('"') if self.peek(1) == Some('"') => {
+                    name.push('"');
+                    self.pos += 2;
+                }
+                Some('"') => {
+                    self.pos += 1;
+                    return Ok(Token::Quoted(name));
+                }
+                Some(c) => {
+                    name.push(c);
+                    self.pos += 1;
+                }
+            }
+        }
+    }
+
+    fn param(&mut self) -> Token {
+        self.pos += 1;
+        while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        Token::Param
+    }
+
+    fn dollar_string(&mut self) -> Result<Token, FragmentError> {
+        let start = self.pos;
+        let mut end = self.pos + 1;
+        while self
+            .chars
+            .get(end)
+            .is_some_and(|c| c.is_alphanumeric() || *c == '_')
+        {
+            end += 1;
+        }
+        if self.chars.get(end) != Some(&'$') {
+            self.pos += 1;
+            return Ok(Token::Op("$".into()));
+        }
+        let tag: Vec<char> = self.chars[start..=end].to_vec();
+        self.pos = end + 1;
+        while self.pos + tag.len() <= self.chars.len() {
+            if self.chars[self.pos..self.pos + tag.len()] == tag[..] {
+                self.pos += tag.len();
+                return Ok(Token::Literal);
+            }
+            self.pos += 1;
+        }
+        Err(err("unterminated dollar-quoted string"))
+    }
+
+    fn number(&mut self) -> Token {
+        while self
+            .peek(0)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+        {
+            // Exponent signs: 1e-5
+            if matches!(self.peek(0), Some('e' | 'E')) && matches!(self.peek(1), Some('+' | '-')) {
+                self.pos += 1;
+            }
+            self.pos += 1;
+        }
+        Token::Number
+    }
+
+    fn word(&mut self) -> Result<Token, FragmentError> {
+        let start = self.pos;
+        while self
+            .peek(0)
+            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$')
+        {
+            self.pos += 1;
+        }
+        let word: String = self.chars[start..self.pos].iter().collect();
+        // Prefixed string literals: E'..', B'..', X'..', N'..', U&'..'.
+        if self.peek(0) == Some('\'') {
+            match word.to_ascii_lowercase().as_str() {
+                "e" => return self.string(true),
+                "b" | "x" | "n" => return self.string(false),
+                _ => {}
+            }
+        }
+        if word.eq_ignore_ascii_case("u") && self.peek(0) == Some('&') {
+            match self.peek(1) {
+                Some('\'') => {
+                    self.pos += 1;
+                    return self.string(false);
+                }
+                Some('"') => {
+                    self.pos += 1;
+                    return self.quoted_ident();
+                }
+                _ => {}
+            }
+        }
+        Ok(Token::Word(word.to_lowercase()))
+    }
+
+    fn operator(&mut self) -> Token {
+        const OP_CHARS: &str = "+-*/<>=~!@#%^&|`?:.";
+        let start = self.pos;
+        while self.peek(0).is_some_and(|c| OP_CHARS.contains(c)) {
+            // An operator never swallows the start of a comment.
+            if self.pos > start
+                && matches!((self.peek(0), self.peek(1)), (Some('-'), Some('-')) | (Some('/'), Some('*')))
+            {
+                break;
+            }
+            self.pos += 1;
+        }
+        if self.pos == start {
+            self.pos += 1;
+        }
+        Token::Op(self.chars[start..self.pos].iter().collect())
+    }
+}
+
+/// Shape checks common to both fragment kinds.
+fn check_shape(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
+    if tokens.is_empty() {
+        return Err(err(format!("{what} is empty")));
+    }
+    let mut depth: i32 = 0;
+    for (i, tok) in tokens.iter().enumerate() {
+        match tok {
+            Token::Semicolon => {
+                return Err(err(format!(
+                    "{what} contains ';': a fragment is one expression, never a statement list"
+                )));
+            }
+            Token::Comment => {
+                return Err(err(format!(
+                    "{what} contains a comment; comments are not allowed in fragments"
+                )));
+            }
+            Token::Param => {
+                return Err(err(format!("{what} contains a $n parameter placeholder")));
+            }
+            Token::Open => depth += 1,
+            Token::Close => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(err(format!(
+                        "{what} closes a parenthesis it never opened: it would escape its enclosing expression"
+                    )));
+                }
+            }
+            Token::Word(w) if FORBIDDEN_FUNCTIONS.contains(&w.as_str()) => {
+                if matches!(tokens.get(i + 1), Some(Token::Open)) {
+                    return Err(err(format!(
+                        "{what} calls {w}(), which is not allowed in a backfill"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(err(format!("{what} has unbalanced parentheses")));
+    }
+    Ok(())
+}
+
+/// Validates a predicate's shape; returns it unchanged for wrapping in parentheses.
+pub fn predicate(src: &str) -> Result<String, FragmentError> {
+    let tokens = tokenize(src)?;
+    check_shape(&tokens, "predicate")?;
+    reject_top_level_commas(&tokens, "predicate")?;
+    Ok(src.trim().to_owned())
+}
+
+fn reject_top_level_commas(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
+    let mut depth = 0;
+    for tok in tokens {
+        match tok {
+            Token::Open => depth += 1,
+            Token::Close => depth -= 1,
+            Token::Comma if depth == 0 => {
+                return Err(err(format!("{what} must be a single expression, found a top-level ','")));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One `column = expression` of a set clause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub column: String,
+    pub expr: String,
+}
+
+/// Splits a set clause into assignments at top-level commas. Each part must be
+/// `identifier = expression`; the expression is kept as source text.
+pub fn set_clause(src: &str) -> Result<Vec<Assignment>, FragmentError> {
+    let tokens = tokenize(src)?;
+    check_shape(&tokens, "set_clause")?;
+    split_top_level(src)?
+        .into_iter()
+        .map(|part| assignment(&part))
+        .collect()
+}
+
+/// Splits source text at commas outside parentheses, strings and quoted identifiers.
+fn split_top_level(src: &str) -> Result<Vec<String>, FragmentError> {
+    let mut lexer = Lexer {
+        chars: src.chars().collect(),
+        pos: 0,
+    };
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    loop {
+        let before = lexer.pos;
+        let Some(tok) = lexer.next()? else { break };
+        match tok {
+            Token::Open => depth += 1,
+            Token::Close => depth -= 1,
+            Token::Comma if depth == 0 => {
+                let comma = lexer.chars[before..lexer.pos]
+                    .iter()
+                    .position(|c| *c == ',')
+                    .map_or(lexer.pos - 1, |p| before + p);
+                parts.push(lexer.chars[start..comma].iter().collect::<String>());
+                start = comma + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(lexer.chars[start..].iter().collect());
+    Ok(parts)
+}
+
+fn assignment(part: &str) -> Result<Assignment, FragmentError> {
+    let tokens = tokenize(part)?;
+    let column = match tokens.first() {
+        Some(Token::Word(w)) => w.clone(),
+        Some(Token::Quoted(q)) => q.clone(),
+        _ => {
+            return Err(err(format!(
+                "set_clause part {:?} must start with a column name",
+                part.trim()
+            )));
+        }
+    };
+    if tokens.get(1) != Some(&Token::Op("=".into())) {
+        return Err(err(format!(
+            "set_clause part {:?} must have the form column = expression",
+            part.trim()
+        )));
+    }
+    if tokens.len() < 3 {
+        return Err(err(format!("set_clause part {:?} has no expression", part.trim())));
+    }
+    let eq = part.find('=').unwrap_or(0);
+    Ok(Assignment {
+        column,
+        expr: part[eq + 1..].trim().to_owned(),
+    })
+}
+
+/// Renders assignments with every column quoted and every expression parenthesized, so an
+/// expression can never extend into the rest of the statement.
+pub fn render_assignments(assignments: &[Assignment]) -> String {
+    assignments
+        .iter()
+        .map(|a| format!("{} = ({})", crate::sql::quote_ident(&a.column), a.expr))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The validated fragments of one job, checked against its target table.
+#[derive(Debug, Clone)]
+pub struct Fragments {
+    pub predicate: String,
+    pub assignments: Vec<Assignment>,
+}
+
+/// Checks both fragments' shape and their columns against the target.
+pub fn validate(
+    predicate_src: &str,
+    set_src: Option<&str>,
+    target: &Target,
+) -> Result<Fragments, FragmentError> {
+    let predicate = predicate(predicate_src)?;
+    let assignments = match set_src {
+        Some(s) => set_clause(s)?,
+        None => Vec::new(),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for a in &assignments {
+        let Some(col) = target.column(&a.column) else {
+            return Err(err(format!(
+                "set_clause assigns column {:?}, which {} does not have",
+                a.column,
+                target.display()
+            )));
+        };
+        if col.generated {
+            return Err(err(format!("set_clause assigns generated column {:?}", a.column)));
+        }
+        if target.keys.iter().any(|k| k.name == a.column) {
+            return Err(err(format!(
+                "set_clause assigns key column {:?}; a keyset backfill cannot change its own keys",
+                a.column
+            )));
+        }
+        if !seen.insert(a.column.clone()) {
+            return Err(err(format!("set_clause assigns column {:?} twice", a.column)));
+        }
+    }
+    Ok(Fragments {
+        predicate,
+        assignments,
+    })
+}
+
+/// Has the server parse (never run) the statements the job will execute. A prepared statement
+/// holds exactly one command, so stacking is impossible even if the lexer missed something.
+pub async fn validate_on_server(
+    conn: &mut PgConnection,
+    target: &Target,
+    fragments: &Fragments,
+) -> Result<(), FragmentError> {
+    let select = format!(
+        "SELECT 1 FROM {} WHERE ({}) LIMIT 0",
+        target.quoted, fragments.predicate
+    );
+    server_parse(conn, &select, "predicate").await?;
+    if !fragments.assignments.is_empty() {
+        let update = format!(
+            "UPDATE {} SET {} WHERE ({}) AND false",
+            target.quoted,
+            render_assignments(&fragments.assignments),
+            fragments.predicate
+        );
+        server_parse(conn, &update, "set_clause").await?;
+    }
+    Ok(())
+}
+
+async fn server_parse(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), FragmentError> {
+    match conn.prepare(sql).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(db)) => Err(err(format!(
+            "{what} rejected by PostgreSQL: SQLSTATE {}: {}",
+            db.code().unwrap_or_default(),
+            db.message()
+        ))),
+        Err(other) => Err(err(format!("{what} could not be checked: {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicates() {
+        let ok = [
+            "status IS NULL",
+            "amount > 10 AND (note <> ';' OR note = $$a;b$$)",
+            "name = 'it''s -- not a comment'",
+            "\"Weird Col\" = E'\\';'",
+            "id IN (SELECT id FROM other WHERE x = 1)",
+            "tags @> ARRAY['a', 'b']",
+            "created_at < now() - interval '1 day'",
+        ];
+        for p in ok {
+            assert!(predicate(p).is_ok(), "{p}: {:?}", predicate(p));
+        }
+        let bad = [
+            ("", "empty"),
+            ("true; DROP TABLE orders", "';'"),
+            ("true) OR (1=1", "never opened"),
+            ("(true", "unbalanced"),
+            ("true -- hidden", "comment"),
+            ("true /* a /* nested */ b */", "comment"),
+            ("a = 1, b = 2", "single expression"),
+            ("pg_terminate_backend(42) IS NOT NULL", "pg_terminate_backend"),
+            ("PG_SLEEP(1) IS NULL", "pg_sleep"),
+            ("id = $1", "parameter"),
+            ("x = 'open", "unterminated"),
+            ("x = $t$open", "unterminated"),
+        ];
+        for (p, want) in bad {
+            let e = predicate(p).expect_err(p).0;
+            assert!(e.contains(want), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn set_clauses() {
+        let a = set_clause("status = 'a,b', n = coalesce(n, 0) + 1, \"Mixed\" = lower(x)").unwrap();
+        assert_eq!(
+            a,
+            vec![
+                Assignment { column: "status".into(), expr: "'a,b'".into() },
+                Assignment { column: "n".into(), expr: "coalesce(n, 0) + 1".into() },
+                Assignment { column: "Mixed".into(), expr: "lower(x)".into() },
+            ]
+        );
+        assert_eq!(
+            render_assignments(&a[..1]),
+            "\"status\" = ('a,b')"
+        );
+        let bad = [
+            ("status", "form column = expression"),
+            ("= 1", "column name"),
+            ("(a, b) = (1, 2)", "column name"),
+            ("a = 1; DELETE FROM t", "';'"),
+            ("a = 1 WHERE true --", "comment"),
+            ("a = ", "no expression"),
+            ("a = 1) , b = (2", "never opened"),
+        ];
+        for (s, want) in bad {
+            let e = set_clause(s).expect_err(s).0;
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+}

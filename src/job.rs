@@ -1,0 +1,269 @@
+//! The job row, its states, and the validated settings a run uses.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{BatchConfig, SafetyConfig};
+use crate::error::JobError;
+
+/// Every column of `backfill.jobs`, as read by the daemon and the CLI.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub name: String,
+    pub table_name: Option<String>,
+    pub predicate: Option<String>,
+    pub action: Option<String>,
+    pub set_clause: Option<String>,
+    pub key_columns: Option<Vec<String>>,
+    pub mode: Option<String>,
+    pub batch_size: Option<i32>,
+    pub target_batch_ms: Option<i32>,
+    pub sleep_ms: Option<i32>,
+    pub max_rows_per_second: Option<i32>,
+    pub max_affected: Option<i64>,
+    pub archive: Option<bool>,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub requested_state: Option<String>,
+    pub state: String,
+    pub attempt: i32,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub upper_bound: Option<Value>,
+    pub cursor: Option<Value>,
+    pub rows_scanned: i64,
+    pub rows_changed: i64,
+    pub rows_skipped: i64,
+    pub batches: i64,
+    pub batch_size_current: Option<i32>,
+    pub estimated_total: Option<i64>,
+    pub plan: Option<Value>,
+    pub remaining: Option<i64>,
+    pub archive_table: Option<String>,
+    pub reverts: Option<String>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl JobRow {
+    /// Share of the key range done, from rows scanned against the (estimated or exact) total.
+    pub fn progress(&self) -> Option<f64> {
+        if self.state == "succeeded" {
+            return Some(1.0);
+        }
+        let total = self.estimated_total.filter(|t| *t > 0)?;
+        Some((self.rows_scanned as f64 / total as f64).clamp(0.0, 1.0))
+    }
+}
+
+/// The states the daemon writes into `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Running,
+    Planned,
+    Paused,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Pending,
+        State::Running,
+        State::Planned,
+        State::Paused,
+        State::Succeeded,
+        State::Failed,
+        State::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Running => "running",
+            State::Planned => "planned",
+            State::Paused => "paused",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Update,
+    Delete,
+    /// Restores the before-images archived by another job (`reverts` names it).
+    Revert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    DryRun,
+    Execute,
+}
+
+/// Batch sizing and throttle settings after job overrides and validation.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    pub initial_size: i64,
+    pub min_size: i64,
+    pub max_size: i64,
+    pub target_batch_ms: i64,
+    pub sleep_ms: i64,
+    pub max_rows_per_second: i64,
+}
+
+/// What a job asks for, checked field by field; fragments are validated later, against the table.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub id: i64,
+    pub name: String,
+    pub table_name: String,
+    pub predicate: String,
+    pub action: Action,
+    pub set_clause: Option<String>,
+    pub key_columns: Option<Vec<String>>,
+    pub mode: Mode,
+    pub throttle: Throttle,
+    pub max_affected: Option<i64>,
+    pub archive: bool,
+    pub reverts: Option<String>,
+}
+
+/// Larger batches than this are refused outright: one statement must stay reviewable and short.
+pub const MAX_BATCH_SIZE: i64 = 1_000_000;
+
+impl JobSpec {
+    /// Checks the user-written columns; the error names the job and the field.
+    pub fn from_row(
+        row: &JobRow,
+        batch: &BatchConfig,
+        safety: &SafetyConfig,
+    ) -> Result<Self, JobError> {
+        let bad = |reason: String| JobError::invalid(&row.name, reason);
+        let table_name = required(&row.table_name, "table_name").map_err(bad)?;
+        let predicate = required(&row.predicate, "predicate").map_err(bad)?;
+        let action = parse_action(row.action.as_deref()).map_err(bad)?;
+        let set_clause = row.set_clause.clone().filter(|s| !s.trim().is_empty());
+        match (action, &set_clause) {
+            (Action::Update, None) => {
+                return Err(bad("set_clause is required for action 'update'".into()));
+            }
+            (Action::Delete, Some(_)) => {
+                return Err(bad("set_clause must be empty for action 'delete'".into()));
+            }
+            _ => {}
+        }
+        let mode = parse_mode(row.mode.as_deref()).map_err(bad)?;
+        let throttle = Throttle::from_row(row, batch).map_err(bad)?;
+        let max_affected = match row.max_affected {
+            Some(n) if n < 0 => return Err(bad(format!("max_affected must be >= 0, got {n}"))),
+            Some(n) => Some(n),
+            None => (safety.max_affected > 0).then_some(safety.max_affected),
+        };
+        let key_columns = match &row.key_columns {
+            Some(cols) if cols.is_empty() => None,
+            Some(cols) if cols.iter().any(|c| c.trim().is_empty()) => {
+                return Err(bad("key_columns contains an empty name".into()));
+            }
+            other => other.clone(),
+        };
+        if action == Action::Revert && row.reverts.is_none() {
+            return Err(bad("action 'revert' needs the reverted job's name in reverts".into()));
+        }
+        Ok(Self {
+            id: row.id,
+            name: row.name.clone(),
+            table_name,
+            predicate,
+            action,
+            set_clause,
+            key_columns,
+            mode,
+            throttle,
+            max_affected,
+            archive: row.archive.unwrap_or(true),
+            reverts: row.reverts.clone(),
+        })
+    }
+}
+
+fn required(value: &Option<String>, field: &str) -> Result<String, String> {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => Ok(v.to_owned()),
+        _ => Err(format!("{field} is required")),
+    }
+}
+
+fn parse_action(value: Option<&str>) -> Result<Action, String> {
+    match value.unwrap_or("update") {
+        "update" => Ok(Action::Update),
+        "delete" => Ok(Action::Delete),
+        "revert" => Ok(Action::Revert),
+        other => Err(format!(
+            "action must be 'update' or 'delete', got {other:?}"
+        )),
+    }
+}
+
+fn parse_mode(value: Option<&str>) -> Result<Mode, String> {
+    match value.unwrap_or("dry_run") {
+        "dry_run" => Ok(Mode::DryRun),
+        "execute" => Ok(Mode::Execute),
+        other => Err(format!(
+            "mode must be 'dry_run' or 'execute', got {other:?}"
+        )),
+    }
+}
+
+impl Throttle {
+    /// The job's overrides over the configured defaults, range-checked.
+    pub fn from_row(row: &JobRow, batch: &BatchConfig) -> Result<Throttle, String> {
+    let initial_size = in_range("batch_size", row.batch_size, batch.size, 1, MAX_BATCH_SIZE)?;
+    let target_batch_ms = in_range(
+        "target_batch_ms",
+        row.target_batch_ms,
+        batch.target_batch_ms,
+        1,
+        3_600_000,
+    )?;
+    let sleep_ms = in_range("sleep_ms", row.sleep_ms, batch.sleep_ms, 0, 3_600_000)?;
+    let max_rows_per_second = in_range(
+        "max_rows_per_second",
+        row.max_rows_per_second,
+        batch.max_rows_per_second,
+        0,
+        i64::from(i32::MAX),
+    )?;
+    // An explicit job batch size widens the adaptive range so the job's wish is honoured.
+    Ok(Throttle {
+        initial_size,
+        min_size: batch.min_size.min(initial_size),
+        max_size: batch.max_size.max(initial_size),
+        target_batch_ms,
+        sleep_ms,
+        max_rows_per_second,
+    })
+}
+}
+
+fn in_range(field: &str, value: Option<i32>, default: i64, min: i64, max: i64) -> Result<i64, String> {
+    let Some(v) = value.map(i64::from) else {
+        return Ok(default);
+    };
+    if v < min || v > max {
+        return Err(format!("{field} must be between {min} and {max}, got {v}"));
+    }
+    Ok(v)
+}

@@ -1,0 +1,225 @@
+//! Keyset pagination over a target's key columns: the cursor, the frozen upper bound, and the SQL
+//! that walks the key range in key order with row-value comparisons (never OFFSET).
+
+use serde_json::Value;
+
+use crate::sql::quote_ident;
+use crate::target::{KeyColumn, Target};
+
+/// A position in the key space: each key column's value in its exact `::text` form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key(pub Vec<String>);
+
+impl Key {
+    pub fn to_json(&self) -> Value {
+        Value::Array(self.0.iter().cloned().map(Value::String).collect())
+    }
+
+    /// Reads a key stored by `to_json`; `None` for a missing or malformed value.
+    pub fn from_json(value: &Value, width: usize) -> Option<Key> {
+        let items = value.as_array()?;
+        if items.len() != width {
+            return None;
+        }
+        items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .map(Key)
+    }
+}
+
+/// The SQL pieces for one target's keys. Built once per job run and reused by every batch.
+#[derive(Debug, Clone)]
+pub struct Keyset {
+    keys: Vec<KeyColumn>,
+    table: String,
+}
+
+impl Keyset {
+    pub fn new(target: &Target) -> Self {
+        Self {
+            keys: target.keys.clone(),
+            table: target.quoted.clone(),
+        }
+    }
+
+    pub fn width(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// `"a", "b"` with an optional table alias.
+    pub fn columns(&self, alias: Option<&str>) -> String {
+        self.keys
+            .iter()
+            .map(|k| match alias {
+                Some(a) => format!("{a}.{}", quote_ident(&k.name)),
+                None => quote_ident(&k.name),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `ROW("a", "b")`: a row value, so `>`/`<=` compare lexicographically and use the index.
+    pub fn row(&self, alias: Option<&str>) -> String {
+        format!("ROW({})", self.columns(alias))
+    }
+
+    /// `ROW($3::text::bigint, $4::text::text)`: bind parameters cast from their text form.
+    pub fn params(&self, first: usize) -> String {
+        let casts: Vec<String> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("${}::text::{}", first + i, k.sql_type))
+            .collect();
+        format!("ROW({})", casts.join(", "))
+    }
+
+    /// `"a"::text, "b"::text` to read key values back in their exact text form.
+    pub fn as_text(&self, alias: Option<&str>) -> String {
+        self.keys
+            .iter()
+            .map(|k| match alias {
+                Some(a) => format!("{a}.{}::text", quote_ident(&k.name)),
+                None => format!("{}::text", quote_ident(&k.name)),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn order(&self, alias: Option<&str>, descending: bool) -> String {
+        let dir = if descending { " DESC" } else { "" };
+        self.keys
+            .iter()
+            .map(|k| match alias {
+                Some(a) => format!("{a}.{}{dir}", quote_ident(&k.name)),
+                None => format!("{}{dir}", quote_ident(&k.name)),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `"a"::text AS _bf_k0, …` for select lists. The alias matters: an output column named like
+    /// the key would capture `ORDER BY "a"` and sort by the text form (`'9999' > '10000'`).
+    pub fn as_text_output(&self) -> String {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}::text AS _bf_k{i}", quote_ident(&k.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The largest key now in the table: the upper bound frozen at job start.
+    pub fn upper_bound_sql(&self) -> String {
+        format!(
+            "SELECT {} FROM {} ORDER BY {} LIMIT 1",
+            self.as_text_output(),
+            self.table,
+            self.order(None, true)
+        )
+    }
+
+    /// The range `(cursor, upper]` as a WHERE condition. Parameters: the cursor (when present)
+    /// from `$1`, then the upper bound.
+    pub fn range(&self, alias: Option<&str>, has_cursor: bool) -> (String, usize) {
+        let row = self.row(alias);
+        let width = self.width();
+        if has_cursor {
+            let cond = format!(
+                "{row} > {} AND {row} <= {}",
+                self.params(1),
+                self.params(1 + width)
+            );
+            (cond, 1 + 2 * width)
+        } else {
+            (format!("{row} <= {}", self.params(1)), 1 + width)
+        }
+    }
+
+    /// Picks the next window of at most `$n` keys after the cursor. Returns one row: the number
+    /// of keys in the window and the last key (as text); no row when the range is exhausted.
+    /// Only key columns are read, so the scan can be index-only.
+    pub fn window_sql(&self, has_cursor: bool) -> String {
+        let (range, limit) = self.range(None, has_cursor);
+        format!(
+            "WITH win AS MATERIALIZED (
+                 SELECT {cols} FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}
+             )
+             SELECT (SELECT count(*) FROM win), {text} FROM win ORDER BY {desc} LIMIT 1",
+            cols = self.columns(None),
+            table = self.table,
+            order = self.order(None, false),
+            text = self.as_text_output(),
+            desc = self.order(None, true),
+        )
+    }
+}
+
+/// Binds key values in order (e.g. cursor, then upper bound) as text parameters.
+pub fn bind_keys<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    keys: &[&'q Key],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for value in keys.iter().flat_map(|k| k.0.iter()) {
+        query = query.bind(value.as_str());
+    }
+    query
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Column;
+
+    fn target(keys: &[(&str, &str)]) -> Target {
+        Target {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            quoted: "\"public\".\"t\"".into(),
+            keys: keys
+                .iter()
+                .map(|(n, t)| KeyColumn {
+                    name: n.to_string(),
+                    sql_type: t.to_string(),
+                })
+                .collect(),
+            columns: Vec::<Column>::new(),
+        }
+    }
+
+    #[test]
+    fn composite_range_uses_row_comparison() {
+        let ks = Keyset::new(&target(&[("tenant", "integer"), ("id", "uuid")]));
+        let (cond, next) = ks.range(None, true);
+        assert_eq!(
+            cond,
+            "ROW(\"tenant\", \"id\") > ROW($1::text::integer, $2::text::uuid) AND \
+             ROW(\"tenant\", \"id\") <= ROW($3::text::integer, $4::text::uuid)"
+        );
+        assert_eq!(next, 5);
+        let (cond, next) = ks.range(Some("t"), false);
+        assert_eq!(
+            cond,
+            "ROW(t.\"tenant\", t.\"id\") <= ROW($1::text::integer, $2::text::uuid)"
+        );
+        assert_eq!(next, 3);
+    }
+
+    #[test]
+    fn text_outputs_never_shadow_key_columns_in_order_by() {
+        let ks = Keyset::new(&target(&[("id", "bigint")]));
+        assert!(ks.upper_bound_sql().starts_with("SELECT \"id\"::text AS _bf_k0 FROM"));
+        assert!(ks.window_sql(true).contains("\"id\"::text AS _bf_k0 FROM win ORDER BY \"id\" DESC"));
+    }
+
+    #[test]
+    fn key_round_trips_through_json() {
+        let k = Key(vec!["42".into(), "a\"b".into()]);
+        assert_eq!(Key::from_json(&k.to_json(), 2), Some(k.clone()));
+        assert_eq!(Key::from_json(&k.to_json(), 1), None);
+        assert_eq!(Key::from_json(&serde_json::json!([1, 2]), 2), None);
+    }
+}

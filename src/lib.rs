@@ -1,0 +1,30 @@
+//! backfilld: runs data backfills against production PostgreSQL in the background, as
+//! keyset-paginated, throttled, checkpointed batches claimed from `backfill.jobs` under a lease.
+//! See ARCHITECTURE.md for the map and the invariants.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod archive;
+pub mod batch;
+pub mod change;
+pub mod claim;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod fragment;
+pub mod http;
+pub mod job;
+pub mod keyset;
+pub mod metrics;
+pub mod ops;
+pub mod plan;
+pub mod runner;
+pub mod schema;
+pub mod shutdown;
+pub mod sql;
+pub mod target;
+pub mod telemetry;
+pub mod throttle;
+
+pub use error::{Error, JobError, Result};

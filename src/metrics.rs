@@ -1,0 +1,167 @@
+//! Prometheus metrics, names fixed by the public contract (prefix `backfilld_`).
+
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::job::State;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub jobs: IntGaugeVec,
+    pub rows_changed: IntCounterVec,
+    pub rows_scanned: IntCounterVec,
+    pub batch_duration: HistogramVec,
+    pub batch_size: IntGaugeVec,
+    pub progress: GaugeVec,
+    pub eta: GaugeVec,
+    pub throttle_seconds: CounterVec,
+    pub batch_errors: IntCounterVec,
+    pub leases_lost: IntCounter,
+    pub leases_rescued: IntCounter,
+    pub last_batch: GaugeVec,
+}
+
+/// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
+/// unit test below, so a failure here is a programming error.
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let job = &["job"];
+        let m = Self {
+            jobs: must(IntGaugeVec::new(opts("jobs", "Jobs in backfill.jobs by state"), &["state"])),
+            rows_changed: must(IntCounterVec::new(opts("rows_changed_total", "Rows changed"), job)),
+            rows_scanned: must(IntCounterVec::new(opts("rows_scanned_total", "Keys scanned"), job)),
+            batch_duration: must(HistogramVec::new(
+                HistogramOpts::new(
+                    "backfilld_batch_duration_seconds",
+                    "Duration of one batch transaction",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+                job,
+            )),
+            batch_size: must(IntGaugeVec::new(opts("batch_size", "Current batch size"), job)),
+            progress: must(GaugeVec::new(opts("job_progress_ratio", "Share of the key range done"), job)),
+            eta: must(GaugeVec::new(opts("job_eta_seconds", "Estimated seconds to finish"), job)),
+            throttle_seconds: must(CounterVec::new(
+                opts("throttle_seconds_total", "Seconds spent held back between batches"),
+                &["job", "reason"],
+            )),
+            batch_errors: must(IntCounterVec::new(
+                opts("batch_errors_total", "Failed batches by kind"),
+                &["job", "kind"],
+            )),
+            leases_lost: must(IntCounter::with_opts(opts("leases_lost_total", "Leases lost"))),
+            leases_rescued: must(IntCounter::with_opts(opts(
+                "leases_rescued_total",
+                "Expired leases rescued by this replica",
+            ))),
+            last_batch: must(GaugeVec::new(
+                opts("last_batch_timestamp_seconds", "Unix time of the last committed batch"),
+                job,
+            )),
+            registry,
+        };
+        m.register_all();
+        let build = must(IntGaugeVec::new(opts("build_info", "Build information"), &["version"]));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        must(m.registry.register(Box::new(build)));
+        for state in State::ALL {
+            m.jobs.with_label_values(&[state.as_str()]).set(0);
+        }
+        m
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.jobs.clone()),
+            Box::new(self.rows_changed.clone()),
+            Box::new(self.rows_scanned.clone()),
+            Box::new(self.batch_duration.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.progress.clone()),
+            Box::new(self.eta.clone()),
+            Box::new(self.throttle_seconds.clone()),
+            Box::new(self.batch_errors.clone()),
+            Box::new(self.leases_lost.clone()),
+            Box::new(self.leases_rescued.clone()),
+            Box::new(self.last_batch.clone()),
+        ];
+        for c in collectors {
+            must(self.registry.register(c));
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub fn throttled(&self, job: &str, reason: &str, seconds: f64) {
+        if seconds > 0.0 {
+            self.throttle_seconds.with_label_values(&[job, reason]).inc_by(seconds);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(format!("backfilld_{name}"), help)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_names_are_exposed() {
+        let m = Metrics::new();
+        m.rows_changed.with_label_values(&["j"]).inc_by(3);
+        m.batch_duration.with_label_values(&["j"]).observe(0.2);
+        m.throttled("j", "sleep", 0.5);
+        m.batch_errors.with_label_values(&["j", "deadlock"]).inc();
+        m.progress.with_label_values(&["j"]).set(0.5);
+        m.eta.with_label_values(&["j"]).set(10.0);
+        m.batch_size.with_label_values(&["j"]).set(10);
+        m.rows_scanned.with_label_values(&["j"]).inc();
+        m.last_batch.with_label_values(&["j"]).set(1.0);
+        let text = m.render();
+        for name in [
+            "backfilld_jobs{state=\"running\"} 0",
+            "backfilld_rows_changed_total{job=\"j\"} 3",
+            "backfilld_rows_scanned_total{job=\"j\"} 1",
+            "backfilld_batch_duration_seconds_bucket{job=\"j\",le=\"0.25\"} 1",
+            "backfilld_batch_size{job=\"j\"} 10",
+            "backfilld_job_progress_ratio{job=\"j\"} 0.5",
+            "backfilld_job_eta_seconds{job=\"j\"} 10",
+            "backfilld_throttle_seconds_total{job=\"j\",reason=\"sleep\"} 0.5",
+            "backfilld_batch_errors_total{job=\"j\",kind=\"deadlock\"} 1",
+            "backfilld_leases_lost_total 0",
+            "backfilld_leases_rescued_total 0",
+            "backfilld_last_batch_timestamp_seconds{job=\"j\"} 1",
+            "backfilld_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

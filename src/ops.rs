@@ -1,0 +1,200 @@
+//! Operator actions behind the CLI: enqueue, status, pause/resume/cancel, execute, revert, verify.
+//! Each is the same SQL an operator could type; the CLI adds argument parsing and printing.
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Error, JobError, Result};
+use crate::fragment;
+use crate::job::{JobRow, JobSpec};
+use crate::keyset::{Key, Keyset};
+use crate::plan::Counter;
+use crate::sql::Names;
+use crate::target::Resolve;
+
+/// A job to enqueue; `None` fields take the table's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    pub name: String,
+    pub table_name: String,
+    pub predicate: String,
+    pub action: Option<String>,
+    pub set_clause: Option<String>,
+    pub key_columns: Option<Vec<String>>,
+    pub execute: bool,
+    pub batch_size: Option<i32>,
+    pub target_batch_ms: Option<i32>,
+    pub sleep_ms: Option<i32>,
+    pub max_rows_per_second: Option<i32>,
+    pub max_affected: Option<i64>,
+    pub archive: Option<bool>,
+    pub priority: Option<i32>,
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+const INSERT: &str = "
+INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns, mode, batch_size,
+                    target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at)
+VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
+        coalesce($14, 0), coalesce($15, now()))
+RETURNING *";
+
+pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRow> {
+    let mode = if job.execute { "execute" } else { "dry_run" };
+    sqlx::query_as(&names.render(INSERT))
+        .bind(&job.name)
+        .bind(&job.table_name)
+        .bind(&job.predicate)
+        .bind(&job.action)
+        .bind(&job.set_clause)
+        .bind(&job.key_columns)
+        .bind(mode)
+        .bind(job.batch_size)
+        .bind(job.target_batch_ms)
+        .bind(job.sleep_ms)
+        .bind(job.max_rows_per_second)
+        .bind(job.max_affected)
+        .bind(job.archive)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => Error::Refused {
+                job: job.name.clone(),
+                reason: "a job with this name already exists; names run once, use a new name".into(),
+            },
+            _ => Error::Database(e),
+        })
+}
+
+/// All jobs (newest first), or the one named.
+pub async fn list(pool: &PgPool, names: &Names, name: Option<&str>) -> Result<Vec<JobRow>> {
+    let rows: Vec<JobRow> = sqlx::query_as(&names.render(
+        "SELECT * FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC",
+    ))
+    .bind(name)
+    .fetch_all(pool)
+    .await?;
+    if let Some(n) = name.filter(|_| rows.is_empty()) {
+        return Err(Error::NoSuchJob(n.to_owned()));
+    }
+    Ok(rows)
+}
+
+pub async fn get(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+    list(pool, names, Some(name)).await?.pop().ok_or_else(|| Error::NoSuchJob(name.into()))
+}
+
+const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+/// Sets `requested_state` (`paused`, `running` or `cancelled`) on a job that has not ended.
+pub async fn request(pool: &PgPool, names: &Names, name: &str, requested: &str) -> Result<JobRow> {
+    let job = get(pool, names, name).await?;
+    if TERMINAL.contains(&job.state.as_str()) {
+        return Err(Error::Refused { job: name.into(), reason: format!("it already ended ({})", job.state) });
+    }
+    sqlx::query_as(&names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"))
+        .bind(name)
+        .bind(requested)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
+}
+
+/// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
+pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+    let job = get(pool, names, name).await?;
+    if TERMINAL.contains(&job.state.as_str()) {
+        return Err(Error::Refused { job: name.into(), reason: format!("it already ended ({})", job.state) });
+    }
+    sqlx::query_as(&names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING *"))
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
+}
+
+/// Enqueues a job that restores `name`'s before-images. Returns the revert job.
+pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+    let job = get(pool, names, name).await?;
+    let refuse = |reason: String| Error::Refused { job: name.into(), reason };
+    if !TERMINAL.contains(&job.state.as_str()) {
+        return Err(refuse(format!("it is {}; cancel it or let it finish before reverting", job.state)));
+    }
+    if job.archive_table.is_none() {
+        return Err(refuse("it has no archive (archive was off, it never ran, or the archive expired)".into()));
+    }
+    let taken: Vec<String> = sqlx::query_scalar(&names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"))
+        .bind(name)
+        .fetch_all(pool)
+        .await?;
+    let revert_name = (1..)
+        .map(|n| if n == 1 { format!("{name}__revert") } else { format!("{name}__revert{n}") })
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or_default();
+    sqlx::query_as(&names.render(
+        "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
+                             batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority)
+         SELECT $2, table_name, 'true', 'revert', key_columns, 'execute', false, name,
+                batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority
+         FROM {jobs} WHERE name = $1
+         RETURNING *",
+    ))
+    .bind(name)
+    .bind(&revert_name)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::from)
+}
+
+/// Counts rows up to the job's upper bound that still match its predicate (keyset windows, at
+/// the job's throttle) and stores the number in `remaining`.
+pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> Result<i64> {
+    let row = get(pool, names, name).await?;
+    let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    let mut conn = pool.acquire().await?;
+    let target = Resolve {
+        job: &spec.name,
+        table_name: &spec.table_name,
+        key_columns: spec.key_columns.as_deref(),
+        own_schema: &names.schema,
+        allowed_tables: &cfg.safety.allowed_tables,
+    }
+    .run(&mut conn)
+    .await?;
+    let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
+        .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
+    fragment::validate_on_server(&mut conn, &target, &fragments)
+        .await
+        .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
+    drop(conn);
+    let keyset = Keyset::new(&target);
+    let upper = match row.upper_bound.as_ref().and_then(|v| Key::from_json(v, keyset.width())) {
+        Some(k) => k,
+        None => return store_remaining(pool, names, name, 0).await,
+    };
+    let cancel = CancellationToken::new();
+    let counter = Counter {
+        pool,
+        job: &spec.name,
+        target: &target,
+        keyset: &keyset,
+        predicate: &fragments.predicate,
+        upper: &upper,
+        throttle: &spec.throttle,
+        cancel: &cancel,
+    };
+    let (_, remaining) = counter.count().await?.unwrap_or_default();
+    store_remaining(pool, names, name, remaining).await
+}
+
+async fn store_remaining(pool: &PgPool, names: &Names, name: &str, remaining: i64) -> Result<i64> {
+    sqlx::query(&names.render("UPDATE {jobs} SET remaining = $2 WHERE name = $1"))
+        .bind(name)
+        .bind(remaining)
+        .execute(pool)
+        .await?;
+    Ok(remaining)
+}

@@ -1,0 +1,208 @@
+//! Dry-run plans and verification. Both walk the key range up to the frozen upper bound in
+//! keyset windows (never one statement over the whole table), counting the rows the predicate
+//! selects. A plan adds sample rows with before/after values, the EXPLAIN of one batch's write,
+//! and a duration estimate at the job's throttle.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::change::Change;
+use crate::error::JobError;
+use crate::job::{Action, Throttle};
+use crate::keyset::{Key, Keyset, bind_keys};
+use crate::sql::quote_ident;
+use crate::target::Target;
+use crate::throttle::Controller;
+
+/// The dry-run report stored in `jobs.plan`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Rows up to the upper bound that the predicate selects: the rows the job would change.
+    pub rows_matching: i64,
+    /// Keys up to the upper bound: what the job will scan.
+    pub rows_in_range: i64,
+    pub upper_bound: Value,
+    pub samples: Vec<Value>,
+    pub explain: Value,
+    pub estimated_seconds: f64,
+    pub estimate_basis: String,
+    pub count_seconds: f64,
+}
+
+/// What counting needs: the table, its keys, the predicate and the bound.
+pub struct Counter<'a> {
+    pub pool: &'a PgPool,
+    pub job: &'a str,
+    pub target: &'a Target,
+    pub keyset: &'a Keyset,
+    pub predicate: &'a str,
+    pub upper: &'a Key,
+    pub throttle: &'a Throttle,
+    pub cancel: &'a CancellationToken,
+}
+
+/// Count windows are reads, so they may be larger than write batches.
+const COUNT_WINDOW_FACTOR: i64 = 10;
+
+impl Counter<'_> {
+    fn err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
+        move |e| JobError::sql(self.job, &self.target.display(), step, e)
+    }
+
+    fn count_sql(&self, has_cursor: bool) -> String {
+        let (range, limit) = self.keyset.range(None, has_cursor);
+        format!(
+            "WITH win AS MATERIALIZED (
+                 SELECT {cols}, coalesce(({pred}), false) AS _bf_match
+                 FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}
+             )
+             SELECT (SELECT count(*) FROM win), (SELECT count(*) FROM win WHERE _bf_match), {text}
+             FROM win ORDER BY {desc} LIMIT 1",
+            cols = self.keyset.columns(None),
+            pred = self.predicate,
+            table = self.target.quoted,
+            order = self.keyset.order(None, false),
+            text = self.keyset.as_text_output(),
+            desc = self.keyset.order(None, true),
+        )
+    }
+
+    /// `(keys in range, keys matching)`, counted window by window with the job's pause between
+    /// windows. Returns `None` if cancelled part-way.
+    pub async fn count(&self) -> Result<Option<(i64, i64)>, JobError> {
+        let (first, next) = (self.count_sql(false), self.count_sql(true));
+        let mut sizing = self.throttle.clone();
+        sizing.initial_size *= COUNT_WINDOW_FACTOR;
+        sizing.max_size *= COUNT_WINDOW_FACTOR;
+        let mut controller = Controller::new(&sizing, None);
+        let (mut cursor, mut keys, mut matching) = (None::<Key>, 0i64, 0i64);
+        loop {
+            let started = Instant::now();
+            let sql = if cursor.is_some() { &next } else { &first };
+            let bounds: Vec<&Key> = cursor.iter().chain([self.upper]).collect();
+            let row = bind_keys(sqlx::query(sql), &bounds)
+                .bind(controller.size())
+                .fetch_optional(self.pool)
+                .await
+                .map_err(self.err("counting matching rows"))?;
+            let Some(row) = row else { return Ok(Some((keys, matching))) };
+            keys += row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+            matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+            let last = (0..self.keyset.width())
+                .map(|i| row.try_get::<String, _>(i + 2))
+                .collect::<sqlx::Result<Vec<_>>>()
+                .map_err(self.err("counting"))?;
+            cursor = Some(Key(last));
+            controller.observe(started.elapsed());
+            let pause = Duration::from_millis(self.throttle.sleep_ms as u64);
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+impl Counter<'_> {
+    /// Sample rows the change would touch: key plus before and after values (update), or the
+    /// whole row (delete).
+    pub async fn samples(
+        &self,
+        assignments: &[crate::fragment::Assignment],
+        action: Action,
+        limit: i64,
+    ) -> Result<Vec<Value>, JobError> {
+        let pairs = |cols: Vec<(String, String)>| {
+            cols.into_iter()
+                .map(|(name, expr)| format!("{}, {expr}", crate::sql::quote_literal(&name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let key = format!("jsonb_build_array({})", self.keyset.as_text(None));
+        let body = match action {
+            Action::Update => {
+                let before = pairs(assignments.iter().map(|a| (a.column.clone(), quote_ident(&a.column))).collect());
+                let after = pairs(assignments.iter().map(|a| (a.column.clone(), format!("({})", a.expr))).collect());
+                format!("'key', {key}, 'before', jsonb_build_object({before}), 'after', jsonb_build_object({after})")
+            }
+            _ => {
+                let row = pairs(self.target.columns.iter().map(|c| (c.name.clone(), quote_ident(&c.name))).collect());
+                format!("'key', {key}, 'row', jsonb_build_object({row})")
+            }
+        };
+        let (range, limit_param) = self.keyset.range(None, false);
+        let sql = format!(
+            "SELECT jsonb_build_object({body}) FROM {table}
+             WHERE {range} AND ({predicate}) ORDER BY {order} LIMIT ${limit_param}",
+            table = self.target.quoted,
+            predicate = self.predicate,
+            order = self.keyset.order(None, false),
+        );
+        let rows = bind_keys(sqlx::query(&sql), &[self.upper])
+            .bind(limit)
+            .fetch_all(self.pool)
+            .await
+            .map_err(self.err("sampling rows"))?;
+        rows.iter()
+            .map(|r| r.try_get::<Value, _>(0))
+            .collect::<sqlx::Result<Vec<_>>>()
+            .map_err(self.err("sampling rows"))
+    }
+}
+
+/// `EXPLAIN (FORMAT JSON)` of the first batch's write (never executed). Explains the plain
+/// statement, since a dry run creates no archive table.
+pub async fn explain(pool: &PgPool, change: &Change, first_hi: &Key) -> Value {
+    let sql = format!("EXPLAIN (FORMAT JSON) {}", change.statement(false));
+    let result = bind_keys(sqlx::query(&sql), &[first_hi])
+        .fetch_one(pool)
+        .await
+        .and_then(|row| row.try_get::<Value, _>(0));
+    match result {
+        Ok(v) => v,
+        Err(e) => Value::String(format!("EXPLAIN failed: {e}")),
+    }
+}
+
+/// Time to finish at the job's throttle: batches at the target duration plus their pauses, or
+/// the rows-per-second cap when that is slower.
+pub fn estimate(t: &Throttle, rows_in_range: i64, rows_matching: i64) -> (f64, String) {
+    let batches = (rows_in_range as f64 / t.initial_size as f64).ceil();
+    let per_batch = (t.target_batch_ms + t.sleep_ms) as f64 / 1000.0;
+    let by_batches = batches * per_batch;
+    let basis = format!(
+        "{batches} batches of {} keys at target_batch_ms={} plus sleep_ms={}",
+        t.initial_size, t.target_batch_ms, t.sleep_ms
+    );
+    if t.max_rows_per_second > 0 {
+        let by_rate = rows_matching as f64 / t.max_rows_per_second as f64;
+        if by_rate > by_batches {
+            return (by_rate, format!("max_rows_per_second={}", t.max_rows_per_second));
+        }
+    }
+    (by_batches, basis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimate_takes_the_slower_of_batches_and_rate() {
+        let t = Throttle {
+            initial_size: 1000,
+            min_size: 100,
+            max_size: 10_000,
+            target_batch_ms: 400,
+            sleep_ms: 100,
+            max_rows_per_second: 0,
+        };
+        assert_eq!(estimate(&t, 10_000, 10_000).0, 5.0);
+        let capped = Throttle { max_rows_per_second: 100, ..t };
+        assert_eq!(estimate(&capped, 10_000, 10_000).0, 100.0);
+    }
+}

@@ -1,0 +1,635 @@
+//! One claimed attempt at one job, from validation to the final state:
+//! validate → resolve target → freeze upper bound → plan (dry run) → ceiling → archive →
+//! batches → verify. Every write to the job row is fenced by the lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::archive::{ArchiveKind, ArchiveTable};
+use crate::batch::{Batcher, Committed, TxSettings};
+use crate::change::{Change, Delete, Revert, Update};
+use crate::claim::{self, Control, Lease, Release};
+use crate::config::Config;
+use crate::error::JobError;
+use crate::fragment::{self, Fragments};
+use crate::job::{Action, JobRow, JobSpec, Mode, Throttle};
+use crate::keyset::{Key, Keyset};
+use crate::metrics::Metrics;
+use crate::plan::{self, Counter, Plan};
+use crate::sql::Names;
+use crate::target::{Resolve, Target};
+use crate::throttle::{self, Controller, Health, Reason};
+
+/// What every runner shares with the daemon.
+pub struct Context {
+    pub pool: sqlx::PgPool,
+    pub names: Names,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub metrics: Metrics,
+    pub owner: String,
+}
+
+impl Context {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+}
+
+/// How an attempt ended short of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Planned,
+    Paused,
+    Cancelled,
+    /// This replica is stopping: hand the job back without burning the attempt.
+    Shutdown,
+    LeaseLost,
+}
+
+/// Runs one claimed job to the end of this attempt and records how it ended.
+pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
+    let span = tracing::info_span!("job", job = %row.name, attempt = row.attempt, table = row.table_name.as_deref().unwrap_or(""));
+    async move {
+        let cfg = ctx.config();
+        let lease = Lease {
+            job_id: row.id,
+            job: row.name.clone(),
+            attempt: row.attempt,
+            owner: ctx.owner.clone(),
+        };
+        let stop_heartbeat = CancellationToken::new();
+        let control = claim::spawn_heartbeat(
+            ctx.pool.clone(),
+            ctx.names.clone(),
+            lease.clone(),
+            cfg.worker.lease_ttl,
+            cfg.worker.heartbeat_interval,
+            stop_heartbeat.clone(),
+        );
+        let interrupt = interrupt_on_control(&shutdown, control.clone());
+        tracing::info!("job claimed");
+        let mut attempt = Attempt { ctx: &ctx, row, lease, control, shutdown, interrupt };
+        let result = attempt.execute().await;
+        attempt.interrupt.cancel();
+        stop_heartbeat.cancel();
+        attempt.finish(result).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// A token cancelled on shutdown or as soon as the heartbeat sees a pause, cancel or lost lease,
+/// so long waits (sleeps, counting) end promptly.
+fn interrupt_on_control(shutdown: &CancellationToken, mut control: watch::Receiver<Control>) -> CancellationToken {
+    let interrupt = shutdown.child_token();
+    let token = interrupt.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = control.changed() => {
+                    if changed.is_err() || *control.borrow() != Control::Run {
+                        token.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    interrupt
+}
+
+/// The job's resolved pieces, valid for this attempt.
+struct Prepared {
+    spec: JobSpec,
+    target: Target,
+    fragments: Fragments,
+    /// Walks the target's keys, or the archive's for a revert.
+    keyset: Keyset,
+    /// `None` when the range is empty (nothing to do).
+    upper: Option<Key>,
+    /// The archive a revert restores from.
+    source_archive: Option<ArchiveTable>,
+}
+
+struct Attempt<'a> {
+    ctx: &'a Context,
+    row: JobRow,
+    lease: Lease,
+    control: watch::Receiver<Control>,
+    shutdown: CancellationToken,
+    interrupt: CancellationToken,
+}
+
+/// Optional job-row columns written together, fenced.
+#[derive(Default)]
+struct RowUpdate {
+    upper_bound: Option<Value>,
+    estimated_total: Option<i64>,
+    plan: Option<Value>,
+    archive_table: Option<String>,
+    remaining: Option<i64>,
+}
+
+const STORE: &str = "
+UPDATE {jobs}
+SET upper_bound = coalesce($4, upper_bound),
+    estimated_total = coalesce($5, estimated_total),
+    plan = coalesce($6, plan),
+    archive_table = coalesce($7, archive_table),
+    remaining = coalesce($8, remaining),
+    heartbeat_at = now()
+WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'";
+
+impl Attempt<'_> {
+    fn table(&self) -> &str {
+        self.row.table_name.as_deref().unwrap_or("?")
+    }
+
+    fn err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
+        move |e| JobError::sql(&self.row.name, self.table(), step, e)
+    }
+
+    async fn execute(&mut self) -> Result<Outcome, JobError> {
+        let cfg = self.ctx.config();
+        let spec = JobSpec::from_row(&self.row, &cfg.batch, &cfg.safety)?;
+        let p = self.prepare(spec, &cfg).await?;
+        let Some(upper) = p.upper.clone() else {
+            tracing::info!("key range is empty; nothing to do");
+            self.store(RowUpdate { remaining: Some(0), estimated_total: Some(0), ..Default::default() }).await?;
+            return Ok(Outcome::Succeeded);
+        };
+        let plan = match &self.row.plan {
+            Some(stored) => stored.clone(),
+            None => match self.plan(&p, &upper, &cfg).await? {
+                Some(plan) => plan,
+                None => return Ok(self.interruption()),
+            },
+        };
+        if p.spec.mode == Mode::DryRun {
+            tracing::info!(rows_matching = plan["rows_matching"].as_i64(), "dry run planned; approve with `backfilld execute`");
+            return Ok(Outcome::Planned);
+        }
+        self.check_ceiling(&p, &plan)?;
+        let change = self.build_change(&p).await?;
+        if let Some(outcome) = self.run_batches(&p, &change, &upper).await? {
+            return Ok(outcome);
+        }
+        self.verify(&p, &upper, &cfg).await
+    }
+
+    async fn store(&self, u: RowUpdate) -> Result<(), JobError> {
+        let done = sqlx::query(&self.ctx.names.render(STORE))
+            .bind(self.lease.job_id)
+            .bind(self.lease.attempt)
+            .bind(&self.lease.owner)
+            .bind(u.upper_bound)
+            .bind(u.estimated_total)
+            .bind(u.plan)
+            .bind(u.archive_table)
+            .bind(u.remaining)
+            .execute(&self.ctx.pool)
+            .await
+            .map_err(self.err("updating the job row"))?;
+        if done.rows_affected() == 0 {
+            return Err(JobError::LeaseLost { job: self.lease.job.clone(), attempt: self.lease.attempt });
+        }
+        Ok(())
+    }
+
+    /// Resolves the target and validates fragments; freezes the upper bound on first run.
+    async fn prepare(&mut self, spec: JobSpec, cfg: &Config) -> Result<Prepared, JobError> {
+        let mut conn = self.ctx.pool.acquire().await.map_err(self.err("connecting"))?;
+        let target = Resolve {
+            job: &spec.name,
+            table_name: &spec.table_name,
+            key_columns: spec.key_columns.as_deref(),
+            own_schema: &self.ctx.names.schema,
+            allowed_tables: &cfg.safety.allowed_tables,
+        }
+        .run(&mut conn)
+        .await?;
+        let invalid = |e: fragment::FragmentError| JobError::invalid(&spec.name, format!("on {}: {e}", target.display()));
+        let (fragments, source_archive) = if spec.action == Action::Revert {
+            let archive = self.source_archive(&mut conn, &spec, &target).await?;
+            (Fragments { predicate: "true".into(), assignments: Vec::new() }, Some(archive))
+        } else {
+            let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target).map_err(invalid)?;
+            fragment::validate_on_server(&mut conn, &target, &f).await.map_err(invalid)?;
+            (f, None)
+        };
+        let keyset = match &source_archive {
+            Some(a) => Keyset::new(&archive_as_target(a, &target)),
+            None => Keyset::new(&target),
+        };
+        let upper = self.upper_bound(&mut conn, &keyset).await?;
+        Ok(Prepared { spec, target, fragments, keyset, upper, source_archive })
+    }
+
+    /// The archive of the job a revert undoes, indexed for keyset walking.
+    async fn source_archive(&self, conn: &mut sqlx::PgConnection, spec: &JobSpec, target: &Target) -> Result<ArchiveTable, JobError> {
+        let original = spec.reverts.as_deref().unwrap_or_default();
+        let name: Option<Option<String>> = sqlx::query_scalar(&self.ctx.names.render("SELECT archive_table FROM {jobs} WHERE name = $1"))
+            .bind(original)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(self.err("finding the reverted job"))?;
+        let Some(Some(name)) = name else {
+            return Err(JobError::invalid(&spec.name, format!("job {original} has no archive to revert (archive was off, or it expired)")));
+        };
+        let archive = ArchiveTable::open(conn, &self.ctx.names, &name, target)
+            .await
+            .map_err(self.err("opening the archive"))?
+            .ok_or_else(|| JobError::invalid(&spec.name, format!("archive table {name} of job {original} is gone")))?;
+        archive.index_keys(conn).await.map_err(self.err("indexing the archive"))?;
+        Ok(archive)
+    }
+
+    /// The largest key at first start, frozen in the job row so the job always terminates.
+    async fn upper_bound(&mut self, conn: &mut sqlx::PgConnection, keyset: &Keyset) -> Result<Option<Key>, JobError> {
+        if let Some(stored) = &self.row.upper_bound {
+            if stored.as_array().is_some_and(Vec::is_empty) {
+                return Ok(None);
+            }
+            return Key::from_json(stored, keyset.width())
+                .map(Some)
+                .ok_or_else(|| JobError::invalid(&self.row.name, format!("stored upper_bound {stored} does not fit the key columns")));
+        }
+        let row: Option<sqlx::postgres::PgRow> = sqlx::query(&keyset.upper_bound_sql())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(self.err("freezing the upper bound"))?;
+        let upper = match row {
+            None => None,
+            Some(r) => Some(Key(
+                (0..keyset.width())
+                    .map(|i| sqlx::Row::try_get::<String, _>(&r, i))
+                    .collect::<sqlx::Result<_>>()
+                    .map_err(self.err("freezing the upper bound"))?,
+            )),
+        };
+        let json = upper.as_ref().map_or(Value::Array(Vec::new()), Key::to_json);
+        self.store(RowUpdate { upper_bound: Some(json.clone()), ..Default::default() }).await?;
+        self.row.upper_bound = Some(json);
+        Ok(upper)
+    }
+
+    fn counter<'b>(&'b self, p: &'b Prepared, upper: &'b Key, predicate: &'b str, throttle: &'b Throttle) -> Counter<'b> {
+        Counter {
+            pool: &self.ctx.pool,
+            job: &self.row.name,
+            target: &p.target,
+            keyset: &p.keyset,
+            predicate,
+            upper,
+            throttle,
+            cancel: &self.interrupt,
+        }
+    }
+
+    /// Counts, samples and explains; stores the plan. `None` if interrupted while counting.
+    async fn plan(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Result<Option<Value>, JobError> {
+        let started = Instant::now();
+        let mut counted_target = p.target.clone();
+        if let Some(a) = &p.source_archive {
+            counted_target = archive_as_target(a, &p.target);
+        }
+        let counter = Counter { target: &counted_target, ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle) };
+        let Some((in_range, matching)) = counter.count().await? else { return Ok(None) };
+        let samples = if p.source_archive.is_some() {
+            Vec::new()
+        } else {
+            counter.samples(&p.fragments.assignments, p.spec.action, cfg.safety.plan_sample_rows).await?
+        };
+        let plain = self.change_for(p, None);
+        let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
+        let (estimated_seconds, estimate_basis) = plan::estimate(&p.spec.throttle, in_range, matching);
+        let plan = Plan {
+            rows_matching: matching,
+            rows_in_range: in_range,
+            upper_bound: upper.to_json(),
+            samples,
+            explain,
+            estimated_seconds,
+            estimate_basis,
+            count_seconds: started.elapsed().as_secs_f64(),
+        };
+        let value = serde_json::to_value(&plan).unwrap_or(Value::Null);
+        self.store(RowUpdate { plan: Some(value.clone()), estimated_total: Some(in_range), ..Default::default() }).await?;
+        tracing::info!(rows_matching = matching, rows_in_range = in_range, seconds = plan.count_seconds, "planned");
+        Ok(Some(value))
+    }
+
+    fn check_ceiling(&self, p: &Prepared, plan: &Value) -> Result<(), JobError> {
+        let (Some(max), Some(would)) = (p.spec.max_affected, plan["rows_matching"].as_i64()) else {
+            return Ok(());
+        };
+        if would > max {
+            return Err(JobError::Ceiling { job: p.spec.name.clone(), table: p.target.display(), would_change: would, max_affected: max });
+        }
+        Ok(())
+    }
+
+    fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
+        match (&p.spec.action, &p.source_archive) {
+            (Action::Revert, Some(src)) => Change::Revert(Revert::new(&p.target, &p.keyset, src)),
+            (Action::Delete, _) => Change::Delete(Delete::new(&p.target, &p.keyset, &p.fragments.predicate, archive)),
+            _ => Change::Update(Update::new(&p.target, &p.keyset, &p.fragments, archive)),
+        }
+    }
+
+    /// The change statement, creating the archive table first when the job archives.
+    async fn build_change(&mut self, p: &Prepared) -> Result<Change, JobError> {
+        if !p.spec.archive || p.spec.action == Action::Revert {
+            return Ok(self.change_for(p, None));
+        }
+        let name = self.row.archive_table.clone().unwrap_or_else(|| {
+            ArchiveTable::name_for(&p.spec.name, p.spec.id, chrono::Utc::now().date_naive())
+        });
+        let kind = match p.spec.action {
+            Action::Delete => ArchiveKind::Delete,
+            _ => ArchiveKind::Update { touched: p.fragments.assignments.iter().map(|a| a.column.clone()).collect() },
+        };
+        let archive = ArchiveTable::new(&self.ctx.names, name.clone(), &p.target, kind);
+        let mut conn = self.ctx.pool.acquire().await.map_err(self.err("connecting"))?;
+        archive.create(&mut conn, &p.target, &p.spec.name).await.map_err(self.err("creating the archive table"))?;
+        if self.row.archive_table.is_none() {
+            self.store(RowUpdate { archive_table: Some(name.clone()), ..Default::default() }).await?;
+            self.row.archive_table = Some(name);
+        }
+        Ok(self.change_for(p, Some(&archive)))
+    }
+
+    /// The batch loop. `Ok(None)` when the key range is exhausted.
+    async fn run_batches(&mut self, p: &Prepared, change: &Change, upper: &Key) -> Result<Option<Outcome>, JobError> {
+        let cfg = self.ctx.config();
+        let table = p.target.display();
+        let batcher = Batcher {
+            pool: &self.ctx.pool,
+            names: &self.ctx.names,
+            lease: &self.lease,
+            table: &table,
+            keyset: &p.keyset,
+            change,
+            upper,
+            settings: TxSettings {
+                lock_timeout: cfg.batch.lock_timeout,
+                statement_timeout: cfg.batch.statement_timeout,
+                synchronous_commit: cfg.batch.synchronous_commit.clone(),
+            },
+            lease_ttl: cfg.worker.lease_ttl,
+            max_affected: p.spec.max_affected,
+        };
+        let mut cursor = self.stored_cursor(p.keyset.width())?;
+        let mut controller = Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
+        let mut progress = Progress::new(&self.row);
+        let mut health = Health::new();
+        let mut retries = 0u32;
+        loop {
+            if let Some(outcome) = self.interrupted() {
+                return Ok(Some(outcome));
+            }
+            if let Some(outcome) = self.wait_until_healthy(&mut health, p.target.oid).await {
+                return Ok(Some(outcome));
+            }
+            let size = controller.size();
+            match batcher.run(cursor.as_ref(), size).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(done)) => {
+                    retries = 0;
+                    self.record(&done, size, &mut progress);
+                    if done.scanned >= size {
+                        controller.observe(done.elapsed);
+                    }
+                    cursor = Some(done.last.clone());
+                    match done.control {
+                        Control::Pause => return Ok(Some(Outcome::Paused)),
+                        Control::Cancel => return Ok(Some(Outcome::Cancelled)),
+                        _ => {}
+                    }
+                    let (pause, reason) = throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
+                    if let Some(outcome) = self.pause(pause, reason).await {
+                        return Ok(Some(outcome));
+                    }
+                }
+                Err(e) if e.is_retryable() && retries < cfg.worker.max_batch_retries => {
+                    retries += 1;
+                    self.ctx.metrics.batch_errors.with_label_values(&[&self.row.name, e.kind()]).inc();
+                    controller.back_off();
+                    let delay = backoff(retries);
+                    tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, batch_size = controller.size(), "transient batch error; retrying");
+                    if let Some(outcome) = self.pause(delay, Reason::Backoff).await {
+                        return Ok(Some(outcome));
+                    }
+                    // The failed commit may or may not have landed: the stored checkpoint decides.
+                    cursor = self.reload_cursor(p.keyset.width()).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The job's throttle under the current configuration (SIGHUP may have changed defaults).
+    fn throttle(&self, p: &Prepared) -> Throttle {
+        let cfg = self.ctx.config();
+        Throttle::from_row(&self.row, &cfg.batch).unwrap_or_else(|_| p.spec.throttle.clone())
+    }
+
+    fn stored_cursor(&self, width: usize) -> Result<Option<Key>, JobError> {
+        self.parse_cursor(self.row.cursor.as_ref(), width)
+    }
+
+    fn parse_cursor(&self, cursor: Option<&Value>, width: usize) -> Result<Option<Key>, JobError> {
+        match cursor {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Key::from_json(v, width)
+                .map(Some)
+                .ok_or_else(|| JobError::invalid(&self.row.name, format!("stored cursor {v} does not fit the key columns"))),
+        }
+    }
+
+    async fn reload_cursor(&self, width: usize) -> Result<Option<Key>, JobError> {
+        let row: Option<(Option<Value>,)> = sqlx::query_as(&self.ctx.names.render(
+            "SELECT cursor FROM {jobs} WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'",
+        ))
+        .bind(self.lease.job_id)
+        .bind(self.lease.attempt)
+        .bind(&self.lease.owner)
+        .fetch_optional(&self.ctx.pool)
+        .await
+        .map_err(self.err("re-reading the checkpoint"))?;
+        let Some((cursor,)) = row else {
+            return Err(JobError::LeaseLost { job: self.lease.job.clone(), attempt: self.lease.attempt });
+        };
+        self.parse_cursor(cursor.as_ref(), width)
+    }
+
+    fn record(&self, done: &Committed, size: i64, progress: &mut Progress) {
+        let m = &self.ctx.metrics;
+        let job = [self.row.name.as_str()];
+        m.rows_changed.with_label_values(&job).inc_by(done.changed as u64);
+        m.rows_scanned.with_label_values(&job).inc_by(done.scanned as u64);
+        m.batch_duration.with_label_values(&job).observe(done.elapsed.as_secs_f64());
+        m.batch_size.with_label_values(&job).set(size);
+        m.last_batch.with_label_values(&job).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        progress.advance(done.scanned);
+        if let Some(ratio) = progress.ratio() {
+            m.progress.with_label_values(&job).set(ratio);
+        }
+        if let Some(eta) = progress.eta() {
+            m.eta.with_label_values(&job).set(eta);
+        }
+        tracing::debug!(scanned = done.scanned, changed = done.changed, skipped = done.skipped, ms = done.elapsed.as_millis() as u64, size, "batch committed");
+    }
+
+    /// Holds batches while a health signal is over its limit, counting the time per reason.
+    async fn wait_until_healthy(&self, health: &mut Health, table_oid: u32) -> Option<Outcome> {
+        loop {
+            let cfg = self.ctx.config();
+            let reason = health.check(&self.ctx.pool, &cfg.throttle, table_oid).await?;
+            tracing::info!(reason = reason.as_str(), "holding batches: database health signal over its limit");
+            if let Some(outcome) = self.pause(cfg.throttle.check_interval, reason).await {
+                return Some(outcome);
+            }
+        }
+    }
+
+    /// Sleeps unless interrupted; the time counts toward the throttle metric.
+    async fn pause(&self, duration: Duration, reason: Reason) -> Option<Outcome> {
+        if duration.is_zero() {
+            return None;
+        }
+        let started = Instant::now();
+        tokio::select! {
+            _ = self.interrupt.cancelled() => {}
+            _ = tokio::time::sleep(duration) => {}
+        }
+        self.ctx.metrics.throttled(&self.row.name, reason.as_str(), started.elapsed().as_secs_f64());
+        self.interrupted()
+    }
+
+    fn interrupted(&self) -> Option<Outcome> {
+        if self.shutdown.is_cancelled() {
+            return Some(Outcome::Shutdown);
+        }
+        match *self.control.borrow() {
+            Control::Run => None,
+            Control::Pause => Some(Outcome::Paused),
+            Control::Cancel => Some(Outcome::Cancelled),
+            Control::LeaseLost => Some(Outcome::LeaseLost),
+        }
+    }
+
+    fn interruption(&self) -> Outcome {
+        self.interrupted().unwrap_or(Outcome::Shutdown)
+    }
+
+    /// Counts rows up to the bound that still match the predicate into `remaining`.
+    async fn verify(&self, p: &Prepared, upper: &Key, _cfg: &Config) -> Result<Outcome, JobError> {
+        if p.spec.action == Action::Revert {
+            return Ok(Outcome::Succeeded);
+        }
+        let counter = self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle);
+        let Some((_, remaining)) = counter.count().await? else { return Ok(self.interruption()) };
+        self.store(RowUpdate { remaining: Some(remaining), ..Default::default() }).await?;
+        tracing::info!(remaining, "verified");
+        Ok(Outcome::Succeeded)
+    }
+
+    /// Writes how the attempt ended and updates metrics.
+    async fn finish(&self, result: Result<Outcome, JobError>) {
+        let cfg = self.ctx.config();
+        let release = match result {
+            Ok(Outcome::LeaseLost) | Err(JobError::LeaseLost { .. }) => {
+                self.ctx.metrics.leases_lost.inc();
+                tracing::warn!("lease lost; another replica owns the job now; stopping without writing");
+                return;
+            }
+            Ok(Outcome::Succeeded) => Release::Succeeded,
+            Ok(Outcome::Planned) => Release::Planned,
+            Ok(Outcome::Paused) => Release::Paused,
+            Ok(Outcome::Cancelled) => Release::Cancelled,
+            Ok(Outcome::Shutdown) => Release::Requeue,
+            Err(e) => {
+                self.ctx.metrics.batch_errors.with_label_values(&[&self.row.name, e.kind()]).inc();
+                if e.is_retryable() {
+                    tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
+                    Release::Retry { delay: backoff(self.lease.attempt as u32 + 3), error: e.to_string() }
+                } else {
+                    tracing::error!(error = %e, sqlstate = e.sqlstate(), "job failed");
+                    Release::Failed { error: e.to_string() }
+                }
+            }
+        };
+        for tries in 1..=3 {
+            match claim::release(&self.ctx.pool, &self.ctx.names, &self.lease, &release, cfg.worker.max_attempts).await {
+                Ok(Some(state)) => {
+                    tracing::info!(state = %state, "attempt finished");
+                    return;
+                }
+                Ok(None) => {
+                    self.ctx.metrics.leases_lost.inc();
+                    tracing::warn!("lease lost before the final state could be written");
+                    return;
+                }
+                Err(e) if tries < 3 => {
+                    tracing::warn!(error = %e, "writing the final state failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => tracing::error!(error = %e, "writing the final state failed; the lease will expire and the job be rescued"),
+            }
+        }
+    }
+}
+
+/// The archive table seen as a keyset source: its own name, the target's key columns.
+fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Target {
+    Target {
+        quoted: archive.quoted.clone(),
+        table: archive.name.clone(),
+        ..target.clone()
+    }
+}
+
+/// Exponential backoff with jitter, capped at 30 s.
+fn backoff(retry: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << retry.min(9));
+    let capped = base.min(30_000);
+    Duration::from_millis(capped / 2 + fastrand::u64(0..=capped / 2))
+}
+
+/// Progress and ETA from keys scanned against the planned total.
+struct Progress {
+    scanned: i64,
+    total: Option<i64>,
+    started: Instant,
+    scanned_this_attempt: i64,
+}
+
+impl Progress {
+    fn new(row: &JobRow) -> Self {
+        Self { scanned: row.rows_scanned, total: row.estimated_total, started: Instant::now(), scanned_this_attempt: 0 }
+    }
+
+    fn advance(&mut self, scanned: i64) {
+        self.scanned += scanned;
+        self.scanned_this_attempt += scanned;
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        let total = self.total.filter(|t| *t > 0)?;
+        Some((self.scanned as f64 / total as f64).min(1.0))
+    }
+
+    fn eta(&self) -> Option<f64> {
+        let total = self.total?;
+        let rate = self.scanned_this_attempt as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        (rate > 0.0).then(|| (total - self.scanned).max(0) as f64 / rate)
+    }
+}

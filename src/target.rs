@@ -1,0 +1,282 @@
+//! The table a job changes: resolved through `regclass`, checked against the allowlist and our own
+//! schema, with its keyset columns discovered (primary key, else a unique NOT NULL index).
+
+use sqlx::PgConnection;
+
+use crate::error::JobError;
+use crate::sql::{qualified, quote_ident};
+
+/// Key column types backfilld can paginate: they have a total btree order and a text form that
+/// round-trips exactly through `::text`.
+const KEY_TYPES: &[&str] = &[
+    "int2",
+    "int4",
+    "int8",
+    "uuid",
+    "text",
+    "varchar",
+    "timestamp",
+    "timestamptz",
+    "date",
+];
+
+#[derive(Debug, Clone)]
+pub struct KeyColumn {
+    pub name: String,
+    /// `format_type()` of the column, used to cast cursor text back: `$1::text::bigint`.
+    pub sql_type: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub sql_type: String,
+    pub generated: bool,
+    pub identity_always: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+    /// `"schema"."table"`, ready for SQL.
+    pub quoted: String,
+    pub keys: Vec<KeyColumn>,
+    pub columns: Vec<Column>,
+}
+
+impl Target {
+    /// `schema.table` for messages and metrics.
+    pub fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// Schemas no job may target: ours, and the system catalogs.
+fn forbidden_schema(schema: &str, own: &str) -> bool {
+    schema == own
+        || schema == "pg_catalog"
+        || schema == "information_schema"
+        || schema.starts_with("pg_toast")
+        || schema.starts_with("pg_temp")
+}
+
+pub struct Resolve<'a> {
+    pub job: &'a str,
+    pub table_name: &'a str,
+    pub key_columns: Option<&'a [String]>,
+    pub own_schema: &'a str,
+    pub allowed_tables: &'a [String],
+}
+
+impl Resolve<'_> {
+    pub async fn run(&self, conn: &mut PgConnection) -> Result<Target, JobError> {
+        let (oid, schema, table) = self.find_table(conn).await?;
+        let display = format!("{schema}.{table}");
+        if forbidden_schema(&schema, self.own_schema) {
+            return Err(self.invalid(format!(
+                "table {display} is in schema {schema}, which backfilld never changes"
+            )));
+        }
+        if !self.allowed_tables.is_empty() && !self.allowed_tables.contains(&display) {
+            return Err(self.invalid(format!(
+                "table {display} is not in safety.allowed_tables"
+            )));
+        }
+        let columns = load_columns(conn, oid)
+            .await
+            .map_err(|e| JobError::sql(self.job, &display, "reading columns", e))?;
+        let keys = self.find_keys(conn, oid, &display, &columns).await?;
+        Ok(Target {
+            oid,
+            quoted: qualified(&schema, &table),
+            schema,
+            table,
+            keys,
+            columns,
+        })
+    }
+
+    fn invalid(&self, reason: String) -> JobError {
+        JobError::invalid(self.job, reason)
+    }
+
+    async fn find_table(&self, conn: &mut PgConnection) -> Result<(u32, String, String), JobError> {
+        // to_regclass returns NULL for a missing table instead of raising, and parses the name
+        // with the server's own rules (quoting, search_path).
+        let row: Option<(sqlx::postgres::types::Oid, String, String, String)> = sqlx::query_as(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = to_regclass($1)",
+        )
+        .bind(self.table_name)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| match JobError::sql(self.job, self.table_name, "resolving table", e) {
+            err if err.is_retryable() => err,
+            err => self.invalid(format!("table_name {:?} is not a valid table name: {err}", self.table_name)),
+        })?;
+        let Some((oid, schema, table, kind)) = row else {
+            return Err(self.invalid(format!("table {} does not exist", self.table_name)));
+        };
+        if kind != "r" && kind != "p" {
+            return Err(self.invalid(format!(
+                "{schema}.{table} is not a table (relkind {kind}); target the underlying table"
+            )));
+        }
+        Ok((oid.0, schema, table))
+    }
+
+    async fn find_keys(
+        &self,
+        conn: &mut PgConnection,
+        oid: u32,
+        display: &str,
+        columns: &[Column],
+    ) -> Result<Vec<KeyColumn>, JobError> {
+        let indexes = unique_indexes(conn, oid)
+            .await
+            .map_err(|e| JobError::sql(self.job, display, "reading indexes", e))?;
+        let chosen = match self.key_columns {
+            Some(wanted) => self.explicit_key(wanted, &indexes, display, columns)?,
+            None => indexes.iter().find(|i| i.not_null).ok_or_else(|| {
+                self.invalid(format!(
+                    "table {display} has no primary key or unique index on NOT NULL columns; \
+                     add one (or a unique NOT NULL column) and name it in key_columns"
+                ))
+            })?,
+        };
+        chosen
+            .columns
+            .iter()
+            .zip(&chosen.types)
+            .map(|(name, typ)| self.key_column(display, name, typ, columns))
+            .collect()
+    }
+
+    fn explicit_key<'i>(
+        &self,
+        wanted: &[String],
+        indexes: &'i [UniqueIndex],
+        display: &str,
+        columns: &[Column],
+    ) -> Result<&'i UniqueIndex, JobError> {
+        for name in wanted {
+            if !columns.iter().any(|c| &c.name == name) {
+                return Err(self.invalid(format!(
+                    "key column {name:?} does not exist in {display}"
+                )));
+            }
+        }
+        let mut sorted = wanted.to_vec();
+        sorted.sort();
+        let index = indexes.iter().find(|i| {
+            let mut cols = i.columns.clone();
+            cols.sort();
+            cols == sorted
+        });
+        match index {
+            Some(i) if i.not_null => Ok(i),
+            Some(_) => Err(self.invalid(format!(
+                "key_columns {wanted:?} of {display} allow NULL; keyset columns must be NOT NULL"
+            ))),
+            None => Err(self.invalid(format!(
+                "key_columns {wanted:?} of {display} are not unique: no unique index covers exactly them"
+            ))),
+        }
+    }
+
+    fn key_column(
+        &self,
+        display: &str,
+        name: &str,
+        typ: &str,
+        columns: &[Column],
+    ) -> Result<KeyColumn, JobError> {
+        if !KEY_TYPES.contains(&typ) {
+            return Err(self.invalid(format!(
+                "key column {name} of {display} has type {typ}, which backfilld cannot paginate \
+                 (supported: {})",
+                KEY_TYPES.join(", ")
+            )));
+        }
+        let sql_type = columns
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.sql_type.clone())
+            .unwrap_or_else(|| typ.to_owned());
+        Ok(KeyColumn {
+            name: name.to_owned(),
+            sql_type,
+        })
+    }
+}
+
+struct UniqueIndex {
+    columns: Vec<String>,
+    types: Vec<String>,
+    not_null: bool,
+}
+
+/// Valid, non-partial, plain-column unique indexes; the primary key first, then the narrowest.
+async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
+    let rows: Vec<(Vec<String>, Vec<String>, bool)> = sqlx::query_as(
+        "SELECT array_agg(a.attname::text ORDER BY k.ord),
+                array_agg(t.typname::text ORDER BY k.ord),
+                bool_and(a.attnotnull)
+         FROM pg_index i
+         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         JOIN pg_type t ON t.oid = a.atttypid
+         WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
+           AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+         GROUP BY i.indexrelid, i.indisprimary
+         ORDER BY i.indisprimary DESC, count(*), i.indexrelid",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(columns, types, not_null)| UniqueIndex {
+            columns,
+            types,
+            not_null,
+        })
+        .collect())
+}
+
+async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Column>> {
+    let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a'
+         FROM pg_attribute
+         WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
+         ORDER BY attnum",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, sql_type, generated, identity_always)| Column {
+            name,
+            sql_type,
+            generated,
+            identity_always,
+        })
+        .collect())
+}
+
+/// `"a", "b"` for a list of column names.
+pub fn column_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
