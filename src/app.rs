@@ -42,7 +42,12 @@ pub fn replica_id(cfg: &Config) -> String {
 }
 
 /// Runs the daemon until a stop signal (or idleness with `until_idle`).
-pub async fn run_daemon(source: Source, cfg: Config, until_idle: bool, telemetry: &Telemetry) -> Result<()> {
+pub async fn run_daemon(
+    source: Source,
+    cfg: Config,
+    until_idle: bool,
+    telemetry: &Telemetry,
+) -> Result<()> {
     let names = Names::new(&cfg.database.schema);
     let pool = connect(&cfg.database).await?;
     schema::check(&pool, &names).await?;
@@ -55,12 +60,39 @@ pub async fn run_daemon(source: Source, cfg: Config, until_idle: bool, telemetry
     let readiness = Arc::new(Readiness::default());
     let server = match cfg.metrics.listen.as_str() {
         "" => None,
-        listen => Some(http::serve(listen, metrics.clone(), readiness.clone(), cfg.worker.poll_interval, shutdown.clone()).await?),
+        listen => Some(
+            http::serve(
+                listen,
+                metrics.clone(),
+                readiness.clone(),
+                cfg.worker.poll_interval,
+                shutdown.clone(),
+            )
+            .await?,
+        ),
     };
     let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
-    let ctx = Arc::new(Context { pool: pool.clone(), names, config: config_rx, metrics, owner: replica_id(&cfg) });
-    let reloader = tokio::spawn(reload_on_hup(reloads, source, config_tx, telemetry.filter_handle()));
-    Daemon { ctx, until_idle, shutdown: shutdown.clone(), readiness }.run().await?;
+    let ctx = Arc::new(Context {
+        pool: pool.clone(),
+        names,
+        config: config_rx,
+        metrics,
+        owner: replica_id(&cfg),
+    });
+    let reloader = tokio::spawn(reload_on_hup(
+        reloads,
+        source,
+        config_tx,
+        telemetry.filter_handle(),
+    ));
+    Daemon {
+        ctx,
+        until_idle,
+        shutdown: shutdown.clone(),
+        readiness,
+    }
+    .run()
+    .await?;
     shutdown.cancel();
     reloader.abort();
     if let Some(server) = server {
@@ -91,7 +123,9 @@ async fn reload_on_hup(
             || new.database.schema != old.database.schema
             || new.metrics.listen != old.metrics.listen
         {
-            tracing::warn!("SIGHUP: database and metrics.listen settings need a restart; other changes apply now");
+            tracing::warn!(
+                "SIGHUP: database and metrics.listen settings need a restart; other changes apply now"
+            );
         }
         set_level(&new.log.level);
         config.send_replace(Arc::new(new));

@@ -11,7 +11,9 @@ use crate::target::{Target, column_list};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArchiveKind {
     /// Columns the update set, in set-clause order.
-    Update { touched: Vec<String> },
+    Update {
+        touched: Vec<String>,
+    },
     Delete,
 }
 
@@ -43,7 +45,13 @@ impl ArchiveTable {
         let suffix = format!("_{}_j{job_id}", date.format("%Y%m%d"));
         let mut base: String = job
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect();
         base.truncate(63 - suffix.len());
         format!("{base}{suffix}")
@@ -82,7 +90,13 @@ impl ArchiveTable {
                 let after: Vec<String> = touched
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| format!("{} AS {}", quote_ident(c), quote_ident(&Self::after_column(i))))
+                    .map(|(i, c)| {
+                        format!(
+                            "{} AS {}",
+                            quote_ident(c),
+                            quote_ident(&Self::after_column(i))
+                        )
+                    })
                     .collect();
                 format!(
                     "CREATE TABLE IF NOT EXISTS {} AS SELECT {}, {}, {} FROM {} WITH NO DATA",
@@ -104,11 +118,16 @@ impl ArchiveTable {
             quote_literal(&format!(
                 "backfilld before-images of job {job} on {} ({})",
                 target.display(),
-                if self.kind == ArchiveKind::Delete { "deleted rows" } else { "updated columns" }
+                if self.kind == ArchiveKind::Delete {
+                    "deleted rows"
+                } else {
+                    "updated columns"
+                }
             ))
         );
         // Simple-protocol execution: two statements, no parameters (DDL takes none).
-        conn.execute(format!("{create}; {comment}").as_str()).await?;
+        conn.execute(format!("{create}; {comment}").as_str())
+            .await?;
         Ok(())
     }
 
@@ -124,7 +143,11 @@ impl ArchiveTable {
             "SELECT attname::text FROM pg_attribute
              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         )
-        .bind(format!("{}.{}", quote_ident(&names.schema), quote_ident(name)))
+        .bind(format!(
+            "{}.{}",
+            quote_ident(&names.schema),
+            quote_ident(name)
+        ))
         .fetch_all(conn)
         .await?;
         if columns.is_empty() {

@@ -90,7 +90,11 @@ impl Batcher<'_> {
 
     /// Runs one batch of at most `size` keys after `cursor`. `Ok(None)` when the key range is
     /// exhausted (nothing was written).
-    pub async fn run(&self, cursor: Option<&Key>, size: i64) -> Result<Option<Committed>, JobError> {
+    pub async fn run(
+        &self,
+        cursor: Option<&Key>,
+        size: i64,
+    ) -> Result<Option<Committed>, JobError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.map_err(self.sql_err("begin"))?;
         self.settings
@@ -102,7 +106,11 @@ impl Batcher<'_> {
             return Ok(None);
         };
         let changed = self.apply_change(&mut tx, cursor, &hi).await?;
-        let skipped = if self.change.counts_skipped() { scanned - changed } else { 0 };
+        let skipped = if self.change.counts_skipped() {
+            scanned - changed
+        } else {
+            0
+        };
         let control = self
             .checkpoint(&mut tx, &hi, scanned, changed, skipped, size)
             .await?;
@@ -132,7 +140,9 @@ impl Batcher<'_> {
             .await
             .map_err(self.sql_err("reading the next window"))?;
         let Some(row) = row else { return Ok(None) };
-        let scanned: i64 = row.try_get(0).map_err(self.sql_err("reading the next window"))?;
+        let scanned: i64 = row
+            .try_get(0)
+            .map_err(self.sql_err("reading the next window"))?;
         let last = (1..=self.keyset.width())
             .map(|i| row.try_get::<String, _>(i))
             .collect::<sqlx::Result<Vec<_>>>()
@@ -147,10 +157,13 @@ impl Batcher<'_> {
         hi: &Key,
     ) -> Result<i64, JobError> {
         let bounds: Vec<&Key> = cursor.into_iter().chain([hi]).collect();
-        let done = bind_keys(sqlx::query(self.change.statement(cursor.is_some())), &bounds)
-            .execute(conn)
-            .await
-            .map_err(self.sql_err("applying the change"))?;
+        let done = bind_keys(
+            sqlx::query(self.change.statement(cursor.is_some())),
+            &bounds,
+        )
+        .execute(conn)
+        .await
+        .map_err(self.sql_err("applying the change"))?;
         Ok(done.rows_affected() as i64)
     }
 

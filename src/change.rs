@@ -31,7 +31,11 @@ impl Change {
             Change::Delete(c) => &c.statements,
             Change::Revert(c) => &c.statements,
         };
-        if has_cursor { &pair.with_cursor } else { &pair.first }
+        if has_cursor {
+            &pair.with_cursor
+        } else {
+            &pair.first
+        }
     }
 
     /// Reverts count the window rows they did not restore (changed again since the backfill).
@@ -54,7 +58,10 @@ impl Statements {
         let statement = |has_cursor: bool| {
             let row = keyset.row(alias);
             let (lower, next) = if has_cursor {
-                (format!("{row} > {} AND ", keyset.params(1)), 1 + keyset.width())
+                (
+                    format!("{row} > {} AND ", keyset.params(1)),
+                    1 + keyset.width(),
+                )
             } else {
                 (String::new(), 1)
             };

@@ -148,12 +148,17 @@ pub enum Release {
     /// Back to pending without burning the attempt (graceful shutdown).
     Requeue,
     /// Back to pending after `delay`, the attempt counted; failed once attempts are exhausted.
-    Retry { delay: Duration, error: String },
+    Retry {
+        delay: Duration,
+        error: String,
+    },
     Paused,
     Planned,
     Succeeded,
     Cancelled,
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 const RELEASE: &str = "
@@ -265,5 +270,7 @@ WHERE (run_at <= now() AND (
 
 /// Jobs this or another replica could pick up now (including expired leases awaiting rescue).
 pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
-    sqlx::query_scalar(&names.render(RUNNABLE)).fetch_one(db).await
+    sqlx::query_scalar(&names.render(RUNNABLE))
+        .fetch_one(db)
+        .await
 }

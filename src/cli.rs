@@ -33,7 +33,7 @@ BACKFILLD_<SECTION>__<KEY> (e.g. BACKFILLD_METRICS__LISTEN=127.0.0.1:9187), and 
 #[command(name = "backfilld", version, about = "Runs data backfills against PostgreSQL safely, in the background", after_help = EXAMPLES)]
 pub struct Cli {
     /// Configuration file (TOML).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", env = "BACKFILLD_CONFIG")]
     pub config: Option<PathBuf>,
     /// PostgreSQL URL; overrides DATABASE_URL and database.url.
     #[arg(long, global = true, value_name = "URL")]
@@ -54,7 +54,9 @@ pub enum Command {
     /// Create or upgrade the backfill schema (idempotent; safe to run from several replicas).
     Migrate,
     /// Run the daemon: claim jobs and run them in throttled batches.
-    #[command(after_help = "Example:\n  DATABASE_URL=postgres://backfilld@db/app backfilld run --until-idle")]
+    #[command(
+        after_help = "Example:\n  DATABASE_URL=postgres://backfilld@db/app backfilld run --until-idle"
+    )]
     Run {
         /// Exit 0 once no runnable job is left.
         #[arg(long)]
@@ -63,7 +65,9 @@ pub enum Command {
     /// Enqueue a job (the same as INSERT INTO backfill.jobs). Dry run unless --execute.
     Enqueue(EnqueueArgs),
     /// Show jobs: state, rows changed, batches, progress, last error; one job in detail.
-    #[command(after_help = "Examples:\n  backfilld status\n  backfilld status orders_status_v1 --watch\n  backfilld status --output json")]
+    #[command(
+        after_help = "Examples:\n  backfilld status\n  backfilld status orders_status_v1 --watch\n  backfilld status --output json"
+    )]
     Status {
         name: Option<String>,
         /// Refresh every 2 seconds until the shown jobs have ended.
@@ -164,7 +168,12 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, source: Source, cfg: Config, telemetry: &telemetry::Telemetry) -> anyhow::Result<()> {
+async fn dispatch(
+    command: Command,
+    source: Source,
+    cfg: Config,
+    telemetry: &telemetry::Telemetry,
+) -> anyhow::Result<()> {
     if let Command::Run { until_idle } = command {
         return Ok(app::run_daemon(source, cfg, until_idle, telemetry).await?);
     }
@@ -174,7 +183,11 @@ async fn dispatch(command: Command, source: Source, cfg: Config, telemetry: &tel
         Command::Migrate => {
             let applied = schema::migrate(&pool, &names).await?;
             match applied.as_slice() {
-                [] => println!("schema {} is up to date (version {})", names.schema, schema::latest_version()),
+                [] => println!(
+                    "schema {} is up to date (version {})",
+                    names.schema,
+                    schema::latest_version()
+                ),
                 v => println!("schema {}: applied migrations {v:?}", names.schema),
             }
         }
@@ -183,11 +196,27 @@ async fn dispatch(command: Command, source: Source, cfg: Config, telemetry: &tel
             let row = ops::enqueue(&pool, &names, &new_job(args)).await?;
             print_jobs(&[row], output, true);
         }
-        Command::Status { name, watch, output } => status(&pool, &names, name.as_deref(), watch, output).await?,
-        Command::Pause { name } => report(ops::request(&pool, &names, &name, "paused").await?, "pause requested"),
-        Command::Resume { name } => report(ops::request(&pool, &names, &name, "running").await?, "resume requested"),
-        Command::Cancel { name } => report(ops::request(&pool, &names, &name, "cancelled").await?, "cancel requested"),
-        Command::Execute { name } => report(ops::approve(&pool, &names, &name).await?, "approved for execution"),
+        Command::Status {
+            name,
+            watch,
+            output,
+        } => status(&pool, &names, name.as_deref(), watch, output).await?,
+        Command::Pause { name } => report(
+            ops::request(&pool, &names, &name, "paused").await?,
+            "pause requested",
+        ),
+        Command::Resume { name } => report(
+            ops::request(&pool, &names, &name, "running").await?,
+            "resume requested",
+        ),
+        Command::Cancel { name } => report(
+            ops::request(&pool, &names, &name, "cancelled").await?,
+            "cancel requested",
+        ),
+        Command::Execute { name } => report(
+            ops::approve(&pool, &names, &name).await?,
+            "approved for execution",
+        ),
         Command::Revert { name, output } => {
             let row = ops::revert(&pool, &names, &name).await?;
             print_jobs(&[row], output, true);
@@ -195,8 +224,13 @@ async fn dispatch(command: Command, source: Source, cfg: Config, telemetry: &tel
         Command::Verify { name, output } => {
             let remaining = ops::verify(&pool, &names, &cfg, &name).await?;
             match output {
-                Output::Json => println!("{}", serde_json::json!({"job": name, "remaining": remaining})),
-                Output::Text => println!("{name}: {remaining} rows up to the upper bound still match the predicate"),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"job": name, "remaining": remaining})
+                ),
+                Output::Text => println!(
+                    "{name}: {remaining} rows up to the upper bound still match the predicate"
+                ),
             }
         }
         Command::Run { .. } => unreachable!("handled above"),
@@ -229,14 +263,25 @@ fn report(row: JobRow, what: &str) {
     println!("{}: {what} (state {})", row.name, row.state);
 }
 
-async fn status(pool: &sqlx::PgPool, names: &Names, name: Option<&str>, watch: bool, output: Output) -> anyhow::Result<()> {
+async fn status(
+    pool: &sqlx::PgPool,
+    names: &Names,
+    name: Option<&str>,
+    watch: bool,
+    output: Output,
+) -> anyhow::Result<()> {
     loop {
         let rows = ops::list(pool, names, name).await?;
         if watch && matches!(output, Output::Text) {
             print!("\x1b[2J\x1b[H");
         }
         print_jobs(&rows, output, name.is_some());
-        let ended = rows.iter().all(|r| matches!(r.state.as_str(), "succeeded" | "failed" | "cancelled" | "planned"));
+        let ended = rows.iter().all(|r| {
+            matches!(
+                r.state.as_str(),
+                "succeeded" | "failed" | "cancelled" | "planned"
+            )
+        });
         if !watch || ended {
             return Ok(());
         }
@@ -271,7 +316,8 @@ fn print_jobs(rows: &[JobRow], output: Output, detail: bool) {
 }
 
 fn progress_text(r: &JobRow) -> String {
-    r.progress().map_or("-".into(), |p| format!("{:.1}%", p * 100.0))
+    r.progress()
+        .map_or("-".into(), |p| format!("{:.1}%", p * 100.0))
 }
 
 fn print_table(rows: &[JobRow]) {
@@ -298,23 +344,55 @@ fn print_table(rows: &[JobRow]) {
 fn print_detail(r: &JobRow) {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     println!("job            {} (id {})", r.name, r.id);
-    println!("state          {}   requested: {}   attempt: {}", r.state, opt(&r.requested_state), r.attempt);
+    println!(
+        "state          {}   requested: {}   attempt: {}",
+        r.state,
+        opt(&r.requested_state),
+        r.attempt
+    );
     println!("mode / action  {} / {}", opt(&r.mode), opt(&r.action));
     println!("table          {}", opt(&r.table_name));
     println!("predicate      {}", opt(&r.predicate));
     println!("set            {}", opt(&r.set_clause));
-    println!("progress       {}   scanned {}   changed {}   skipped {}   batches {}", progress_text(r), r.rows_scanned, r.rows_changed, r.rows_skipped, r.batches);
-    println!("batch size     {}", r.batch_size_current.map_or("-".into(), |n| n.to_string()));
-    println!("remaining      {}", r.remaining.map_or("-".into(), |n| n.to_string()));
+    println!(
+        "progress       {}   scanned {}   changed {}   skipped {}   batches {}",
+        progress_text(r),
+        r.rows_scanned,
+        r.rows_changed,
+        r.rows_skipped,
+        r.batches
+    );
+    println!(
+        "batch size     {}",
+        r.batch_size_current.map_or("-".into(), |n| n.to_string())
+    );
+    println!(
+        "remaining      {}",
+        r.remaining.map_or("-".into(), |n| n.to_string())
+    );
     println!("archive        {}", opt(&r.archive_table));
-    println!("lease          {} until {}", opt(&r.lease_owner), r.lease_expires_at.map_or("-".into(), |t| t.to_rfc3339()));
-    println!("created        {}   started {}   finished {}", r.created_at.to_rfc3339(), r.started_at.map_or("-".into(), |t| t.to_rfc3339()), r.finished_at.map_or("-".into(), |t| t.to_rfc3339()));
+    println!(
+        "lease          {} until {}",
+        opt(&r.lease_owner),
+        r.lease_expires_at.map_or("-".into(), |t| t.to_rfc3339())
+    );
+    println!(
+        "created        {}   started {}   finished {}",
+        r.created_at.to_rfc3339(),
+        r.started_at.map_or("-".into(), |t| t.to_rfc3339()),
+        r.finished_at.map_or("-".into(), |t| t.to_rfc3339())
+    );
     if let Some(e) = &r.last_error {
         println!("last error     {e}");
     }
     if let Some(plan) = &r.plan {
-        println!("plan           {} rows would change of {} in range; estimated {:.0}s ({})",
-            plan["rows_matching"], plan["rows_in_range"], plan["estimated_seconds"].as_f64().unwrap_or(0.0), plan["estimate_basis"].as_str().unwrap_or(""));
+        println!(
+            "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
+            plan["rows_matching"],
+            plan["rows_in_range"],
+            plan["estimated_seconds"].as_f64().unwrap_or(0.0),
+            plan["estimate_basis"].as_str().unwrap_or("")
+        );
         for s in plan["samples"].as_array().into_iter().flatten() {
             println!("  sample       {s}");
         }

@@ -267,7 +267,8 @@ impl Source {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("safety.allowed_tables")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(section_variables())),
         );
         let mut cfg: Config = builder.build()?.try_deserialize()?;
         if let Ok(url) = std::env::var("DATABASE_URL") {
@@ -279,6 +280,14 @@ impl Source {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// Only `BACKFILLD_<SECTION>__<KEY>` variables are configuration keys; others with the prefix
+/// (such as `BACKFILLD_CONFIG`, the file path) are not.
+fn section_variables() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("BACKFILLD_") && k.contains("__"))
+        .collect()
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -303,7 +312,10 @@ impl Config {
                 "must be a lower-case identifier ([a-z_][a-z0-9_]*)",
             ));
         }
-        positive("database.max_connections", self.database.max_connections as i64)?;
+        positive(
+            "database.max_connections",
+            self.database.max_connections as i64,
+        )?;
         positive("worker.concurrency", self.worker.concurrency as i64)?;
         positive("worker.max_attempts", self.worker.max_attempts as i64)?;
         if self.database.max_connections as usize <= self.worker.concurrency {
@@ -428,17 +440,26 @@ mod tests {
         type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(&str, Mutation)> = vec![
             ("database.url", Box::new(|c| c.database.url.clear())),
-            ("database.schema", Box::new(|c| c.database.schema = "Bad;".into())),
+            (
+                "database.schema",
+                Box::new(|c| c.database.schema = "Bad;".into()),
+            ),
             ("batch.min_size", Box::new(|c| c.batch.min_size = 0)),
             ("batch.max_size", Box::new(|c| c.batch.max_size = 10)),
             ("batch.size", Box::new(|c| c.batch.size = 1_000_000)),
             ("worker.concurrency", Box::new(|c| c.worker.concurrency = 0)),
-            ("database.max_connections", Box::new(|c| c.database.max_connections = 2)),
+            (
+                "database.max_connections",
+                Box::new(|c| c.database.max_connections = 2),
+            ),
             (
                 "worker.heartbeat_interval",
                 Box::new(|c| c.worker.heartbeat_interval = Duration::from_secs(60)),
             ),
-            ("metrics.listen", Box::new(|c| c.metrics.listen = "nowhere".into())),
+            (
+                "metrics.listen",
+                Box::new(|c| c.metrics.listen = "nowhere".into()),
+            ),
             (
                 "batch.synchronous_commit",
                 Box::new(|c| c.batch.synchronous_commit = "maybe".into()),

@@ -94,7 +94,11 @@ impl Daemon {
     }
 
     /// Housekeeping and claiming; returns how many jobs were claimed.
-    async fn tick(&self, tasks: &mut JoinSet<()>, last_sweep: &mut Option<Instant>) -> sqlx::Result<usize> {
+    async fn tick(
+        &self,
+        tasks: &mut JoinSet<()>,
+        last_sweep: &mut Option<Instant>,
+    ) -> sqlx::Result<usize> {
         let cfg = self.ctx.config();
         let (pool, names) = (&self.ctx.pool, &self.ctx.names);
         for (job, state) in claim::rescue_expired(pool, names, cfg.worker.max_attempts).await? {
@@ -106,7 +110,9 @@ impl Daemon {
         }
         if last_sweep.is_none_or(|t| t.elapsed() > ARCHIVE_SWEEP_EVERY) {
             *last_sweep = Some(Instant::now());
-            if let Err(e) = archive::drop_expired(pool, names, cfg.safety.archive_retention_days).await {
+            if let Err(e) =
+                archive::drop_expired(pool, names, cfg.safety.archive_retention_days).await
+            {
                 tracing::warn!(error = %e, "dropping expired archives failed");
             }
         }
@@ -115,7 +121,14 @@ impl Daemon {
         if free == 0 || self.shutdown.is_cancelled() {
             return Ok(0);
         }
-        let jobs = claim::claim(pool, names, &self.ctx.owner, cfg.worker.lease_ttl, free as i64).await?;
+        let jobs = claim::claim(
+            pool,
+            names,
+            &self.ctx.owner,
+            cfg.worker.lease_ttl,
+            free as i64,
+        )
+        .await?;
         let claimed = jobs.len();
         for row in jobs {
             tasks.spawn(runner::run(self.ctx.clone(), row, self.shutdown.clone()));
@@ -124,12 +137,24 @@ impl Daemon {
     }
 
     async fn refresh_gauges(&self) -> sqlx::Result<()> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(&self.ctx.names.render("SELECT state, count(*) FROM {jobs} GROUP BY state"))
-            .fetch_all(&self.ctx.pool)
-            .await?;
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            &self
+                .ctx
+                .names
+                .render("SELECT state, count(*) FROM {jobs} GROUP BY state"),
+        )
+        .fetch_all(&self.ctx.pool)
+        .await?;
         for state in State::ALL {
-            let n = counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
-            self.ctx.metrics.jobs.with_label_values(&[state.as_str()]).set(n);
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state.as_str())
+                .map_or(0, |(_, n)| *n);
+            self.ctx
+                .metrics
+                .jobs
+                .with_label_values(&[state.as_str()])
+                .set(n);
         }
         Ok(())
     }
@@ -145,7 +170,12 @@ impl Daemon {
     }
 
     /// Waits for the next reason to poll; `false` on shutdown.
-    async fn wait(&self, tasks: &mut JoinSet<()>, listener: &mut Option<PgListener>, claimed: usize) -> bool {
+    async fn wait(
+        &self,
+        tasks: &mut JoinSet<()>,
+        listener: &mut Option<PgListener>,
+        claimed: usize,
+    ) -> bool {
         // Just claimed a full set: look again at once, there may be more.
         if claimed > 0 && tasks.len() < self.ctx.config().worker.concurrency {
             return !self.shutdown.is_cancelled();
@@ -178,13 +208,18 @@ impl Daemon {
         }
         let cfg = self.ctx.config();
         let limit = cfg.batch.statement_timeout + cfg.batch.lock_timeout + Duration::from_secs(1);
-        tracing::info!(jobs = tasks.len(), limit_ms = limit.as_millis() as u64, "draining running jobs");
-        let drained = tokio::time::timeout(limit, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        tracing::info!(
+            jobs = tasks.len(),
+            limit_ms = limit.as_millis() as u64,
+            "draining running jobs"
+        );
+        let drained =
+            tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
-            tracing::warn!(jobs = tasks.len(), "jobs did not stop in time; aborting them (their leases will expire)");
+            tracing::warn!(
+                jobs = tasks.len(),
+                "jobs did not stop in time; aborting them (their leases will expire)"
+            );
             tasks.abort_all();
         }
     }

@@ -121,7 +121,9 @@ impl Lexer {
             ')' | ']' => self.single(Token::Close),
             ',' => self.single(Token::Comma),
             ';' => self.single(Token::Semicolon),
-            c if c.is_ascii_digit() || (c == '.' && self.peek(1).is_some_and(|d| d.is_ascii_digit())) => {
+            c if c.is_ascii_digit()
+                || (c == '.' && self.peek(1).is_some_and(|d| d.is_ascii_digit())) =>
+            {
                 self.number()
             }
             c if c.is_alphabetic() || c == '_' => self.word()?,
@@ -290,7 +292,10 @@ impl Lexer {
         while self.peek(0).is_some_and(|c| OP_CHARS.contains(c)) {
             // An operator never swallows the start of a comment.
             if self.pos > start
-                && matches!((self.peek(0), self.peek(1)), (Some('-'), Some('-')) | (Some('/'), Some('*')))
+                && matches!(
+                    (self.peek(0), self.peek(1)),
+                    (Some('-'), Some('-')) | (Some('/'), Some('*'))
+                )
             {
                 break;
             }
@@ -364,7 +369,9 @@ fn reject_top_level_commas(tokens: &[Token], what: &str) -> Result<(), FragmentE
             Token::Open => depth += 1,
             Token::Close => depth -= 1,
             Token::Comma if depth == 0 => {
-                return Err(err(format!("{what} must be a single expression, found a top-level ','")));
+                return Err(err(format!(
+                    "{what} must be a single expression, found a top-level ','"
+                )));
             }
             _ => {}
         }
@@ -438,7 +445,10 @@ fn assignment(part: &str) -> Result<Assignment, FragmentError> {
         )));
     }
     if tokens.len() < 3 {
-        return Err(err(format!("set_clause part {:?} has no expression", part.trim())));
+        return Err(err(format!(
+            "set_clause part {:?} has no expression",
+            part.trim()
+        )));
     }
     let eq = part.find('=').unwrap_or(0);
     Ok(Assignment {
@@ -485,7 +495,10 @@ pub fn validate(
             )));
         };
         if col.generated {
-            return Err(err(format!("set_clause assigns generated column {:?}", a.column)));
+            return Err(err(format!(
+                "set_clause assigns generated column {:?}",
+                a.column
+            )));
         }
         if target.keys.iter().any(|k| k.name == a.column) {
             return Err(err(format!(
@@ -494,7 +507,10 @@ pub fn validate(
             )));
         }
         if !seen.insert(a.column.clone()) {
-            return Err(err(format!("set_clause assigns column {:?} twice", a.column)));
+            return Err(err(format!(
+                "set_clause assigns column {:?} twice",
+                a.column
+            )));
         }
     }
     Ok(Fragments {
@@ -565,7 +581,10 @@ mod tests {
             ("true -- hidden", "comment"),
             ("true /* a /* nested */ b */", "comment"),
             ("a = 1, b = 2", "single expression"),
-            ("pg_terminate_backend(42) IS NOT NULL", "pg_terminate_backend"),
+            (
+                "pg_terminate_backend(42) IS NOT NULL",
+                "pg_terminate_backend",
+            ),
             ("PG_SLEEP(1) IS NULL", "pg_sleep"),
             ("id = $1", "parameter"),
             ("x = 'open", "unterminated"),
@@ -583,15 +602,21 @@ mod tests {
         assert_eq!(
             a,
             vec![
-                Assignment { column: "status".into(), expr: "'a,b'".into() },
-                Assignment { column: "n".into(), expr: "coalesce(n, 0) + 1".into() },
-                Assignment { column: "Mixed".into(), expr: "lower(x)".into() },
+                Assignment {
+                    column: "status".into(),
+                    expr: "'a,b'".into()
+                },
+                Assignment {
+                    column: "n".into(),
+                    expr: "coalesce(n, 0) + 1".into()
+                },
+                Assignment {
+                    column: "Mixed".into(),
+                    expr: "lower(x)".into()
+                },
             ]
         );
-        assert_eq!(
-            render_assignments(&a[..1]),
-            "\"status\" = ('a,b')"
-        );
+        assert_eq!(render_assignments(&a[..1]), "\"status\" = ('a,b')");
         let bad = [
             ("status", "form column = expression"),
             ("= 1", "column name"),

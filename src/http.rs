@@ -31,13 +31,20 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| Error::Listen { addr: listen.to_owned(), source })?;
+        .map_err(|source| Error::Listen {
+            addr: listen.to_owned(),
+            source,
+        })?;
     tracing::info!(addr = %listen, "serving /metrics, /healthz, /readyz");
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, readiness, poll_interval });
+        .with_state(AppState {
+            metrics,
+            readiness,
+            poll_interval,
+        });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -71,6 +78,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.readiness.is_ready(window) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "database not reachable or stopping\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database not reachable or stopping\n",
+        )
     }
 }

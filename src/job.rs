@@ -180,7 +180,9 @@ impl JobSpec {
             other => other.clone(),
         };
         if action == Action::Revert && row.reverts.is_none() {
-            return Err(bad("action 'revert' needs the reverted job's name in reverts".into()));
+            return Err(bad(
+                "action 'revert' needs the reverted job's name in reverts".into(),
+            ));
         }
         Ok(Self {
             id: row.id,
@@ -230,35 +232,41 @@ fn parse_mode(value: Option<&str>) -> Result<Mode, String> {
 impl Throttle {
     /// The job's overrides over the configured defaults, range-checked.
     pub fn from_row(row: &JobRow, batch: &BatchConfig) -> Result<Throttle, String> {
-    let initial_size = in_range("batch_size", row.batch_size, batch.size, 1, MAX_BATCH_SIZE)?;
-    let target_batch_ms = in_range(
-        "target_batch_ms",
-        row.target_batch_ms,
-        batch.target_batch_ms,
-        1,
-        3_600_000,
-    )?;
-    let sleep_ms = in_range("sleep_ms", row.sleep_ms, batch.sleep_ms, 0, 3_600_000)?;
-    let max_rows_per_second = in_range(
-        "max_rows_per_second",
-        row.max_rows_per_second,
-        batch.max_rows_per_second,
-        0,
-        i64::from(i32::MAX),
-    )?;
-    // An explicit job batch size widens the adaptive range so the job's wish is honoured.
-    Ok(Throttle {
-        initial_size,
-        min_size: batch.min_size.min(initial_size),
-        max_size: batch.max_size.max(initial_size),
-        target_batch_ms,
-        sleep_ms,
-        max_rows_per_second,
-    })
-}
+        let initial_size = in_range("batch_size", row.batch_size, batch.size, 1, MAX_BATCH_SIZE)?;
+        let target_batch_ms = in_range(
+            "target_batch_ms",
+            row.target_batch_ms,
+            batch.target_batch_ms,
+            1,
+            3_600_000,
+        )?;
+        let sleep_ms = in_range("sleep_ms", row.sleep_ms, batch.sleep_ms, 0, 3_600_000)?;
+        let max_rows_per_second = in_range(
+            "max_rows_per_second",
+            row.max_rows_per_second,
+            batch.max_rows_per_second,
+            0,
+            i64::from(i32::MAX),
+        )?;
+        // An explicit job batch size widens the adaptive range so the job's wish is honoured.
+        Ok(Throttle {
+            initial_size,
+            min_size: batch.min_size.min(initial_size),
+            max_size: batch.max_size.max(initial_size),
+            target_batch_ms,
+            sleep_ms,
+            max_rows_per_second,
+        })
+    }
 }
 
-fn in_range(field: &str, value: Option<i32>, default: i64, min: i64, max: i64) -> Result<i64, String> {
+fn in_range(
+    field: &str,
+    value: Option<i32>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, String> {
     let Some(v) = value.map(i64::from) else {
         return Ok(default);
     };

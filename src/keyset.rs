@@ -211,8 +211,14 @@ mod tests {
     #[test]
     fn text_outputs_never_shadow_key_columns_in_order_by() {
         let ks = Keyset::new(&target(&[("id", "bigint")]));
-        assert!(ks.upper_bound_sql().starts_with("SELECT \"id\"::text AS _bf_k0 FROM"));
-        assert!(ks.window_sql(true).contains("\"id\"::text AS _bf_k0 FROM win ORDER BY \"id\" DESC"));
+        assert!(
+            ks.upper_bound_sql()
+                .starts_with("SELECT \"id\"::text AS _bf_k0 FROM")
+        );
+        assert!(
+            ks.window_sql(true)
+                .contains("\"id\"::text AS _bf_k0 FROM win ORDER BY \"id\" DESC")
+        );
     }
 
     #[test]

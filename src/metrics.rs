@@ -38,9 +38,18 @@ impl Metrics {
         let registry = Registry::new();
         let job = &["job"];
         let m = Self {
-            jobs: must(IntGaugeVec::new(opts("jobs", "Jobs in backfill.jobs by state"), &["state"])),
-            rows_changed: must(IntCounterVec::new(opts("rows_changed_total", "Rows changed"), job)),
-            rows_scanned: must(IntCounterVec::new(opts("rows_scanned_total", "Keys scanned"), job)),
+            jobs: must(IntGaugeVec::new(
+                opts("jobs", "Jobs in backfill.jobs by state"),
+                &["state"],
+            )),
+            rows_changed: must(IntCounterVec::new(
+                opts("rows_changed_total", "Rows changed"),
+                job,
+            )),
+            rows_scanned: must(IntCounterVec::new(
+                opts("rows_scanned_total", "Keys scanned"),
+                job,
+            )),
             batch_duration: must(HistogramVec::new(
                 HistogramOpts::new(
                     "backfilld_batch_duration_seconds",
@@ -51,30 +60,51 @@ impl Metrics {
                 ]),
                 job,
             )),
-            batch_size: must(IntGaugeVec::new(opts("batch_size", "Current batch size"), job)),
-            progress: must(GaugeVec::new(opts("job_progress_ratio", "Share of the key range done"), job)),
-            eta: must(GaugeVec::new(opts("job_eta_seconds", "Estimated seconds to finish"), job)),
+            batch_size: must(IntGaugeVec::new(
+                opts("batch_size", "Current batch size"),
+                job,
+            )),
+            progress: must(GaugeVec::new(
+                opts("job_progress_ratio", "Share of the key range done"),
+                job,
+            )),
+            eta: must(GaugeVec::new(
+                opts("job_eta_seconds", "Estimated seconds to finish"),
+                job,
+            )),
             throttle_seconds: must(CounterVec::new(
-                opts("throttle_seconds_total", "Seconds spent held back between batches"),
+                opts(
+                    "throttle_seconds_total",
+                    "Seconds spent held back between batches",
+                ),
                 &["job", "reason"],
             )),
             batch_errors: must(IntCounterVec::new(
                 opts("batch_errors_total", "Failed batches by kind"),
                 &["job", "kind"],
             )),
-            leases_lost: must(IntCounter::with_opts(opts("leases_lost_total", "Leases lost"))),
+            leases_lost: must(IntCounter::with_opts(opts(
+                "leases_lost_total",
+                "Leases lost",
+            ))),
             leases_rescued: must(IntCounter::with_opts(opts(
                 "leases_rescued_total",
                 "Expired leases rescued by this replica",
             ))),
             last_batch: must(GaugeVec::new(
-                opts("last_batch_timestamp_seconds", "Unix time of the last committed batch"),
+                opts(
+                    "last_batch_timestamp_seconds",
+                    "Unix time of the last committed batch",
+                ),
                 job,
             )),
             registry,
         };
         m.register_all();
-        let build = must(IntGaugeVec::new(opts("build_info", "Build information"), &["version"]));
+        let build = must(IntGaugeVec::new(
+            opts("build_info", "Build information"),
+            &["version"],
+        ));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         must(m.registry.register(Box::new(build)));
         for state in State::ALL {
@@ -114,7 +144,9 @@ impl Metrics {
 
     pub fn throttled(&self, job: &str, reason: &str, seconds: f64) {
         if seconds > 0.0 {
-            self.throttle_seconds.with_label_values(&[job, reason]).inc_by(seconds);
+            self.throttle_seconds
+                .with_label_values(&[job, reason])
+                .inc_by(seconds);
         }
     }
 }

@@ -63,7 +63,8 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
         .map_err(|e| match &e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => Error::Refused {
                 job: job.name.clone(),
-                reason: "a job with this name already exists; names run once, use a new name".into(),
+                reason: "a job with this name already exists; names run once, use a new name"
+                    .into(),
             },
             _ => Error::Database(e),
         })
@@ -71,9 +72,9 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
 
 /// All jobs (newest first), or the one named.
 pub async fn list(pool: &PgPool, names: &Names, name: Option<&str>) -> Result<Vec<JobRow>> {
-    let rows: Vec<JobRow> = sqlx::query_as(&names.render(
-        "SELECT * FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC",
-    ))
+    let rows: Vec<JobRow> = sqlx::query_as(
+        &names.render("SELECT * FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC"),
+    )
     .bind(name)
     .fetch_all(pool)
     .await?;
@@ -84,7 +85,10 @@ pub async fn list(pool: &PgPool, names: &Names, name: Option<&str>) -> Result<Ve
 }
 
 pub async fn get(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
-    list(pool, names, Some(name)).await?.pop().ok_or_else(|| Error::NoSuchJob(name.into()))
+    list(pool, names, Some(name))
+        .await?
+        .pop()
+        .ok_or_else(|| Error::NoSuchJob(name.into()))
 }
 
 const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
@@ -93,21 +97,29 @@ const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 pub async fn request(pool: &PgPool, names: &Names, name: &str, requested: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     if TERMINAL.contains(&job.state.as_str()) {
-        return Err(Error::Refused { job: name.into(), reason: format!("it already ended ({})", job.state) });
+        return Err(Error::Refused {
+            job: name.into(),
+            reason: format!("it already ended ({})", job.state),
+        });
     }
-    sqlx::query_as(&names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"))
-        .bind(name)
-        .bind(requested)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)
+    sqlx::query_as(
+        &names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"),
+    )
+    .bind(name)
+    .bind(requested)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::from)
 }
 
 /// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
 pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     if TERMINAL.contains(&job.state.as_str()) {
-        return Err(Error::Refused { job: name.into(), reason: format!("it already ended ({})", job.state) });
+        return Err(Error::Refused {
+            job: name.into(),
+            reason: format!("it already ended ({})", job.state),
+        });
     }
     sqlx::query_as(&names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING *"))
         .bind(name)
@@ -119,19 +131,35 @@ pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow>
 /// Enqueues a job that restores `name`'s before-images. Returns the revert job.
 pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
-    let refuse = |reason: String| Error::Refused { job: name.into(), reason };
+    let refuse = |reason: String| Error::Refused {
+        job: name.into(),
+        reason,
+    };
     if !TERMINAL.contains(&job.state.as_str()) {
-        return Err(refuse(format!("it is {}; cancel it or let it finish before reverting", job.state)));
+        return Err(refuse(format!(
+            "it is {}; cancel it or let it finish before reverting",
+            job.state
+        )));
     }
     if job.archive_table.is_none() {
-        return Err(refuse("it has no archive (archive was off, it never ran, or the archive expired)".into()));
+        return Err(refuse(
+            "it has no archive (archive was off, it never ran, or the archive expired)".into(),
+        ));
     }
-    let taken: Vec<String> = sqlx::query_scalar(&names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"))
-        .bind(name)
-        .fetch_all(pool)
-        .await?;
+    let taken: Vec<String> = sqlx::query_scalar(
+        &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await?;
     let revert_name = (1..)
-        .map(|n| if n == 1 { format!("{name}__revert") } else { format!("{name}__revert{n}") })
+        .map(|n| {
+            if n == 1 {
+                format!("{name}__revert")
+            } else {
+                format!("{name}__revert{n}")
+            }
+        })
         .find(|candidate| !taken.contains(candidate))
         .unwrap_or_default();
     sqlx::query_as(&names.render(
@@ -171,7 +199,11 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
         .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
     drop(conn);
     let keyset = Keyset::new(&target);
-    let upper = match row.upper_bound.as_ref().and_then(|v| Key::from_json(v, keyset.width())) {
+    let upper = match row
+        .upper_bound
+        .as_ref()
+        .and_then(|v| Key::from_json(v, keyset.width()))
+    {
         Some(k) => k,
         None => return store_remaining(pool, names, name, 0).await,
     };

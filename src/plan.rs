@@ -89,7 +89,9 @@ impl Counter<'_> {
                 .fetch_optional(self.pool)
                 .await
                 .map_err(self.err("counting matching rows"))?;
-            let Some(row) = row else { return Ok(Some((keys, matching))) };
+            let Some(row) = row else {
+                return Ok(Some((keys, matching)));
+            };
             keys += row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
             matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
             let last = (0..self.keyset.width())
@@ -125,12 +127,30 @@ impl Counter<'_> {
         let key = format!("jsonb_build_array({})", self.keyset.as_text(None));
         let body = match action {
             Action::Update => {
-                let before = pairs(assignments.iter().map(|a| (a.column.clone(), quote_ident(&a.column))).collect());
-                let after = pairs(assignments.iter().map(|a| (a.column.clone(), format!("({})", a.expr))).collect());
-                format!("'key', {key}, 'before', jsonb_build_object({before}), 'after', jsonb_build_object({after})")
+                let before = pairs(
+                    assignments
+                        .iter()
+                        .map(|a| (a.column.clone(), quote_ident(&a.column)))
+                        .collect(),
+                );
+                let after = pairs(
+                    assignments
+                        .iter()
+                        .map(|a| (a.column.clone(), format!("({})", a.expr)))
+                        .collect(),
+                );
+                format!(
+                    "'key', {key}, 'before', jsonb_build_object({before}), 'after', jsonb_build_object({after})"
+                )
             }
             _ => {
-                let row = pairs(self.target.columns.iter().map(|c| (c.name.clone(), quote_ident(&c.name))).collect());
+                let row = pairs(
+                    self.target
+                        .columns
+                        .iter()
+                        .map(|c| (c.name.clone(), quote_ident(&c.name)))
+                        .collect(),
+                );
                 format!("'key', {key}, 'row', jsonb_build_object({row})")
             }
         };
@@ -181,7 +201,10 @@ pub fn estimate(t: &Throttle, rows_in_range: i64, rows_matching: i64) -> (f64, S
     if t.max_rows_per_second > 0 {
         let by_rate = rows_matching as f64 / t.max_rows_per_second as f64;
         if by_rate > by_batches {
-            return (by_rate, format!("max_rows_per_second={}", t.max_rows_per_second));
+            return (
+                by_rate,
+                format!("max_rows_per_second={}", t.max_rows_per_second),
+            );
         }
     }
     (by_batches, basis)
@@ -202,7 +225,10 @@ mod tests {
             max_rows_per_second: 0,
         };
         assert_eq!(estimate(&t, 10_000, 10_000).0, 5.0);
-        let capped = Throttle { max_rows_per_second: 100, ..t };
+        let capped = Throttle {
+            max_rows_per_second: 100,
+            ..t
+        };
         assert_eq!(estimate(&capped, 10_000, 10_000).0, 100.0);
     }
 }

@@ -74,7 +74,14 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
         );
         let interrupt = interrupt_on_control(&shutdown, control.clone());
         tracing::info!("job claimed");
-        let mut attempt = Attempt { ctx: &ctx, row, lease, control, shutdown, interrupt };
+        let mut attempt = Attempt {
+            ctx: &ctx,
+            row,
+            lease,
+            control,
+            shutdown,
+            interrupt,
+        };
         let result = attempt.execute().await;
         attempt.interrupt.cancel();
         stop_heartbeat.cancel();
@@ -86,7 +93,10 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
 
 /// A token cancelled on shutdown or as soon as the heartbeat sees a pause, cancel or lost lease,
 /// so long waits (sleeps, counting) end promptly.
-fn interrupt_on_control(shutdown: &CancellationToken, mut control: watch::Receiver<Control>) -> CancellationToken {
+fn interrupt_on_control(
+    shutdown: &CancellationToken,
+    mut control: watch::Receiver<Control>,
+) -> CancellationToken {
     let interrupt = shutdown.child_token();
     let token = interrupt.clone();
     tokio::spawn(async move {
@@ -162,7 +172,12 @@ impl Attempt<'_> {
         let p = self.prepare(spec, &cfg).await?;
         let Some(upper) = p.upper.clone() else {
             tracing::info!("key range is empty; nothing to do");
-            self.store(RowUpdate { remaining: Some(0), estimated_total: Some(0), ..Default::default() }).await?;
+            self.store(RowUpdate {
+                remaining: Some(0),
+                estimated_total: Some(0),
+                ..Default::default()
+            })
+            .await?;
             return Ok(Outcome::Succeeded);
         };
         let plan = match &self.row.plan {
@@ -173,7 +188,10 @@ impl Attempt<'_> {
             },
         };
         if p.spec.mode == Mode::DryRun {
-            tracing::info!(rows_matching = plan["rows_matching"].as_i64(), "dry run planned; approve with `backfilld execute`");
+            tracing::info!(
+                rows_matching = plan["rows_matching"].as_i64(),
+                "dry run planned; approve with `backfilld execute`"
+            );
             return Ok(Outcome::Planned);
         }
         self.check_ceiling(&p, &plan)?;
@@ -198,14 +216,22 @@ impl Attempt<'_> {
             .await
             .map_err(self.err("updating the job row"))?;
         if done.rows_affected() == 0 {
-            return Err(JobError::LeaseLost { job: self.lease.job.clone(), attempt: self.lease.attempt });
+            return Err(JobError::LeaseLost {
+                job: self.lease.job.clone(),
+                attempt: self.lease.attempt,
+            });
         }
         Ok(())
     }
 
     /// Resolves the target and validates fragments; freezes the upper bound on first run.
     async fn prepare(&mut self, spec: JobSpec, cfg: &Config) -> Result<Prepared, JobError> {
-        let mut conn = self.ctx.pool.acquire().await.map_err(self.err("connecting"))?;
+        let mut conn = self
+            .ctx
+            .pool
+            .acquire()
+            .await
+            .map_err(self.err("connecting"))?;
         let target = Resolve {
             job: &spec.name,
             table_name: &spec.table_name,
@@ -215,13 +241,24 @@ impl Attempt<'_> {
         }
         .run(&mut conn)
         .await?;
-        let invalid = |e: fragment::FragmentError| JobError::invalid(&spec.name, format!("on {}: {e}", target.display()));
+        let invalid = |e: fragment::FragmentError| {
+            JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
+        };
         let (fragments, source_archive) = if spec.action == Action::Revert {
             let archive = self.source_archive(&mut conn, &spec, &target).await?;
-            (Fragments { predicate: "true".into(), assignments: Vec::new() }, Some(archive))
+            (
+                Fragments {
+                    predicate: "true".into(),
+                    assignments: Vec::new(),
+                },
+                Some(archive),
+            )
         } else {
-            let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target).map_err(invalid)?;
-            fragment::validate_on_server(&mut conn, &target, &f).await.map_err(invalid)?;
+            let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
+                .map_err(invalid)?;
+            fragment::validate_on_server(&mut conn, &target, &f)
+                .await
+                .map_err(invalid)?;
             (f, None)
         };
         let keyset = match &source_archive {
@@ -229,37 +266,74 @@ impl Attempt<'_> {
             None => Keyset::new(&target),
         };
         let upper = self.upper_bound(&mut conn, &keyset).await?;
-        Ok(Prepared { spec, target, fragments, keyset, upper, source_archive })
+        Ok(Prepared {
+            spec,
+            target,
+            fragments,
+            keyset,
+            upper,
+            source_archive,
+        })
     }
 
     /// The archive of the job a revert undoes, indexed for keyset walking.
-    async fn source_archive(&self, conn: &mut sqlx::PgConnection, spec: &JobSpec, target: &Target) -> Result<ArchiveTable, JobError> {
+    async fn source_archive(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        spec: &JobSpec,
+        target: &Target,
+    ) -> Result<ArchiveTable, JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let name: Option<Option<String>> = sqlx::query_scalar(&self.ctx.names.render("SELECT archive_table FROM {jobs} WHERE name = $1"))
-            .bind(original)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(self.err("finding the reverted job"))?;
+        let name: Option<Option<String>> = sqlx::query_scalar(
+            &self
+                .ctx
+                .names
+                .render("SELECT archive_table FROM {jobs} WHERE name = $1"),
+        )
+        .bind(original)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(self.err("finding the reverted job"))?;
         let Some(Some(name)) = name else {
-            return Err(JobError::invalid(&spec.name, format!("job {original} has no archive to revert (archive was off, or it expired)")));
+            return Err(JobError::invalid(
+                &spec.name,
+                format!("job {original} has no archive to revert (archive was off, or it expired)"),
+            ));
         };
         let archive = ArchiveTable::open(conn, &self.ctx.names, &name, target)
             .await
             .map_err(self.err("opening the archive"))?
-            .ok_or_else(|| JobError::invalid(&spec.name, format!("archive table {name} of job {original} is gone")))?;
-        archive.index_keys(conn).await.map_err(self.err("indexing the archive"))?;
+            .ok_or_else(|| {
+                JobError::invalid(
+                    &spec.name,
+                    format!("archive table {name} of job {original} is gone"),
+                )
+            })?;
+        archive
+            .index_keys(conn)
+            .await
+            .map_err(self.err("indexing the archive"))?;
         Ok(archive)
     }
 
     /// The largest key at first start, frozen in the job row so the job always terminates.
-    async fn upper_bound(&mut self, conn: &mut sqlx::PgConnection, keyset: &Keyset) -> Result<Option<Key>, JobError> {
+    async fn upper_bound(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        keyset: &Keyset,
+    ) -> Result<Option<Key>, JobError> {
         if let Some(stored) = &self.row.upper_bound {
             if stored.as_array().is_some_and(Vec::is_empty) {
                 return Ok(None);
             }
             return Key::from_json(stored, keyset.width())
                 .map(Some)
-                .ok_or_else(|| JobError::invalid(&self.row.name, format!("stored upper_bound {stored} does not fit the key columns")));
+                .ok_or_else(|| {
+                    JobError::invalid(
+                        &self.row.name,
+                        format!("stored upper_bound {stored} does not fit the key columns"),
+                    )
+                });
         }
         let row: Option<sqlx::postgres::PgRow> = sqlx::query(&keyset.upper_bound_sql())
             .fetch_optional(&mut *conn)
@@ -267,20 +341,30 @@ impl Attempt<'_> {
             .map_err(self.err("freezing the upper bound"))?;
         let upper = match row {
             None => None,
-            Some(r) => Some(Key(
-                (0..keyset.width())
-                    .map(|i| sqlx::Row::try_get::<String, _>(&r, i))
-                    .collect::<sqlx::Result<_>>()
-                    .map_err(self.err("freezing the upper bound"))?,
-            )),
+            Some(r) => Some(Key((0..keyset.width())
+                .map(|i| sqlx::Row::try_get::<String, _>(&r, i))
+                .collect::<sqlx::Result<_>>()
+                .map_err(self.err("freezing the upper bound"))?)),
         };
-        let json = upper.as_ref().map_or(Value::Array(Vec::new()), Key::to_json);
-        self.store(RowUpdate { upper_bound: Some(json.clone()), ..Default::default() }).await?;
+        let json = upper
+            .as_ref()
+            .map_or(Value::Array(Vec::new()), Key::to_json);
+        self.store(RowUpdate {
+            upper_bound: Some(json.clone()),
+            ..Default::default()
+        })
+        .await?;
         self.row.upper_bound = Some(json);
         Ok(upper)
     }
 
-    fn counter<'b>(&'b self, p: &'b Prepared, upper: &'b Key, predicate: &'b str, throttle: &'b Throttle) -> Counter<'b> {
+    fn counter<'b>(
+        &'b self,
+        p: &'b Prepared,
+        upper: &'b Key,
+        predicate: &'b str,
+        throttle: &'b Throttle,
+    ) -> Counter<'b> {
         Counter {
             pool: &self.ctx.pool,
             job: &self.row.name,
@@ -294,22 +378,39 @@ impl Attempt<'_> {
     }
 
     /// Counts, samples and explains; stores the plan. `None` if interrupted while counting.
-    async fn plan(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Result<Option<Value>, JobError> {
+    async fn plan(
+        &mut self,
+        p: &Prepared,
+        upper: &Key,
+        cfg: &Config,
+    ) -> Result<Option<Value>, JobError> {
         let started = Instant::now();
         let mut counted_target = p.target.clone();
         if let Some(a) = &p.source_archive {
             counted_target = archive_as_target(a, &p.target);
         }
-        let counter = Counter { target: &counted_target, ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle) };
-        let Some((in_range, matching)) = counter.count().await? else { return Ok(None) };
+        let counter = Counter {
+            target: &counted_target,
+            ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle)
+        };
+        let Some((in_range, matching)) = counter.count().await? else {
+            return Ok(None);
+        };
         let samples = if p.source_archive.is_some() {
             Vec::new()
         } else {
-            counter.samples(&p.fragments.assignments, p.spec.action, cfg.safety.plan_sample_rows).await?
+            counter
+                .samples(
+                    &p.fragments.assignments,
+                    p.spec.action,
+                    cfg.safety.plan_sample_rows,
+                )
+                .await?
         };
         let plain = self.change_for(p, None);
         let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
-        let (estimated_seconds, estimate_basis) = plan::estimate(&p.spec.throttle, in_range, matching);
+        let (estimated_seconds, estimate_basis) =
+            plan::estimate(&p.spec.throttle, in_range, matching);
         let plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -321,8 +422,19 @@ impl Attempt<'_> {
             count_seconds: started.elapsed().as_secs_f64(),
         };
         let value = serde_json::to_value(&plan).unwrap_or(Value::Null);
-        self.store(RowUpdate { plan: Some(value.clone()), estimated_total: Some(in_range), ..Default::default() }).await?;
-        tracing::info!(rows_matching = matching, rows_in_range = in_range, seconds = plan.count_seconds, "planned");
+        self.store(RowUpdate {
+            plan: Some(value.clone()),
+            estimated_total: Some(in_range),
+            ..Default::default()
+        })
+        .await?;
+        self.row.estimated_total = Some(in_range);
+        tracing::info!(
+            rows_matching = matching,
+            rows_in_range = in_range,
+            seconds = plan.count_seconds,
+            "planned"
+        );
         Ok(Some(value))
     }
 
@@ -331,7 +443,12 @@ impl Attempt<'_> {
             return Ok(());
         };
         if would > max {
-            return Err(JobError::Ceiling { job: p.spec.name.clone(), table: p.target.display(), would_change: would, max_affected: max });
+            return Err(JobError::Ceiling {
+                job: p.spec.name.clone(),
+                table: p.target.display(),
+                would_change: would,
+                max_affected: max,
+            });
         }
         Ok(())
     }
@@ -339,7 +456,12 @@ impl Attempt<'_> {
     fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
         match (&p.spec.action, &p.source_archive) {
             (Action::Revert, Some(src)) => Change::Revert(Revert::new(&p.target, &p.keyset, src)),
-            (Action::Delete, _) => Change::Delete(Delete::new(&p.target, &p.keyset, &p.fragments.predicate, archive)),
+            (Action::Delete, _) => Change::Delete(Delete::new(
+                &p.target,
+                &p.keyset,
+                &p.fragments.predicate,
+                archive,
+            )),
             _ => Change::Update(Update::new(&p.target, &p.keyset, &p.fragments, archive)),
         }
     }
@@ -354,20 +476,44 @@ impl Attempt<'_> {
         });
         let kind = match p.spec.action {
             Action::Delete => ArchiveKind::Delete,
-            _ => ArchiveKind::Update { touched: p.fragments.assignments.iter().map(|a| a.column.clone()).collect() },
+            _ => ArchiveKind::Update {
+                touched: p
+                    .fragments
+                    .assignments
+                    .iter()
+                    .map(|a| a.column.clone())
+                    .collect(),
+            },
         };
         let archive = ArchiveTable::new(&self.ctx.names, name.clone(), &p.target, kind);
-        let mut conn = self.ctx.pool.acquire().await.map_err(self.err("connecting"))?;
-        archive.create(&mut conn, &p.target, &p.spec.name).await.map_err(self.err("creating the archive table"))?;
+        let mut conn = self
+            .ctx
+            .pool
+            .acquire()
+            .await
+            .map_err(self.err("connecting"))?;
+        archive
+            .create(&mut conn, &p.target, &p.spec.name)
+            .await
+            .map_err(self.err("creating the archive table"))?;
         if self.row.archive_table.is_none() {
-            self.store(RowUpdate { archive_table: Some(name.clone()), ..Default::default() }).await?;
+            self.store(RowUpdate {
+                archive_table: Some(name.clone()),
+                ..Default::default()
+            })
+            .await?;
             self.row.archive_table = Some(name);
         }
         Ok(self.change_for(p, Some(&archive)))
     }
 
     /// The batch loop. `Ok(None)` when the key range is exhausted.
-    async fn run_batches(&mut self, p: &Prepared, change: &Change, upper: &Key) -> Result<Option<Outcome>, JobError> {
+    async fn run_batches(
+        &mut self,
+        p: &Prepared,
+        change: &Change,
+        upper: &Key,
+    ) -> Result<Option<Outcome>, JobError> {
         let cfg = self.ctx.config();
         let table = p.target.display();
         let batcher = Batcher {
@@ -387,7 +533,8 @@ impl Attempt<'_> {
             max_affected: p.spec.max_affected,
         };
         let mut cursor = self.stored_cursor(p.keyset.width())?;
-        let mut controller = Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
+        let mut controller =
+            Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
         let mut progress = Progress::new(&self.row);
         let mut health = Health::new();
         let mut retries = 0u32;
@@ -413,14 +560,19 @@ impl Attempt<'_> {
                         Control::Cancel => return Ok(Some(Outcome::Cancelled)),
                         _ => {}
                     }
-                    let (pause, reason) = throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
+                    let (pause, reason) =
+                        throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
                     if let Some(outcome) = self.pause(pause, reason).await {
                         return Ok(Some(outcome));
                     }
                 }
                 Err(e) if e.is_retryable() && retries < cfg.worker.max_batch_retries => {
                     retries += 1;
-                    self.ctx.metrics.batch_errors.with_label_values(&[&self.row.name, e.kind()]).inc();
+                    self.ctx
+                        .metrics
+                        .batch_errors
+                        .with_label_values(&[&self.row.name, e.kind()])
+                        .inc();
                     controller.back_off();
                     let delay = backoff(retries);
                     tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, batch_size = controller.size(), "transient batch error; retrying");
@@ -448,9 +600,12 @@ impl Attempt<'_> {
     fn parse_cursor(&self, cursor: Option<&Value>, width: usize) -> Result<Option<Key>, JobError> {
         match cursor {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => Key::from_json(v, width)
-                .map(Some)
-                .ok_or_else(|| JobError::invalid(&self.row.name, format!("stored cursor {v} does not fit the key columns"))),
+            Some(v) => Key::from_json(v, width).map(Some).ok_or_else(|| {
+                JobError::invalid(
+                    &self.row.name,
+                    format!("stored cursor {v} does not fit the key columns"),
+                )
+            }),
         }
     }
 
@@ -465,7 +620,10 @@ impl Attempt<'_> {
         .await
         .map_err(self.err("re-reading the checkpoint"))?;
         let Some((cursor,)) = row else {
-            return Err(JobError::LeaseLost { job: self.lease.job.clone(), attempt: self.lease.attempt });
+            return Err(JobError::LeaseLost {
+                job: self.lease.job.clone(),
+                attempt: self.lease.attempt,
+            });
         };
         self.parse_cursor(cursor.as_ref(), width)
     }
@@ -473,11 +631,19 @@ impl Attempt<'_> {
     fn record(&self, done: &Committed, size: i64, progress: &mut Progress) {
         let m = &self.ctx.metrics;
         let job = [self.row.name.as_str()];
-        m.rows_changed.with_label_values(&job).inc_by(done.changed as u64);
-        m.rows_scanned.with_label_values(&job).inc_by(done.scanned as u64);
-        m.batch_duration.with_label_values(&job).observe(done.elapsed.as_secs_f64());
+        m.rows_changed
+            .with_label_values(&job)
+            .inc_by(done.changed as u64);
+        m.rows_scanned
+            .with_label_values(&job)
+            .inc_by(done.scanned as u64);
+        m.batch_duration
+            .with_label_values(&job)
+            .observe(done.elapsed.as_secs_f64());
         m.batch_size.with_label_values(&job).set(size);
-        m.last_batch.with_label_values(&job).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        m.last_batch
+            .with_label_values(&job)
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         progress.advance(done.scanned);
         if let Some(ratio) = progress.ratio() {
             m.progress.with_label_values(&job).set(ratio);
@@ -485,15 +651,27 @@ impl Attempt<'_> {
         if let Some(eta) = progress.eta() {
             m.eta.with_label_values(&job).set(eta);
         }
-        tracing::debug!(scanned = done.scanned, changed = done.changed, skipped = done.skipped, ms = done.elapsed.as_millis() as u64, size, "batch committed");
+        tracing::debug!(
+            scanned = done.scanned,
+            changed = done.changed,
+            skipped = done.skipped,
+            ms = done.elapsed.as_millis() as u64,
+            size,
+            "batch committed"
+        );
     }
 
     /// Holds batches while a health signal is over its limit, counting the time per reason.
     async fn wait_until_healthy(&self, health: &mut Health, table_oid: u32) -> Option<Outcome> {
         loop {
             let cfg = self.ctx.config();
-            let reason = health.check(&self.ctx.pool, &cfg.throttle, table_oid).await?;
-            tracing::info!(reason = reason.as_str(), "holding batches: database health signal over its limit");
+            let reason = health
+                .check(&self.ctx.pool, &cfg.throttle, table_oid)
+                .await?;
+            tracing::info!(
+                reason = reason.as_str(),
+                "holding batches: database health signal over its limit"
+            );
             if let Some(outcome) = self.pause(cfg.throttle.check_interval, reason).await {
                 return Some(outcome);
             }
@@ -510,7 +688,11 @@ impl Attempt<'_> {
             _ = self.interrupt.cancelled() => {}
             _ = tokio::time::sleep(duration) => {}
         }
-        self.ctx.metrics.throttled(&self.row.name, reason.as_str(), started.elapsed().as_secs_f64());
+        self.ctx.metrics.throttled(
+            &self.row.name,
+            reason.as_str(),
+            started.elapsed().as_secs_f64(),
+        );
         self.interrupted()
     }
 
@@ -536,8 +718,14 @@ impl Attempt<'_> {
             return Ok(Outcome::Succeeded);
         }
         let counter = self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle);
-        let Some((_, remaining)) = counter.count().await? else { return Ok(self.interruption()) };
-        self.store(RowUpdate { remaining: Some(remaining), ..Default::default() }).await?;
+        let Some((_, remaining)) = counter.count().await? else {
+            return Ok(self.interruption());
+        };
+        self.store(RowUpdate {
+            remaining: Some(remaining),
+            ..Default::default()
+        })
+        .await?;
         tracing::info!(remaining, "verified");
         Ok(Outcome::Succeeded)
     }
@@ -548,7 +736,9 @@ impl Attempt<'_> {
         let release = match result {
             Ok(Outcome::LeaseLost) | Err(JobError::LeaseLost { .. }) => {
                 self.ctx.metrics.leases_lost.inc();
-                tracing::warn!("lease lost; another replica owns the job now; stopping without writing");
+                tracing::warn!(
+                    "lease lost; another replica owns the job now; stopping without writing"
+                );
                 return;
             }
             Ok(Outcome::Succeeded) => Release::Succeeded,
@@ -557,18 +747,35 @@ impl Attempt<'_> {
             Ok(Outcome::Cancelled) => Release::Cancelled,
             Ok(Outcome::Shutdown) => Release::Requeue,
             Err(e) => {
-                self.ctx.metrics.batch_errors.with_label_values(&[&self.row.name, e.kind()]).inc();
+                self.ctx
+                    .metrics
+                    .batch_errors
+                    .with_label_values(&[&self.row.name, e.kind()])
+                    .inc();
                 if e.is_retryable() {
                     tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
-                    Release::Retry { delay: backoff(self.lease.attempt as u32 + 3), error: e.to_string() }
+                    Release::Retry {
+                        delay: backoff(self.lease.attempt as u32 + 3),
+                        error: e.to_string(),
+                    }
                 } else {
                     tracing::error!(error = %e, sqlstate = e.sqlstate(), "job failed");
-                    Release::Failed { error: e.to_string() }
+                    Release::Failed {
+                        error: e.to_string(),
+                    }
                 }
             }
         };
         for tries in 1..=3 {
-            match claim::release(&self.ctx.pool, &self.ctx.names, &self.lease, &release, cfg.worker.max_attempts).await {
+            match claim::release(
+                &self.ctx.pool,
+                &self.ctx.names,
+                &self.lease,
+                &release,
+                cfg.worker.max_attempts,
+            )
+            .await
+            {
                 Ok(Some(state)) => {
                     tracing::info!(state = %state, "attempt finished");
                     return;
@@ -582,7 +789,9 @@ impl Attempt<'_> {
                     tracing::warn!(error = %e, "writing the final state failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * tries)).await;
                 }
-                Err(e) => tracing::error!(error = %e, "writing the final state failed; the lease will expire and the job be rescued"),
+                Err(e) => {
+                    tracing::error!(error = %e, "writing the final state failed; the lease will expire and the job be rescued")
+                }
             }
         }
     }
@@ -614,7 +823,12 @@ struct Progress {
 
 impl Progress {
     fn new(row: &JobRow) -> Self {
-        Self { scanned: row.rows_scanned, total: row.estimated_total, started: Instant::now(), scanned_this_attempt: 0 }
+        Self {
+            scanned: row.rows_scanned,
+            total: row.estimated_total,
+            started: Instant::now(),
+            scanned_this_attempt: 0,
+        }
     }
 
     fn advance(&mut self, scanned: i64) {
@@ -629,7 +843,8 @@ impl Progress {
 
     fn eta(&self) -> Option<f64> {
         let total = self.total?;
-        let rate = self.scanned_this_attempt as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let rate =
+            self.scanned_this_attempt as f64 / self.started.elapsed().as_secs_f64().max(0.001);
         (rate > 0.0).then(|| (total - self.scanned).max(0) as f64 / rate)
     }
 }

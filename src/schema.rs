@@ -13,10 +13,7 @@ pub enum SchemaError {
         source: sqlx::Error,
     },
     #[error("cannot migrate schema {schema}: {source}")]
-    Database {
-        schema: String,
-        source: sqlx::Error,
-    },
+    Database { schema: String, source: sqlx::Error },
     #[error(
         "schema {schema} is at version {found}, newer than this backfilld knows ({known}); upgrade backfilld"
     )]

@@ -23,7 +23,10 @@ pub fn install(shutdown: CancellationToken) -> std::io::Result<mpsc::Receiver<()
                     std::process::exit(130);
                 }
                 _ => {
-                    tracing::info!(signal, "stop requested: finishing current batches, releasing leases");
+                    tracing::info!(
+                        signal,
+                        "stop requested: finishing current batches, releasing leases"
+                    );
                     shutdown.cancel();
                 }
             }

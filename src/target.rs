@@ -84,9 +84,7 @@ impl Resolve<'_> {
             )));
         }
         if !self.allowed_tables.is_empty() && !self.allowed_tables.contains(&display) {
-            return Err(self.invalid(format!(
-                "table {display} is not in safety.allowed_tables"
-            )));
+            return Err(self.invalid(format!("table {display} is not in safety.allowed_tables")));
         }
         let columns = load_columns(conn, oid)
             .await
@@ -117,10 +115,15 @@ impl Resolve<'_> {
         .bind(self.table_name)
         .fetch_optional(&mut *conn)
         .await
-        .map_err(|e| match JobError::sql(self.job, self.table_name, "resolving table", e) {
-            err if err.is_retryable() => err,
-            err => self.invalid(format!("table_name {:?} is not a valid table name: {err}", self.table_name)),
-        })?;
+        .map_err(
+            |e| match JobError::sql(self.job, self.table_name, "resolving table", e) {
+                err if err.is_retryable() => err,
+                err => self.invalid(format!(
+                    "table_name {:?} is not a valid table name: {err}",
+                    self.table_name
+                )),
+            },
+        )?;
         let Some((oid, schema, table, kind)) = row else {
             return Err(self.invalid(format!("table {} does not exist", self.table_name)));
         };
@@ -168,9 +171,9 @@ impl Resolve<'_> {
     ) -> Result<&'i UniqueIndex, JobError> {
         for name in wanted {
             if !columns.iter().any(|c| &c.name == name) {
-                return Err(self.invalid(format!(
-                    "key column {name:?} does not exist in {display}"
-                )));
+                return Err(
+                    self.invalid(format!("key column {name:?} does not exist in {display}"))
+                );
             }
         }
         let mut sorted = wanted.to_vec();

@@ -1,6 +1,8 @@
 //! Installs the tracing subscriber (text or JSON logs) and, when an OTLP endpoint is configured,
 //! the OpenTelemetry layer exporting one span per job attempt and per batch.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -32,7 +34,10 @@ pub fn init(log: &LogConfig, otel: &TelemetryConfig) -> anyhow::Result<Telemetry
             .with_current_span(true)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let provider = if otel.otlp_endpoint.is_empty() {
         None
@@ -59,7 +64,10 @@ pub fn init(log: &LogConfig, otel: &TelemetryConfig) -> anyhow::Result<Telemetry
         .with(fmt)
         .with(otel_layer)
         .try_init()?;
-    Ok(Telemetry { provider, filter: handle })
+    Ok(Telemetry {
+        provider,
+        filter: handle,
+    })
 }
 
 impl Telemetry {

@@ -22,7 +22,9 @@ const MAX_GROWTH: f64 = 1.5;
 
 impl Controller {
     pub fn new(t: &Throttle, resume_at: Option<i64>) -> Self {
-        let size = resume_at.unwrap_or(t.initial_size).clamp(t.min_size, t.max_size);
+        let size = resume_at
+            .unwrap_or(t.initial_size)
+            .clamp(t.min_size, t.max_size);
         Self {
             size,
             min: t.min_size,
@@ -41,7 +43,11 @@ impl Controller {
         let ratio = self.target.as_secs_f64() / elapsed.as_secs_f64();
         let factor = if ratio >= 1.0 {
             // Within 10% of the target is close enough: hold steady.
-            if ratio < 1.1 { 1.0 } else { ratio.min(MAX_GROWTH) }
+            if ratio < 1.1 {
+                1.0
+            } else {
+                ratio.min(MAX_GROWTH)
+            }
         } else {
             ratio.max(0.1)
         };
@@ -134,11 +140,19 @@ impl Health {
 
     /// The first signal over its limit, if any. Sampling errors are logged and ignored: a
     /// monitoring view we may not read must not stop a backfill.
-    pub async fn check(&mut self, pool: &PgPool, cfg: &ThrottleConfig, table_oid: u32) -> Option<Reason> {
+    pub async fn check(
+        &mut self,
+        pool: &PgPool,
+        cfg: &ThrottleConfig,
+        table_oid: u32,
+    ) -> Option<Reason> {
         if !any_enabled(cfg) {
             return None;
         }
-        if self.last_check.is_some_and(|t| t.elapsed() < cfg.check_interval) {
+        if self
+            .last_check
+            .is_some_and(|t| t.elapsed() < cfg.check_interval)
+        {
             return self.verdict;
         }
         self.last_check = Some(Instant::now());
@@ -243,7 +257,10 @@ mod tests {
     #[test]
     fn rate_cap_extends_the_pause() {
         let mut t = throttle();
-        assert_eq!(pause_after(&t, 1000, Duration::from_millis(10)), (Duration::from_millis(50), Reason::Sleep));
+        assert_eq!(
+            pause_after(&t, 1000, Duration::from_millis(10)),
+            (Duration::from_millis(50), Reason::Sleep)
+        );
         t.max_rows_per_second = 1000;
         let (d, r) = pause_after(&t, 1000, Duration::from_millis(200));
         assert_eq!(r, Reason::RateLimit);
@@ -254,13 +271,25 @@ mod tests {
     fn health_verdicts_follow_limits() {
         let mut cfg = ThrottleConfig::default();
         let mut h = Health::new();
-        assert_eq!(h.judge(&cfg, (30.0, 0.0, 0, 0, 0, 0.0)), Some(Reason::ReplicaLag));
+        assert_eq!(
+            h.judge(&cfg, (30.0, 0.0, 0, 0, 0, 0.0)),
+            Some(Reason::ReplicaLag)
+        );
         assert_eq!(h.judge(&cfg, (1.0, 999.0, 0, 0, 0, 0.0)), None);
         cfg.max_transaction_age = Duration::from_secs(60);
-        assert_eq!(h.judge(&cfg, (1.0, 999.0, 0, 0, 0, 0.0)), Some(Reason::LongTransaction));
+        assert_eq!(
+            h.judge(&cfg, (1.0, 999.0, 0, 0, 0, 0.0)),
+            Some(Reason::LongTransaction)
+        );
         cfg.max_lock_waiters = 3;
-        assert_eq!(h.judge(&cfg, (0.0, 0.0, 4, 0, 0, 0.0)), Some(Reason::LockWaits));
+        assert_eq!(
+            h.judge(&cfg, (0.0, 0.0, 4, 0, 0, 0.0)),
+            Some(Reason::LockWaits)
+        );
         cfg.pause_during_autovacuum = true;
-        assert_eq!(h.judge(&cfg, (0.0, 0.0, 0, 1, 0, 0.0)), Some(Reason::Autovacuum));
+        assert_eq!(
+            h.judge(&cfg, (0.0, 0.0, 0, 1, 0, 0.0)),
+            Some(Reason::Autovacuum)
+        );
     }
 }

@@ -19,7 +19,10 @@ impl Delete {
         archive: Option<&ArchiveTable>,
     ) -> Self {
         let statements = Statements::render(keyset, None, |range| {
-            let delete = format!("DELETE FROM {} WHERE {range} AND ({predicate})", target.quoted);
+            let delete = format!(
+                "DELETE FROM {} WHERE {range} AND ({predicate})",
+                target.quoted
+            );
             match archive {
                 None => delete,
                 Some(a) => format!(

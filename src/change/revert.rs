@@ -29,7 +29,12 @@ impl Revert {
     }
 }
 
-fn restore_update(target: &Target, archive: &ArchiveTable, touched: &[String], range: &str) -> String {
+fn restore_update(
+    target: &Target,
+    archive: &ArchiveTable,
+    touched: &[String],
+    range: &str,
+) -> String {
     let set: Vec<String> = touched
         .iter()
         .map(|c| format!("{0} = _bf_a.{0}", quote_ident(c)))

@@ -20,9 +20,7 @@ impl Update {
         archive: Option<&ArchiveTable>,
     ) -> Self {
         let statements = match archive {
-            None => Statements::render(keyset, None, |range| {
-                plain(target, fragments, range)
-            }),
+            None => Statements::render(keyset, None, |range| plain(target, fragments, range)),
             Some(archive) => Statements::render(keyset, None, |range| {
                 archived(target, fragments, archive, range)
             }),
@@ -43,13 +41,12 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
 /// Locks the rows the predicate selects (`FOR NO KEY UPDATE` re-reads the newest version of a
 /// concurrently changed row and re-checks the predicate), so the before-image captured is exactly
 /// what the UPDATE overwrites; the archive INSERT is part of the same statement.
-fn archived(
-    target: &Target,
-    fragments: &Fragments,
-    archive: &ArchiveTable,
-    range: &str,
-) -> String {
-    let touched: Vec<&str> = fragments.assignments.iter().map(|a| a.column.as_str()).collect();
+fn archived(target: &Target, fragments: &Fragments, archive: &ArchiveTable, range: &str) -> String {
+    let touched: Vec<&str> = fragments
+        .assignments
+        .iter()
+        .map(|a| a.column.as_str())
+        .collect();
     let old_cols: Vec<String> = target
         .keys
         .iter()
@@ -63,7 +60,13 @@ fn archived(
         .keys
         .iter()
         .enumerate()
-        .map(|(i, k)| format!("{}.{} = _bf_old._bf_{i}", target.quoted, quote_ident(&k.name)))
+        .map(|(i, k)| {
+            format!(
+                "{}.{} = _bf_old._bf_{i}",
+                target.quoted,
+                quote_ident(&k.name)
+            )
+        })
         .collect();
     let returning: Vec<String> = (0..n_old)
         .map(|i| format!("_bf_old._bf_{i}"))
