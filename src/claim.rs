@@ -266,9 +266,10 @@ WHERE (run_at <= now() AND (
         OR (state = 'paused' AND requested_state = 'running')
         OR (state = 'planned' AND mode = 'execute'
                               AND requested_state IS DISTINCT FROM 'cancelled')))
-   OR (state = 'running' AND lease_expires_at < now())";
+   OR state = 'running'";
 
-/// Jobs this or another replica could pick up now (including expired leases awaiting rescue).
+/// Jobs that are runnable now or running anywhere. A running job counts because its lease may
+/// expire (its replica died) and make it runnable again: `--until-idle` drains the queue.
 pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
     sqlx::query_scalar(&names.render(RUNNABLE))
         .fetch_one(db)

@@ -1,0 +1,193 @@
+//! Crashes, graceful stops and lost leases: the effect stays exactly once per row.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Db, JobSpec};
+use sqlx::PgPool;
+
+const ROWS: i64 = 120_000;
+
+async fn counter_table(db: &Db, rows: i64) {
+    db.exec(&format!(
+        "CREATE TABLE counters (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO counters SELECT g FROM generate_series(1, {rows}) g;"
+    ))
+    .await;
+}
+
+async fn assert_exactly_once(db: &Db, job: &str, rows: i64) {
+    let row = db.job(job).await;
+    assert_eq!(
+        row.state,
+        "succeeded",
+        "{:?}\n{}",
+        row.last_error,
+        db.daemon_logs()
+    );
+    assert_eq!(
+        row.rows_changed, rows,
+        "rows_changed must equal the row count"
+    );
+    let hist: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT n, count(*) FROM counters GROUP BY n ORDER BY n")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        hist,
+        vec![(1, rows)],
+        "every row must have n = 1 (n, count): {hist:?}"
+    );
+}
+
+#[sqlx::test]
+async fn sigkill_at_several_points_changes_every_row_exactly_once(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, ROWS).await;
+    // Predicate `true` and a non-idempotent set clause: any re-applied batch shows as n = 2.
+    JobSpec::new("once", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "700")
+        .insert(&db)
+        .await;
+    let launch = || {
+        db.daemon()
+            .max_batch(700)
+            .env("BACKFILLD_WORKER__LEASE_TTL", "2s")
+            .spawn()
+    };
+    let mut kills = 0;
+    for at_batches in [5_i64, 40, 90, 140] {
+        let mut daemon = launch();
+        // Kill wherever the daemon happens to be: mid-transaction, mid-sleep or mid-commit.
+        db.wait_for("once", "progress", |r| {
+            r.batches >= at_batches || r.state == "succeeded"
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40))).await;
+        daemon.kill9();
+        kills += 1;
+        if db.job("once").await.state == "succeeded" {
+            break;
+        }
+    }
+    assert!(
+        kills >= 3,
+        "the job finished before three kills; make it longer"
+    );
+    let mut last = db.daemon().max_batch(700).until_idle().spawn();
+    last.wait_ok().await;
+    assert_exactly_once(&db, "once", ROWS).await;
+    assert!(
+        db.job("once").await.attempt >= 2,
+        "the kills should have cost attempts"
+    );
+}
+
+#[sqlx::test]
+async fn sigterm_exits_quickly_and_another_replica_resumes_from_the_checkpoint(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, 20_000).await;
+    JobSpec::new("term", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "200")
+        .raw("sleep_ms", "100")
+        .insert(&db)
+        .await;
+    let mut first = db.daemon().max_batch(200).spawn();
+    db.wait_for("term", "a few batches", |r| r.batches >= 3)
+        .await;
+    let asked = Instant::now();
+    first.signal("TERM");
+    let status = first.wait(Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    assert!(
+        status.success(),
+        "SIGTERM must exit 0, got {status}\n{}",
+        first.log()
+    );
+    let stopped = db.job("term").await;
+    assert_eq!(stopped.state, "pending", "the lease is handed back");
+    assert_eq!(
+        stopped.attempt, 0,
+        "a graceful stop does not burn an attempt"
+    );
+    assert!(stopped.lease_owner.is_none());
+    let resumed_from = stopped.cursor.clone().expect("checkpoint kept");
+    assert!(first.log().contains("stop requested"), "{}", first.log());
+    // Hang guard, not a timing goal: batch time (ms here) plus one second, with slack for CI.
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+
+    let mut second = db
+        .daemon()
+        .max_batch(200)
+        .env("BACKFILLD_BATCH__SLEEP_MS", "0")
+        .until_idle()
+        .spawn();
+    second.wait_ok().await;
+    let done = db.job("term").await;
+    assert_eq!(done.attempt, 1);
+    assert_exactly_once(&db, "term", 20_000).await;
+    assert!(
+        done.batches > stopped.batches,
+        "resumed after {resumed_from}"
+    );
+    assert_eq!(
+        done.rows_scanned, 20_000,
+        "no key scanned twice across the hand-over"
+    );
+}
+
+#[sqlx::test]
+async fn a_stalled_replica_cannot_commit_after_its_lease_was_taken(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, 10_000).await;
+    JobSpec::new("fenced", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "50")
+        .insert(&db)
+        .await;
+    let fast_lease = |b: common::DaemonBuilder| {
+        b.max_batch(100)
+            .env("BACKFILLD_WORKER__LEASE_TTL", "1s")
+            .env("BACKFILLD_WORKER__HEARTBEAT_INTERVAL", "200ms")
+            .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "300ms")
+    };
+    let port_b = common::free_port();
+    let mut a = fast_lease(db.daemon()).spawn();
+    db.wait_for("fenced", "a few batches", |r| r.batches >= 5)
+        .await;
+    a.signal("STOP"); // A freezes wherever it is: maybe inside an open batch transaction.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut b = fast_lease(db.daemon())
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port_b}"))
+        .spawn();
+    db.wait_for("fenced", "B to take over", |r| r.attempt == 2)
+        .await;
+    a.signal("CONT"); // A wakes up believing it still owns the job.
+    db.wait_state("fenced", "succeeded").await;
+    let (_, metrics) = common::http_get(port_b, "/metrics")
+        .await
+        .expect("B's metrics");
+    assert!(
+        metrics.contains("backfilld_leases_rescued_total 1"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal("TERM");
+    b.signal("TERM");
+    a.wait(Duration::from_secs(30)).await;
+    b.wait(Duration::from_secs(30)).await;
+    assert!(
+        a.log().contains("lease lost"),
+        "A must notice it lost the lease:\n{}",
+        a.log()
+    );
+    assert_exactly_once(&db, "fenced", 10_000).await;
+}
