@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DatabaseConfig, Source};
+use crate::config::{Config, Source};
 use crate::daemon::{Daemon, Readiness};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -16,10 +16,22 @@ use crate::sql::Names;
 use crate::telemetry::Telemetry;
 use crate::{http, schema, shutdown};
 
-/// Opens the pool; every connection carries `application_name` so DBAs can see who we are.
-pub async fn connect(db: &DatabaseConfig) -> Result<PgPool> {
+/// Opens the pool. Every connection carries `application_name` (so DBAs can see who we are) and
+/// the batch `lock_timeout`/`statement_timeout` as session defaults: no statement backfilld runs
+/// (validation, planning, bookkeeping) may wait forever behind a lock.
+pub async fn connect(cfg: &Config) -> Result<PgPool> {
+    let db = &cfg.database;
     let options: PgConnectOptions = db.url.parse()?;
-    let options = options.application_name(&db.application_name);
+    let options = options.application_name(&db.application_name).options([
+        (
+            "lock_timeout",
+            format!("{}ms", cfg.batch.lock_timeout.as_millis()),
+        ),
+        (
+            "statement_timeout",
+            format!("{}ms", cfg.batch.statement_timeout.as_millis()),
+        ),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(db.max_connections)
         .acquire_timeout(db.connect_timeout)
@@ -49,7 +61,7 @@ pub async fn run_daemon(
     telemetry: &Telemetry,
 ) -> Result<()> {
     let names = Names::new(&cfg.database.schema);
-    let pool = connect(&cfg.database).await?;
+    let pool = connect(&cfg).await?;
     schema::check(&pool, &names).await?;
     let shutdown = CancellationToken::new();
     let reloads = shutdown::install(shutdown.clone()).map_err(|e| Error::Refused {

@@ -178,7 +178,7 @@ async fn dispatch(
         return Ok(app::run_daemon(source, cfg, until_idle, telemetry).await?);
     }
     let names = Names::new(&cfg.database.schema);
-    let pool = app::connect(&cfg.database).await?;
+    let pool = app::connect(&cfg).await?;
     match command {
         Command::Migrate => {
             let applied = schema::migrate(&pool, &names).await?;

@@ -487,14 +487,8 @@ pub fn validate(
     };
     let mut seen = std::collections::HashSet::new();
     for a in &assignments {
-        let Some(col) = target.column(&a.column) else {
-            return Err(err(format!(
-                "set_clause assigns column {:?}, which {} does not have",
-                a.column,
-                target.display()
-            )));
-        };
-        if col.generated {
+        // A missing column is left to the server's parse, which names it with SQLSTATE 42703.
+        if target.column(&a.column).is_some_and(|c| c.generated) {
             return Err(err(format!(
                 "set_clause assigns generated column {:?}",
                 a.column
@@ -521,16 +515,20 @@ pub fn validate(
 
 /// Has the server parse (never run) the statements the job will execute. A prepared statement
 /// holds exactly one command, so stacking is impossible even if the lexer missed something.
+/// The outer error is transient (lock timeout, connection): worth retrying; the inner one is the
+/// server's verdict on the fragment.
 pub async fn validate_on_server(
     conn: &mut PgConnection,
     target: &Target,
     fragments: &Fragments,
-) -> Result<(), FragmentError> {
+) -> Result<Result<(), FragmentError>, sqlx::Error> {
     let select = format!(
         "SELECT 1 FROM {} WHERE ({}) LIMIT 0",
         target.quoted, fragments.predicate
     );
-    server_parse(conn, &select, "predicate").await?;
+    if let Err(rejected) = server_parse(conn, &select, "predicate").await? {
+        return Ok(Err(rejected));
+    }
     if !fragments.assignments.is_empty() {
         let update = format!(
             "UPDATE {} SET {} WHERE ({}) AND false",
@@ -538,20 +536,28 @@ pub async fn validate_on_server(
             render_assignments(&fragments.assignments),
             fragments.predicate
         );
-        server_parse(conn, &update, "set_clause").await?;
+        return server_parse(conn, &update, "set_clause").await;
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
-async fn server_parse(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), FragmentError> {
+async fn server_parse(
+    conn: &mut PgConnection,
+    sql: &str,
+    what: &str,
+) -> Result<Result<(), FragmentError>, sqlx::Error> {
     match conn.prepare(sql).await {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(db)) => Err(err(format!(
-            "{what} rejected by PostgreSQL: SQLSTATE {}: {}",
-            db.code().unwrap_or_default(),
-            db.message()
-        ))),
-        Err(other) => Err(err(format!("{what} could not be checked: {other}"))),
+        Ok(_) => Ok(Ok(())),
+        Err(sqlx::Error::Database(db))
+            if !crate::error::is_transient_sqlstate(db.code().as_deref().unwrap_or_default()) =>
+        {
+            Ok(Err(err(format!(
+                "{what} rejected by PostgreSQL: SQLSTATE {}: {}",
+                db.code().unwrap_or_default(),
+                db.message()
+            ))))
+        }
+        Err(transient) => Err(transient),
     }
 }
 

@@ -195,7 +195,7 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
     let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
         .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
     fragment::validate_on_server(&mut conn, &target, &fragments)
-        .await
+        .await?
         .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
     drop(conn);
     let keyset = Keyset::new(&target);

@@ -82,7 +82,9 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             shutdown,
             interrupt,
         };
-        let result = attempt.execute().await;
+        let result = attempt
+            .execute_with_retries(cfg.worker.max_batch_retries)
+            .await;
         attempt.interrupt.cancel();
         stop_heartbeat.cancel();
         attempt.finish(result).await;
@@ -164,6 +166,49 @@ impl Attempt<'_> {
 
     fn err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
         move |e| JobError::sql(&self.row.name, self.table(), step, e)
+    }
+
+    /// Retries transient errors outside batches (validation, planning, bookkeeping) in place,
+    /// re-reading the job row each time; batches retry on their own.
+    async fn execute_with_retries(&mut self, max: u32) -> Result<Outcome, JobError> {
+        let mut retries = 0;
+        loop {
+            match self.execute().await {
+                Err(e) if e.is_retryable() && retries < max => {
+                    retries += 1;
+                    self.ctx
+                        .metrics
+                        .batch_errors
+                        .with_label_values(&[&self.row.name, e.kind()])
+                        .inc();
+                    let delay = backoff(retries);
+                    tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, "transient error; retrying");
+                    if let Some(outcome) = self.pause(delay, Reason::Backoff).await {
+                        return Ok(outcome);
+                    }
+                    self.refresh_row().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Re-reads the job row, fenced by the lease.
+    async fn refresh_row(&mut self) -> Result<(), JobError> {
+        let row: Option<JobRow> = sqlx::query_as(&self.ctx.names.render(
+            "SELECT * FROM {jobs} WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'",
+        ))
+        .bind(self.lease.job_id)
+        .bind(self.lease.attempt)
+        .bind(&self.lease.owner)
+        .fetch_optional(&self.ctx.pool)
+        .await
+        .map_err(self.err("re-reading the job row"))?;
+        self.row = row.ok_or_else(|| JobError::LeaseLost {
+            job: self.lease.job.clone(),
+            attempt: self.lease.attempt,
+        })?;
+        Ok(())
     }
 
     async fn execute(&mut self) -> Result<Outcome, JobError> {
@@ -258,6 +303,7 @@ impl Attempt<'_> {
                 .map_err(invalid)?;
             fragment::validate_on_server(&mut conn, &target, &f)
                 .await
+                .map_err(self.err("validating fragments"))?
                 .map_err(invalid)?;
             (f, None)
         };

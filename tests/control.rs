@@ -1,0 +1,244 @@
+//! Operator control (pause, resume, cancel) and error handling (transient retried, permanent
+//! fails only that job).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Db, JobSpec};
+use sqlx::PgPool;
+
+async fn slow_job(db: &Db, name: &str, rows: i64) {
+    db.exec(&format!(
+        "CREATE TABLE {name} (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO {name} SELECT g FROM generate_series(1, {rows}) g;"
+    ))
+    .await;
+    JobSpec::new(name, name)
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "100")
+        .insert(db)
+        .await;
+}
+
+#[sqlx::test]
+async fn pause_holds_batches_and_resume_completes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "p", 5000).await;
+    let mut daemon = db.daemon().max_batch(100).spawn();
+    db.wait_for("p", "batches", |r| r.batches >= 3).await;
+    db.set_requested("p", "paused").await;
+    let paused = db.wait_state("p", "paused").await;
+    assert_eq!(paused.attempt, 0, "pausing does not burn an attempt");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let still = db.job("p").await;
+    assert_eq!(still.state, "paused");
+    assert_eq!(
+        still.batches, paused.batches,
+        "no batch may run while paused"
+    );
+    db.set_requested("p", "running").await;
+    db.wait_state("p", "succeeded").await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let done = db.job("p").await;
+    assert_eq!(done.rows_changed, 5000);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM p WHERE n <> 1").await,
+        0
+    );
+}
+
+#[sqlx::test]
+async fn cancel_stops_within_one_batch(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "c", 5000).await;
+    let mut daemon = db.daemon().max_batch(100).until_idle().spawn();
+    db.wait_for("c", "batches", |r| r.batches >= 3).await;
+    db.set_requested("c", "cancelled").await;
+    let at_request = db.job("c").await.batches;
+    daemon.wait_ok().await;
+    let cancelled = db.job("c").await;
+    assert_eq!(cancelled.state, "cancelled");
+    assert!(cancelled.finished_at.is_some());
+    assert!(
+        cancelled.batches <= at_request + 1,
+        "{} batches after asking at {at_request}",
+        cancelled.batches
+    );
+    assert!(cancelled.rows_changed < 5000);
+}
+
+#[sqlx::test]
+async fn pause_and_cancel_apply_to_jobs_not_yet_running(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE q (id int PRIMARY KEY, s text); INSERT INTO q VALUES (1, NULL);")
+        .await;
+    JobSpec::new("later", "q")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .insert(&db)
+        .await;
+    JobSpec::new("never", "q")
+        .predicate("s IS NULL")
+        .set("s = 'y'")
+        .insert(&db)
+        .await;
+    db.set_requested("later", "paused").await;
+    db.set_requested("never", "cancelled").await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("later").await.state, "paused");
+    assert_eq!(db.job("never").await.state, "cancelled");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM q WHERE s IS NOT NULL")
+            .await,
+        0
+    );
+    db.set_requested("later", "running").await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("later").await.state, "succeeded");
+    assert_eq!(db.scalar_text("SELECT s FROM q").await, "x");
+}
+
+#[sqlx::test]
+async fn a_locked_table_is_retried_until_the_lock_goes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE locked (id bigint PRIMARY KEY, s text);
+         INSERT INTO locked SELECT g, NULL FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    // Another session holds an exclusive lock well beyond lock_timeout.
+    let mut blocker = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE;")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    JobSpec::new("retry", "locked")
+        .predicate("s IS NULL")
+        .set("s = 'ok'")
+        .raw("mode", "'execute'")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "100ms")
+        .env("BACKFILLD_BATCH__STATEMENT_TIMEOUT", "1s")
+        .until_idle()
+        .spawn();
+    // The plan's read needs the lock too; wait until the daemon has hit the lock a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(db.job("retry").await.state, "succeeded");
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    daemon.wait_ok().await;
+    let job = db.job("retry").await;
+    assert_eq!(
+        job.state,
+        "succeeded",
+        "{:?}\n{}",
+        job.last_error,
+        daemon.log()
+    );
+    assert_eq!(job.rows_changed, 2000);
+    assert!(
+        daemon.log().contains("55P03") || daemon.log().contains("57014"),
+        "the lock should have been hit and retried:\n{}",
+        daemon.log()
+    );
+}
+
+#[sqlx::test]
+async fn permanent_errors_fail_only_their_job_with_sqlstate(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE e (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, s text);
+         INSERT INTO e SELECT g, 0, NULL FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    JobSpec::new("missing_column", "e")
+        .predicate("true")
+        .set("nope = 1")
+        .insert(&db)
+        .await;
+    // Valid SQL that fails on some rows at run time: division by zero at id = 500.
+    JobSpec::new("div_zero", "e")
+        .predicate("s IS NULL")
+        .set("n = 1 / (id - 500)")
+        .insert(&db)
+        .await;
+    JobSpec::new("fine", "e")
+        .predicate("s IS NULL")
+        .set("s = 'ok'")
+        .raw("priority", "-1")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let missing = db.job("missing_column").await;
+    assert_eq!(missing.state, "failed");
+    let err = missing.last_error.unwrap();
+    assert!(
+        err.contains("42703") && err.contains("missing_column") && err.contains("public.e"),
+        "{err}"
+    );
+    let div = db.job("div_zero").await;
+    assert_eq!(div.state, "failed");
+    let err = div.last_error.unwrap();
+    assert!(
+        err.contains("SQLSTATE 22012") && err.contains("div_zero"),
+        "{err}"
+    );
+    assert_eq!(div.attempt, 1, "a permanent error is not retried");
+    let fine = db.job("fine").await;
+    assert_eq!(fine.state, "succeeded");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM e WHERE s = 'ok'").await,
+        1000
+    );
+}
+
+#[sqlx::test]
+async fn a_lock_taken_mid_run_is_retried_with_smaller_batches(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "midlock", 4000).await;
+    let mut daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "100ms")
+        .until_idle()
+        .spawn();
+    db.wait_for("midlock", "batches", |r| r.batches >= 3).await;
+    let mut blocker = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE midlock IN ACCESS EXCLUSIVE MODE;")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = db.job("midlock").await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    daemon.wait_ok().await;
+    assert_eq!(
+        during.state, "running",
+        "a transient error must not end the attempt"
+    );
+    let job = db.job("midlock").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.attempt, 1);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM midlock WHERE n <> 1")
+            .await,
+        0
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("transient batch error") && log.contains("55P03"),
+        "{log}"
+    );
+}
