@@ -1,0 +1,674 @@
+//! Safety: dry-run plans, the affected-rows ceiling, archive + revert round trips, and hostile or
+//! malformed job rows.
+
+mod common;
+
+use common::{Db, JobSpec};
+use sqlx::PgPool;
+
+async fn orders(db: &Db, rows: i64) {
+    db.exec(&format!(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, status text, amount numeric(12,2), note text);
+         INSERT INTO orders SELECT g, CASE WHEN g % 4 = 0 THEN 'paid' END, g * 1.25, 'n' || g
+         FROM generate_series(1, {rows}) g;"
+    ))
+    .await;
+}
+
+#[sqlx::test]
+async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_many(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 4000).await;
+    let before = db.checksum("orders", "id", "false").await;
+    // No mode column: dry run is the default.
+    JobSpec::new("dry", "orders")
+        .raw("mode", "DEFAULT")
+        .predicate("status IS NULL")
+        .set("status = 'pending', amount = amount * 2")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("dry").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    assert_eq!(
+        db.checksum("orders", "id", "false").await,
+        before,
+        "a dry run changed data"
+    );
+    let plan = planned.plan.clone().expect("plan");
+    assert_eq!(plan["rows_matching"], 3000, "exact count");
+    assert_eq!(plan["rows_in_range"], 4000);
+    let samples = plan["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 10);
+    assert_eq!(samples[0]["key"], serde_json::json!(["1"]));
+    assert_eq!(samples[0]["before"]["status"], serde_json::Value::Null);
+    assert_eq!(samples[0]["after"]["status"], "pending");
+    assert_eq!(samples[0]["after"]["amount"], 2.5);
+    assert!(
+        plan["explain"].to_string().contains("Plan"),
+        "{}",
+        plan["explain"]
+    );
+    assert!(plan["estimated_seconds"].as_f64().unwrap() > 0.0);
+
+    let approve = backfilld::ops::approve(&db.pool, &db.names, "dry")
+        .await
+        .unwrap();
+    assert_eq!(approve.mode.as_deref(), Some("execute"));
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("dry").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 3000);
+    assert_eq!(done.remaining, Some(0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+            .await,
+        3000
+    );
+}
+
+#[sqlx::test]
+async fn a_plan_over_the_ceiling_fails_before_any_change(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    JobSpec::new("too_many", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'x'")
+        .raw("max_affected", "1000")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("too_many").await;
+    assert_eq!(job.state, "failed");
+    let err = job.last_error.unwrap();
+    assert!(
+        err.contains("1500") && err.contains("1000") && err.contains("too_many"),
+        "{err}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'x'")
+            .await,
+        0
+    );
+}
+
+#[sqlx::test]
+async fn live_growth_past_the_ceiling_stops_the_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 3000).await;
+    // 2250 rows match at plan time; the ceiling leaves a margin of 100.
+    JobSpec::new("grows", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("max_affected", "2350")
+        .raw("batch_size", "50")
+        .raw("sleep_ms", "30")
+        .insert(&db)
+        .await;
+    let mut daemon = db.daemon().max_batch(50).until_idle().spawn();
+    db.wait_for("grows", "batches", |r| r.batches >= 2).await;
+    // Live traffic makes 750 more rows match, ahead of the cursor.
+    db.exec("UPDATE orders SET status = NULL WHERE status = 'paid' AND id > 1500")
+        .await;
+    db.exec("UPDATE orders SET status = NULL WHERE status = 'paid'")
+        .await;
+    daemon.wait_ok().await;
+    let job = db.job("grows").await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ceiling"),
+        "{:?}",
+        job.last_error
+    );
+    assert!(
+        job.rows_changed <= 2350,
+        "committed past the ceiling: {}",
+        job.rows_changed
+    );
+    let pending = db
+        .scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+        .await;
+    assert_eq!(
+        pending, job.rows_changed,
+        "the batch that would pass the ceiling rolled back"
+    );
+}
+
+#[sqlx::test]
+async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 5000).await;
+    let before = db.checksum("orders", "id", "id IN (7, 11, 13)").await;
+    JobSpec::new("upd", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending', note = upper(note) || '!'")
+        .raw("archive", "true")
+        .raw("batch_size", "333")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("upd").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    let archive = job.archive_table.clone().expect("archive table");
+    assert!(
+        archive.starts_with("upd_") && archive.ends_with(&format!("_j{}", job.id)),
+        "{archive}"
+    );
+    assert_eq!(
+        db.scalar_i64(&format!("SELECT count(*) FROM backfill.\"{archive}\""))
+            .await,
+        3750
+    );
+    assert_ne!(
+        db.checksum("orders", "id", "id IN (7, 11, 13)").await,
+        before
+    );
+    // The application changes three backfilled rows again before the revert.
+    db.exec("UPDATE orders SET status = 'shipped' WHERE id IN (7, 11); UPDATE orders SET note = 'edited' WHERE id = 13").await;
+
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "upd")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 3747);
+    assert_eq!(
+        reverted.rows_skipped, 3,
+        "rows changed since the backfill are skipped and counted"
+    );
+    assert_eq!(
+        db.checksum("orders", "id", "id IN (7, 11, 13)").await,
+        before,
+        "byte-for-byte restore"
+    );
+    assert_eq!(
+        db.scalar_text("SELECT status FROM orders WHERE id = 7")
+            .await,
+        "shipped"
+    );
+    assert_eq!(
+        db.scalar_text("SELECT note FROM orders WHERE id = 13")
+            .await,
+        "edited"
+    );
+}
+
+#[sqlx::test]
+async fn archive_and_revert_restore_a_delete(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 3000).await;
+    db.exec("ALTER TABLE orders ADD COLUMN total numeric GENERATED ALWAYS AS (amount * 2) STORED")
+        .await;
+    let before = db.checksum("orders", "id", "id = 8").await;
+    JobSpec::new("purge", "orders")
+        .raw("action", "'delete'")
+        .predicate("status = 'paid'")
+        .raw("archive", "true")
+        .raw("max_affected", "750")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("purge").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 750);
+    assert_eq!(job.remaining, Some(0));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 2250);
+    // A row with a deleted key comes back before the revert: it must be left as it is.
+    db.exec("INSERT INTO orders (id, status, amount, note) VALUES (8, 'new', 1, 'reborn')")
+        .await;
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "purge")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 749);
+    assert_eq!(reverted.rows_skipped, 1);
+    assert_eq!(
+        db.checksum("orders", "id", "id = 8").await,
+        before,
+        "byte-for-byte restore"
+    );
+    assert_eq!(
+        db.scalar_text("SELECT note FROM orders WHERE id = 8").await,
+        "reborn"
+    );
+}
+
+/// (name, table, predicate, set_clause, extra columns, expected words in last_error)
+type Hostile = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static [(&'static str, &'static str)],
+    &'static [&'static str],
+);
+
+const HOSTILE: &[Hostile] = &[
+    (
+        "stacked_predicate",
+        "victim",
+        Some("true; DROP TABLE canary"),
+        Some("s = 'x'"),
+        &[],
+        &["';'"],
+    ),
+    (
+        "stacked_set",
+        "victim",
+        Some("true"),
+        Some("s = 'x'; DROP TABLE canary"),
+        &[],
+        &["';'"],
+    ),
+    (
+        "paren_escape",
+        "victim",
+        Some("s IS NULL) OR (true"),
+        Some("s = 'x'"),
+        &[],
+        &["never opened"],
+    ),
+    (
+        "paren_escape_set",
+        "victim",
+        Some("s IS NULL"),
+        Some("s = 'x') WHERE (true"),
+        &[],
+        &["never opened"],
+    ),
+    (
+        "line_comment",
+        "victim",
+        Some("s IS NULL --"),
+        Some("s = 'x'"),
+        &[],
+        &["comment"],
+    ),
+    (
+        "block_comment",
+        "victim",
+        Some("s IS NULL /* ) OR (true */"),
+        Some("s = 'x'"),
+        &[],
+        &["comment"],
+    ),
+    (
+        "comment_in_set",
+        "victim",
+        Some("true"),
+        Some("s = 'x' -- , n = 0"),
+        &[],
+        &["comment"],
+    ),
+    (
+        "unterminated_string",
+        "victim",
+        Some("s = 'x"),
+        Some("s = 'x'"),
+        &[],
+        &["unterminated"],
+    ),
+    (
+        "dollar_quote_open",
+        "victim",
+        Some("s = $q$x"),
+        Some("s = 'x'"),
+        &[],
+        &["unterminated"],
+    ),
+    (
+        "syntax_error",
+        "victim",
+        Some("s IS NOT NOT NULL"),
+        Some("s = 'x'"),
+        &[],
+        &["42601"],
+    ),
+    (
+        "not_boolean",
+        "victim",
+        Some("n + 1"),
+        Some("s = 'x'"),
+        &[],
+        &["42804"],
+    ),
+    (
+        "aggregate_predicate",
+        "victim",
+        Some("count(*) > 0"),
+        Some("s = 'x'"),
+        &[],
+        &["42803"],
+    ),
+    (
+        "two_expressions",
+        "victim",
+        Some("true, false"),
+        Some("s = 'x'"),
+        &[],
+        &["single expression"],
+    ),
+    (
+        "unknown_table",
+        "no_such_table",
+        Some("true"),
+        Some("s = 'x'"),
+        &[],
+        &["does not exist"],
+    ),
+    (
+        "bad_table_name",
+        "vic\"tim; DROP",
+        Some("true"),
+        Some("s = 'x'"),
+        &[],
+        &["table"],
+    ),
+    (
+        "unknown_column",
+        "victim",
+        Some("nope IS NULL"),
+        Some("s = 'x'"),
+        &[],
+        &["42703"],
+    ),
+    (
+        "unknown_set_column",
+        "victim",
+        Some("true"),
+        Some("nope = 1"),
+        &[],
+        &["42703"],
+    ),
+    (
+        "set_not_assignment",
+        "victim",
+        Some("true"),
+        Some("s"),
+        &[],
+        &["column = expression"],
+    ),
+    (
+        "set_key_column",
+        "victim",
+        Some("true"),
+        Some("id = id + 1"),
+        &[],
+        &["key column"],
+    ),
+    (
+        "set_twice",
+        "victim",
+        Some("true"),
+        Some("s = 'a', s = 'b'"),
+        &[],
+        &["twice"],
+    ),
+    (
+        "no_key",
+        "keyless",
+        Some("true"),
+        Some("s = 'x'"),
+        &[],
+        &["no primary key"],
+    ),
+    (
+        "non_unique_key",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("key_columns", "ARRAY['n']")],
+        &["not unique"],
+    ),
+    (
+        "zero_batch",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("batch_size", "0")],
+        &["batch_size"],
+    ),
+    (
+        "negative_batch",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("batch_size", "-5")],
+        &["batch_size"],
+    ),
+    (
+        "huge_batch",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("batch_size", "2000000000")],
+        &["batch_size"],
+    ),
+    (
+        "negative_sleep",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("sleep_ms", "-1")],
+        &["sleep_ms"],
+    ),
+    (
+        "negative_ceiling",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("max_affected", "-1")],
+        &["max_affected"],
+    ),
+    (
+        "null_predicate",
+        "victim",
+        None,
+        Some("s = 'x'"),
+        &[],
+        &["predicate is required"],
+    ),
+    (
+        "null_table",
+        "",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("table_name", "NULL")],
+        &["table_name is required"],
+    ),
+    (
+        "null_set",
+        "victim",
+        Some("true"),
+        None,
+        &[],
+        &["set_clause is required"],
+    ),
+    (
+        "bad_action",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("action", "'truncate'")],
+        &["action"],
+    ),
+    (
+        "bad_mode",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("mode", "'yolo'")],
+        &["mode"],
+    ),
+    (
+        "delete_with_set",
+        "victim",
+        Some("true"),
+        Some("s = 'x'"),
+        &[("action", "'delete'")],
+        &["set_clause must be empty"],
+    ),
+    (
+        "own_schema",
+        "backfill.jobs",
+        Some("true"),
+        Some("last_error = 'pwned'"),
+        &[],
+        &["never changes"],
+    ),
+    (
+        "catalog",
+        "pg_catalog.pg_class",
+        Some("true"),
+        Some("relname = 'x'"),
+        &[],
+        &["never changes"],
+    ),
+    (
+        "outside_allowlist",
+        "bystander",
+        Some("true"),
+        Some("s = 'x'"),
+        &[],
+        &["allowed_tables"],
+    ),
+    (
+        "terminate_backends",
+        "victim",
+        Some("pg_terminate_backend(pg_backend_pid())"),
+        Some("s = 'x'"),
+        &[],
+        &["pg_terminate_backend"],
+    ),
+    (
+        "sleep",
+        "victim",
+        Some("true"),
+        Some("s = pg_sleep(10)::text"),
+        &[],
+        &["pg_sleep"],
+    ),
+    (
+        "set_config",
+        "victim",
+        Some("set_config('role', 'postgres', false) IS NOT NULL"),
+        Some("s = 'x'"),
+        &[],
+        &["set_config"],
+    ),
+    (
+        "read_file",
+        "victim",
+        Some("true"),
+        Some("s = pg_read_file('/etc/passwd')"),
+        &[],
+        &["pg_read_file"],
+    ),
+    (
+        "writable_cte",
+        "victim",
+        Some("EXISTS (WITH d AS (DELETE FROM canary RETURNING 1) SELECT 1 FROM d)"),
+        Some("s = 'x'"),
+        &[],
+        &["0A000"],
+    ),
+    (
+        "view_target",
+        "victim_view",
+        Some("true"),
+        Some("s = 'x'"),
+        &[],
+        &["not a table"],
+    ),
+];
+
+#[sqlx::test]
+async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE victim (id int PRIMARY KEY, n int NOT NULL, s text);
+         INSERT INTO victim SELECT g, g % 3, NULL FROM generate_series(1, 200) g;
+         CREATE TABLE canary (id int PRIMARY KEY); INSERT INTO canary VALUES (1), (2);
+         CREATE TABLE keyless (a int, s text); INSERT INTO keyless VALUES (1, NULL);
+         CREATE TABLE bystander (id int PRIMARY KEY, s text); INSERT INTO bystander VALUES (1, NULL);
+         CREATE TABLE good (id int PRIMARY KEY, s text); INSERT INTO good SELECT g, NULL FROM generate_series(1, 50) g;
+         CREATE VIEW victim_view AS SELECT * FROM victim;",
+    )
+    .await;
+    assert!(HOSTILE.len() >= 30);
+    let sums = |db: &Db| {
+        let db_pool = db.pool.clone();
+        async move {
+            let mut out = Vec::new();
+            for t in ["victim", "canary", "keyless", "bystander"] {
+                let sql = format!(
+                    "SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} x"
+                );
+                out.push(
+                    sqlx::query_scalar::<_, String>(&sql)
+                        .fetch_one(&db_pool)
+                        .await
+                        .unwrap(),
+                );
+            }
+            out
+        }
+    };
+    let before = sums(&db).await;
+    for (name, table, predicate, set, extra, _) in HOSTILE {
+        let mut spec = JobSpec::new(name, table);
+        spec = match predicate {
+            Some(p) => spec.predicate(p),
+            None => spec.raw("predicate", "NULL"),
+        };
+        if let Some(s) = set {
+            spec = spec.set(s);
+        }
+        for (col, value) in extra.iter() {
+            spec = spec.raw(col, *value);
+        }
+        spec.insert(&db).await;
+    }
+    JobSpec::new("good_job", "good")
+        .predicate("s IS NULL")
+        .set("s = 'done'")
+        .raw("priority", "-10")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    for (name, _, _, _, _, words) in HOSTILE {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name} should fail: {job:?}");
+        assert_eq!(job.rows_changed, 0, "{name}");
+        let err = job.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains(&format!("job {name}")),
+            "{name}: error must name the job: {err}"
+        );
+        for w in words.iter() {
+            assert!(err.contains(w), "{name}: expected {w:?} in: {err}");
+        }
+    }
+    assert_eq!(sums(&db).await, before, "a hostile job changed a table");
+    assert_eq!(db.job("good_job").await.state, "succeeded");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM good WHERE s = 'done'")
+            .await,
+        50
+    );
+    let jobs_intact = db
+        .scalar_i64("SELECT count(*) FROM backfill.jobs WHERE last_error = 'pwned'")
+        .await;
+    assert_eq!(jobs_intact, 0);
+}
