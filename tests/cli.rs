@@ -1,0 +1,206 @@
+//! The command line: configuration handling, migrate, enqueue/status/execute/verify, and the HTTP
+//! endpoints of a running daemon.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Db, JobSpec, free_port, http_get};
+use sqlx::PgPool;
+
+fn backfilld(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", url)
+        .env(
+            "BACKFILLD_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/backfilld.toml"),
+        )
+        .output()
+        .expect("run backfilld")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_example_config_is_valid_and_bad_config_exits_2() {
+    let url = "postgres://nobody@127.0.0.1:1/none";
+    let cfg = backfilld::config::Source::new(
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/config/backfilld.toml").into()),
+        Some(url.into()),
+    );
+    let loaded = cfg.load().expect("config/backfilld.toml must load");
+    assert_eq!(loaded.database.schema, "backfill");
+    let bad = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env("DATABASE_URL", url)
+        .env("BACKFILLD_BATCH__MIN_SIZE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("batch.min_size"), "{}", stderr(&bad));
+    let help = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(stdout(&help).contains("Examples:"));
+}
+
+#[sqlx::test]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let again = backfilld(&db.url, &["migrate"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stdout(&again).contains("up to date"), "{}", stdout(&again));
+    // Two replicas migrating a fresh schema at once: each migration applies once.
+    let other = backfilld::sql::Names::new("other");
+    let (a, b) = tokio::join!(
+        backfilld::schema::migrate(&db.pool, &other),
+        backfilld::schema::migrate(&db.pool, &other),
+    );
+    let applied = a.unwrap().len() + b.unwrap().len();
+    assert_eq!(applied, 1);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM other.schema_migrations")
+            .await,
+        1
+    );
+    // The ledger refuses deletes: a name runs once, forever.
+    JobSpec::new("keep", "x")
+        .predicate("true")
+        .set("a = 1")
+        .insert(&db)
+        .await;
+    let err = sqlx::query("DELETE FROM backfill.jobs")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("execution ledger"), "{err}");
+}
+
+#[sqlx::test]
+async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, s text); INSERT INTO items SELECT g, NULL FROM generate_series(1, 300) g;").await;
+    let out = backfilld(
+        &db.url,
+        &[
+            "enqueue",
+            "--name",
+            "fill",
+            "--table",
+            "public.items",
+            "--predicate",
+            "s IS NULL",
+            "--set",
+            "s = 'x'",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dup = backfilld(
+        &db.url,
+        &[
+            "enqueue",
+            "--name",
+            "fill",
+            "--table",
+            "items",
+            "--predicate",
+            "true",
+            "--set",
+            "s = 'y'",
+        ],
+    );
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let status = backfilld(&db.url, &["status", "fill", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&status)).expect("status json");
+    assert_eq!(json["state"], "planned");
+    assert_eq!(json["plan"]["rows_matching"], 300);
+    assert!(backfilld(&db.url, &["execute", "fill"]).status.success());
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let table = stdout(&backfilld(&db.url, &["status"]));
+    assert!(
+        table.contains("fill") && table.contains("succeeded") && table.contains("100.0%"),
+        "{table}"
+    );
+    db.exec("UPDATE items SET s = NULL WHERE id <= 7").await;
+    let verify = backfilld(&db.url, &["verify", "fill", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&verify)).expect("verify json");
+    assert_eq!(json["remaining"], 7);
+    assert_eq!(db.job("fill").await.remaining, Some(7));
+    let missing = backfilld(&db.url, &["pause", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no job named"));
+    let ended = backfilld(&db.url, &["cancel", "fill"]);
+    assert!(
+        stderr(&ended).contains("already ended"),
+        "{}",
+        stderr(&ended)
+    );
+}
+
+#[sqlx::test]
+async fn metrics_health_and_readiness_are_served(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE m (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO m SELECT g FROM generate_series(1, 3000) g;").await;
+    JobSpec::new("metered", "m")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("sleep_ms", "50")
+        .insert(&db)
+        .await;
+    JobSpec::new("broken", "m")
+        .predicate("true")
+        .set("n = n / 0")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    db.wait_state("metered", "succeeded").await;
+    db.wait_state("broken", "failed").await;
+    let (code, _) = http_get(port, "/healthz").await.expect("healthz");
+    assert_eq!(code, 200);
+    let (code, _) = http_get(port, "/readyz").await.expect("readyz");
+    assert_eq!(code, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await; // one poll refreshes the gauges
+    let (code, body) = http_get(port, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "backfilld_rows_changed_total{job=\"metered\"} 3000",
+        "backfilld_rows_scanned_total{job=\"metered\"} 3000",
+        "backfilld_batch_duration_seconds_count{job=\"metered\"} 30",
+        "backfilld_batch_size{job=\"metered\"} 100",
+        "backfilld_job_progress_ratio{job=\"metered\"} 1",
+        "backfilld_jobs{state=\"succeeded\"} 1",
+        "backfilld_jobs{state=\"failed\"} 1",
+        "backfilld_batch_errors_total{job=\"broken\",kind=\"permanent\"} 1",
+        "backfilld_throttle_seconds_total{job=\"metered\",reason=\"sleep\"}",
+        "backfilld_last_batch_timestamp_seconds{job=\"metered\"}",
+        "backfilld_job_eta_seconds{job=\"metered\"} 0",
+        "backfilld_leases_lost_total 0",
+        "backfilld_build_info{version=",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
+    daemon.signal("TERM");
+    assert!(
+        daemon
+            .wait(std::time::Duration::from_secs(30))
+            .await
+            .success()
+    );
+}
