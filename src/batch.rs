@@ -90,6 +90,7 @@ impl Batcher<'_> {
 
     /// Runs one batch of at most `size` keys after `cursor`. `Ok(None)` when the key range is
     /// exhausted (nothing was written).
+    #[tracing::instrument(name = "batch", skip_all, fields(size = size))]
     pub async fn run(
         &self,
         cursor: Option<&Key>,
