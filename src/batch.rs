@@ -57,6 +57,22 @@ pub struct Batcher<'a> {
     pub settings: TxSettings,
     pub lease_ttl: Duration,
     pub max_affected: Option<i64>,
+    pub window: WindowSql,
+}
+
+/// The window query for the first batch and for every later one, rendered once per run.
+pub struct WindowSql {
+    first: String,
+    next: String,
+}
+
+impl WindowSql {
+    pub fn new(keyset: &Keyset) -> Self {
+        Self {
+            first: keyset.window_sql(false),
+            next: keyset.window_sql(true),
+        }
+    }
 }
 
 /// A committed batch.
@@ -133,9 +149,13 @@ impl Batcher<'_> {
         cursor: Option<&Key>,
         size: i64,
     ) -> Result<Option<(i64, Key)>, JobError> {
-        let sql = self.keyset.window_sql(cursor.is_some());
+        let sql = if cursor.is_some() {
+            &self.window.next
+        } else {
+            &self.window.first
+        };
         let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(sqlx::query(&sql), &bounds)
+        let row = bind_keys(sqlx::query(sql), &bounds)
             .bind(size)
             .fetch_optional(conn)
             .await

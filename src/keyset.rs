@@ -77,13 +77,10 @@ impl Keyset {
     }
 
     /// `"a"::text, "b"::text` to read key values back in their exact text form.
-    pub fn as_text(&self, alias: Option<&str>) -> String {
+    pub fn as_text(&self) -> String {
         self.keys
             .iter()
-            .map(|k| match alias {
-                Some(a) => format!("{a}.{}::text", quote_ident(&k.name)),
-                None => format!("{}::text", quote_ident(&k.name)),
-            })
+            .map(|k| format!("{}::text", quote_ident(&k.name)))
             .collect::<Vec<_>>()
             .join(", ")
     }

@@ -124,7 +124,7 @@ impl Counter<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let key = format!("jsonb_build_array({})", self.keyset.as_text(None));
+        let key = format!("jsonb_build_array({})", self.keyset.as_text());
         let body = match action {
             Action::Update => {
                 let before = pairs(

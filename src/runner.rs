@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::archive::{ArchiveKind, ArchiveTable};
-use crate::batch::{Batcher, Committed, TxSettings};
+use crate::batch::{Batcher, Committed, TxSettings, WindowSql};
 use crate::change::{Change, Delete, Revert, Update};
 use crate::claim::{self, Control, Lease, Release};
 use crate::config::Config;
@@ -244,7 +244,7 @@ impl Attempt<'_> {
         if let Some(outcome) = self.run_batches(&p, &change, &upper).await? {
             return Ok(outcome);
         }
-        self.verify(&p, &upper, &cfg).await
+        self.verify(&p, &upper).await
     }
 
     async fn store(&self, u: RowUpdate) -> Result<(), JobError> {
@@ -577,6 +577,7 @@ impl Attempt<'_> {
             },
             lease_ttl: cfg.worker.lease_ttl,
             max_affected: p.spec.max_affected,
+            window: WindowSql::new(&p.keyset),
         };
         let mut cursor = self.stored_cursor(p.keyset.width())?;
         let mut controller =
@@ -759,7 +760,7 @@ impl Attempt<'_> {
     }
 
     /// Counts rows up to the bound that still match the predicate into `remaining`.
-    async fn verify(&self, p: &Prepared, upper: &Key, _cfg: &Config) -> Result<Outcome, JobError> {
+    async fn verify(&self, p: &Prepared, upper: &Key) -> Result<Outcome, JobError> {
         if p.spec.action == Action::Revert {
             return Ok(Outcome::Succeeded);
         }

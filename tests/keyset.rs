@@ -174,7 +174,14 @@ async fn explicit_and_discovered_keys(pool: PgPool) {
          INSERT INTO uniq_only SELECT 'c' || g, NULL FROM generate_series(1, 300) g;",
     )
     .await;
-    let cases: &[(&str, &str, Option<&str>, Result<i64, &str>)] = &[
+    // (job, table, key_columns, rows changed or words of the error)
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Result<i64, &'static str>,
+    );
+    let cases: &[Case] = &[
         (
             "nokey",
             "no_key",
