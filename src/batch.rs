@@ -164,6 +164,9 @@ impl Batcher<'_> {
         let scanned: i64 = row
             .try_get(0)
             .map_err(self.sql_err("reading the next window"))?;
+        if scanned == 0 {
+            return Ok(None);
+        }
         let last = (1..=self.keyset.width())
             .map(|i| row.try_get::<String, _>(i))
             .collect::<sqlx::Result<Vec<_>>>()

@@ -136,18 +136,41 @@ impl Keyset {
     }
 
     /// Picks the next window of at most `$n` keys after the cursor. Returns one row: the number
-    /// of keys in the window and the last key (as text); no row when the range is exhausted.
-    /// Only key columns are read, so the scan can be index-only.
+    /// of keys in the window and the last key (as text); no row, or a count of 0, when the range is
+    /// exhausted. Only key columns are read, so the scan can be index-only.
     pub fn window_sql(&self, has_cursor: bool) -> String {
         let (range, limit) = self.range(None, has_cursor);
-        format!(
-            "WITH win AS MATERIALIZED (
-                 SELECT {cols} FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}
-             )
-             SELECT (SELECT count(*) FROM win), {text} FROM win ORDER BY {desc} LIMIT 1",
+        let inner = format!(
+            "SELECT {cols} FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}",
             cols = self.columns(None),
             table = self.table,
             order = self.order(None, false),
+        );
+        self.summarise(&inner, &[])
+    }
+
+    /// Summarises a key-ordered, limited window query `inner` (selecting the key columns and
+    /// whatever `extra` aggregates need) as one row: `count(*)`, the `extra` aggregates, then the
+    /// last key as text. Single-column keys take `max()`: one pass, no sort. Composite keys take
+    /// the first row in descending key order (so does uuid, which has no `max()`).
+    pub fn summarise(&self, inner: &str, extra: &[&str]) -> String {
+        // PostgreSQL has no max(uuid); every other key type has a max() in the column's order.
+        if let [key] = self.keys.as_slice()
+            && key.sql_type != "uuid"
+        {
+            let extras: String = extra.iter().map(|e| format!(", {e}")).collect();
+            return format!(
+                "SELECT count(*){extras}, max({k})::text AS _bf_k0 FROM ({inner}) AS win",
+                k = quote_ident(&key.name)
+            );
+        }
+        let extras: String = extra
+            .iter()
+            .map(|e| format!(", (SELECT {e} FROM win)"))
+            .collect();
+        format!(
+            "WITH win AS MATERIALIZED ({inner})
+             SELECT (SELECT count(*) FROM win){extras}, {text} FROM win ORDER BY {desc} LIMIT 1",
             text = self.as_text_output(),
             desc = self.order(None, true),
         )
@@ -214,8 +237,14 @@ mod tests {
         );
         assert!(
             ks.window_sql(true)
-                .contains("\"id\"::text AS _bf_k0 FROM win ORDER BY \"id\" DESC")
+                .starts_with("SELECT count(*), max(\"id\")::text AS _bf_k0 FROM (")
         );
+        let composite = Keyset::new(&target(&[("a", "integer"), ("b", "uuid")]));
+        assert!(composite.window_sql(true).contains(
+            "\"a\"::text AS _bf_k0, \"b\"::text AS _bf_k1 FROM win ORDER BY \"a\" DESC, \"b\" DESC"
+        ));
+        let uuid = Keyset::new(&target(&[("id", "uuid")]));
+        assert!(!uuid.window_sql(true).contains("max("));
     }
 
     #[test]

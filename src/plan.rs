@@ -55,20 +55,16 @@ impl Counter<'_> {
 
     fn count_sql(&self, has_cursor: bool) -> String {
         let (range, limit) = self.keyset.range(None, has_cursor);
-        format!(
-            "WITH win AS MATERIALIZED (
-                 SELECT {cols}, coalesce(({pred}), false) AS _bf_match
-                 FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}
-             )
-             SELECT (SELECT count(*) FROM win), (SELECT count(*) FROM win WHERE _bf_match), {text}
-             FROM win ORDER BY {desc} LIMIT 1",
+        let inner = format!(
+            "SELECT {cols}, coalesce(({pred}), false) AS _bf_match
+             FROM {table} WHERE {range} ORDER BY {order} LIMIT ${limit}",
             cols = self.keyset.columns(None),
             pred = self.predicate,
             table = self.target.quoted,
             order = self.keyset.order(None, false),
-            text = self.keyset.as_text_output(),
-            desc = self.keyset.order(None, true),
-        )
+        );
+        self.keyset
+            .summarise(&inner, &["count(*) FILTER (WHERE _bf_match)"])
     }
 
     /// `(keys in range, keys matching)`, counted window by window with the job's pause between
@@ -92,7 +88,11 @@ impl Counter<'_> {
             let Some(row) = row else {
                 return Ok(Some((keys, matching)));
             };
-            keys += row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+            let in_window = row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+            if in_window == 0 {
+                return Ok(Some((keys, matching)));
+            }
+            keys += in_window;
             matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
             let last = (0..self.keyset.width())
                 .map(|i| row.try_get::<String, _>(i + 2))

@@ -38,6 +38,8 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
     )
 }
 
+/// The UPDATE repeats the window range so the planner scans only the window's keys (without it, a
+/// merge join walks the key index from the start of the table on every batch).
 /// Locks the rows the predicate selects (`FOR NO KEY UPDATE` re-reads the newest version of a
 /// concurrently changed row and re-checks the predicate), so the before-image captured is exactly
 /// what the UPDATE overwrites; the archive INSERT is part of the same statement.
@@ -81,7 +83,7 @@ fn archived(target: &Target, fragments: &Fragments, archive: &ArchiveTable, rang
              SELECT {old_cols} FROM {table} WHERE {range} AND ({pred}) FOR NO KEY UPDATE
          ), _bf_changed AS (
              UPDATE {table} SET {set} FROM _bf_old
-             WHERE {join} AND ({pred})
+             WHERE {range} AND {join} AND ({pred})
              RETURNING {returning}
          )
          INSERT INTO {archive} ({archive_cols}) SELECT * FROM _bf_changed",
