@@ -75,6 +75,12 @@ impl WindowSql {
     }
 }
 
+enum Attempted {
+    Committed(Committed),
+    /// The optimistic statement saw live traffic change a row of the window; rolled back.
+    Raced,
+}
+
 /// A committed batch.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -112,6 +118,27 @@ impl Batcher<'_> {
         cursor: Option<&Key>,
         size: i64,
     ) -> Result<Option<Committed>, JobError> {
+        match self.attempt(cursor, size, false).await? {
+            Some(Attempted::Raced) => {
+                tracing::debug!(
+                    "concurrent change inside the window; redoing the batch with row locks"
+                );
+                match self.attempt(cursor, size, true).await? {
+                    Some(Attempted::Committed(c)) => Ok(Some(c)),
+                    _ => Ok(None),
+                }
+            }
+            Some(Attempted::Committed(c)) => Ok(Some(c)),
+            None => Ok(None),
+        }
+    }
+
+    async fn attempt(
+        &self,
+        cursor: Option<&Key>,
+        size: i64,
+        locked: bool,
+    ) -> Result<Option<Attempted>, JobError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.map_err(self.sql_err("begin"))?;
         self.settings
@@ -122,7 +149,10 @@ impl Batcher<'_> {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(None);
         };
-        let changed = self.apply_change(&mut tx, cursor, &hi).await?;
+        let Some(changed) = self.apply_change(&mut tx, cursor, &hi, locked).await? else {
+            tx.rollback().await.map_err(self.sql_err("rollback"))?;
+            return Ok(Some(Attempted::Raced));
+        };
         let skipped = if self.change.counts_skipped() {
             scanned - changed
         } else {
@@ -132,14 +162,14 @@ impl Batcher<'_> {
             .checkpoint(&mut tx, &hi, scanned, changed, skipped, size)
             .await?;
         tx.commit().await.map_err(self.sql_err("commit"))?;
-        Ok(Some(Committed {
+        Ok(Some(Attempted::Committed(Committed {
             scanned,
             changed,
             skipped,
             last: hi,
             elapsed: started.elapsed(),
             control,
-        }))
+        })))
     }
 
     /// The number of keys in the next window and its last key.
@@ -174,21 +204,36 @@ impl Batcher<'_> {
         Ok(Some((scanned, Key(last))))
     }
 
+    /// Applies the change to the window; `None` when an optimistic statement saw a race (the
+    /// caller rolls back and redoes the batch with the locking statement).
     async fn apply_change(
         &self,
         conn: &mut PgConnection,
         cursor: Option<&Key>,
         hi: &Key,
-    ) -> Result<i64, JobError> {
+        locked: bool,
+    ) -> Result<Option<i64>, JobError> {
         let bounds: Vec<&Key> = cursor.into_iter().chain([hi]).collect();
-        let done = bind_keys(
-            sqlx::query(self.change.statement(cursor.is_some())),
-            &bounds,
-        )
-        .execute(conn)
-        .await
-        .map_err(self.sql_err("applying the change"))?;
-        Ok(done.rows_affected() as i64)
+        let has_cursor = cursor.is_some();
+        let (sql, optimistic) = match self.change.locked_statement(has_cursor) {
+            Some(fallback) if locked => (fallback, false),
+            Some(_) => (self.change.statement(has_cursor), true),
+            None => (self.change.statement(has_cursor), false),
+        };
+        let query = bind_keys(sqlx::query(sql), &bounds);
+        if !optimistic {
+            let done = query
+                .execute(conn)
+                .await
+                .map_err(self.sql_err("applying the change"))?;
+            return Ok(Some(done.rows_affected() as i64));
+        }
+        let (captured, changed): (i64, i64) = query
+            .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .fetch_one(conn)
+            .await
+            .map_err(self.sql_err("applying the change"))?;
+        Ok((captured == changed).then_some(changed))
     }
 
     /// Writes the cursor and counters, fenced by the lease; enforces the ceiling.

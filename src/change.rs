@@ -38,6 +38,17 @@ impl Change {
         }
     }
 
+    /// The statement to redo a batch with when the primary one reported a race; only archiving
+    /// updates have one (their primary statement is optimistic and returns `(captured, changed)`).
+    pub fn locked_statement(&self, has_cursor: bool) -> Option<&str> {
+        match self {
+            Change::Update(Update {
+                locked: Some(pair), ..
+            }) => Some(pair.get(has_cursor)),
+            _ => None,
+        }
+    }
+
     /// Reverts count the window rows they did not restore (changed again since the backfill).
     pub fn counts_skipped(&self) -> bool {
         matches!(self, Change::Revert(_))
@@ -52,6 +63,14 @@ pub struct Statements {
 }
 
 impl Statements {
+    fn get(&self, has_cursor: bool) -> &str {
+        if has_cursor {
+            &self.with_cursor
+        } else {
+            &self.first
+        }
+    }
+
     /// Renders `build(range_condition)` for both cursor shapes; the condition selects the keys
     /// `(cursor, hi]`. `alias` qualifies the key columns in it.
     fn render(keyset: &Keyset, alias: Option<&str>, build: impl Fn(&str) -> String) -> Self {

@@ -672,3 +672,134 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         .await;
     assert_eq!(jobs_intact, 0);
 }
+
+#[sqlx::test]
+async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE acct (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+         INSERT INTO acct SELECT g FROM generate_series(1, 20000) g;
+         CREATE TABLE app_writes (id bigint PRIMARY KEY, k int NOT NULL);",
+    )
+    .await;
+    JobSpec::new("bump", "acct")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("archive", "true")
+        .raw("batch_size", "200")
+        .insert(&db)
+        .await;
+    let mut daemon = db.daemon().max_batch(200).until_idle().spawn();
+    // The application adds 100 to random rows while the job runs (bounded loop).
+    let pool = db.pool.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..800 {
+            let id = fastrand::i64(1..=20000);
+            sqlx::raw_sql(&format!(
+                "BEGIN; UPDATE acct SET n = n + 100 WHERE id = {id};
+                 INSERT INTO app_writes VALUES ({id}, 1) ON CONFLICT (id) DO UPDATE SET k = app_writes.k + 1; COMMIT;"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    });
+    writer.await.unwrap();
+    daemon.wait_ok().await;
+    let job = db.job("bump").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 20000);
+    let not_once = db
+        .scalar_i64("SELECT count(*) FROM acct LEFT JOIN app_writes USING (id) WHERE n <> 100 * coalesce(k, 0) + 1")
+        .await;
+    assert_eq!(
+        not_once, 0,
+        "every row gets the backfill's +1 exactly once, on top of the app's writes"
+    );
+
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "bump")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    // Restored rows are back to exactly the app's value; rows the app changed after the backfill
+    // keep their value (skipped). A stale before-image would show up as lost app increments.
+    let wrong = db
+        .scalar_i64(
+            "SELECT count(*) FROM acct LEFT JOIN app_writes USING (id)
+             WHERE n NOT IN (100 * coalesce(k, 0), 100 * coalesce(k, 0) + 1)",
+        )
+        .await;
+    assert_eq!(wrong, 0, "a revert restored a stale before-image");
+    let kept = db
+        .scalar_i64("SELECT count(*) FROM acct WHERE n % 100 = 1")
+        .await;
+    assert_eq!(reverted.rows_skipped, kept, "skipped rows are counted");
+    assert_eq!(reverted.rows_changed + reverted.rows_skipped, 20000);
+}
+
+#[sqlx::test]
+async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE acct (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+         INSERT INTO acct SELECT g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    // The application holds row 50 mid-update while the first batch runs.
+    let mut app = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN; UPDATE acct SET n = n + 100 WHERE id = 50;")
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    JobSpec::new("raced", "acct")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("archive", "true")
+        .raw("batch_size", "500")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "20s")
+        .until_idle()
+        .spawn();
+    // Wait until the batch's UPDATE is blocked on the app's row lock, then let the app commit.
+    let blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_bf_old%'";
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while db.scalar_i64(blocked).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never reached row 50\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut *app).await.unwrap();
+    daemon.wait_ok().await;
+    assert!(
+        daemon.log().contains("redoing the batch with row locks"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(db.job("raced").await.rows_changed, 1000);
+    assert_eq!(db.scalar_i64("SELECT n FROM acct WHERE id = 50").await, 101);
+    let archived = db.job("raced").await.archive_table.unwrap();
+    let before = db
+        .scalar_i64(&format!(
+            "SELECT n FROM backfill.\"{archived}\" WHERE id = 50"
+        ))
+        .await;
+    assert_eq!(
+        before, 100,
+        "the before-image is the version the backfill overwrote"
+    );
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "raced")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job(&revert.name).await.rows_changed, 1000);
+    assert_eq!(db.scalar_i64("SELECT n FROM acct WHERE id = 50").await, 100);
+    assert_eq!(db.scalar_i64("SELECT sum(n)::bigint FROM acct").await, 100);
+}

@@ -10,6 +10,8 @@ use crate::target::Target;
 #[derive(Debug, Clone)]
 pub struct Update {
     pub(super) statements: Statements,
+    /// With an archive: the locking statement, run when the optimistic one reports a race.
+    pub(super) locked: Option<Statements>,
 }
 
 impl Update {
@@ -19,13 +21,25 @@ impl Update {
         fragments: &Fragments,
         archive: Option<&ArchiveTable>,
     ) -> Self {
-        let statements = match archive {
-            None => Statements::render(keyset, None, |range| plain(target, fragments, range)),
-            Some(archive) => Statements::render(keyset, None, |range| {
-                archived(target, fragments, archive, range)
-            }),
-        };
-        Self { statements }
+        match archive {
+            None => Self {
+                statements: Statements::render(keyset, None, |range| {
+                    plain(target, fragments, range)
+                }),
+                locked: None,
+            },
+            Some(archive) => {
+                let sql = Archived {
+                    target,
+                    fragments,
+                    archive,
+                };
+                Self {
+                    statements: Statements::render(keyset, None, |range| sql.optimistic(range)),
+                    locked: Some(Statements::render(keyset, None, |range| sql.locked(range))),
+                }
+            }
+        }
     }
 }
 
@@ -38,62 +52,119 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
     )
 }
 
-/// The UPDATE repeats the window range so the planner scans only the window's keys (without it, a
-/// merge join walks the key index from the start of the table on every batch).
-/// Locks the rows the predicate selects (`FOR NO KEY UPDATE` re-reads the newest version of a
-/// concurrently changed row and re-checks the predicate), so the before-image captured is exactly
-/// what the UPDATE overwrites; the archive INSERT is part of the same statement.
-fn archived(target: &Target, fragments: &Fragments, archive: &ArchiveTable, range: &str) -> String {
-    let touched: Vec<&str> = fragments
-        .assignments
-        .iter()
-        .map(|a| a.column.as_str())
-        .collect();
-    let old_cols: Vec<String> = target
-        .keys
-        .iter()
-        .map(|k| k.name.as_str())
-        .chain(touched.iter().copied())
-        .enumerate()
-        .map(|(i, c)| format!("{} AS _bf_{i}", quote_ident(c)))
-        .collect();
-    let n_old = old_cols.len();
-    let join: Vec<String> = target
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            format!(
-                "{}.{} = _bf_old._bf_{i}",
-                target.quoted,
-                quote_ident(&k.name)
-            )
-        })
-        .collect();
-    let returning: Vec<String> = (0..n_old)
-        .map(|i| format!("_bf_old._bf_{i}"))
-        .chain(
-            touched
-                .iter()
-                .map(|c| format!("{}.{}", target.quoted, quote_ident(c))),
+/// Archiving updates. Both statements capture the before-image and write the archive row in the
+/// same statement as the change, and repeat the window range on the UPDATE so the planner scans
+/// only the window's keys.
+///
+/// - `optimistic` reads the before-image from the statement's snapshot without locking, and only
+///   updates rows whose touched columns still equal it. It returns `(captured, changed)`; a
+///   difference means live traffic changed a row in between (the UPDATE re-checked the newer
+///   version and skipped it), and the batch is rolled back and redone with `locked`.
+/// - `locked` takes `FOR NO KEY UPDATE` first, which re-reads the newest version of a concurrently
+///   changed row and re-checks the predicate, so the image is exactly what the UPDATE overwrites.
+///   It costs a lock record per row, hence optimistic first.
+struct Archived<'a> {
+    target: &'a Target,
+    fragments: &'a Fragments,
+    archive: &'a ArchiveTable,
+}
+
+impl Archived<'_> {
+    fn touched(&self) -> Vec<&str> {
+        self.fragments
+            .assignments
+            .iter()
+            .map(|a| a.column.as_str())
+            .collect()
+    }
+
+    /// `SELECT key AS _bf_0, …, touched AS _bf_k, …` of the rows the predicate selects.
+    fn old_rows(&self, range: &str, lock: &str) -> String {
+        let cols: Vec<String> = self
+            .target
+            .keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .chain(self.touched())
+            .enumerate()
+            .map(|(i, c)| format!("{} AS _bf_{i}", quote_ident(c)))
+            .collect();
+        format!(
+            "SELECT {} FROM {} WHERE {range} AND ({}){lock}",
+            cols.join(", "),
+            self.target.quoted,
+            self.fragments.predicate
         )
-        .collect();
-    format!(
-        "WITH _bf_old AS (
-             SELECT {old_cols} FROM {table} WHERE {range} AND ({pred}) FOR NO KEY UPDATE
-         ), _bf_changed AS (
-             UPDATE {table} SET {set} FROM _bf_old
-             WHERE {range} AND {join} AND ({pred})
-             RETURNING {returning}
-         )
-         INSERT INTO {archive} ({archive_cols}) SELECT * FROM _bf_changed",
-        old_cols = old_cols.join(", "),
-        table = target.quoted,
-        pred = fragments.predicate,
-        set = render_assignments(&fragments.assignments),
-        join = join.join(" AND "),
-        returning = returning.join(", "),
-        archive = archive.quoted,
-        archive_cols = archive.insert_columns(),
-    )
+    }
+
+    /// The UPDATE joined to `_bf_old`, returning before-images then after-values.
+    fn update(&self, range: &str, extra: &str) -> String {
+        let table = &self.target.quoted;
+        let keys = self.target.keys.len();
+        let join: Vec<String> = self
+            .target
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{table}.{} = _bf_old._bf_{i}", quote_ident(&k.name)))
+            .collect();
+        let touched = self.touched();
+        let returning: Vec<String> = (0..keys + touched.len())
+            .map(|i| format!("_bf_old._bf_{i}"))
+            .chain(
+                touched
+                    .iter()
+                    .map(|c| format!("{table}.{}", quote_ident(c))),
+            )
+            .collect();
+        format!(
+            "UPDATE {table} SET {set} FROM _bf_old
+             WHERE {range} AND {join} AND ({pred}){extra}
+             RETURNING {returning}",
+            set = render_assignments(&self.fragments.assignments),
+            join = join.join(" AND "),
+            pred = self.fragments.predicate,
+            returning = returning.join(", "),
+        )
+    }
+
+    fn optimistic(&self, range: &str) -> String {
+        let table = &self.target.quoted;
+        let keys = self.target.keys.len();
+        let touched = self.touched();
+        let current: Vec<String> = touched
+            .iter()
+            .map(|c| format!("{table}.{}", quote_ident(c)))
+            .collect();
+        let before: Vec<String> = (keys..keys + touched.len())
+            .map(|i| format!("_bf_old._bf_{i}"))
+            .collect();
+        // Text forms compare every type, including those without an equality operator.
+        let unchanged = format!(
+            " AND ROW({})::text = ROW({})::text",
+            current.join(", "),
+            before.join(", ")
+        );
+        format!(
+            "WITH _bf_old AS MATERIALIZED ({old}),
+                  _bf_changed AS ({update}),
+                  _bf_archived AS (INSERT INTO {archive} ({cols}) SELECT * FROM _bf_changed RETURNING 1)
+             SELECT (SELECT count(*) FROM _bf_old), (SELECT count(*) FROM _bf_archived)",
+            old = self.old_rows(range, ""),
+            update = self.update(range, &unchanged),
+            archive = self.archive.quoted,
+            cols = self.archive.insert_columns(),
+        )
+    }
+
+    fn locked(&self, range: &str) -> String {
+        format!(
+            "WITH _bf_old AS ({old}), _bf_changed AS ({update})
+             INSERT INTO {archive} ({cols}) SELECT * FROM _bf_changed",
+            old = self.old_rows(range, " FOR NO KEY UPDATE"),
+            update = self.update(range, ""),
+            archive = self.archive.quoted,
+            cols = self.archive.insert_columns(),
+        )
+    }
 }
