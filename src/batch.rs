@@ -28,16 +28,22 @@ pub struct TxSettings {
 impl TxSettings {
     /// Applies the settings to the current transaction only. `force_custom_plan` makes every
     /// batch plan with its actual bounds, so the range scan's row estimate is right.
-    pub async fn apply(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
+    /// With `nested_loop`, hash and merge joins are off for the transaction (see
+    /// `Change::wants_nested_loop`).
+    pub async fn apply(&self, conn: &mut PgConnection, nested_loop: bool) -> sqlx::Result<()> {
+        let joins = if nested_loop { "off" } else { "on" };
         sqlx::query(
             "SELECT set_config('lock_timeout', $1, true),
                     set_config('statement_timeout', $2, true),
                     set_config('synchronous_commit', $3, true),
-                    set_config('plan_cache_mode', 'force_custom_plan', true)",
+                    set_config('plan_cache_mode', 'force_custom_plan', true),
+                    set_config('enable_hashjoin', $4, true),
+                    set_config('enable_mergejoin', $4, true)",
         )
         .bind(format!("{}ms", self.lock_timeout.as_millis()))
         .bind(format!("{}ms", self.statement_timeout.as_millis()))
         .bind(&self.synchronous_commit)
+        .bind(joins)
         .execute(conn)
         .await?;
         Ok(())
@@ -142,7 +148,7 @@ impl Batcher<'_> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.map_err(self.sql_err("begin"))?;
         self.settings
-            .apply(&mut tx)
+            .apply(&mut tx, self.change.wants_nested_loop() && !locked)
             .await
             .map_err(self.sql_err("setting timeouts"))?;
         let Some((scanned, hi)) = self.window(&mut tx, cursor, size).await? else {

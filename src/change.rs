@@ -49,6 +49,12 @@ impl Change {
         }
     }
 
+    /// Archiving updates join the window to the table by `ctid`; a nested loop of TID fetches is
+    /// the cheap plan for that, and the batch transaction disables hash and merge joins for it.
+    pub fn wants_nested_loop(&self) -> bool {
+        self.locked_statement(false).is_some()
+    }
+
     /// Reverts count the window rows they did not restore (changed again since the backfill).
     pub fn counts_skipped(&self) -> bool {
         matches!(self, Change::Revert(_))

@@ -207,6 +207,7 @@ mod tests {
                 })
                 .collect(),
             columns: Vec::<Column>::new(),
+            partitioned: false,
         }
     }
 

@@ -218,7 +218,7 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
         throttle: &spec.throttle,
         cancel: &cancel,
     };
-    let (_, remaining) = counter.count().await?.unwrap_or_default();
+    let remaining = counter.count_matching().await?.unwrap_or_default();
     store_remaining(pool, names, name, remaining).await
 }
 

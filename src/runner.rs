@@ -765,7 +765,7 @@ impl Attempt<'_> {
             return Ok(Outcome::Succeeded);
         }
         let counter = self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle);
-        let Some((_, remaining)) = counter.count().await? else {
+        let Some(remaining) = counter.count_matching().await? else {
             return Ok(self.interruption());
         };
         self.store(RowUpdate {

@@ -44,6 +44,8 @@ pub struct Target {
     pub quoted: String,
     pub keys: Vec<KeyColumn>,
     pub columns: Vec<Column>,
+    /// A partitioned parent has no blocks of its own (no TID range scans over it).
+    pub partitioned: bool,
 }
 
 impl Target {
@@ -76,7 +78,7 @@ pub struct Resolve<'a> {
 
 impl Resolve<'_> {
     pub async fn run(&self, conn: &mut PgConnection) -> Result<Target, JobError> {
-        let (oid, schema, table) = self.find_table(conn).await?;
+        let (oid, schema, table, partitioned) = self.find_table(conn).await?;
         let display = format!("{schema}.{table}");
         if forbidden_schema(&schema, self.own_schema) {
             return Err(self.invalid(format!(
@@ -97,6 +99,7 @@ impl Resolve<'_> {
             table,
             keys,
             columns,
+            partitioned,
         })
     }
 
@@ -104,7 +107,10 @@ impl Resolve<'_> {
         JobError::invalid(self.job, reason)
     }
 
-    async fn find_table(&self, conn: &mut PgConnection) -> Result<(u32, String, String), JobError> {
+    async fn find_table(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<(u32, String, String, bool), JobError> {
         // to_regclass returns NULL for a missing table instead of raising, and parses the name
         // with the server's own rules (quoting, search_path).
         let row: Option<(sqlx::postgres::types::Oid, String, String, String)> = sqlx::query_as(
@@ -132,7 +138,7 @@ impl Resolve<'_> {
                 "{schema}.{table} is not a table (relkind {kind}); target the underlying table"
             )));
         }
-        Ok((oid.0, schema, table))
+        Ok((oid.0, schema, table, kind == "p"))
     }
 
     async fn find_keys(

@@ -56,10 +56,12 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
 /// same statement as the change, and repeat the window range on the UPDATE so the planner scans
 /// only the window's keys.
 ///
-/// - `optimistic` reads the before-image from the statement's snapshot without locking, and only
-///   updates rows whose touched columns still equal it. It returns `(captured, changed)`; a
-///   difference means live traffic changed a row in between (the UPDATE re-checked the newer
-///   version and skipped it), and the batch is rolled back and redone with `locked`.
+/// - `optimistic` reads the before-image and each row's `ctid` from the statement's snapshot
+///   without locking, then updates by `ctid` (a nested loop of TID fetches on pages just read).
+///   Any concurrent update gives the row a new `ctid`, so PostgreSQL's re-check of the newer
+///   version fails the join and skips the row: the captured image is always exactly the version
+///   overwritten. It returns `(captured, changed)`; a difference means live traffic changed a row
+///   in between, and the batch is rolled back and redone with `locked`.
 /// - `locked` takes `FOR NO KEY UPDATE` first, which re-reads the newest version of a concurrently
 ///   changed row and re-checks the predicate, so the image is exactly what the UPDATE overwrites.
 ///   It costs a lock record per row, hence optimistic first.
@@ -78,8 +80,9 @@ impl Archived<'_> {
             .collect()
     }
 
-    /// `SELECT key AS _bf_0, …, touched AS _bf_k, …` of the rows the predicate selects.
-    fn old_rows(&self, range: &str, lock: &str) -> String {
+    /// `SELECT key AS _bf_0, …, touched AS _bf_k, …[, ctid AS _bf_tid]` of the rows the predicate
+    /// selects.
+    fn old_rows(&self, range: &str, lock: &str, with_tid: bool) -> String {
         let cols: Vec<String> = self
             .target
             .keys
@@ -88,6 +91,7 @@ impl Archived<'_> {
             .chain(self.touched())
             .enumerate()
             .map(|(i, c)| format!("{} AS _bf_{i}", quote_ident(c)))
+            .chain(with_tid.then(|| "ctid AS _bf_tid".to_owned()))
             .collect();
         format!(
             "SELECT {} FROM {} WHERE {range} AND ({}){lock}",
@@ -97,17 +101,21 @@ impl Archived<'_> {
         )
     }
 
-    /// The UPDATE joined to `_bf_old`, returning before-images then after-values.
-    fn update(&self, range: &str, extra: &str) -> String {
+    /// The UPDATE joined to `_bf_old` (by `ctid`, or by key), returning before-images then
+    /// after-values.
+    fn update(&self, range: &str, by_tid: bool) -> String {
         let table = &self.target.quoted;
         let keys = self.target.keys.len();
-        let join: Vec<String> = self
-            .target
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{table}.{} = _bf_old._bf_{i}", quote_ident(&k.name)))
-            .collect();
+        let join: Vec<String> = if by_tid {
+            vec![format!("{table}.ctid = _bf_old._bf_tid")]
+        } else {
+            self.target
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("{table}.{} = _bf_old._bf_{i}", quote_ident(&k.name)))
+                .collect()
+        };
         let touched = self.touched();
         let returning: Vec<String> = (0..keys + touched.len())
             .map(|i| format!("_bf_old._bf_{i}"))
@@ -119,7 +127,7 @@ impl Archived<'_> {
             .collect();
         format!(
             "UPDATE {table} SET {set} FROM _bf_old
-             WHERE {range} AND {join} AND ({pred}){extra}
+             WHERE {range} AND {join} AND ({pred})
              RETURNING {returning}",
             set = render_assignments(&self.fragments.assignments),
             join = join.join(" AND "),
@@ -129,29 +137,13 @@ impl Archived<'_> {
     }
 
     fn optimistic(&self, range: &str) -> String {
-        let table = &self.target.quoted;
-        let keys = self.target.keys.len();
-        let touched = self.touched();
-        let current: Vec<String> = touched
-            .iter()
-            .map(|c| format!("{table}.{}", quote_ident(c)))
-            .collect();
-        let before: Vec<String> = (keys..keys + touched.len())
-            .map(|i| format!("_bf_old._bf_{i}"))
-            .collect();
-        // Text forms compare every type, including those without an equality operator.
-        let unchanged = format!(
-            " AND ROW({})::text = ROW({})::text",
-            current.join(", "),
-            before.join(", ")
-        );
         format!(
             "WITH _bf_old AS MATERIALIZED ({old}),
                   _bf_changed AS ({update}),
                   _bf_archived AS (INSERT INTO {archive} ({cols}) SELECT * FROM _bf_changed RETURNING 1)
              SELECT (SELECT count(*) FROM _bf_old), (SELECT count(*) FROM _bf_archived)",
-            old = self.old_rows(range, ""),
-            update = self.update(range, &unchanged),
+            old = self.old_rows(range, "", true),
+            update = self.update(range, true),
             archive = self.archive.quoted,
             cols = self.archive.insert_columns(),
         )
@@ -161,8 +153,8 @@ impl Archived<'_> {
         format!(
             "WITH _bf_old AS ({old}), _bf_changed AS ({update})
              INSERT INTO {archive} ({cols}) SELECT * FROM _bf_changed",
-            old = self.old_rows(range, " FOR NO KEY UPDATE"),
-            update = self.update(range, ""),
+            old = self.old_rows(range, " FOR NO KEY UPDATE", false),
+            update = self.update(range, false),
             archive = self.archive.quoted,
             cols = self.archive.insert_columns(),
         )
