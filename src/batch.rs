@@ -64,6 +64,8 @@ pub struct Batcher<'a> {
     pub lease_ttl: Duration,
     pub max_affected: Option<i64>,
     pub window: WindowSql,
+    /// The slice this batcher walks (`slices[slot]`), or `None` for the job's single `cursor`.
+    pub slot: Option<usize>,
 }
 
 /// The window query for the first batch and for every later one, rendered once per run.
@@ -100,7 +102,9 @@ pub struct Committed {
 
 const CHECKPOINT: &str = "
 UPDATE {jobs}
-SET cursor = $4,
+SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
+    slices = CASE WHEN $10::int IS NULL THEN slices
+                  ELSE jsonb_set(slices, ARRAY[$10::text, 'cursor'], $4) END,
     rows_scanned = rows_scanned + $5,
     rows_changed = rows_changed + $6,
     rows_skipped = rows_skipped + $7,
@@ -262,6 +266,7 @@ impl Batcher<'_> {
             .bind(skipped)
             .bind(i32::try_from(size).unwrap_or(i32::MAX))
             .bind(self.lease_ttl.as_secs_f64())
+            .bind(self.slot.map(|s| s as i32))
             .fetch_optional(conn)
             .await
             .map_err(self.sql_err("writing the checkpoint"))?;

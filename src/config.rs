@@ -80,6 +80,8 @@ pub struct BatchConfig {
     /// `off` lets PostgreSQL acknowledge batch commits before the WAL flush. Safe for exactly-once
     /// because data and checkpoint are lost together, never one without the other.
     pub synchronous_commit: String,
+    /// Slices a job walks at once when its row does not say (each holds a connection).
+    pub parallelism: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +187,7 @@ impl Default for BatchConfig {
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
             synchronous_commit: "on".into(),
+            parallelism: 1,
         }
     }
 }
@@ -366,6 +369,12 @@ impl BatchConfig {
         positive("batch.target_batch_ms", self.target_batch_ms)?;
         non_negative("batch.sleep_ms", self.sleep_ms)?;
         non_negative("batch.max_rows_per_second", self.max_rows_per_second)?;
+        if !(1..=crate::job::MAX_PARALLELISM).contains(&self.parallelism) {
+            return Err(invalid(
+                "batch.parallelism",
+                format!("must be between 1 and {}", crate::job::MAX_PARALLELISM),
+            ));
+        }
         if self.min_size > self.max_size {
             return Err(invalid("batch.max_size", "must be >= batch.min_size"));
         }

@@ -44,6 +44,8 @@ pub struct JobRow {
     pub remaining: Option<i64>,
     pub archive_table: Option<String>,
     pub reverts: Option<String>,
+    pub parallelism: Option<i32>,
+    pub slices: Option<Value>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -139,7 +141,12 @@ pub struct JobSpec {
     pub max_affected: Option<i64>,
     pub archive: bool,
     pub reverts: Option<String>,
+    /// Slices walked at once.
+    pub parallelism: usize,
 }
+
+/// More slices than this are refused: each one holds a connection and a backend busy.
+pub const MAX_PARALLELISM: i64 = 16;
 
 /// Larger batches than this are refused outright: one statement must stay reviewable and short.
 pub const MAX_BATCH_SIZE: i64 = 1_000_000;
@@ -179,6 +186,14 @@ impl JobSpec {
             }
             other => other.clone(),
         };
+        let parallelism = in_range(
+            "parallelism",
+            row.parallelism,
+            batch.parallelism,
+            1,
+            MAX_PARALLELISM,
+        )
+        .map_err(bad)? as usize;
         if action == Action::Revert && row.reverts.is_none() {
             return Err(bad(
                 "action 'revert' needs the reverted job's name in reverts".into(),
@@ -197,6 +212,7 @@ impl JobSpec {
             max_affected,
             archive: row.archive.unwrap_or(true),
             reverts: row.reverts.clone(),
+            parallelism,
         })
     }
 }

@@ -31,6 +31,8 @@ pub struct Plan {
     pub estimated_seconds: f64,
     pub estimate_basis: String,
     pub count_seconds: f64,
+    /// `[keys up to here, last key]` per counting window: where parallel slices are cut.
+    pub boundaries: Vec<(i64, Value)>,
 }
 
 /// What counting needs: the table, its keys, the predicate and the bound.
@@ -47,6 +49,17 @@ pub struct Counter<'a> {
 
 /// Block windows for verification: 8 MiB to start, at most 1 GiB, adapted to `target_batch_ms`.
 const BLOCK_WINDOW: (i64, i64, i64) = (1024, 128, 131_072);
+
+/// What a keyset count found.
+#[derive(Debug, Clone, Default)]
+pub struct Counted {
+    /// Keys up to the upper bound.
+    pub keys: i64,
+    /// Of those, rows the predicate selects.
+    pub matching: i64,
+    /// `(keys up to here, last key)` at the end of each window: where slices may be cut.
+    pub boundaries: Vec<(i64, Value)>,
+}
 
 /// Count windows are reads, so they may be larger than write batches.
 const COUNT_WINDOW_FACTOR: i64 = 10;
@@ -72,13 +85,13 @@ impl Counter<'_> {
 
     /// `(keys in range, keys matching)`, counted window by window with the job's pause between
     /// windows. Returns `None` if cancelled part-way.
-    pub async fn count(&self) -> Result<Option<(i64, i64)>, JobError> {
+    pub async fn count(&self) -> Result<Option<Counted>, JobError> {
         let (first, next) = (self.count_sql(false), self.count_sql(true));
         let mut sizing = self.throttle.clone();
         sizing.initial_size *= COUNT_WINDOW_FACTOR;
         sizing.max_size *= COUNT_WINDOW_FACTOR;
         let mut controller = Controller::new(&sizing, None);
-        let (mut cursor, mut keys, mut matching) = (None::<Key>, 0i64, 0i64);
+        let (mut cursor, mut counted) = (None::<Key>, Counted::default());
         loop {
             let started = Instant::now();
             let sql = if cursor.is_some() { &next } else { &first };
@@ -89,19 +102,20 @@ impl Counter<'_> {
                 .await
                 .map_err(self.err("counting matching rows"))?;
             let Some(row) = row else {
-                return Ok(Some((keys, matching)));
+                return Ok(Some(counted));
             };
             let in_window = row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
             if in_window == 0 {
-                return Ok(Some((keys, matching)));
+                return Ok(Some(counted));
             }
-            keys += in_window;
-            matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
-            let last = (0..self.keyset.width())
+            counted.keys += in_window;
+            counted.matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+            let last = Key((0..self.keyset.width())
                 .map(|i| row.try_get::<String, _>(i + 2))
                 .collect::<sqlx::Result<Vec<_>>>()
-                .map_err(self.err("counting"))?;
-            cursor = Some(Key(last));
+                .map_err(self.err("counting"))?);
+            counted.boundaries.push((counted.keys, last.to_json()));
+            cursor = Some(last);
             controller.observe(started.elapsed());
             let pause = Duration::from_millis(self.throttle.sleep_ms as u64);
             tokio::select! {
@@ -122,7 +136,7 @@ impl Counter<'_> {
     /// Partitioned parents have no blocks of their own and are counted by keyset instead.
     pub async fn count_matching(&self) -> Result<Option<i64>, JobError> {
         if self.target.partitioned {
-            return Ok(self.count().await?.map(|(_, matching)| matching));
+            return Ok(self.count().await?.map(|c| c.matching));
         }
         let (upper, next) = self.keyset.range(None, false);
         let sql = format!(

@@ -50,6 +50,8 @@ enum Outcome {
     /// This replica is stopping: hand the job back without burning the attempt.
     Shutdown,
     LeaseLost,
+    /// A slice stopped because a sibling slice stopped (never written: see `merge`).
+    Stopped,
 }
 
 /// Runs one claimed job to the end of this attempt and records how it ended.
@@ -147,6 +149,7 @@ struct RowUpdate {
     plan: Option<Value>,
     archive_table: Option<String>,
     remaining: Option<i64>,
+    slices: Option<Value>,
 }
 
 const STORE: &str = "
@@ -156,6 +159,7 @@ SET upper_bound = coalesce($4, upper_bound),
     plan = coalesce($6, plan),
     archive_table = coalesce($7, archive_table),
     remaining = coalesce($8, remaining),
+    slices = coalesce($9, slices),
     heartbeat_at = now()
 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'";
 
@@ -183,7 +187,8 @@ impl Attempt<'_> {
                         .inc();
                     let delay = backoff(retries);
                     tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, "transient error; retrying");
-                    if let Some(outcome) = self.pause(delay, Reason::Backoff).await {
+                    if let Some(outcome) = self.pause(delay, Reason::Backoff, &self.interrupt).await
+                    {
                         return Ok(outcome);
                     }
                     self.refresh_row().await?;
@@ -241,7 +246,7 @@ impl Attempt<'_> {
         }
         self.check_ceiling(&p, &plan)?;
         let change = self.build_change(&p).await?;
-        if let Some(outcome) = self.run_batches(&p, &change, &upper).await? {
+        if let Some(outcome) = self.run_slices(&p, &change, &upper, &plan).await? {
             return Ok(outcome);
         }
         self.verify(&p, &upper).await
@@ -257,6 +262,7 @@ impl Attempt<'_> {
             .bind(u.plan)
             .bind(u.archive_table)
             .bind(u.remaining)
+            .bind(u.slices)
             .execute(&self.ctx.pool)
             .await
             .map_err(self.err("updating the job row"))?;
@@ -439,9 +445,10 @@ impl Attempt<'_> {
             target: &counted_target,
             ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle)
         };
-        let Some((in_range, matching)) = counter.count().await? else {
+        let Some(counted) = counter.count().await? else {
             return Ok(None);
         };
+        let (in_range, matching) = (counted.keys, counted.matching);
         let samples = if p.source_archive.is_some() {
             Vec::new()
         } else {
@@ -466,6 +473,7 @@ impl Attempt<'_> {
             estimated_seconds,
             estimate_basis,
             count_seconds: started.elapsed().as_secs_f64(),
+            boundaries: counted.boundaries,
         };
         let value = serde_json::to_value(&plan).unwrap_or(Value::Null);
         self.store(RowUpdate {
@@ -553,13 +561,108 @@ impl Attempt<'_> {
         Ok(self.change_for(p, Some(&archive)))
     }
 
-    /// The batch loop. `Ok(None)` when the key range is exhausted.
-    async fn run_batches(
+    /// Runs every slice of the key range at once and merges how they ended. `Ok(None)` when the
+    /// whole range is exhausted.
+    async fn run_slices(
         &mut self,
         p: &Prepared,
         change: &Change,
         upper: &Key,
+        plan: &Value,
     ) -> Result<Option<Outcome>, JobError> {
+        let slices = self.slices(p, plan, upper).await?;
+        if slices.len() > 1 {
+            tracing::info!(
+                slices = slices.len(),
+                "walking the key range in parallel slices"
+            );
+        }
+        let this: &Self = self;
+        let progress = std::sync::Mutex::new(Progress::new(&this.row));
+        let stop = this.interrupt.child_token();
+        let runs = slices
+            .iter()
+            .map(|slice| this.run_slice(p, change, slice, &progress, &stop));
+        merge(futures_util::future::join_all(runs).await)
+    }
+
+    /// The slices of this run: stored ones when resuming, else cut from the plan's window
+    /// boundaries (only before the first batch), else the single `cursor`.
+    async fn slices(
+        &mut self,
+        p: &Prepared,
+        plan: &Value,
+        upper: &Key,
+    ) -> Result<Vec<Slice>, JobError> {
+        let width = p.keyset.width();
+        if let Some(stored) = &self.row.slices {
+            return Slice::parse_all(stored, width).ok_or_else(|| {
+                JobError::invalid(
+                    &self.row.name,
+                    format!("stored slices {stored} do not fit the key columns"),
+                )
+            });
+        }
+        let cuts = if p.spec.parallelism > 1 && self.row.cursor.is_none() {
+            cut_points(plan, p.spec.parallelism, width)
+        } else {
+            Vec::new()
+        };
+        if cuts.is_empty() {
+            let cursor = self.stored_cursor(width)?;
+            return Ok(vec![Slice {
+                slot: None,
+                cursor,
+                upper: upper.clone(),
+            }]);
+        }
+        let starts = std::iter::once(None).chain(cuts.iter().cloned().map(Some));
+        let ends = cuts.iter().cloned().chain([upper.clone()]);
+        let slices: Vec<Slice> = starts
+            .zip(ends)
+            .enumerate()
+            .map(|(i, (cursor, upper))| Slice {
+                slot: Some(i),
+                cursor,
+                upper,
+            })
+            .collect();
+        let json = Value::Array(slices.iter().map(Slice::to_json).collect());
+        self.store(RowUpdate {
+            slices: Some(json.clone()),
+            ..Default::default()
+        })
+        .await?;
+        self.row.slices = Some(json);
+        Ok(slices)
+    }
+
+    /// One slice's batch loop; a slice that ends for any reason but exhaustion stops its siblings.
+    async fn run_slice(
+        &self,
+        p: &Prepared,
+        change: &Change,
+        slice: &Slice,
+        progress: &std::sync::Mutex<Progress>,
+        stop: &CancellationToken,
+    ) -> Result<Option<Outcome>, JobError> {
+        let result = self.batch_loop(p, change, slice, progress, stop).await;
+        if !matches!(result, Ok(None)) {
+            stop.cancel();
+        }
+        result
+    }
+
+    /// The batch loop. `Ok(None)` when the slice's key range is exhausted.
+    async fn batch_loop(
+        &self,
+        p: &Prepared,
+        change: &Change,
+        slice: &Slice,
+        progress: &std::sync::Mutex<Progress>,
+        stop: &CancellationToken,
+    ) -> Result<Option<Outcome>, JobError> {
+        let upper = &slice.upper;
         let cfg = self.ctx.config();
         let table = p.target.display();
         let batcher = Batcher {
@@ -578,18 +681,24 @@ impl Attempt<'_> {
             lease_ttl: cfg.worker.lease_ttl,
             max_affected: p.spec.max_affected,
             window: WindowSql::new(&p.keyset),
+            slot: slice.slot,
         };
-        let mut cursor = self.stored_cursor(p.keyset.width())?;
+        let mut cursor = slice.cursor.clone();
         let mut controller =
             Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
-        let mut progress = Progress::new(&self.row);
         let mut health = Health::new();
         let mut retries = 0u32;
         loop {
             if let Some(outcome) = self.interrupted() {
                 return Ok(Some(outcome));
             }
-            if let Some(outcome) = self.wait_until_healthy(&mut health, p.target.oid).await {
+            if stop.is_cancelled() {
+                return Ok(Some(Outcome::Stopped));
+            }
+            if let Some(outcome) = self
+                .wait_until_healthy(&mut health, p.target.oid, stop)
+                .await
+            {
                 return Ok(Some(outcome));
             }
             let size = controller.size();
@@ -597,7 +706,7 @@ impl Attempt<'_> {
                 Ok(None) => return Ok(None),
                 Ok(Some(done)) => {
                     retries = 0;
-                    self.record(&done, size, &mut progress);
+                    self.record(&done, size, progress);
                     if done.scanned >= size {
                         controller.observe(done.elapsed);
                     }
@@ -609,7 +718,7 @@ impl Attempt<'_> {
                     }
                     let (pause, reason) =
                         throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
-                    if let Some(outcome) = self.pause(pause, reason).await {
+                    if let Some(outcome) = self.pause(pause, reason, stop).await {
                         return Ok(Some(outcome));
                     }
                 }
@@ -623,11 +732,11 @@ impl Attempt<'_> {
                     controller.back_off();
                     let delay = backoff(retries);
                     tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, batch_size = controller.size(), "transient batch error; retrying");
-                    if let Some(outcome) = self.pause(delay, Reason::Backoff).await {
+                    if let Some(outcome) = self.pause(delay, Reason::Backoff, stop).await {
                         return Ok(Some(outcome));
                     }
                     // The failed commit may or may not have landed: the stored checkpoint decides.
-                    cursor = self.reload_cursor(p.keyset.width()).await?;
+                    cursor = self.reload_cursor(p.keyset.width(), slice.slot).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -656,13 +765,19 @@ impl Attempt<'_> {
         }
     }
 
-    async fn reload_cursor(&self, width: usize) -> Result<Option<Key>, JobError> {
+    async fn reload_cursor(
+        &self,
+        width: usize,
+        slot: Option<usize>,
+    ) -> Result<Option<Key>, JobError> {
         let row: Option<(Option<Value>,)> = sqlx::query_as(&self.ctx.names.render(
-            "SELECT cursor FROM {jobs} WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'",
+            "SELECT CASE WHEN $4::int IS NULL THEN cursor ELSE slices -> $4::int -> 'cursor' END
+             FROM {jobs} WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'",
         ))
         .bind(self.lease.job_id)
         .bind(self.lease.attempt)
         .bind(&self.lease.owner)
+        .bind(slot.map(|s| s as i32))
         .fetch_optional(&self.ctx.pool)
         .await
         .map_err(self.err("re-reading the checkpoint"))?;
@@ -675,7 +790,9 @@ impl Attempt<'_> {
         self.parse_cursor(cursor.as_ref(), width)
     }
 
-    fn record(&self, done: &Committed, size: i64, progress: &mut Progress) {
+    fn record(&self, done: &Committed, size: i64, progress: &std::sync::Mutex<Progress>) {
+        // A poisoned lock only means another slice panicked mid-update of plain numbers.
+        let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
         let m = &self.ctx.metrics;
         let job = [self.row.name.as_str()];
         m.rows_changed
@@ -709,7 +826,12 @@ impl Attempt<'_> {
     }
 
     /// Holds batches while a health signal is over its limit, counting the time per reason.
-    async fn wait_until_healthy(&self, health: &mut Health, table_oid: u32) -> Option<Outcome> {
+    async fn wait_until_healthy(
+        &self,
+        health: &mut Health,
+        table_oid: u32,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
         loop {
             let cfg = self.ctx.config();
             let reason = health
@@ -719,20 +841,26 @@ impl Attempt<'_> {
                 reason = reason.as_str(),
                 "holding batches: database health signal over its limit"
             );
-            if let Some(outcome) = self.pause(cfg.throttle.check_interval, reason).await {
+            if let Some(outcome) = self.pause(cfg.throttle.check_interval, reason, stop).await {
                 return Some(outcome);
             }
         }
     }
 
     /// Sleeps unless interrupted; the time counts toward the throttle metric.
-    async fn pause(&self, duration: Duration, reason: Reason) -> Option<Outcome> {
+    /// Sleeps unless `wake` (the attempt's interrupt, or a slice's stop) fires first.
+    async fn pause(
+        &self,
+        duration: Duration,
+        reason: Reason,
+        wake: &CancellationToken,
+    ) -> Option<Outcome> {
         if duration.is_zero() {
             return None;
         }
         let started = Instant::now();
         tokio::select! {
-            _ = self.interrupt.cancelled() => {}
+            _ = wake.cancelled() => {}
             _ = tokio::time::sleep(duration) => {}
         }
         self.ctx.metrics.throttled(
@@ -792,7 +920,7 @@ impl Attempt<'_> {
             Ok(Outcome::Planned) => Release::Planned,
             Ok(Outcome::Paused) => Release::Paused,
             Ok(Outcome::Cancelled) => Release::Cancelled,
-            Ok(Outcome::Shutdown) => Release::Requeue,
+            Ok(Outcome::Shutdown) | Ok(Outcome::Stopped) => Release::Requeue,
             Err(e) => {
                 self.ctx
                     .metrics
@@ -893,5 +1021,158 @@ impl Progress {
         let rate =
             self.scanned_this_attempt as f64 / self.started.elapsed().as_secs_f64().max(0.001);
         (rate > 0.0).then(|| (total - self.scanned).max(0) as f64 / rate)
+    }
+}
+
+/// One slice of the key range: keys in `(cursor, upper]`, checkpointed into `slices[slot]`, or
+/// into the job's `cursor` when the job runs as a single slice (`slot = None`).
+#[derive(Debug, Clone, PartialEq)]
+struct Slice {
+    slot: Option<usize>,
+    cursor: Option<Key>,
+    upper: Key,
+}
+
+impl Slice {
+    fn to_json(&self) -> Value {
+        serde_json::json!({
+            "cursor": self.cursor.as_ref().map(Key::to_json),
+            "upper": self.upper.to_json(),
+        })
+    }
+
+    fn parse_all(stored: &Value, width: usize) -> Option<Vec<Slice>> {
+        stored
+            .as_array()?
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let cursor = match &s["cursor"] {
+                    Value::Null => None,
+                    v => Some(Key::from_json(v, width)?),
+                };
+                let upper = Key::from_json(&s["upper"], width)?;
+                Some(Slice {
+                    slot: Some(i),
+                    cursor,
+                    upper,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Keys that cut the range into `parts` slices of about equal key counts, taken from the plan's
+/// window boundaries (ascending, deduplicated, never the upper bound itself).
+fn cut_points(plan: &Value, parts: usize, width: usize) -> Vec<Key> {
+    let total = plan["rows_in_range"].as_i64().unwrap_or(0);
+    let bounds: Vec<(i64, Key)> = plan["boundaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| Some((b[0].as_i64()?, Key::from_json(&b[1], width)?)))
+        .collect();
+    let mut cuts: Vec<Key> = Vec::new();
+    for i in 1..parts as i64 {
+        let target = total * i / parts as i64;
+        if let Some((n, key)) = bounds.iter().find(|(n, _)| *n >= target)
+            && *n < total
+            && cuts.last() != Some(key)
+        {
+            cuts.push(key.clone());
+        }
+    }
+    cuts
+}
+
+/// How a set of slices ended, as one outcome: an error wins (a permanent one over a transient
+/// one), then lease loss, cancel, pause, shutdown; a slice stopped by a sibling defers to it.
+fn merge(results: Vec<Result<Option<Outcome>, JobError>>) -> Result<Option<Outcome>, JobError> {
+    fn rank(o: Outcome) -> u8 {
+        match o {
+            Outcome::LeaseLost => 5,
+            Outcome::Cancelled => 4,
+            Outcome::Paused => 3,
+            Outcome::Shutdown => 2,
+            Outcome::Stopped => 1,
+            Outcome::Succeeded | Outcome::Planned => 0,
+        }
+    }
+    let mut error: Option<JobError> = None;
+    let mut outcome: Option<Outcome> = None;
+    for result in results {
+        match result {
+            Err(e) => {
+                if error
+                    .as_ref()
+                    .is_none_or(|held| held.is_retryable() && !e.is_retryable())
+                {
+                    error = Some(e);
+                }
+            }
+            Ok(Some(o)) if outcome.is_none_or(|held| rank(o) > rank(held)) => outcome = Some(o),
+            Ok(_) => {}
+        }
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    // Only siblings' stops and no cause: hand the job back rather than call it done.
+    Ok(outcome.map(|o| {
+        if o == Outcome::Stopped {
+            Outcome::Shutdown
+        } else {
+            o
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: i64) -> Value {
+        serde_json::json!([n.to_string()])
+    }
+
+    #[test]
+    fn cut_points_split_by_key_counts() {
+        let plan = serde_json::json!({
+            "rows_in_range": 1000,
+            "boundaries": [[100, key(100)], [300, key(300)], [600, key(600)], [1000, key(1000)]],
+        });
+        let cuts = cut_points(&plan, 2, 1);
+        assert_eq!(cuts, vec![Key(vec!["600".into()])]);
+        let cuts = cut_points(&plan, 4, 1);
+        assert_eq!(cuts, vec![Key(vec!["300".into()]), Key(vec!["600".into()])]);
+        assert!(
+            cut_points(
+                &serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]}),
+                3,
+                1
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn merge_prefers_errors_then_the_strongest_outcome() {
+        let lost = || JobError::LeaseLost {
+            job: "j".into(),
+            attempt: 1,
+        };
+        assert!(matches!(
+            merge(vec![Ok(None), Ok(Some(Outcome::Stopped)), Err(lost())]),
+            Err(JobError::LeaseLost { .. })
+        ));
+        assert_eq!(
+            merge(vec![Ok(Some(Outcome::Stopped)), Ok(Some(Outcome::Paused))]).unwrap(),
+            Some(Outcome::Paused)
+        );
+        assert_eq!(
+            merge(vec![Ok(Some(Outcome::Stopped)), Ok(None)]).unwrap(),
+            Some(Outcome::Shutdown)
+        );
+        assert_eq!(merge(vec![Ok(None), Ok(None)]).unwrap(), None);
     }
 }

@@ -39,11 +39,18 @@ struct Migration {
 }
 
 /// Append-only: a released migration is never edited, only followed by a new one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("schema/0001_jobs.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("schema/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "slices",
+        sql: include_str!("schema/0002_slices.sql"),
+    },
+];
 
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.version)

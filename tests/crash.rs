@@ -191,3 +191,46 @@ async fn a_stalled_replica_cannot_commit_after_its_lease_was_taken(pool: PgPool)
     );
     assert_exactly_once(&db, "fenced", 10_000).await;
 }
+
+#[sqlx::test]
+async fn parallel_slices_change_every_row_exactly_once_across_a_kill(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, 60_000).await;
+    JobSpec::new("sliced", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "300")
+        .raw("parallelism", "3")
+        .insert(&db)
+        .await;
+    let mut first = db
+        .daemon()
+        .max_batch(300)
+        .env("BACKFILLD_WORKER__LEASE_TTL", "2s")
+        .spawn();
+    db.wait_for("sliced", "batches in every slice", |r| r.batches >= 40)
+        .await;
+    first.kill9();
+    let mid = db.job("sliced").await;
+    let slices = mid.slices.clone().expect("slices stored");
+    assert_eq!(slices.as_array().map(Vec::len), Some(3), "{slices}");
+    assert!(mid.cursor.is_none(), "sliced jobs checkpoint per slice");
+    db.daemon()
+        .max_batch(300)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    assert_exactly_once(&db, "sliced", 60_000).await;
+    let done = db.job("sliced").await;
+    assert_eq!(
+        done.rows_scanned, 60_000,
+        "no key scanned twice across slices and the restart"
+    );
+    for s in done.slices.unwrap().as_array().unwrap() {
+        assert_eq!(
+            s["cursor"], s["upper"],
+            "every slice walked to its end: {s}"
+        );
+    }
+}
