@@ -234,3 +234,42 @@ async fn explicit_and_discovered_keys(pool: PgPool) {
         }
     }
 }
+
+#[sqlx::test]
+async fn partitioned_tables_are_walked_and_verified_by_key(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE parts (id bigint NOT NULL, region int NOT NULL, s text, PRIMARY KEY (id, region))
+             PARTITION BY LIST (region);
+         CREATE TABLE parts_1 PARTITION OF parts FOR VALUES IN (1);
+         CREATE TABLE parts_2 PARTITION OF parts FOR VALUES IN (2);
+         INSERT INTO parts SELECT g, 1 + g % 2, NULL FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    JobSpec::new("parts", "parts")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .raw("batch_size", "250")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .max_batch(250)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let job = db.job("parts").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 3000);
+    assert_eq!(job.remaining, Some(0));
+    db.exec("UPDATE parts SET s = NULL WHERE id <= 5").await;
+    let remaining = backfilld::ops::verify(
+        &db.pool,
+        &db.names,
+        &backfilld::config::Config::default(),
+        "parts",
+    )
+    .await
+    .unwrap();
+    assert_eq!(remaining, 5);
+}
