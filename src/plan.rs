@@ -269,15 +269,17 @@ pub async fn explain(pool: &PgPool, change: &Change, first_hi: &Key) -> Value {
     }
 }
 
-/// Time to finish at the job's throttle: batches at the target duration plus their pauses, or
-/// the rows-per-second cap when that is slower.
+/// Time to finish at the job's throttle: the controller grows batches toward `max_size` while
+/// they stay under `target_batch_ms`, so this counts batches of `max_size` keys, each taking the
+/// target duration plus the pause (an upper estimate when batches are fast); or the
+/// rows-per-second cap when that is slower.
 pub fn estimate(t: &Throttle, rows_in_range: i64, rows_matching: i64) -> (f64, String) {
-    let batches = (rows_in_range as f64 / t.initial_size as f64).ceil();
+    let batches = (rows_in_range as f64 / t.max_size as f64).ceil();
     let per_batch = (t.target_batch_ms + t.sleep_ms) as f64 / 1000.0;
     let by_batches = batches * per_batch;
     let basis = format!(
-        "{batches} batches of {} keys at target_batch_ms={} plus sleep_ms={}",
-        t.initial_size, t.target_batch_ms, t.sleep_ms
+        "{batches} batches of up to {} keys at target_batch_ms={} plus sleep_ms={}",
+        t.max_size, t.target_batch_ms, t.sleep_ms
     );
     if t.max_rows_per_second > 0 {
         let by_rate = rows_matching as f64 / t.max_rows_per_second as f64;
@@ -305,11 +307,11 @@ mod tests {
             sleep_ms: 100,
             max_rows_per_second: 0,
         };
-        assert_eq!(estimate(&t, 10_000, 10_000).0, 5.0);
+        assert_eq!(estimate(&t, 100_000, 100_000).0, 5.0);
         let capped = Throttle {
             max_rows_per_second: 100,
             ..t
         };
-        assert_eq!(estimate(&capped, 10_000, 10_000).0, 100.0);
+        assert_eq!(estimate(&capped, 100_000, 10_000).0, 100.0);
     }
 }
