@@ -207,11 +207,9 @@ impl Batcher<'_> {
         if scanned == 0 {
             return Ok(None);
         }
-        let last = (1..=self.keyset.width())
-            .map(|i| row.try_get::<String, _>(i))
-            .collect::<sqlx::Result<Vec<_>>>()
+        let last = Key::from_row(&row, 1, self.keyset.width())
             .map_err(self.sql_err("reading the next window"))?;
-        Ok(Some((scanned, Key(last))))
+        Ok(Some((scanned, last)))
     }
 
     /// Applies the change to the window; `None` when an optimistic statement saw a race (the

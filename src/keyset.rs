@@ -15,6 +15,15 @@ impl Key {
         Value::Array(self.0.iter().cloned().map(Value::String).collect())
     }
 
+    /// Reads `width` text columns starting at column `first` of a result row.
+    pub fn from_row(row: &sqlx::postgres::PgRow, first: usize, width: usize) -> sqlx::Result<Key> {
+        use sqlx::Row;
+        (first..first + width)
+            .map(|i| row.try_get::<String, _>(i))
+            .collect::<sqlx::Result<Vec<_>>>()
+            .map(Key)
+    }
+
     /// Reads a key stored by `to_json`; `None` for a missing or malformed value.
     pub fn from_json(value: &Value, width: usize) -> Option<Key> {
         let items = value.as_array()?;

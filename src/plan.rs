@@ -110,10 +110,7 @@ impl Counter<'_> {
             }
             counted.keys += in_window;
             counted.matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
-            let last = Key((0..self.keyset.width())
-                .map(|i| row.try_get::<String, _>(i + 2))
-                .collect::<sqlx::Result<Vec<_>>>()
-                .map_err(self.err("counting"))?);
+            let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
             counted.boundaries.push((counted.keys, last.to_json()));
             cursor = Some(last);
             controller.observe(started.elapsed());

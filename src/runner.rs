@@ -252,17 +252,18 @@ impl Attempt<'_> {
         self.verify(&p, &upper).await
     }
 
-    async fn store(&self, u: RowUpdate) -> Result<(), JobError> {
+    /// Writes the given columns, fenced, and mirrors them into the in-memory row.
+    async fn store(&mut self, u: RowUpdate) -> Result<(), JobError> {
         let done = sqlx::query(&self.ctx.names.render(STORE))
             .bind(self.lease.job_id)
             .bind(self.lease.attempt)
             .bind(&self.lease.owner)
-            .bind(u.upper_bound)
+            .bind(&u.upper_bound)
             .bind(u.estimated_total)
-            .bind(u.plan)
-            .bind(u.archive_table)
+            .bind(&u.plan)
+            .bind(&u.archive_table)
             .bind(u.remaining)
-            .bind(u.slices)
+            .bind(&u.slices)
             .execute(&self.ctx.pool)
             .await
             .map_err(self.err("updating the job row"))?;
@@ -272,6 +273,13 @@ impl Attempt<'_> {
                 attempt: self.lease.attempt,
             });
         }
+        let row = &mut self.row;
+        row.upper_bound = u.upper_bound.or(row.upper_bound.take());
+        row.estimated_total = u.estimated_total.or(row.estimated_total);
+        row.plan = u.plan.or(row.plan.take());
+        row.archive_table = u.archive_table.or(row.archive_table.take());
+        row.remaining = u.remaining.or(row.remaining);
+        row.slices = u.slices.or(row.slices.take());
         Ok(())
     }
 
@@ -393,20 +401,19 @@ impl Attempt<'_> {
             .map_err(self.err("freezing the upper bound"))?;
         let upper = match row {
             None => None,
-            Some(r) => Some(Key((0..keyset.width())
-                .map(|i| sqlx::Row::try_get::<String, _>(&r, i))
-                .collect::<sqlx::Result<_>>()
-                .map_err(self.err("freezing the upper bound"))?)),
+            Some(r) => Some(
+                Key::from_row(&r, 0, keyset.width())
+                    .map_err(self.err("freezing the upper bound"))?,
+            ),
         };
         let json = upper
             .as_ref()
             .map_or(Value::Array(Vec::new()), Key::to_json);
         self.store(RowUpdate {
-            upper_bound: Some(json.clone()),
+            upper_bound: Some(json),
             ..Default::default()
         })
         .await?;
-        self.row.upper_bound = Some(json);
         Ok(upper)
     }
 
@@ -482,7 +489,6 @@ impl Attempt<'_> {
             ..Default::default()
         })
         .await?;
-        self.row.estimated_total = Some(in_range);
         tracing::info!(
             rows_matching = matching,
             rows_in_range = in_range,
@@ -552,11 +558,10 @@ impl Attempt<'_> {
             .map_err(self.err("creating the archive table"))?;
         if self.row.archive_table.is_none() {
             self.store(RowUpdate {
-                archive_table: Some(name.clone()),
+                archive_table: Some(name),
                 ..Default::default()
             })
             .await?;
-            self.row.archive_table = Some(name);
         }
         Ok(self.change_for(p, Some(&archive)))
     }
@@ -629,11 +634,10 @@ impl Attempt<'_> {
             .collect();
         let json = Value::Array(slices.iter().map(Slice::to_json).collect());
         self.store(RowUpdate {
-            slices: Some(json.clone()),
+            slices: Some(json),
             ..Default::default()
         })
         .await?;
-        self.row.slices = Some(json);
         Ok(slices)
     }
 
@@ -888,7 +892,7 @@ impl Attempt<'_> {
     }
 
     /// Counts rows up to the bound that still match the predicate into `remaining`.
-    async fn verify(&self, p: &Prepared, upper: &Key) -> Result<Outcome, JobError> {
+    async fn verify(&mut self, p: &Prepared, upper: &Key) -> Result<Outcome, JobError> {
         if p.spec.action == Action::Revert {
             return Ok(Outcome::Succeeded);
         }
