@@ -128,6 +128,9 @@ pub struct EnqueueArgs {
     pub sleep_ms: Option<i32>,
     #[arg(long)]
     pub max_rows_per_second: Option<i32>,
+    /// Key-range slices walked at once (each on its own connection).
+    #[arg(long)]
+    pub parallelism: Option<i32>,
     /// Refuse or stop when more rows would change.
     #[arg(long)]
     pub max_affected: Option<i64>,
@@ -252,6 +255,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         target_batch_ms: a.target_batch_ms,
         sleep_ms: a.sleep_ms,
         max_rows_per_second: a.max_rows_per_second,
+        parallelism: a.parallelism,
         max_affected: a.max_affected,
         archive: a.no_archive.then_some(false),
         priority: a.priority,

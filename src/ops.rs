@@ -27,6 +27,7 @@ pub struct NewJob {
     pub target_batch_ms: Option<i32>,
     pub sleep_ms: Option<i32>,
     pub max_rows_per_second: Option<i32>,
+    pub parallelism: Option<i32>,
     pub max_affected: Option<i64>,
     pub archive: Option<bool>,
     pub priority: Option<i32>,
@@ -35,9 +36,10 @@ pub struct NewJob {
 
 const INSERT: &str = "
 INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns, mode, batch_size,
-                    target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at)
+                    target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at,
+                    parallelism)
 VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
-        coalesce($14, 0), coalesce($15, now()))
+        coalesce($14, 0), coalesce($15, now()), $16)
 RETURNING *";
 
 pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRow> {
@@ -58,6 +60,7 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
         .bind(job.archive)
         .bind(job.priority)
         .bind(job.run_at)
+        .bind(job.parallelism)
         .fetch_one(pool)
         .await
         .map_err(|e| match &e {
@@ -164,9 +167,10 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
         .unwrap_or_default();
     sqlx::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
-                             batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority)
+                             batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
+                             parallelism)
          SELECT $2, table_name, 'true', 'revert', key_columns, 'execute', false, name,
-                batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority
+                batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism
          FROM {jobs} WHERE name = $1
          RETURNING *",
     ))
