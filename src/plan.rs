@@ -112,13 +112,24 @@ impl Counter<'_> {
             counted.matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
             let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
             counted.boundaries.push((counted.keys, last.to_json()));
+            // A window short of its limit has read the rest of the range.
+            if in_window < controller.size() {
+                return Ok(Some(counted));
+            }
             cursor = Some(last);
             controller.observe(started.elapsed());
-            let pause = Duration::from_millis(self.throttle.sleep_ms as u64);
-            tokio::select! {
-                _ = self.cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(pause) => {}
+            if !self.pause().await {
+                return Ok(None);
             }
+        }
+    }
+
+    /// The job's pause between windows; `false` when cancelled.
+    async fn pause(&self) -> bool {
+        let pause = Duration::from_millis(self.throttle.sleep_ms as u64);
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
         }
     }
 }
@@ -169,10 +180,8 @@ impl Counter<'_> {
                 // Blocks added meanwhile (new row versions) are read too.
                 blocks = self.blocks().await?;
             }
-            let pause = Duration::from_millis(self.throttle.sleep_ms as u64);
-            tokio::select! {
-                _ = self.cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(pause) => {}
+            if from < blocks && !self.pause().await {
+                return Ok(None);
             }
         }
         Ok(Some(matching))

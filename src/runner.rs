@@ -720,6 +720,10 @@ impl Attempt<'_> {
                         Control::Cancel => return Ok(Some(Outcome::Cancelled)),
                         _ => {}
                     }
+                    // A window short of its size has reached the slice's end: nothing to pause for.
+                    if done.scanned < size {
+                        return Ok(None);
+                    }
                     let (pause, reason) =
                         throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
                     if let Some(outcome) = self.pause(pause, reason, stop).await {
@@ -852,7 +856,8 @@ impl Attempt<'_> {
     }
 
     /// Sleeps unless interrupted; the time counts toward the throttle metric.
-    /// Sleeps unless `wake` (the attempt's interrupt, or a slice's stop) fires first.
+    /// Sleeps unless `wake` (the attempt's interrupt, or a slice's stop) fires first, or the
+    /// configuration is reloaded.
     async fn pause(
         &self,
         duration: Duration,
@@ -863,8 +868,12 @@ impl Attempt<'_> {
             return None;
         }
         let started = Instant::now();
+        // A reloaded configuration (SIGHUP) ends the pause too: the next batch re-reads the
+        // throttle, so a shortened sleep applies at once rather than after the old one.
+        let mut config = self.ctx.config.clone();
         tokio::select! {
             _ = wake.cancelled() => {}
+            _ = config.changed() => {}
             _ = tokio::time::sleep(duration) => {}
         }
         self.ctx.metrics.throttled(
@@ -896,7 +905,9 @@ impl Attempt<'_> {
         if p.spec.action == Action::Revert {
             return Ok(Outcome::Succeeded);
         }
-        let counter = self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle);
+        // The throttle as configured now: a SIGHUP during the batches applies here too.
+        let throttle = self.throttle(p);
+        let counter = self.counter(p, upper, &p.fragments.predicate, &throttle);
         let Some(remaining) = counter.count_matching().await? else {
             return Ok(self.interruption());
         };

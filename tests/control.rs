@@ -242,3 +242,67 @@ async fn a_lock_taken_mid_run_is_retried_with_smaller_batches(pool: PgPool) {
         "{log}"
     );
 }
+
+#[sqlx::test]
+async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE h (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO h SELECT g FROM generate_series(1, 950) g;").await;
+    // The job takes its sleep from the configuration: ten minutes between batches at first.
+    JobSpec::new("hup", "h")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("sleep_ms", "NULL")
+        .insert(&db)
+        .await;
+    let dir = std::env::temp_dir().join(format!("backfilld-hup-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("backfilld.toml");
+    let write = |batch: &str| {
+        std::fs::write(
+            &file,
+            format!("[batch]\nsize = 100\nmin_size = 10\nmax_size = 100\n{batch}\n"),
+        )
+        .unwrap()
+    };
+    write("sleep_ms = 600000");
+    let mut daemon = db.daemon().config_file(&file).until_idle().spawn();
+    db.wait_for("hup", "the first batch", |r| r.batches >= 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        db.job("hup").await.batches,
+        1,
+        "held by the ten-minute sleep"
+    );
+
+    // An invalid file is rejected and the daemon keeps its configuration.
+    write("sleep_ms = -5");
+    daemon.signal("HUP");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !daemon.log().contains("configuration rejected") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "a bad reload must not stop the daemon"
+    );
+    assert_eq!(db.job("hup").await.batches, 1);
+
+    // A valid one applies at once, even in the middle of the old sleep.
+    write("sleep_ms = 0");
+    daemon.signal("HUP");
+    daemon.wait_ok().await;
+    let job = db.job("hup").await;
+    assert_eq!(job.state, "succeeded");
+    assert_eq!(job.batches, 10);
+    assert!(
+        daemon.log().contains("configuration reloaded"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM h WHERE n <> 1").await,
+        0
+    );
+}

@@ -237,6 +237,13 @@ impl DaemonBuilder {
             .env("BACKFILLD_BATCH__MIN_SIZE", "1")
     }
 
+    /// Passes `--config PATH`.
+    pub fn config_file(mut self, path: &std::path::Path) -> Self {
+        self.args.push("--config".into());
+        self.args.push(path.display().to_string());
+        self
+    }
+
     pub fn until_idle(mut self) -> Self {
         self.args.push("--until-idle".into());
         self
