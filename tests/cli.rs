@@ -208,3 +208,79 @@ async fn metrics_health_and_readiness_are_served(pool: PgPool) {
             .success()
     );
 }
+
+/// Accepts HTTP/1.1 POSTs on 127.0.0.1, answers 200, and keeps `path + body` of each.
+async fn otlp_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
+    let store = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let request: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                    store.lock().unwrap().push(request);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[sqlx::test]
+async fn traces_are_exported_over_otlp_with_job_and_batch_spans(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE tr (id int PRIMARY KEY, s text); INSERT INTO tr SELECT g, NULL FROM generate_series(1, 500) g;").await;
+    JobSpec::new("traced", "tr")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .insert(&db)
+        .await;
+    let (port, seen) = otlp_sink().await;
+    db.daemon()
+        .max_batch(100)
+        .env(
+            "BACKFILLD_TELEMETRY__OTLP_ENDPOINT",
+            &format!("http://127.0.0.1:{port}/v1/traces"),
+        )
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let requests = seen.lock().unwrap().clone();
+    let all: Vec<u8> = requests.concat();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("POST /v1/traces"), "{text}");
+    for name in ["job", "batch", "traced", "backfilld"] {
+        assert!(text.contains(name), "no {name:?} in the exported spans");
+    }
+}
