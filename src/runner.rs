@@ -180,15 +180,8 @@ impl Attempt<'_> {
             match self.execute().await {
                 Err(e) if e.is_retryable() && retries < max => {
                     retries += 1;
-                    self.ctx
-                        .metrics
-                        .batch_errors
-                        .with_label_values(&[&self.row.name, e.kind()])
-                        .inc();
-                    let delay = backoff(retries);
-                    tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, "transient error; retrying");
-                    if let Some(outcome) = self.pause(delay, Reason::Backoff, &self.interrupt).await
-                    {
+                    tracing::warn!(error = %e, retry = retries, "transient error; retrying");
+                    if let Some(outcome) = self.back_off(&e, retries, &self.interrupt).await {
                         return Ok(outcome);
                     }
                     self.refresh_row().await?;
@@ -732,15 +725,9 @@ impl Attempt<'_> {
                 }
                 Err(e) if e.is_retryable() && retries < cfg.worker.max_batch_retries => {
                     retries += 1;
-                    self.ctx
-                        .metrics
-                        .batch_errors
-                        .with_label_values(&[&self.row.name, e.kind()])
-                        .inc();
                     controller.back_off();
-                    let delay = backoff(retries);
-                    tracing::warn!(error = %e, retry = retries, delay_ms = delay.as_millis() as u64, batch_size = controller.size(), "transient batch error; retrying");
-                    if let Some(outcome) = self.pause(delay, Reason::Backoff, stop).await {
+                    tracing::warn!(error = %e, retry = retries, batch_size = controller.size(), "transient batch error; retrying");
+                    if let Some(outcome) = self.back_off(&e, retries, stop).await {
                         return Ok(Some(outcome));
                     }
                     // The failed commit may or may not have landed: the stored checkpoint decides.
@@ -749,6 +736,21 @@ impl Attempt<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Counts a transient error and waits out its exponential backoff (unless woken).
+    async fn back_off(
+        &self,
+        e: &JobError,
+        retry: u32,
+        wake: &CancellationToken,
+    ) -> Option<Outcome> {
+        self.ctx
+            .metrics
+            .batch_errors
+            .with_label_values(&[&self.row.name, e.kind()])
+            .inc();
+        self.pause(backoff(retry), Reason::Backoff, wake).await
     }
 
     /// The job's throttle under the current configuration (SIGHUP may have changed defaults).
@@ -871,6 +873,9 @@ impl Attempt<'_> {
         // A reloaded configuration (SIGHUP) ends the pause too: the next batch re-reads the
         // throttle, so a shortened sleep applies at once rather than after the old one.
         let mut config = self.ctx.config.clone();
+        // A clone inherits the shared receiver's "seen" version, which is never advanced; mark the
+        // current configuration seen so only a reload during this pause wakes it.
+        config.borrow_and_update();
         tokio::select! {
             _ = wake.cancelled() => {}
             _ = config.changed() => {}

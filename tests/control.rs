@@ -289,6 +289,19 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
     );
     assert_eq!(db.job("hup").await.batches, 1);
 
+    // A valid reload that keeps the long sleep: batches stay held after it.
+    write("sleep_ms = 600000\ntarget_batch_ms = 400");
+    daemon.signal("HUP");
+    while daemon.log().matches("configuration reloaded").count() < 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        db.job("hup").await.batches <= 2,
+        "the reloaded ten-minute sleep must still hold batches"
+    );
+
     // A valid one applies at once, even in the middle of the old sleep.
     write("sleep_ms = 0");
     daemon.signal("HUP");
