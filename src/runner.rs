@@ -578,9 +578,14 @@ impl Attempt<'_> {
         let this: &Self = self;
         let progress = std::sync::Mutex::new(Progress::new(&this.row));
         let stop = this.interrupt.child_token();
-        let runs = slices
-            .iter()
-            .map(|slice| this.run_slice(p, change, slice, &progress, &stop));
+        // A slice that ends for any reason but exhaustion stops its siblings.
+        let runs = slices.iter().map(|slice| async {
+            let result = this.batch_loop(p, change, slice, &progress, &stop).await;
+            if !matches!(result, Ok(None)) {
+                stop.cancel();
+            }
+            result
+        });
         merge(futures_util::future::join_all(runs).await)
     }
 
@@ -632,22 +637,6 @@ impl Attempt<'_> {
         })
         .await?;
         Ok(slices)
-    }
-
-    /// One slice's batch loop; a slice that ends for any reason but exhaustion stops its siblings.
-    async fn run_slice(
-        &self,
-        p: &Prepared,
-        change: &Change,
-        slice: &Slice,
-        progress: &std::sync::Mutex<Progress>,
-        stop: &CancellationToken,
-    ) -> Result<Option<Outcome>, JobError> {
-        let result = self.batch_loop(p, change, slice, progress, stop).await;
-        if !matches!(result, Ok(None)) {
-            stop.cancel();
-        }
-        result
     }
 
     /// The batch loop. `Ok(None)` when the slice's key range is exhausted.

@@ -111,11 +111,7 @@ async fn a_locked_table_is_retried_until_the_lock_goes(pool: PgPool) {
     )
     .await;
     // Another session holds an exclusive lock well beyond lock_timeout.
-    let mut blocker = db.pool.acquire().await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE;")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = db.hold("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE").await;
     JobSpec::new("retry", "locked")
         .predicate("s IS NULL")
         .set("s = 'ok'")
@@ -128,13 +124,15 @@ async fn a_locked_table_is_retried_until_the_lock_goes(pool: PgPool) {
         .env("BACKFILLD_BATCH__STATEMENT_TIMEOUT", "1s")
         .until_idle()
         .spawn();
-    // The plan's read needs the lock too; wait until the daemon has hit the lock a few times.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Validation needs the lock too: wait until the daemon has hit it and is retrying.
+    common::wait_until(
+        "a lock timeout",
+        || daemon.log(),
+        async || daemon.log().contains("55P03"),
+    )
+    .await;
     assert_ne!(db.job("retry").await.state, "succeeded");
-    sqlx::raw_sql("COMMIT")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    blocker.commit().await;
     daemon.wait_ok().await;
     let job = db.job("retry").await;
     assert_eq!(
@@ -212,17 +210,15 @@ async fn a_lock_taken_mid_run_is_retried_with_smaller_batches(pool: PgPool) {
         .until_idle()
         .spawn();
     db.wait_for("midlock", "batches", |r| r.batches >= 3).await;
-    let mut blocker = db.pool.acquire().await.unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE midlock IN ACCESS EXCLUSIVE MODE;")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let blocker = db.hold("LOCK TABLE midlock IN ACCESS EXCLUSIVE MODE").await;
+    common::wait_until(
+        "a transient batch error",
+        || daemon.log(),
+        async || daemon.log().contains("transient batch error"),
+    )
+    .await;
     let during = db.job("midlock").await;
-    sqlx::raw_sql("COMMIT")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    blocker.commit().await;
     daemon.wait_ok().await;
     assert_eq!(
         during.state, "running",
@@ -278,11 +274,12 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
     // An invalid file is rejected and the daemon keeps its configuration.
     write("sleep_ms = -5");
     daemon.signal("HUP");
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while !daemon.log().contains("configuration rejected") {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        "the rejected reload",
+        || daemon.log(),
+        async || daemon.log().contains("configuration rejected"),
+    )
+    .await;
     assert!(
         daemon.child.try_wait().unwrap().is_none(),
         "a bad reload must not stop the daemon"
@@ -292,10 +289,12 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
     // A valid reload that keeps the long sleep: batches stay held after it.
     write("sleep_ms = 600000\ntarget_batch_ms = 400");
     daemon.signal("HUP");
-    while daemon.log().matches("configuration reloaded").count() < 1 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        "the reload",
+        || daemon.log(),
+        async || daemon.log().contains("configuration reloaded"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         db.job("hup").await.batches <= 2,

@@ -748,11 +748,7 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
     )
     .await;
     // The application holds row 50 mid-update while the first batch runs.
-    let mut app = db.pool.acquire().await.unwrap();
-    sqlx::raw_sql("BEGIN; UPDATE acct SET n = n + 100 WHERE id = 50;")
-        .execute(&mut *app)
-        .await
-        .unwrap();
+    let app = db.hold("UPDATE acct SET n = n + 100 WHERE id = 50").await;
     JobSpec::new("raced", "acct")
         .predicate("true")
         .set("n = n + 1")
@@ -767,16 +763,13 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
         .spawn();
     // Wait until the batch's UPDATE is blocked on the app's row lock, then let the app commit.
     let blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_bf_old%'";
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while db.scalar_i64(blocked).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the batch never reached row 50\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    sqlx::raw_sql("COMMIT").execute(&mut *app).await.unwrap();
+    common::wait_until(
+        "the batch to block on row 50",
+        || daemon.log(),
+        async || db.scalar_i64(blocked).await > 0,
+    )
+    .await;
+    app.commit().await;
     daemon.wait_ok().await;
     assert!(
         daemon.log().contains("redoing the batch with row locks"),

@@ -112,6 +112,17 @@ impl Db {
         self.wait_for(name, state, |r| r.state == state).await
     }
 
+    /// Opens a transaction in another session, runs `sql` in it and keeps it (and its locks)
+    /// open until `Held::commit`.
+    pub async fn hold(&self, sql: &str) -> Held {
+        let mut conn = self.pool.acquire().await.unwrap();
+        sqlx::raw_sql(&format!("BEGIN; {sql}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        Held(conn)
+    }
+
     pub fn daemon_logs(&self) -> String {
         let paths = self.logs.lock().unwrap().clone();
         paths
@@ -131,6 +142,32 @@ impl Db {
             logs: self.logs.clone(),
             ..DaemonBuilder::new(&self.url)
         }
+    }
+}
+
+/// An open transaction of another session (see `Db::hold`).
+pub struct Held(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+impl Held {
+    pub async fn commit(mut self) {
+        sqlx::raw_sql("COMMIT").execute(&mut *self.0).await.unwrap();
+    }
+}
+
+/// Polls `check` until it holds; after `WAIT`, panics naming `what` with `context()` (a log).
+pub async fn wait_until(
+    what: &str,
+    context: impl Fn() -> String,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
