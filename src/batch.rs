@@ -5,7 +5,9 @@
 //! crash anywhere re-runs at most the uncommitted batch: each row's change happens exactly once.
 //! **Invariant:** the checkpoint is fenced by attempt and lease owner; when it matches no row the
 //! whole batch rolls back.
-//! **Invariant:** every batch transaction sets `lock_timeout` and `statement_timeout` locally.
+//! **Invariant:** every batch transaction sets `lock_timeout` and `statement_timeout` locally, both
+//! at most the job's `max_batch_ms`: no statement of a batch, and so no row lock it takes, lasts
+//! longer than that ceiling (plus the checkpoint and commit that follow the write).
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use crate::claim::{Control, Lease};
 use crate::error::JobError;
 use crate::keyset::{Key, Keyset, bind_keys};
 use crate::sql::Names;
+use crate::throttle::Impact;
 
 /// Per-transaction settings, applied with `set_config(..., is_local => true)`.
 #[derive(Debug, Clone)]
@@ -26,27 +29,40 @@ pub struct TxSettings {
 }
 
 impl TxSettings {
-    /// Applies the settings to the current transaction only. `force_custom_plan` makes every
-    /// batch plan with its actual bounds, so the range scan's row estimate is right.
-    /// With `nested_loop`, hash and merge joins are off for the transaction (see
-    /// `Change::wants_nested_loop`).
-    pub async fn apply(&self, conn: &mut PgConnection, nested_loop: bool) -> sqlx::Result<()> {
+    /// The configured timeouts, each capped by the job's ceiling on a batch.
+    pub fn capped(
+        lock_timeout: Duration,
+        statement_timeout: Duration,
+        max_batch: Duration,
+        synchronous_commit: String,
+    ) -> Self {
+        Self {
+            lock_timeout: lock_timeout.min(max_batch),
+            statement_timeout: statement_timeout.min(max_batch),
+            synchronous_commit,
+        }
+    }
+
+    /// The statement that opens a batch transaction with its settings, sent as one simple query
+    /// (one round trip: under CPU contention every round trip is a scheduling delay, and those
+    /// after the write are spent holding row locks). `force_custom_plan` makes every batch plan
+    /// with its actual bounds, so the range scan's row estimate is right. With `nested_loop`,
+    /// hash and merge joins are off for the transaction (see `Change::wants_nested_loop`).
+    /// The values are our own validated configuration, never job input.
+    pub fn begin_statement(&self, nested_loop: bool) -> String {
         let joins = if nested_loop { "off" } else { "on" };
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $1, true),
-                    set_config('statement_timeout', $2, true),
-                    set_config('synchronous_commit', $3, true),
-                    set_config('plan_cache_mode', 'force_custom_plan', true),
-                    set_config('enable_hashjoin', $4, true),
-                    set_config('enable_mergejoin', $4, true)",
+        format!(
+            "BEGIN; \
+             SET LOCAL lock_timeout = '{}ms'; \
+             SET LOCAL statement_timeout = '{}ms'; \
+             SET LOCAL synchronous_commit = '{}'; \
+             SET LOCAL plan_cache_mode = 'force_custom_plan'; \
+             SET LOCAL enable_hashjoin = '{joins}'; \
+             SET LOCAL enable_mergejoin = '{joins}'",
+            self.lock_timeout.as_millis(),
+            self.statement_timeout.as_millis(),
+            self.synchronous_commit,
         )
-        .bind(format!("{}ms", self.lock_timeout.as_millis()))
-        .bind(format!("{}ms", self.statement_timeout.as_millis()))
-        .bind(&self.synchronous_commit)
-        .bind(joins)
-        .execute(conn)
-        .await?;
-        Ok(())
     }
 }
 
@@ -98,6 +114,8 @@ pub struct Committed {
     pub last: Key,
     pub elapsed: Duration,
     pub control: Control,
+    /// Sessions waiting on this batch's row locks just before it committed.
+    pub impact: Impact,
 }
 
 const CHECKPOINT: &str = "
@@ -113,7 +131,13 @@ SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
     heartbeat_at = now(),
     lease_expires_at = now() + make_interval(secs => $9)
 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
-RETURNING requested_state, rows_changed";
+RETURNING requested_state, rows_changed, (
+    -- Sessions this transaction blocks right now, and how long the longest has waited. pg_locks
+    -- needs no privileges; pg_blocking_pids runs only for waiting locks.
+    SELECT ARRAY[count(*)::float8,
+                 coalesce(extract(epoch FROM clock_timestamp() - min(l.waitstart)), 0)::float8]
+    FROM pg_locks l
+    WHERE NOT l.granted AND pg_backend_pid() = ANY(pg_blocking_pids(l.pid)))";
 
 impl Batcher<'_> {
     fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
@@ -150,11 +174,14 @@ impl Batcher<'_> {
         locked: bool,
     ) -> Result<Option<Attempted>, JobError> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await.map_err(self.sql_err("begin"))?;
-        self.settings
-            .apply(&mut tx, self.change.wants_nested_loop() && !locked)
+        let begin = self
+            .settings
+            .begin_statement(self.change.wants_nested_loop() && !locked);
+        let mut tx = self
+            .pool
+            .begin_with(begin)
             .await
-            .map_err(self.sql_err("setting timeouts"))?;
+            .map_err(self.sql_err("begin"))?;
         let Some((scanned, hi)) = self.window(&mut tx, cursor, size).await? else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(None);
@@ -168,7 +195,7 @@ impl Batcher<'_> {
         } else {
             0
         };
-        let control = self
+        let (control, impact) = self
             .checkpoint(&mut tx, &hi, scanned, changed, skipped, size)
             .await?;
         tx.commit().await.map_err(self.sql_err("commit"))?;
@@ -179,6 +206,7 @@ impl Batcher<'_> {
             last: hi,
             elapsed: started.elapsed(),
             control,
+            impact,
         })))
     }
 
@@ -253,22 +281,23 @@ impl Batcher<'_> {
         changed: i64,
         skipped: i64,
         size: i64,
-    ) -> Result<Control, JobError> {
-        let row: Option<(Option<String>, i64)> = sqlx::query_as(&self.names.render(CHECKPOINT))
-            .bind(self.lease.job_id)
-            .bind(self.lease.attempt)
-            .bind(&self.lease.owner)
-            .bind(hi.to_json())
-            .bind(scanned)
-            .bind(changed)
-            .bind(skipped)
-            .bind(i32::try_from(size).unwrap_or(i32::MAX))
-            .bind(self.lease_ttl.as_secs_f64())
-            .bind(self.slot.map(|s| s as i32))
-            .fetch_optional(conn)
-            .await
-            .map_err(self.sql_err("writing the checkpoint"))?;
-        let Some((requested, total_changed)) = row else {
+    ) -> Result<(Control, Impact), JobError> {
+        let row: Option<(Option<String>, i64, Vec<f64>)> =
+            sqlx::query_as(&self.names.render(CHECKPOINT))
+                .bind(self.lease.job_id)
+                .bind(self.lease.attempt)
+                .bind(&self.lease.owner)
+                .bind(hi.to_json())
+                .bind(scanned)
+                .bind(changed)
+                .bind(skipped)
+                .bind(i32::try_from(size).unwrap_or(i32::MAX))
+                .bind(self.lease_ttl.as_secs_f64())
+                .bind(self.slot.map(|s| s as i32))
+                .fetch_optional(conn)
+                .await
+                .map_err(self.sql_err("writing the checkpoint"))?;
+        let Some((requested, total_changed, waiters)) = row else {
             return Err(JobError::LeaseLost {
                 job: self.lease.job.clone(),
                 attempt: self.lease.attempt,
@@ -282,6 +311,13 @@ impl Batcher<'_> {
                 max_affected: max,
             });
         }
-        Ok(Control::from_requested(requested.as_deref()))
+        let impact = match waiters[..] {
+            [blocked, longest] => Impact {
+                blocked: blocked as i64,
+                longest_wait: Duration::from_secs_f64(longest.max(0.0)),
+            },
+            _ => Impact::default(),
+        };
+        Ok((Control::from_requested(requested.as_deref()), impact))
     }
 }

@@ -63,7 +63,7 @@ pub enum Command {
         until_idle: bool,
     },
     /// Enqueue a job (the same as INSERT INTO backfill.jobs). Dry run unless --execute.
-    Enqueue(EnqueueArgs),
+    Enqueue(Box<EnqueueArgs>),
     /// Show jobs: state, rows changed, batches, progress, last error; one job in detail.
     #[command(
         after_help = "Examples:\n  backfilld status\n  backfilld status orders_status_v1 --watch\n  backfilld status --output json"
@@ -131,6 +131,12 @@ pub struct EnqueueArgs {
     /// Key-range slices walked at once (each on its own connection).
     #[arg(long)]
     pub parallelism: Option<i32>,
+    /// Ceiling on one batch (ms): the longest a session can wait behind its row locks.
+    #[arg(long)]
+    pub max_batch_ms: Option<i32>,
+    /// Defaults for unset throttle settings: gentle (default) or fast (urgent fixes).
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Refuse or stop when more rows would change.
     #[arg(long)]
     pub max_affected: Option<i64>,
@@ -196,7 +202,7 @@ async fn dispatch(
         }
         Command::Enqueue(args) => {
             let output = args.output;
-            let row = ops::enqueue(&pool, &names, &new_job(args)).await?;
+            let row = ops::enqueue(&pool, &names, &new_job(*args)).await?;
             print_jobs(&[row], output, true);
         }
         Command::Status {
@@ -256,6 +262,8 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         sleep_ms: a.sleep_ms,
         max_rows_per_second: a.max_rows_per_second,
         parallelism: a.parallelism,
+        max_batch_ms: a.max_batch_ms,
+        preset: a.preset,
         max_affected: a.max_affected,
         archive: a.no_archive.then_some(false),
         priority: a.priority,

@@ -24,6 +24,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub batch: BatchConfig,
     pub throttle: ThrottleConfig,
+    pub bloat: BloatConfig,
     pub safety: SafetyConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -70,6 +71,10 @@ pub struct BatchConfig {
     pub min_size: i64,
     pub max_size: i64,
     pub target_batch_ms: i64,
+    /// Ceiling on one batch's statements (their `statement_timeout` and `lock_timeout`): the
+    /// longest an application transaction can wait behind a batch's row locks. A batch that
+    /// reaches it is cancelled, rolled back and retried smaller.
+    pub max_batch_ms: i64,
     pub sleep_ms: i64,
     /// 0 means no cap.
     pub max_rows_per_second: i64,
@@ -100,10 +105,38 @@ pub struct ThrottleConfig {
     pub max_lock_waiters: i64,
     /// Pause while the target table has more dead tuples than this; 0 disables.
     pub max_dead_tuples: i64,
+    /// Pause while the target's dead tuples exceed this share of its live tuples (and autovacuum
+    /// may run on it, so waiting ends); 0 disables.
+    pub max_dead_tuple_ratio: f64,
+    /// After a batch that made other sessions wait on its row locks: halve the next batch and
+    /// pause longer.
+    pub back_off_when_blocking: bool,
+    /// When batches run this many times slower per key than the job's best (the server is
+    /// busier), pause proportionally longer, up to this factor; 0 disables.
+    pub max_load_factor: f64,
     /// Pause while autovacuum is working on the target table.
     pub pause_during_autovacuum: bool,
     /// Pause while WAL is generated faster than this many bytes per second; 0 disables.
     pub max_wal_bytes_per_second: i64,
+}
+
+/// The bloat guard: VACUUM the target while a job runs, so the space its rewritten rows free is
+/// reused and the heap does not grow by the size of the change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BloatConfig {
+    /// Off: rely on autovacuum alone.
+    pub guard: bool,
+    /// VACUUM the target after changing this share of its rows.
+    pub vacuum_every_fraction: f64,
+    /// ... but never after fewer rows changed than this.
+    pub vacuum_min_rows: i64,
+    /// `statement_timeout` of the guard's VACUUM.
+    #[serde(deserialize_with = "duration")]
+    pub vacuum_timeout: Duration,
+    /// `vacuum_cost_delay` of the guard's VACUUM (0 = full speed, as a manual VACUUM).
+    #[serde(deserialize_with = "duration")]
+    pub vacuum_cost_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,12 +214,13 @@ impl Default for BatchConfig {
             size: 1000,
             min_size: 100,
             max_size: 50_000,
-            target_batch_ms: 500,
-            sleep_ms: 100,
+            target_batch_ms: 20,
+            max_batch_ms: 40,
+            sleep_ms: 50,
             max_rows_per_second: 0,
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
-            synchronous_commit: "on".into(),
+            synchronous_commit: "off".into(),
             parallelism: 1,
         }
     }
@@ -197,11 +231,26 @@ impl Default for ThrottleConfig {
         Self {
             check_interval: Duration::from_secs(5),
             max_replica_lag: Duration::from_secs(10),
-            max_transaction_age: Duration::from_secs(0),
+            max_transaction_age: Duration::from_secs(300),
             max_lock_waiters: 0,
             max_dead_tuples: 0,
-            pause_during_autovacuum: false,
+            max_dead_tuple_ratio: 0.3,
+            back_off_when_blocking: true,
+            max_load_factor: 4.0,
+            pause_during_autovacuum: true,
             max_wal_bytes_per_second: 0,
+        }
+    }
+}
+
+impl Default for BloatConfig {
+    fn default() -> Self {
+        Self {
+            guard: true,
+            vacuum_every_fraction: 0.02,
+            vacuum_min_rows: 10_000,
+            vacuum_timeout: Duration::from_secs(600),
+            vacuum_cost_delay: Duration::ZERO,
         }
     }
 }
@@ -336,6 +385,8 @@ impl Config {
             ));
         }
         self.batch.validate()?;
+        self.throttle.validate()?;
+        self.bloat.validate()?;
         if !["on", "off", "local", "remote_write", "remote_apply"]
             .contains(&self.batch.synchronous_commit.as_str())
         {
@@ -367,6 +418,13 @@ impl BatchConfig {
         positive("batch.min_size", self.min_size)?;
         positive("batch.size", self.size)?;
         positive("batch.target_batch_ms", self.target_batch_ms)?;
+        positive("batch.max_batch_ms", self.max_batch_ms)?;
+        if self.max_batch_ms < self.target_batch_ms {
+            return Err(invalid(
+                "batch.max_batch_ms",
+                "must be >= batch.target_batch_ms (the ceiling is above the target)",
+            ));
+        }
         non_negative("batch.sleep_ms", self.sleep_ms)?;
         non_negative("batch.max_rows_per_second", self.max_rows_per_second)?;
         if !(1..=crate::job::MAX_PARALLELISM).contains(&self.parallelism) {
@@ -392,6 +450,71 @@ impl BatchConfig {
         }
         Ok(())
     }
+}
+
+impl ThrottleConfig {
+    fn validate(&self) -> Result<()> {
+        non_negative("throttle.max_lock_waiters", self.max_lock_waiters)?;
+        non_negative("throttle.max_dead_tuples", self.max_dead_tuples)?;
+        non_negative(
+            "throttle.max_wal_bytes_per_second",
+            self.max_wal_bytes_per_second,
+        )?;
+        fraction(
+            "throttle.max_dead_tuple_ratio",
+            self.max_dead_tuple_ratio,
+            100.0,
+        )?;
+        if self.max_load_factor != 0.0
+            && (self.max_load_factor.is_nan() || self.max_load_factor < 1.0)
+        {
+            return Err(invalid(
+                "throttle.max_load_factor",
+                format!("must be 0 (off) or >= 1, got {}", self.max_load_factor),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BloatConfig {
+    fn validate(&self) -> Result<()> {
+        fraction(
+            "bloat.vacuum_every_fraction",
+            self.vacuum_every_fraction,
+            1.0,
+        )?;
+        if self.guard && self.vacuum_every_fraction == 0.0 {
+            return Err(invalid(
+                "bloat.vacuum_every_fraction",
+                "must be > 0 while bloat.guard is on",
+            ));
+        }
+        positive("bloat.vacuum_min_rows", self.vacuum_min_rows)?;
+        if self.vacuum_timeout.is_zero() {
+            return Err(invalid(
+                "bloat.vacuum_timeout",
+                "must be non-zero: the guard's VACUUM must never run forever",
+            ));
+        }
+        if self.vacuum_cost_delay > Duration::from_millis(100) {
+            return Err(invalid(
+                "bloat.vacuum_cost_delay",
+                "must be at most 100ms (PostgreSQL's limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn fraction(key: &'static str, value: f64, max: f64) -> Result<()> {
+    if !(0.0..=max).contains(&value) {
+        return Err(invalid(
+            key,
+            format!("must be between 0 and {max}, got {value}"),
+        ));
+    }
+    Ok(())
 }
 
 fn positive(key: &'static str, value: i64) -> Result<()> {
@@ -472,6 +595,23 @@ mod tests {
             (
                 "batch.synchronous_commit",
                 Box::new(|c| c.batch.synchronous_commit = "maybe".into()),
+            ),
+            ("batch.max_batch_ms", Box::new(|c| c.batch.max_batch_ms = 5)),
+            (
+                "throttle.max_dead_tuple_ratio",
+                Box::new(|c| c.throttle.max_dead_tuple_ratio = -1.0),
+            ),
+            (
+                "throttle.max_load_factor",
+                Box::new(|c| c.throttle.max_load_factor = 0.5),
+            ),
+            (
+                "bloat.vacuum_every_fraction",
+                Box::new(|c| c.bloat.vacuum_every_fraction = 0.0),
+            ),
+            (
+                "bloat.vacuum_timeout",
+                Box::new(|c| c.bloat.vacuum_timeout = Duration::ZERO),
             ),
         ];
         for (key, mutate) in cases {

@@ -46,6 +46,8 @@ pub struct JobRow {
     pub reverts: Option<String>,
     pub parallelism: Option<i32>,
     pub slices: Option<Value>,
+    pub max_batch_ms: Option<i32>,
+    pub preset: Option<String>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -115,6 +117,47 @@ pub enum Mode {
     Execute,
 }
 
+/// Which defaults a job's unset throttle columns take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preset {
+    /// The configured `[batch]` defaults: short batches under a lock ceiling, the bloat guard,
+    /// back-off when the server is busier. What live traffic should not feel.
+    #[default]
+    Gentle,
+    /// For urgent fixes: long batches (`target_batch_ms` 500, ceiling = `statement_timeout`),
+    /// no sleep, two slices, no bloat guard and no load back-off. Health signals still apply.
+    Fast,
+}
+
+impl Preset {
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(str::trim).unwrap_or("gentle") {
+            "" | "gentle" => Ok(Preset::Gentle),
+            "fast" => Ok(Preset::Fast),
+            other => Err(format!("preset must be 'gentle' or 'fast', got {other:?}")),
+        }
+    }
+
+    /// The `[batch]` defaults this preset stands for.
+    pub fn defaults(self, batch: &BatchConfig) -> BatchConfig {
+        match self {
+            Preset::Gentle => batch.clone(),
+            Preset::Fast => BatchConfig {
+                target_batch_ms: 500,
+                max_batch_ms: batch.statement_timeout.as_millis() as i64,
+                sleep_ms: 0,
+                parallelism: 2,
+                ..batch.clone()
+            },
+        }
+    }
+
+    /// Whether the bloat guard and the load back-off run (they trade speed for impact).
+    pub fn is_gentle(self) -> bool {
+        self == Preset::Gentle
+    }
+}
+
 /// Batch sizing and throttle settings after job overrides and validation.
 #[derive(Debug, Clone)]
 pub struct Throttle {
@@ -122,8 +165,11 @@ pub struct Throttle {
     pub min_size: i64,
     pub max_size: i64,
     pub target_batch_ms: i64,
+    /// The ceiling: statement and lock timeout of the batch's statements.
+    pub max_batch_ms: i64,
     pub sleep_ms: i64,
     pub max_rows_per_second: i64,
+    pub preset: Preset,
 }
 
 /// What a job asks for, checked field by field; fragments are validated later, against the table.
@@ -174,6 +220,7 @@ impl JobSpec {
         }
         let mode = parse_mode(row.mode.as_deref()).map_err(bad)?;
         let throttle = Throttle::from_row(row, batch).map_err(bad)?;
+        let batch = &throttle.preset.defaults(batch);
         let max_affected = match row.max_affected {
             Some(n) if n < 0 => return Err(bad(format!("max_affected must be >= 0, got {n}"))),
             Some(n) => Some(n),
@@ -248,6 +295,8 @@ fn parse_mode(value: Option<&str>) -> Result<Mode, String> {
 impl Throttle {
     /// The job's overrides over the configured defaults, range-checked.
     pub fn from_row(row: &JobRow, batch: &BatchConfig) -> Result<Throttle, String> {
+        let preset = Preset::parse(row.preset.as_deref())?;
+        let batch = &preset.defaults(batch);
         let initial_size = in_range("batch_size", row.batch_size, batch.size, 1, MAX_BATCH_SIZE)?;
         let target_batch_ms = in_range(
             "target_batch_ms",
@@ -256,6 +305,23 @@ impl Throttle {
             1,
             3_600_000,
         )?;
+        // The ceiling follows an explicit target up, so a job asking for long batches gets them.
+        let ceiling_default = match row.target_batch_ms {
+            Some(t) => batch.max_batch_ms.max(i64::from(t) * 2),
+            None => batch.max_batch_ms,
+        };
+        let max_batch_ms = in_range(
+            "max_batch_ms",
+            row.max_batch_ms,
+            ceiling_default,
+            1,
+            3_600_000,
+        )?;
+        if max_batch_ms < target_batch_ms {
+            return Err(format!(
+                "max_batch_ms ({max_batch_ms}) must be >= target_batch_ms ({target_batch_ms})"
+            ));
+        }
         let sleep_ms = in_range("sleep_ms", row.sleep_ms, batch.sleep_ms, 0, 3_600_000)?;
         let max_rows_per_second = in_range(
             "max_rows_per_second",
@@ -270,8 +336,10 @@ impl Throttle {
             min_size: batch.min_size.min(initial_size),
             max_size: batch.max_size.max(initial_size),
             target_batch_ms,
+            max_batch_ms,
             sleep_ms,
             max_rows_per_second,
+            preset,
         })
     }
 }

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod archive;
 pub mod batch;
+pub mod bloat;
 pub mod change;
 pub mod claim;
 pub mod cli;

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub leases_lost: IntCounter,
     pub leases_rescued: IntCounter,
     pub last_batch: GaugeVec,
+    pub sessions_blocked: IntCounterVec,
+    pub vacuums: IntCounterVec,
+    pub bloat_guard_allowed: IntGaugeVec,
 }
 
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
@@ -98,6 +101,27 @@ impl Metrics {
                 ),
                 job,
             )),
+            sessions_blocked: must(IntCounterVec::new(
+                opts(
+                    "sessions_blocked_total",
+                    "Sessions found waiting on a batch's row locks just before it committed",
+                ),
+                job,
+            )),
+            vacuums: must(IntCounterVec::new(
+                opts(
+                    "vacuums_total",
+                    "VACUUMs of the target run by the bloat guard",
+                ),
+                job,
+            )),
+            bloat_guard_allowed: must(IntGaugeVec::new(
+                opts(
+                    "bloat_guard_vacuum_allowed",
+                    "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum",
+                ),
+                job,
+            )),
             registry,
         };
         m.register_all();
@@ -127,6 +151,9 @@ impl Metrics {
             Box::new(self.leases_lost.clone()),
             Box::new(self.leases_rescued.clone()),
             Box::new(self.last_batch.clone()),
+            Box::new(self.sessions_blocked.clone()),
+            Box::new(self.vacuums.clone()),
+            Box::new(self.bloat_guard_allowed.clone()),
         ];
         for c in collectors {
             must(self.registry.register(c));

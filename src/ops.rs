@@ -28,6 +28,8 @@ pub struct NewJob {
     pub sleep_ms: Option<i32>,
     pub max_rows_per_second: Option<i32>,
     pub parallelism: Option<i32>,
+    pub max_batch_ms: Option<i32>,
+    pub preset: Option<String>,
     pub max_affected: Option<i64>,
     pub archive: Option<bool>,
     pub priority: Option<i32>,
@@ -37,9 +39,9 @@ pub struct NewJob {
 const INSERT: &str = "
 INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns, mode, batch_size,
                     target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at,
-                    parallelism)
+                    parallelism, max_batch_ms, preset)
 VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
-        coalesce($14, 0), coalesce($15, now()), $16)
+        coalesce($14, 0), coalesce($15, now()), $16, $17, $18)
 RETURNING *";
 
 pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRow> {
@@ -61,6 +63,8 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
         .bind(job.priority)
         .bind(job.run_at)
         .bind(job.parallelism)
+        .bind(job.max_batch_ms)
+        .bind(&job.preset)
         .fetch_one(pool)
         .await
         .map_err(|e| match &e {
@@ -168,9 +172,10 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
     sqlx::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
-                             parallelism)
+                             parallelism, max_batch_ms, preset)
          SELECT $2, table_name, 'true', 'revert', key_columns, 'execute', false, name,
-                batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism
+                batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism,
+                max_batch_ms, preset
          FROM {jobs} WHERE name = $1
          RETURNING *",
     ))

@@ -310,8 +310,10 @@ mod tests {
             min_size: 100,
             max_size: 10_000,
             target_batch_ms: 400,
+            max_batch_ms: 800,
             sleep_ms: 100,
             max_rows_per_second: 0,
+            preset: crate::job::Preset::Gentle,
         };
         assert_eq!(estimate(&t, 100_000, 100_000).0, 5.0);
         let capped = Throttle {

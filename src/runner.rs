@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::archive::{ArchiveKind, ArchiveTable};
 use crate::batch::{Batcher, Committed, TxSettings, WindowSql};
+use crate::bloat::{BloatGuard, Standing};
 use crate::change::{Change, Delete, Revert, Update};
 use crate::claim::{self, Control, Lease, Release};
 use crate::config::Config;
@@ -23,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Counter, Plan};
 use crate::sql::Names;
 use crate::target::{Resolve, Target};
-use crate::throttle::{self, Controller, Health, Reason};
+use crate::throttle::{self, Controller, Health, Load, Reason};
 
 /// What every runner shares with the daemon.
 pub struct Context {
@@ -575,18 +576,58 @@ impl Attempt<'_> {
                 "walking the key range in parallel slices"
             );
         }
+        let guard = self.bloat_guard(p).await;
         let this: &Self = self;
         let progress = std::sync::Mutex::new(Progress::new(&this.row));
         let stop = this.interrupt.child_token();
         // A slice that ends for any reason but exhaustion stops its siblings.
         let runs = slices.iter().map(|slice| async {
-            let result = this.batch_loop(p, change, slice, &progress, &stop).await;
+            let result = this
+                .batch_loop(p, change, slice, &progress, &guard, &stop)
+                .await;
             if !matches!(result, Ok(None)) {
                 stop.cancel();
             }
             result
         });
-        merge(futures_util::future::join_all(runs).await)
+        let ended = merge(futures_util::future::join_all(runs).await)?;
+        if ended.is_none() && guard.wants_final() {
+            self.vacuum(p, &guard, true).await;
+        }
+        Ok(ended)
+    }
+
+    /// The job's bloat guard for this attempt; says once when the role may not VACUUM.
+    async fn bloat_guard(&self, p: &Prepared) -> BloatGuard {
+        let cfg = self.ctx.config();
+        let rows = self.row.estimated_total.unwrap_or(0);
+        let wanted = p.spec.throttle.preset.is_gentle();
+        let allowed = self
+            .ctx
+            .metrics
+            .bloat_guard_allowed
+            .with_label_values(&[&self.row.name]);
+        match BloatGuard::new(&self.ctx.pool, &cfg.bloat, wanted, &p.target, rows).await {
+            Ok((guard, Standing::Active)) => {
+                allowed.set(1);
+                guard
+            }
+            Ok((guard, Standing::Off)) => guard,
+            Ok((guard, Standing::NotPermitted)) => {
+                allowed.set(0);
+                tracing::warn!(
+                    table = %p.target.display(),
+                    "bloat guard: this role may not VACUUM the target (it needs to own the table, \
+                     or MAINTAIN on PostgreSQL 17+); relying on autovacuum, batches hold while \
+                     dead tuples exceed throttle.max_dead_tuple_ratio"
+                );
+                guard
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bloat guard: cannot check VACUUM privilege; guard off");
+                BloatGuard::unguarded()
+            }
+        }
     }
 
     /// The slices of this run: stored ones when resuming, else cut from the plan's window
@@ -646,6 +687,7 @@ impl Attempt<'_> {
         change: &Change,
         slice: &Slice,
         progress: &std::sync::Mutex<Progress>,
+        guard: &BloatGuard,
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
         let upper = &slice.upper;
@@ -659,11 +701,12 @@ impl Attempt<'_> {
             keyset: &p.keyset,
             change,
             upper,
-            settings: TxSettings {
-                lock_timeout: cfg.batch.lock_timeout,
-                statement_timeout: cfg.batch.statement_timeout,
-                synchronous_commit: cfg.batch.synchronous_commit.clone(),
-            },
+            settings: TxSettings::capped(
+                cfg.batch.lock_timeout,
+                cfg.batch.statement_timeout,
+                Duration::from_millis(p.spec.throttle.max_batch_ms as u64),
+                cfg.batch.synchronous_commit.clone(),
+            ),
             lease_ttl: cfg.worker.lease_ttl,
             max_affected: p.spec.max_affected,
             window: WindowSql::new(&p.keyset),
@@ -672,7 +715,8 @@ impl Attempt<'_> {
         let mut cursor = slice.cursor.clone();
         let mut controller =
             Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
-        let mut health = Health::new();
+        let mut health = Health::new(guard.relies_on_autovacuum());
+        let mut load = Load::default();
         let mut retries = 0u32;
         loop {
             if let Some(outcome) = self.interrupted() {
@@ -693,7 +737,8 @@ impl Attempt<'_> {
                 Ok(Some(done)) => {
                     retries = 0;
                     self.record(&done, size, progress);
-                    if done.scanned >= size {
+                    let full = done.scanned >= size;
+                    if full {
                         controller.observe(done.elapsed);
                     }
                     cursor = Some(done.last.clone());
@@ -706,9 +751,11 @@ impl Attempt<'_> {
                     if done.scanned < size {
                         return Ok(None);
                     }
-                    let (pause, reason) =
-                        throttle::pause_after(&self.throttle(p), done.changed, done.elapsed);
-                    if let Some(outcome) = self.pause(pause, reason, stop).await {
+                    let pacing = Pacing {
+                        controller: &mut controller,
+                        load: &mut load,
+                    };
+                    if let Some(outcome) = self.settle(p, &done, pacing, guard, stop).await {
                         return Ok(Some(outcome));
                     }
                 }
@@ -723,6 +770,91 @@ impl Attempt<'_> {
                     cursor = self.reload_cursor(p.keyset.width(), slice.slot).await?;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Between two batches: reacts to the batch's impact on other sessions and on the server,
+    /// pauses, and runs the bloat guard when it is due.
+    async fn settle(
+        &self,
+        p: &Prepared,
+        done: &Committed,
+        pacing: Pacing<'_>,
+        guard: &BloatGuard,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
+        let cfg = self.ctx.config();
+        let throttle = self.throttle(p);
+        let mut impact = done.impact;
+        if impact.blocked > 0 {
+            self.ctx
+                .metrics
+                .sessions_blocked
+                .with_label_values(&[&self.row.name])
+                .inc_by(impact.blocked as u64);
+            tracing::debug!(
+                blocked = impact.blocked,
+                longest_wait_ms = impact.longest_wait.as_millis() as u64,
+                "batch made other sessions wait on its row locks"
+            );
+        }
+        if cfg.throttle.back_off_when_blocking && impact.blocked > 0 {
+            pacing.controller.shrink_for_waiters();
+        } else {
+            impact = Default::default();
+        }
+        let gentle = throttle.preset.is_gentle();
+        let load = if gentle {
+            pacing.load.observe(done.elapsed, done.scanned)
+        } else {
+            1.0
+        };
+        let max_load = if gentle {
+            cfg.throttle.max_load_factor
+        } else {
+            0.0
+        };
+        for (pause, reason) in throttle::pauses(
+            &throttle,
+            done.changed,
+            done.elapsed,
+            impact,
+            load,
+            max_load,
+        ) {
+            if let Some(outcome) = self.pause(pause, reason, stop).await {
+                return Some(outcome);
+            }
+        }
+        if guard.record(done.changed) {
+            self.vacuum(p, guard, false).await;
+        }
+        self.interrupted()
+    }
+
+    /// The bloat guard's VACUUM; batches of this slice hold meanwhile. A failed VACUUM is logged
+    /// and skipped: reclaiming space is worth a retry at the next interval, not a failed job.
+    async fn vacuum(&self, p: &Prepared, guard: &BloatGuard, full: bool) {
+        let job = [self.row.name.as_str()];
+        match guard
+            .vacuum(&self.ctx.pool, &self.row.name, &p.target, full)
+            .await
+        {
+            Ok(took) => {
+                self.ctx.metrics.vacuums.with_label_values(&job).inc();
+                self.ctx.metrics.throttled(
+                    &self.row.name,
+                    Reason::Vacuum.as_str(),
+                    took.as_secs_f64(),
+                );
+                tracing::debug!(
+                    ms = took.as_millis() as u64,
+                    "bloat guard: vacuumed the target"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bloat guard: VACUUM failed; trying again at the next interval")
             }
         }
     }
@@ -1031,6 +1163,12 @@ impl Progress {
             self.scanned_this_attempt as f64 / self.started.elapsed().as_secs_f64().max(0.001);
         (rate > 0.0).then(|| (total - self.scanned).max(0) as f64 / rate)
     }
+}
+
+/// The per-slice controls `settle` adjusts after each batch.
+struct Pacing<'a> {
+    controller: &'a mut Controller,
+    load: &'a mut Load,
 }
 
 /// One slice of the key range: keys in `(cursor, upper]`, checkpointed into `slices[slot]`, or

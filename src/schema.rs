@@ -50,6 +50,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "slices",
         sql: include_str!("schema/0002_slices.sql"),
     },
+    Migration {
+        version: 3,
+        name: "gentle",
+        sql: include_str!("schema/0003_gentle.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

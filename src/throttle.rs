@@ -59,6 +59,11 @@ impl Controller {
         self.set(self.size / 2);
     }
 
+    /// The last batch made other sessions wait on its row locks: the next one holds fewer.
+    pub fn shrink_for_waiters(&mut self) {
+        self.back_off();
+    }
+
     fn set(&mut self, size: i64) {
         self.size = size.clamp(self.min, self.max);
     }
@@ -76,6 +81,12 @@ pub enum Reason {
     DeadTuples,
     WalRate,
     Backoff,
+    /// The last batch made other sessions wait on its row locks.
+    Blocking,
+    /// Batches run slower per key than the job's best: the server is busier.
+    ServerLoad,
+    /// The bloat guard's VACUUM of the target.
+    Vacuum,
 }
 
 impl Reason {
@@ -90,8 +101,85 @@ impl Reason {
             Reason::DeadTuples => "dead_tuples",
             Reason::WalRate => "wal_rate",
             Reason::Backoff => "backoff",
+            Reason::Blocking => "blocking",
+            Reason::ServerLoad => "server_load",
+            Reason::Vacuum => "vacuum",
         }
     }
+}
+
+/// What a batch did to everyone else: sessions that were waiting on its row locks just before it
+/// committed (`pg_blocking_pids`), and how long the longest of them had waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Impact {
+    pub blocked: i64,
+    pub longest_wait: Duration,
+}
+
+/// How much slower than its best the job's batches run per key: a server-wide load signal that
+/// needs no privileges. The best is the smallest smoothed cost seen, so a quiet start sets it.
+#[derive(Debug, Clone, Default)]
+pub struct Load {
+    smoothed: Option<f64>,
+    best: Option<f64>,
+}
+
+/// Weight of the newest batch in the smoothed per-key cost.
+const LOAD_SMOOTHING: f64 = 0.2;
+
+impl Load {
+    /// Records a full batch; returns the current slowdown factor (1.0 = as fast as the best).
+    pub fn observe(&mut self, elapsed: Duration, keys: i64) -> f64 {
+        if keys <= 0 {
+            return self.factor();
+        }
+        let cost = elapsed.as_secs_f64() / keys as f64;
+        let smoothed = match self.smoothed {
+            Some(prev) => prev + LOAD_SMOOTHING * (cost - prev),
+            None => cost,
+        };
+        self.smoothed = Some(smoothed);
+        self.best = Some(self.best.map_or(smoothed, |b| b.min(smoothed)));
+        self.factor()
+    }
+
+    pub fn factor(&self) -> f64 {
+        match (self.smoothed, self.best) {
+            (Some(s), Some(b)) if b > 0.0 => s / b,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Slowdowns below this are noise (cache misses, a commit flush), not load.
+const LOAD_NOTICE: f64 = 2.0;
+
+/// The pauses after a batch, in order, each with the reason it is counted under:
+/// - the job's minimum sleep, or longer when the rows-per-second cap demands it (the batch's
+///   rows over the cap, minus the time the batch already took);
+/// - when the batch blocked other sessions, twice its own duration more, so the queue behind it
+///   drains before the next batch takes locks again;
+/// - when the server is busier (`load` ≥ 2, capped at `max_load`), the base pause stretched by
+///   the slowdown, so the backfill's share of the server shrinks as everyone else needs more.
+pub fn pauses(
+    t: &Throttle,
+    rows: i64,
+    elapsed: Duration,
+    impact: Impact,
+    load: f64,
+    max_load: f64,
+) -> Vec<(Duration, Reason)> {
+    let base = pause_after(t, rows, elapsed);
+    let mut out = vec![base];
+    if impact.blocked > 0 {
+        out.push((elapsed * 2, Reason::Blocking));
+    }
+    if max_load >= 1.0 && load >= LOAD_NOTICE {
+        let stretch = (load.min(max_load) - 1.0).max(0.0);
+        let floor = Duration::from_millis(t.sleep_ms as u64).max(elapsed);
+        out.push((floor.mul_f64(stretch), Reason::ServerLoad));
+    }
+    out
 }
 
 /// The pause after a batch: the job's minimum sleep, or longer when the rows-per-second cap
@@ -114,27 +202,61 @@ pub struct Health {
     last_check: Option<Instant>,
     last_wal: Option<(Instant, f64)>,
     verdict: Option<Reason>,
+    /// Hold on `max_dead_tuple_ratio`: only while autovacuum alone reclaims the job's dead
+    /// tuples (no bloat guard), so the hold waits for it. With the guard on, our dead tuples are
+    /// reclaimed as we go and everyone else's are autovacuum's business.
+    dead_ratio: bool,
 }
 
-type Sample = (f64, f64, i64, i64, i64, f64);
+/// One reading of the database's health signals.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+struct Sample {
+    replica_lag: f64,
+    /// Age in seconds of the oldest other transaction holding back vacuum (it has an xid or a
+    /// snapshot), so the rows we rewrite cannot be reclaimed while it lasts.
+    xact_age: f64,
+    lock_waiters: i64,
+    /// Vacuums running on the target, other than one of ours.
+    vacuums: i64,
+    dead_tuples: i64,
+    live_tuples: i64,
+    /// Whether autovacuum may run on the target (server setting and table option), so a hold
+    /// on dead tuples can end without us.
+    autovacuum_on: bool,
+    wal: f64,
+}
 
 const SAMPLE: &str = "
 SELECT
-    (SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication),
+    (SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication)
+        AS replica_lag,
     (SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8
        FROM pg_stat_activity
-      WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'),
-    (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'),
-    (SELECT count(*) FROM pg_stat_progress_vacuum WHERE relid = $1),
-    (SELECT coalesce(max(n_dead_tup), 0) FROM pg_stat_all_tables WHERE relid = $1),
-    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8";
+      WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+        AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)) AS xact_age,
+    (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock') AS lock_waiters,
+    (SELECT count(*) FROM pg_stat_progress_vacuum v
+      WHERE v.relid = $1
+        AND v.pid NOT IN (SELECT pid FROM pg_stat_activity
+                           WHERE application_name = current_setting('application_name')))
+        AS vacuums,
+    (SELECT coalesce(max(n_dead_tup), 0) FROM pg_stat_all_tables WHERE relid = $1) AS dead_tuples,
+    (SELECT coalesce(max(n_live_tup), 0) FROM pg_stat_all_tables WHERE relid = $1) AS live_tuples,
+    (current_setting('autovacuum')::bool AND coalesce(
+        (SELECT option_value::bool FROM pg_class c, pg_options_to_table(c.reloptions)
+          WHERE c.oid = $1 AND option_name = 'autovacuum_enabled'), true)) AS autovacuum_on,
+    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal";
+
+/// Dead tuples below this never hold a job, whatever the ratio: small tables vacuum quickly.
+const DEAD_TUPLES_FLOOR: i64 = 10_000;
 
 impl Health {
-    pub fn new() -> Self {
+    pub fn new(dead_ratio: bool) -> Self {
         Self {
             last_check: None,
             last_wal: None,
             verdict: None,
+            dead_ratio,
         }
     }
 
@@ -167,23 +289,22 @@ impl Health {
                 return None;
             }
         };
-        self.verdict = self.judge(cfg, sample);
+        self.verdict = self.judge(cfg, &sample);
         self.verdict
     }
 
-    fn judge(&mut self, cfg: &ThrottleConfig, s: Sample) -> Option<Reason> {
-        let (lag, xact_age, lock_waiters, vacuums, dead, wal) = s;
-        let wal_rate = self.wal_rate(wal);
+    fn judge(&mut self, cfg: &ThrottleConfig, s: &Sample) -> Option<Reason> {
+        let wal_rate = self.wal_rate(s.wal);
         let over = |limit: Duration, value: f64| !limit.is_zero() && value > limit.as_secs_f64();
-        if over(cfg.max_replica_lag, lag) {
+        if over(cfg.max_replica_lag, s.replica_lag) {
             Some(Reason::ReplicaLag)
-        } else if over(cfg.max_transaction_age, xact_age) {
+        } else if over(cfg.max_transaction_age, s.xact_age) {
             Some(Reason::LongTransaction)
-        } else if cfg.max_lock_waiters > 0 && lock_waiters > cfg.max_lock_waiters {
+        } else if cfg.max_lock_waiters > 0 && s.lock_waiters > cfg.max_lock_waiters {
             Some(Reason::LockWaits)
-        } else if cfg.pause_during_autovacuum && vacuums > 0 {
+        } else if cfg.pause_during_autovacuum && s.vacuums > 0 {
             Some(Reason::Autovacuum)
-        } else if cfg.max_dead_tuples > 0 && dead > cfg.max_dead_tuples {
+        } else if too_many_dead(cfg, s, self.dead_ratio) {
             Some(Reason::DeadTuples)
         } else if cfg.max_wal_bytes_per_second > 0
             && wal_rate.is_some_and(|r| r > cfg.max_wal_bytes_per_second as f64)
@@ -205,10 +326,16 @@ impl Health {
     }
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
+/// Over the absolute limit, or over the ratio while autovacuum can still bring it down (holding
+/// on a ratio autovacuum will never clear would stop the job for good).
+fn too_many_dead(cfg: &ThrottleConfig, s: &Sample, use_ratio: bool) -> bool {
+    let absolute = cfg.max_dead_tuples > 0 && s.dead_tuples > cfg.max_dead_tuples;
+    let ratio = use_ratio
+        && cfg.max_dead_tuple_ratio > 0.0
+        && s.autovacuum_on
+        && s.dead_tuples > DEAD_TUPLES_FLOOR
+        && s.dead_tuples as f64 > cfg.max_dead_tuple_ratio * s.live_tuples.max(1) as f64;
+    absolute || ratio
 }
 
 fn any_enabled(cfg: &ThrottleConfig) -> bool {
@@ -217,6 +344,7 @@ fn any_enabled(cfg: &ThrottleConfig) -> bool {
         || cfg.max_lock_waiters > 0
         || cfg.pause_during_autovacuum
         || cfg.max_dead_tuples > 0
+        || cfg.max_dead_tuple_ratio > 0.0
         || cfg.max_wal_bytes_per_second > 0
 }
 
@@ -230,8 +358,10 @@ mod tests {
             min_size: 100,
             max_size: 10_000,
             target_batch_ms: 500,
+            max_batch_ms: 1000,
             sleep_ms: 50,
             max_rows_per_second: 0,
+            preset: crate::job::Preset::Gentle,
         }
     }
 
@@ -270,26 +400,90 @@ mod tests {
     #[test]
     fn health_verdicts_follow_limits() {
         let mut cfg = ThrottleConfig::default();
-        let mut h = Health::new();
+        let mut h = Health::new(true);
+        let quiet = Sample {
+            autovacuum_on: true,
+            live_tuples: 1_000_000,
+            ..Sample::default()
+        };
+        let with = |f: fn(&mut Sample)| {
+            let mut s = quiet.clone();
+            f(&mut s);
+            s
+        };
+        assert_eq!(h.judge(&cfg, &quiet), None);
         assert_eq!(
-            h.judge(&cfg, (30.0, 0.0, 0, 0, 0, 0.0)),
+            h.judge(&cfg, &with(|s| s.replica_lag = 30.0)),
             Some(Reason::ReplicaLag)
         );
-        assert_eq!(h.judge(&cfg, (1.0, 999.0, 0, 0, 0, 0.0)), None);
-        cfg.max_transaction_age = Duration::from_secs(60);
         assert_eq!(
-            h.judge(&cfg, (1.0, 999.0, 0, 0, 0, 0.0)),
-            Some(Reason::LongTransaction)
+            h.judge(&cfg, &with(|s| s.xact_age = 999.0)),
+            Some(Reason::LongTransaction),
+            "a transaction holding back vacuum for over 5 minutes holds batches by default"
+        );
+        assert_eq!(
+            h.judge(&cfg, &with(|s| s.vacuums = 1)),
+            Some(Reason::Autovacuum)
+        );
+        assert_eq!(
+            h.judge(&cfg, &with(|s| s.dead_tuples = 400_000)),
+            Some(Reason::DeadTuples),
+            "dead tuples over 30% of live ones hold batches while autovacuum can clear them"
+        );
+        let no_autovacuum = with(|s| {
+            s.dead_tuples = 400_000;
+            s.autovacuum_on = false;
+        });
+        assert_eq!(
+            h.judge(&cfg, &no_autovacuum),
+            None,
+            "nothing would clear it"
         );
         cfg.max_lock_waiters = 3;
         assert_eq!(
-            h.judge(&cfg, (0.0, 0.0, 4, 0, 0, 0.0)),
+            h.judge(&cfg, &with(|s| s.lock_waiters = 4)),
             Some(Reason::LockWaits)
         );
-        cfg.pause_during_autovacuum = true;
+    }
+
+    #[test]
+    fn blocking_and_load_lengthen_the_pause() {
+        let t = throttle();
+        let ms = Duration::from_millis;
+        let calm = pauses(&t, 100, ms(20), Impact::default(), 1.0, 4.0);
+        assert_eq!(calm, vec![(ms(50), Reason::Sleep)]);
+        let blocked = Impact {
+            blocked: 2,
+            longest_wait: ms(15),
+        };
+        let p = pauses(&t, 100, ms(20), blocked, 1.0, 4.0);
+        assert_eq!(p[1], (ms(40), Reason::Blocking));
+        let busy = pauses(&t, 100, ms(20), Impact::default(), 3.0, 4.0);
         assert_eq!(
-            h.judge(&cfg, (0.0, 0.0, 0, 1, 0, 0.0)),
-            Some(Reason::Autovacuum)
+            busy[1],
+            (ms(100), Reason::ServerLoad),
+            "sleep stretched 2x more"
         );
+        let capped = pauses(&t, 100, ms(20), Impact::default(), 10.0, 4.0);
+        assert_eq!(capped[1], (ms(150), Reason::ServerLoad));
+        assert_eq!(
+            pauses(&t, 100, ms(20), Impact::default(), 3.0, 0.0).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn load_factor_compares_to_the_best_smoothed_cost() {
+        let mut l = Load::default();
+        let ms = Duration::from_millis;
+        assert_eq!(l.observe(ms(20), 1000), 1.0);
+        for _ in 0..30 {
+            l.observe(ms(60), 1000);
+        }
+        assert!((l.factor() - 3.0).abs() < 0.05, "{}", l.factor());
+        for _ in 0..30 {
+            l.observe(ms(20), 1000);
+        }
+        assert!(l.factor() < 1.05);
     }
 }

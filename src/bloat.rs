@@ -1,0 +1,242 @@
+//! The bloat guard: a backfill rewrites every row it changes, and each old version stays in the
+//! heap as a dead tuple until VACUUM reclaims it. Left to autovacuum (which wakes at 20 % dead
+//! tuples, once a minute), a full-table backfill doubles the heap like a single UPDATE. The guard
+//! VACUUMs the target after every `vacuum_every_fraction` of its rows changed, so the space freed
+//! by earlier batches is recorded in the free space map and reused by later ones: the heap grows
+//! by about one interval's worth of new versions instead of by the whole change.
+//!
+//! The VACUUM is gentle by construction: `SKIP_LOCKED` (never queue behind autovacuum or DDL),
+//! `TRUNCATE false` (truncation takes an ACCESS EXCLUSIVE lock that would stall live traffic),
+//! its own `statement_timeout`. While the job runs it is heap-only (`INDEX_CLEANUP OFF`): it reads
+//! only the pages changed since the last run (the visibility map skips the rest) and prunes them,
+//! which frees the dead versions' space for reuse; only their 4-byte line pointers stay until the
+//! index entries pointing at them are removed. That happens once, in one full VACUUM when the
+//! job's walk ends, instead of one pass over every index per interval.
+//!
+//! A role that may not VACUUM the target (PostgreSQL 15: owner, database owner or superuser;
+//! 17+: also the MAINTAIN privilege) still runs its jobs: the guard says so once in the log and in
+//! `backfilld_bloat_guard_vacuum_allowed{job} 0`, and the dead-tuple health signal holds batches
+//! until autovacuum catches up.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, PgPool};
+
+use crate::config::BloatConfig;
+use crate::error::JobError;
+use crate::target::Target;
+
+/// Whether the connected role may VACUUM the table (without it PostgreSQL only warns and skips).
+const MAY_VACUUM: &str = "
+SELECT pg_has_role(c.relowner, 'USAGE')
+    OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+    OR CASE WHEN current_setting('server_version_num')::int >= 170000
+            THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END
+FROM pg_class c WHERE c.oid = $1";
+
+/// One job's guard, shared by its slices.
+#[derive(Debug)]
+pub struct BloatGuard {
+    /// Rows changed between two VACUUMs; `None` when the guard is off or not permitted.
+    every: Option<i64>,
+    state: Mutex<GuardState>,
+    timeout: Duration,
+    cost_delay: Duration,
+    /// Gentle job, no guard running: autovacuum alone reclaims its dead tuples.
+    relies_on_autovacuum: bool,
+}
+
+#[derive(Debug, Default)]
+struct GuardState {
+    since_vacuum: i64,
+    /// Any row changed since the guard started: the final full VACUUM has work to do.
+    changed_any: bool,
+    /// A slice is vacuuming now; others keep going.
+    running: bool,
+}
+
+/// How the guard stands for a job, decided once per attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Off by configuration or preset.
+    Off,
+    Active,
+    /// The role may not VACUUM the target: autovacuum alone reclaims space.
+    NotPermitted,
+}
+
+impl BloatGuard {
+    pub fn off() -> Self {
+        Self::with_every(None, &BloatConfig::default())
+    }
+
+    /// No guard for a gentle job: it waits for autovacuum instead.
+    pub fn unguarded() -> Self {
+        Self {
+            relies_on_autovacuum: true,
+            ..Self::off()
+        }
+    }
+
+    fn with_every(every: Option<i64>, cfg: &BloatConfig) -> Self {
+        Self {
+            every,
+            state: Mutex::new(GuardState::default()),
+            timeout: cfg.vacuum_timeout,
+            cost_delay: cfg.vacuum_cost_delay,
+            relies_on_autovacuum: false,
+        }
+    }
+
+    /// Whether batches should wait for autovacuum when dead tuples pile up.
+    pub fn relies_on_autovacuum(&self) -> bool {
+        self.relies_on_autovacuum
+    }
+
+    /// Sets the guard up for a job over `rows` keys, checking once whether the role may VACUUM.
+    pub async fn new(
+        pool: &PgPool,
+        cfg: &BloatConfig,
+        wanted: bool,
+        target: &Target,
+        rows: i64,
+    ) -> Result<(Self, Standing), sqlx::Error> {
+        let unguarded = Self::unguarded();
+        if !wanted {
+            return Ok((Self::off(), Standing::Off));
+        }
+        if !cfg.guard {
+            return Ok((unguarded, Standing::Off));
+        }
+        let permitted: Option<bool> = sqlx::query_scalar(MAY_VACUUM)
+            .bind(sqlx::postgres::types::Oid(target.oid))
+            .fetch_optional(pool)
+            .await?;
+        if permitted != Some(true) {
+            return Ok((unguarded, Standing::NotPermitted));
+        }
+        let guard = Self::with_every(Some(interval(cfg, rows)), cfg);
+        Ok((guard, Standing::Active))
+    }
+
+    /// Counts changed rows; `true` when this caller should VACUUM now (it then owns the run
+    /// until `vacuum` returns).
+    pub fn record(&self, changed: i64) -> bool {
+        let Some(every) = self.every else {
+            return false;
+        };
+        // A poisoned lock only means a slice panicked while adding numbers.
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.since_vacuum += changed;
+        s.changed_any |= changed > 0;
+        if s.running || s.since_vacuum < every {
+            return false;
+        }
+        s.running = true;
+        s.since_vacuum = 0;
+        true
+    }
+
+    /// Whether the walk changed rows under an active guard: the final full VACUUM is due.
+    pub fn wants_final(&self) -> bool {
+        self.every.is_some()
+            && self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .changed_any
+    }
+
+    /// VACUUMs the target, heap-only between batches or in `full` (indexes too) at the end;
+    /// returns how long it took. The caller held its batches meanwhile.
+    pub async fn vacuum(
+        &self,
+        pool: &PgPool,
+        job: &str,
+        target: &Target,
+        full: bool,
+    ) -> Result<Duration, JobError> {
+        let started = Instant::now();
+        let result = self.run_vacuum(pool, target, full).await;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        let step = "vacuuming the target (bloat guard)";
+        result.map_err(|e| JobError::sql(job, &target.display(), step, e))?;
+        Ok(started.elapsed())
+    }
+
+    async fn run_vacuum(
+        &self,
+        pool: &PgPool,
+        target: &Target,
+        full: bool,
+    ) -> Result<(), sqlx::Error> {
+        // A connection of its own, closed afterwards: the session settings below must not leak
+        // into the pool, and VACUUM cannot run inside a transaction block.
+        let mut pooled = pool.acquire().await?;
+        pooled.close_on_drop();
+        let settings = (self.timeout, self.cost_delay);
+        vacuum_on(&mut pooled, target, settings, full).await
+    }
+}
+
+async fn vacuum_on(
+    conn: &mut PgConnection,
+    target: &Target,
+    (timeout, cost_delay): (Duration, Duration),
+    full: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, false),
+                set_config('vacuum_cost_delay', $2, false)",
+    )
+    .bind(format!("{}ms", timeout.as_millis()))
+    .bind(format!("{}ms", cost_delay.as_millis()))
+    .execute(&mut *conn)
+    .await?;
+    let index_cleanup = if full { "AUTO" } else { "OFF" };
+    let vacuum = format!(
+        "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP {index_cleanup}) {}",
+        target.quoted
+    );
+    sqlx::query(&vacuum)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Rows changed between two VACUUMs: a share of the table, never fewer than the minimum.
+fn interval(cfg: &BloatConfig, rows: i64) -> i64 {
+    ((rows as f64 * cfg.vacuum_every_fraction) as i64).max(cfg.vacuum_min_rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(every: i64) -> BloatGuard {
+        BloatGuard::with_every(Some(every), &BloatConfig::default())
+    }
+
+    #[test]
+    fn interval_is_a_share_of_the_table_with_a_floor() {
+        let cfg = BloatConfig::default();
+        assert_eq!(interval(&cfg, 5_000_000), 100_000);
+        assert_eq!(interval(&cfg, 100_000), cfg.vacuum_min_rows);
+    }
+
+    #[test]
+    fn one_caller_vacuums_per_interval() {
+        let g = guard(1000);
+        assert!(!g.record(600));
+        assert!(g.record(600), "crossed the interval");
+        assert!(!g.record(5000), "a vacuum is running: others keep going");
+        g.state.lock().unwrap().running = false;
+        assert!(g.record(0), "rows counted meanwhile are due at once");
+        assert!(g.wants_final());
+        assert!(!BloatGuard::off().record(1_000_000));
+        assert!(!BloatGuard::off().wants_final());
+    }
+}
