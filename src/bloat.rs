@@ -172,12 +172,21 @@ impl BloatGuard {
         target: &Target,
         full: bool,
     ) -> Result<(), sqlx::Error> {
-        // A connection of its own, closed afterwards: the session settings below must not leak
-        // into the pool, and VACUUM cannot run inside a transaction block.
+        // Session settings (VACUUM cannot run inside a transaction block, so no SET LOCAL),
+        // reset before the connection goes back to the pool; if anything fails on the way the
+        // connection is closed instead, so they can never leak.
+        let asked = Instant::now();
         let mut pooled = pool.acquire().await?;
-        pooled.close_on_drop();
+        tracing::debug!(
+            ms = asked.elapsed().as_millis() as u64,
+            "bloat guard: connection acquired"
+        );
         let settings = (self.timeout, self.cost_delay);
-        vacuum_on(&mut pooled, target, settings, full).await
+        let result = vacuum_on(&mut pooled, target, settings, full).await;
+        if result.is_err() || reset_session(&mut pooled).await.is_err() {
+            pooled.close_on_drop();
+        }
+        result
     }
 }
 
@@ -204,6 +213,17 @@ async fn vacuum_on(
         .persistent(false)
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// Back to the connection's start-up values (the pool's session defaults).
+async fn reset_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    for reset in ["RESET statement_timeout", "RESET vacuum_cost_delay"] {
+        sqlx::query(reset)
+            .persistent(false)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 

@@ -84,6 +84,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             control,
             shutdown,
             interrupt,
+            held: Default::default(),
         };
         let result = attempt
             .execute_with_retries(cfg.worker.max_batch_retries)
@@ -140,6 +141,8 @@ struct Attempt<'a> {
     control: watch::Receiver<Control>,
     shutdown: CancellationToken,
     interrupt: CancellationToken,
+    /// Seconds held back per reason in this attempt, for the closing log line.
+    held: std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
 }
 
 /// Optional job-row columns written together, fenced.
@@ -182,7 +185,8 @@ impl Attempt<'_> {
                 Err(e) if e.is_retryable() && retries < max => {
                     retries += 1;
                     tracing::warn!(error = %e, retry = retries, "transient error; retrying");
-                    if let Some(outcome) = self.back_off(&e, retries, &self.interrupt).await {
+                    let wake = &self.interrupt;
+                    if let Some(outcome) = self.back_off(&e, retries, BACKOFF_BASE, wake).await {
                         return Ok(outcome);
                     }
                     self.refresh_row().await?;
@@ -763,7 +767,16 @@ impl Attempt<'_> {
                     retries += 1;
                     controller.back_off();
                     tracing::warn!(error = %e, retry = retries, batch_size = controller.size(), "transient batch error; retrying");
-                    if let Some(outcome) = self.back_off(&e, retries, stop).await {
+                    // A batch cut off at the ceiling was too big for the moment: the halved size
+                    // is the remedy, so its backoff starts at the ceiling, not at 100 ms.
+                    let base = match e.kind() {
+                        "statement_timeout" => {
+                            Duration::from_millis(p.spec.throttle.max_batch_ms as u64)
+                                .min(BACKOFF_BASE)
+                        }
+                        _ => BACKOFF_BASE,
+                    };
+                    if let Some(outcome) = self.back_off(&e, retries, base, stop).await {
                         return Ok(Some(outcome));
                     }
                     // The failed commit may or may not have landed: the stored checkpoint decides.
@@ -843,13 +856,10 @@ impl Attempt<'_> {
         {
             Ok(took) => {
                 self.ctx.metrics.vacuums.with_label_values(&job).inc();
-                self.ctx.metrics.throttled(
-                    &self.row.name,
-                    Reason::Vacuum.as_str(),
-                    took.as_secs_f64(),
-                );
+                self.hold_time(Reason::Vacuum, took);
                 tracing::debug!(
                     ms = took.as_millis() as u64,
+                    full,
                     "bloat guard: vacuumed the target"
                 );
             }
@@ -864,6 +874,7 @@ impl Attempt<'_> {
         &self,
         e: &JobError,
         retry: u32,
+        base: Duration,
         wake: &CancellationToken,
     ) -> Option<Outcome> {
         self.ctx
@@ -871,7 +882,8 @@ impl Attempt<'_> {
             .batch_errors
             .with_label_values(&[&self.row.name, e.kind()])
             .inc();
-        self.pause(backoff(retry), Reason::Backoff, wake).await
+        self.pause(backoff(retry, base), Reason::Backoff, wake)
+            .await
     }
 
     /// The job's throttle under the current configuration (SIGHUP may have changed defaults).
@@ -1002,12 +1014,26 @@ impl Attempt<'_> {
             _ = config.changed() => {}
             _ = tokio::time::sleep(duration) => {}
         }
-        self.ctx.metrics.throttled(
-            &self.row.name,
-            reason.as_str(),
-            started.elapsed().as_secs_f64(),
-        );
+        self.hold_time(reason, started.elapsed());
         self.interrupted()
+    }
+
+    /// Counts time held back (paused, vacuuming) under its reason: the metric and this
+    /// attempt's tally.
+    fn hold_time(&self, reason: Reason, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.ctx
+            .metrics
+            .throttled(&self.row.name, reason.as_str(), secs);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        *held.entry(reason.as_str()).or_default() += secs;
+    }
+
+    /// `sleep=12.3 vacuum=4.5`: where this attempt's time between batches went.
+    fn held_summary(&self) -> String {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let parts: Vec<String> = held.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
+        parts.join(" ")
     }
 
     fn interrupted(&self) -> Option<Outcome> {
@@ -1071,7 +1097,7 @@ impl Attempt<'_> {
                 if e.is_retryable() {
                     tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
                     Release::Retry {
-                        delay: backoff(self.lease.attempt as u32 + 3),
+                        delay: backoff(self.lease.attempt as u32 + 3, BACKOFF_BASE),
                         error: e.to_string(),
                     }
                 } else {
@@ -1093,7 +1119,7 @@ impl Attempt<'_> {
             .await
             {
                 Ok(Some(state)) => {
-                    tracing::info!(state = %state, "attempt finished");
+                    tracing::info!(state = %state, held_seconds = %self.held_summary(), "attempt finished");
                     return;
                 }
                 Ok(None) => {
@@ -1123,11 +1149,14 @@ fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Target {
 }
 
 /// Exponential backoff with jitter, capped at 30 s.
-fn backoff(retry: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << retry.min(9));
+fn backoff(retry: u32, base: Duration) -> Duration {
+    let base = (base.as_millis() as u64).saturating_mul(1 << retry.min(9));
     let capped = base.min(30_000);
     Duration::from_millis(capped / 2 + fastrand::u64(0..=capped / 2))
 }
+
+/// The first step of the backoff after a transient error.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
 /// Progress and ETA from keys scanned against the planned total.
 struct Progress {

@@ -123,6 +123,13 @@ impl Db {
         Held(conn)
     }
 
+    /// The test database's URL with other credentials (`user:password`).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("URL scheme");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://{user}:{password}@{host}")
+    }
+
     pub fn daemon_logs(&self) -> String {
         let paths = self.logs.lock().unwrap().clone();
         paths
@@ -274,6 +281,12 @@ impl DaemonBuilder {
             .env("BACKFILLD_BATCH__MIN_SIZE", "1")
     }
 
+    /// Connects as someone else (e.g. a least-privilege role) instead of the test's superuser.
+    pub fn database_url(mut self, url: &str) -> Self {
+        self.url = url.to_owned();
+        self
+    }
+
     /// Passes `--config PATH`.
     pub fn config_file(mut self, path: &std::path::Path) -> Self {
         self.args.push("--config".into());
@@ -373,6 +386,17 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus text exposition, if present.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A free TCP port on 127.0.0.1 for a daemon's metrics listener.
