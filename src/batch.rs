@@ -29,7 +29,9 @@ pub struct TxSettings {
 }
 
 impl TxSettings {
-    /// The configured timeouts, each capped by the job's ceiling on a batch.
+    /// The configured timeouts capped by the job's ceiling on a batch. A lock wait may take half
+    /// of it: a batch that waited that long is better retried, and a lock wait then reports as
+    /// one (55P03) rather than as the statement timeout racing it.
     pub fn capped(
         lock_timeout: Duration,
         statement_timeout: Duration,
@@ -37,7 +39,7 @@ impl TxSettings {
         synchronous_commit: String,
     ) -> Self {
         Self {
-            lock_timeout: lock_timeout.min(max_batch),
+            lock_timeout: lock_timeout.min(max_batch / 2),
             statement_timeout: statement_timeout.min(max_batch),
             synchronous_commit,
         }

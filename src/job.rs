@@ -305,11 +305,9 @@ impl Throttle {
             1,
             3_600_000,
         )?;
-        // The ceiling follows an explicit target up, so a job asking for long batches gets them.
-        let ceiling_default = match row.target_batch_ms {
-            Some(t) => batch.max_batch_ms.max(i64::from(t) * 2),
-            None => batch.max_batch_ms,
-        };
+        // The ceiling follows the target up, so a job (or configuration) asking for long batches
+        // gets them.
+        let ceiling_default = batch.max_batch_ms.max(target_batch_ms * 2);
         let max_batch_ms = in_range(
             "max_batch_ms",
             row.max_batch_ms,
