@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BloatConfig;
 use crate::error::JobError;
@@ -150,39 +151,38 @@ impl BloatGuard {
     }
 
     /// VACUUMs the target, heap-only between batches or in `full` (indexes too) at the end;
-    /// returns how long it took. The caller held its batches meanwhile.
+    /// returns how long it took. The caller held its batches meanwhile. When `wake` fires
+    /// (shutdown, pause, cancel) the running VACUUM is cancelled server-side, so a stop never
+    /// waits for it.
     pub async fn vacuum(
         &self,
         pool: &PgPool,
         job: &str,
         target: &Target,
         full: bool,
+        wake: &CancellationToken,
     ) -> Result<Duration, JobError> {
         let started = Instant::now();
-        let result = self.run_vacuum(pool, target, full).await;
+        let run = Run {
+            pool,
+            target,
+            full,
+            wake,
+        };
+        let result = self.run_vacuum(&run).await;
         self.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
         let step = "vacuuming the target (bloat guard)";
         result.map_err(|e| JobError::sql(job, &target.display(), step, e))?;
         Ok(started.elapsed())
     }
 
-    async fn run_vacuum(
-        &self,
-        pool: &PgPool,
-        target: &Target,
-        full: bool,
-    ) -> Result<(), sqlx::Error> {
+    async fn run_vacuum(&self, run: &Run<'_>) -> Result<(), sqlx::Error> {
         // Session settings (VACUUM cannot run inside a transaction block, so no SET LOCAL),
         // reset before the connection goes back to the pool; if anything fails on the way the
         // connection is closed instead, so they can never leak.
-        let asked = Instant::now();
-        let mut pooled = pool.acquire().await?;
-        tracing::debug!(
-            ms = asked.elapsed().as_millis() as u64,
-            "bloat guard: connection acquired"
-        );
+        let mut pooled = run.pool.acquire().await?;
         let settings = (self.timeout, self.cost_delay);
-        let result = vacuum_on(&mut pooled, target, settings, full).await;
+        let result = run.on(&mut pooled, settings).await;
         if result.is_err() || reset_session(&mut pooled).await.is_err() {
             pooled.close_on_drop();
         }
@@ -190,30 +190,47 @@ impl BloatGuard {
     }
 }
 
-async fn vacuum_on(
-    conn: &mut PgConnection,
-    target: &Target,
-    (timeout, cost_delay): (Duration, Duration),
+/// One VACUUM of the guard.
+struct Run<'a> {
+    pool: &'a PgPool,
+    target: &'a Target,
     full: bool,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "SELECT set_config('statement_timeout', $1, false),
-                set_config('vacuum_cost_delay', $2, false)",
-    )
-    .bind(format!("{}ms", timeout.as_millis()))
-    .bind(format!("{}ms", cost_delay.as_millis()))
-    .execute(&mut *conn)
-    .await?;
-    let index_cleanup = if full { "AUTO" } else { "OFF" };
-    let vacuum = format!(
-        "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP {index_cleanup}) {}",
-        target.quoted
-    );
-    sqlx::query(&vacuum)
-        .persistent(false)
-        .execute(&mut *conn)
+    wake: &'a CancellationToken,
+}
+
+impl Run<'_> {
+    async fn on(
+        &self,
+        conn: &mut PgConnection,
+        (timeout, cost_delay): (Duration, Duration),
+    ) -> Result<(), sqlx::Error> {
+        let pid: i32 = sqlx::query_scalar(
+            "SELECT pg_backend_pid() FROM (SELECT set_config('statement_timeout', $1, false),
+                                                  set_config('vacuum_cost_delay', $2, false)) s",
+        )
+        .bind(format!("{}ms", timeout.as_millis()))
+        .bind(format!("{}ms", cost_delay.as_millis()))
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(())
+        let index_cleanup = if self.full { "AUTO" } else { "OFF" };
+        let vacuum = format!(
+            "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP {index_cleanup}) {}",
+            self.target.quoted
+        );
+        let running = sqlx::query(&vacuum).persistent(false).execute(&mut *conn);
+        tokio::pin!(running);
+        tokio::select! {
+            done = &mut running => done.map(|_| ()),
+            _ = self.wake.cancelled() => {
+                // The statement ends with 57014 at its next interrupt check.
+                let cancel = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid);
+                if let Err(e) = cancel.execute(self.pool).await {
+                    tracing::warn!(error = %e, "bloat guard: could not cancel the VACUUM");
+                }
+                running.await.map(|_| ())
+            }
+        }
+    }
 }
 
 /// Back to the connection's start-up values (the pool's session defaults).

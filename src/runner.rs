@@ -85,6 +85,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             shutdown,
             interrupt,
             held: Default::default(),
+            longest_wait: Default::default(),
         };
         let result = attempt
             .execute_with_retries(cfg.worker.max_batch_retries)
@@ -143,6 +144,8 @@ struct Attempt<'a> {
     interrupt: CancellationToken,
     /// Seconds held back per reason in this attempt, for the closing log line.
     held: std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
+    /// The longest any session had waited on a batch's row locks when that batch committed.
+    longest_wait: std::sync::Mutex<Duration>,
 }
 
 /// Optional job-row columns written together, fenced.
@@ -596,7 +599,7 @@ impl Attempt<'_> {
         });
         let ended = merge(futures_util::future::join_all(runs).await)?;
         if ended.is_none() && guard.wants_final() {
-            self.vacuum(p, &guard, true).await;
+            self.vacuum(p, &guard, true, &self.interrupt).await;
         }
         Ok(ended)
     }
@@ -801,6 +804,9 @@ impl Attempt<'_> {
         let throttle = self.throttle(p);
         let mut impact = done.impact;
         if impact.blocked > 0 {
+            let mut longest = self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
+            *longest = (*longest).max(impact.longest_wait);
+            drop(longest);
             self.ctx
                 .metrics
                 .sessions_blocked
@@ -841,17 +847,18 @@ impl Attempt<'_> {
             }
         }
         if guard.record(done.changed) {
-            self.vacuum(p, guard, false).await;
+            self.vacuum(p, guard, false, stop).await;
         }
         self.interrupted()
     }
 
     /// The bloat guard's VACUUM; batches of this slice hold meanwhile. A failed VACUUM is logged
     /// and skipped: reclaiming space is worth a retry at the next interval, not a failed job.
-    async fn vacuum(&self, p: &Prepared, guard: &BloatGuard, full: bool) {
+    async fn vacuum(&self, p: &Prepared, guard: &BloatGuard, full: bool, wake: &CancellationToken) {
         let job = [self.row.name.as_str()];
+        tracing::debug!(full, "bloat guard: vacuuming the target");
         match guard
-            .vacuum(&self.ctx.pool, &self.row.name, &p.target, full)
+            .vacuum(&self.ctx.pool, &self.row.name, &p.target, full, wake)
             .await
         {
             Ok(took) => {
@@ -862,6 +869,9 @@ impl Attempt<'_> {
                     full,
                     "bloat guard: vacuumed the target"
                 );
+            }
+            Err(e) if wake.is_cancelled() => {
+                tracing::info!(error = %e, "bloat guard: VACUUM cancelled: the attempt is stopping")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "bloat guard: VACUUM failed; trying again at the next interval")
@@ -1119,7 +1129,13 @@ impl Attempt<'_> {
             .await
             {
                 Ok(Some(state)) => {
-                    tracing::info!(state = %state, held_seconds = %self.held_summary(), "attempt finished");
+                    let waited = *self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
+                    tracing::info!(
+                        state = %state,
+                        held_seconds = %self.held_summary(),
+                        longest_wait_behind_a_batch_ms = waited.as_millis() as u64,
+                        "attempt finished"
+                    );
                     return;
                 }
                 Ok(None) => {

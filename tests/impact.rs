@@ -211,3 +211,48 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
     db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
 }
+
+#[sqlx::test]
+async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
+    let db = Db::new(pool).await;
+    settled_table(&db, "sv", 100_000).await;
+    // Every page the VACUUM touches costs it a 100 ms nap: it would run for minutes.
+    let database = db.scalar_text("SELECT current_database()").await;
+    db.exec(&format!(
+        "ALTER DATABASE \"{database}\" SET vacuum_cost_limit = 1"
+    ))
+    .await;
+    JobSpec::new("sv", "sv")
+        .predicate("v = 0")
+        .set("v = id * 2")
+        .raw("batch_size", "2000")
+        .raw("target_batch_ms", "500")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BLOAT__VACUUM_COST_DELAY", "100ms")
+        .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
+        .spawn();
+    common::wait_until(
+        "the bloat guard's VACUUM",
+        || daemon.log(),
+        async || daemon.log().contains("bloat guard: vacuuming the target"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("VACUUM cancelled"), "{log}");
+    let running = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND query LIKE 'VACUUM%' AND state = 'active'";
+    common::wait_until("no VACUUM left running", String::new, async || {
+        db.scalar_i64(running).await == 0
+    })
+    .await;
+    let job = db.job("sv").await;
+    assert_eq!(job.state, "pending", "handed back for another replica");
+    assert_eq!(job.attempt, 0, "a graceful stop burns no attempt");
+}
