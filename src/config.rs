@@ -248,7 +248,7 @@ impl Default for BloatConfig {
     fn default() -> Self {
         Self {
             guard: true,
-            vacuum_every_fraction: 0.03,
+            vacuum_every_fraction: 0.02,
             vacuum_min_rows: 10_000,
             vacuum_timeout: Duration::from_secs(600),
             vacuum_cost_delay: Duration::ZERO,

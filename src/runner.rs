@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Counter, Plan};
 use crate::sql::Names;
 use crate::target::{Resolve, Target};
-use crate::throttle::{self, Controller, Health, Load, Reason};
+use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
 
 /// What every runner shares with the daemon.
 pub struct Context {
@@ -697,28 +697,9 @@ impl Attempt<'_> {
         guard: &BloatGuard,
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
-        let upper = &slice.upper;
         let cfg = self.ctx.config();
         let table = p.target.display();
-        let batcher = Batcher {
-            pool: &self.ctx.pool,
-            names: &self.ctx.names,
-            lease: &self.lease,
-            table: &table,
-            keyset: &p.keyset,
-            change,
-            upper,
-            settings: TxSettings::capped(
-                cfg.batch.lock_timeout,
-                cfg.batch.statement_timeout,
-                Duration::from_millis(p.spec.throttle.max_batch_ms as u64),
-                cfg.batch.synchronous_commit.clone(),
-            ),
-            lease_ttl: cfg.worker.lease_ttl,
-            max_affected: p.spec.max_affected,
-            window: WindowSql::new(&p.keyset),
-            slot: slice.slot,
-        };
+        let batcher = self.batcher(p, change, slice, &table, &cfg);
         let mut cursor = slice.cursor.clone();
         let mut controller =
             Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
@@ -770,15 +751,7 @@ impl Attempt<'_> {
                     retries += 1;
                     controller.back_off();
                     tracing::warn!(error = %e, retry = retries, batch_size = controller.size(), "transient batch error; retrying");
-                    // A batch cut off at the ceiling was too big for the moment: the halved size
-                    // is the remedy, so its backoff starts at the ceiling, not at 100 ms.
-                    let base = match e.kind() {
-                        "statement_timeout" => {
-                            Duration::from_millis(p.spec.throttle.max_batch_ms as u64)
-                                .min(BACKOFF_BASE)
-                        }
-                        _ => BACKOFF_BASE,
-                    };
+                    let base = retry_base(&e, &p.spec.throttle);
                     if let Some(outcome) = self.back_off(&e, retries, base, stop).await {
                         return Ok(Some(outcome));
                     }
@@ -787,6 +760,37 @@ impl Attempt<'_> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The batch runner of one slice, with this run's settings.
+    fn batcher<'b>(
+        &'b self,
+        p: &'b Prepared,
+        change: &'b Change,
+        slice: &'b Slice,
+        table: &'b str,
+        cfg: &Config,
+    ) -> Batcher<'b> {
+        let max_batch = Duration::from_millis(p.spec.throttle.max_batch_ms as u64);
+        Batcher {
+            pool: &self.ctx.pool,
+            names: &self.ctx.names,
+            lease: &self.lease,
+            table,
+            keyset: &p.keyset,
+            change,
+            upper: &slice.upper,
+            settings: TxSettings::capped(
+                cfg.batch.lock_timeout,
+                cfg.batch.statement_timeout,
+                max_batch,
+                cfg.batch.synchronous_commit.clone(),
+            ),
+            lease_ttl: cfg.worker.lease_ttl,
+            max_affected: p.spec.max_affected,
+            window: WindowSql::new(&p.keyset),
+            slot: slice.slot,
         }
     }
 
@@ -802,27 +806,7 @@ impl Attempt<'_> {
     ) -> Option<Outcome> {
         let cfg = self.ctx.config();
         let throttle = self.throttle(p);
-        let mut impact = done.impact;
-        if impact.blocked > 0 {
-            let mut longest = self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
-            *longest = (*longest).max(impact.longest_wait);
-            drop(longest);
-            self.ctx
-                .metrics
-                .sessions_blocked
-                .with_label_values(&[&self.row.name])
-                .inc_by(impact.blocked as u64);
-            tracing::debug!(
-                blocked = impact.blocked,
-                longest_wait_ms = impact.longest_wait.as_millis() as u64,
-                "batch made other sessions wait on its row locks"
-            );
-        }
-        if cfg.throttle.back_off_when_blocking && impact.blocked > 0 {
-            pacing.controller.shrink_for_waiters();
-        } else {
-            impact = Default::default();
-        }
+        let impact = self.note_impact(done.impact, &cfg, pacing.controller);
         let gentle = throttle.preset.is_gentle();
         let load = if gentle {
             pacing.load.observe(done.elapsed, done.scanned)
@@ -850,6 +834,31 @@ impl Attempt<'_> {
             self.vacuum(p, guard, false, stop).await;
         }
         self.interrupted()
+    }
+
+    /// Counts a batch's waiting sessions; with `back_off_when_blocking` the next batch shrinks
+    /// and the impact is returned for the pause to lengthen, else a quiet impact.
+    fn note_impact(&self, impact: Impact, cfg: &Config, controller: &mut Controller) -> Impact {
+        if impact.blocked == 0 {
+            return impact;
+        }
+        let mut longest = self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
+        *longest = (*longest).max(impact.longest_wait);
+        self.ctx
+            .metrics
+            .sessions_blocked
+            .with_label_values(&[&self.row.name])
+            .inc_by(impact.blocked as u64);
+        tracing::debug!(
+            blocked = impact.blocked,
+            longest_wait_ms = impact.longest_wait.as_millis() as u64,
+            "batch made other sessions wait on its row locks"
+        );
+        if !cfg.throttle.back_off_when_blocking {
+            return Impact::default();
+        }
+        controller.shrink_for_waiters();
+        impact
     }
 
     /// The bloat guard's VACUUM; batches of this slice hold meanwhile. A failed VACUUM is logged
@@ -1173,6 +1182,17 @@ fn backoff(retry: u32, base: Duration) -> Duration {
 
 /// The first step of the backoff after a transient error.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+/// A batch cut off at its ceiling was too big for the moment: the halved size is the remedy, so
+/// its backoff starts at the ceiling (when shorter), not at 100 ms.
+fn retry_base(e: &JobError, throttle: &Throttle) -> Duration {
+    match e.kind() {
+        "statement_timeout" => {
+            Duration::from_millis(throttle.max_batch_ms as u64).min(BACKOFF_BASE)
+        }
+        _ => BACKOFF_BASE,
+    }
+}
 
 /// Progress and ETA from keys scanned against the planned total.
 struct Progress {
