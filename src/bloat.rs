@@ -40,13 +40,10 @@ FROM pg_class c WHERE c.oid = $1";
 /// One job's guard, shared by its slices.
 #[derive(Debug)]
 pub struct BloatGuard {
-    /// Rows changed between two VACUUMs; `None` when the guard is off or not permitted.
-    every: Option<i64>,
+    standing: Standing,
     state: Mutex<GuardState>,
     timeout: Duration,
     cost_delay: Duration,
-    /// Gentle job, no guard running: autovacuum alone reclaims its dead tuples.
-    relies_on_autovacuum: bool,
 }
 
 #[derive(Debug, Default)]
@@ -61,39 +58,41 @@ struct GuardState {
 /// How the guard stands for a job, decided once per attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
-    /// Off by configuration or preset.
+    /// The job does not want it (the fast preset): no VACUUM, no waiting for autovacuum.
     Off,
-    Active,
-    /// The role may not VACUUM the target: autovacuum alone reclaims space.
+    /// VACUUM after every `every` rows changed.
+    Active { every: i64 },
+    /// Turned off in the configuration: the gentle job waits for autovacuum instead.
+    Disabled,
+    /// The role may not VACUUM the target: the job waits for autovacuum instead.
     NotPermitted,
+    /// The privilege check failed: the job waits for autovacuum instead.
+    Unchecked,
 }
 
 impl BloatGuard {
-    pub fn off() -> Self {
-        Self::with_every(None, &BloatConfig::default())
+    /// A guard that never VACUUMs, standing as given.
+    pub fn without(standing: Standing) -> Self {
+        Self::with(standing, &BloatConfig::default())
     }
 
-    /// No guard for a gentle job: it waits for autovacuum instead.
-    pub fn unguarded() -> Self {
+    fn with(standing: Standing, cfg: &BloatConfig) -> Self {
         Self {
-            relies_on_autovacuum: true,
-            ..Self::off()
-        }
-    }
-
-    fn with_every(every: Option<i64>, cfg: &BloatConfig) -> Self {
-        Self {
-            every,
+            standing,
             state: Mutex::new(GuardState::default()),
             timeout: cfg.vacuum_timeout,
             cost_delay: cfg.vacuum_cost_delay,
-            relies_on_autovacuum: false,
         }
     }
 
-    /// Whether batches should wait for autovacuum when dead tuples pile up.
+    pub fn standing(&self) -> Standing {
+        self.standing
+    }
+
+    /// Whether batches should wait for autovacuum when dead tuples pile up: a gentle job whose
+    /// guard is not running.
     pub fn relies_on_autovacuum(&self) -> bool {
-        self.relies_on_autovacuum
+        !matches!(self.standing, Standing::Off | Standing::Active { .. })
     }
 
     /// Sets the guard up for a job over `rows` keys, checking once whether the role may VACUUM.
@@ -103,29 +102,30 @@ impl BloatGuard {
         wanted: bool,
         target: &Target,
         rows: i64,
-    ) -> Result<(Self, Standing), sqlx::Error> {
-        let unguarded = Self::unguarded();
-        if !wanted {
-            return Ok((Self::off(), Standing::Off));
-        }
-        if !cfg.guard {
-            return Ok((unguarded, Standing::Off));
-        }
-        let permitted: Option<bool> = sqlx::query_scalar(MAY_VACUUM)
-            .bind(sqlx::postgres::types::Oid(target.oid))
-            .fetch_optional(pool)
-            .await?;
-        if permitted != Some(true) {
-            return Ok((unguarded, Standing::NotPermitted));
-        }
-        let guard = Self::with_every(Some(interval(cfg, rows)), cfg);
-        Ok((guard, Standing::Active))
+    ) -> Result<Self, sqlx::Error> {
+        let standing = if !wanted {
+            Standing::Off
+        } else if !cfg.guard {
+            Standing::Disabled
+        } else {
+            let permitted: Option<bool> = sqlx::query_scalar(MAY_VACUUM)
+                .bind(sqlx::postgres::types::Oid(target.oid))
+                .fetch_optional(pool)
+                .await?;
+            match permitted {
+                Some(true) => Standing::Active {
+                    every: interval(cfg, rows),
+                },
+                _ => Standing::NotPermitted,
+            }
+        };
+        Ok(Self::with(standing, cfg))
     }
 
     /// Counts changed rows; `true` when this caller should VACUUM now (it then owns the run
     /// until `vacuum` returns).
     pub fn record(&self, changed: i64) -> bool {
-        let Some(every) = self.every else {
+        let Standing::Active { every } = self.standing else {
             return false;
         };
         // A poisoned lock only means a slice panicked while adding numbers.
@@ -142,7 +142,7 @@ impl BloatGuard {
 
     /// Whether the walk changed rows under an active guard: the final full VACUUM is due.
     pub fn wants_final(&self) -> bool {
-        self.every.is_some()
+        matches!(self.standing, Standing::Active { .. })
             && self
                 .state
                 .lock()
@@ -254,7 +254,7 @@ mod tests {
     use super::*;
 
     fn guard(every: i64) -> BloatGuard {
-        BloatGuard::with_every(Some(every), &BloatConfig::default())
+        BloatGuard::without(Standing::Active { every })
     }
 
     #[test]
@@ -273,7 +273,9 @@ mod tests {
         g.state.lock().unwrap().running = false;
         assert!(g.record(0), "rows counted meanwhile are due at once");
         assert!(g.wants_final());
-        assert!(!BloatGuard::off().record(1_000_000));
-        assert!(!BloatGuard::off().wants_final());
+        let off = BloatGuard::without(Standing::NotPermitted);
+        assert!(!off.record(1_000_000));
+        assert!(!off.wants_final());
+        assert!(off.relies_on_autovacuum() && !g.relies_on_autovacuum());
     }
 }

@@ -1,5 +1,7 @@
 //! The job row, its states, and the validated settings a run uses.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -139,16 +141,16 @@ impl Preset {
     }
 
     /// The `[batch]` defaults this preset stands for.
-    pub fn defaults(self, batch: &BatchConfig) -> BatchConfig {
+    pub fn defaults(self, batch: &BatchConfig) -> Cow<'_, BatchConfig> {
         match self {
-            Preset::Gentle => batch.clone(),
-            Preset::Fast => BatchConfig {
+            Preset::Gentle => Cow::Borrowed(batch),
+            Preset::Fast => Cow::Owned(BatchConfig {
                 target_batch_ms: 500,
                 max_batch_ms: batch.statement_timeout.as_millis() as i64,
                 sleep_ms: 0,
                 parallelism: 2,
                 ..batch.clone()
-            },
+            }),
         }
     }
 
@@ -220,7 +222,7 @@ impl JobSpec {
         }
         let mode = parse_mode(row.mode.as_deref()).map_err(bad)?;
         let throttle = Throttle::from_row(row, batch).map_err(bad)?;
-        let batch = &throttle.preset.defaults(batch);
+        let batch = throttle.preset.defaults(batch);
         let max_affected = match row.max_affected {
             Some(n) if n < 0 => return Err(bad(format!("max_affected must be >= 0, got {n}"))),
             Some(n) => Some(n),
@@ -296,7 +298,7 @@ impl Throttle {
     /// The job's overrides over the configured defaults, range-checked.
     pub fn from_row(row: &JobRow, batch: &BatchConfig) -> Result<Throttle, String> {
         let preset = Preset::parse(row.preset.as_deref())?;
-        let batch = &preset.defaults(batch);
+        let batch = preset.defaults(batch);
         let initial_size = in_range("batch_size", row.batch_size, batch.size, 1, MAX_BATCH_SIZE)?;
         let target_batch_ms = in_range(
             "target_batch_ms",

@@ -614,13 +614,15 @@ impl Attempt<'_> {
             .metrics
             .bloat_guard_allowed
             .with_label_values(&[&self.row.name]);
-        match BloatGuard::new(&self.ctx.pool, &cfg.bloat, wanted, &p.target, rows).await {
-            Ok((guard, Standing::Active)) => {
-                allowed.set(1);
-                guard
-            }
-            Ok((guard, Standing::Off)) => guard,
-            Ok((guard, Standing::NotPermitted)) => {
+        let guard = BloatGuard::new(&self.ctx.pool, &cfg.bloat, wanted, &p.target, rows)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "bloat guard: cannot check VACUUM privilege; guard off");
+                BloatGuard::without(Standing::Unchecked)
+            });
+        match guard.standing() {
+            Standing::Active { .. } => allowed.set(1),
+            Standing::NotPermitted => {
                 allowed.set(0);
                 tracing::warn!(
                     table = %p.target.display(),
@@ -628,13 +630,10 @@ impl Attempt<'_> {
                      or MAINTAIN on PostgreSQL 17+); relying on autovacuum, batches hold while \
                      dead tuples exceed throttle.max_dead_tuple_ratio"
                 );
-                guard
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "bloat guard: cannot check VACUUM privilege; guard off");
-                BloatGuard::unguarded()
-            }
+            Standing::Off | Standing::Disabled | Standing::Unchecked => {}
         }
+        guard
     }
 
     /// The slices of this run: stored ones when resuming, else cut from the plan's window
@@ -736,7 +735,7 @@ impl Attempt<'_> {
                         _ => {}
                     }
                     // A window short of its size has reached the slice's end: nothing to pause for.
-                    if done.scanned < size {
+                    if !full {
                         return Ok(None);
                     }
                     let pacing = Pacing {
@@ -807,13 +806,9 @@ impl Attempt<'_> {
         let cfg = self.ctx.config();
         let throttle = self.throttle(p);
         let impact = self.note_impact(done.impact, &cfg, pacing.controller);
-        let gentle = throttle.preset.is_gentle();
-        let load = if gentle {
-            pacing.load.observe(done.elapsed, done.scanned)
-        } else {
-            1.0
-        };
-        let max_load = if gentle {
+        let load = pacing.load.observe(done.elapsed, done.scanned);
+        // The fast preset does not yield to a busier server.
+        let max_load = if throttle.preset.is_gentle() {
             cfg.throttle.max_load_factor
         } else {
             0.0
@@ -857,7 +852,8 @@ impl Attempt<'_> {
         if !cfg.throttle.back_off_when_blocking {
             return Impact::default();
         }
-        controller.shrink_for_waiters();
+        // Fewer rows locked by the next batch: fewer sessions behind it, and shorter waits.
+        controller.back_off();
         impact
     }
 

@@ -59,11 +59,6 @@ impl Controller {
         self.set(self.size / 2);
     }
 
-    /// The last batch made other sessions wait on its row locks: the next one holds fewer.
-    pub fn shrink_for_waiters(&mut self) {
-        self.back_off();
-    }
-
     fn set(&mut self, size: i64) {
         self.size = size.clamp(self.min, self.max);
     }
@@ -253,12 +248,13 @@ SELECT
         AND v.pid NOT IN (SELECT pid FROM pg_stat_activity
                            WHERE application_name = current_setting('application_name')))
         AS vacuums,
-    (SELECT coalesce(max(n_dead_tup), 0) FROM pg_stat_all_tables WHERE relid = $1) AS dead_tuples,
-    (SELECT coalesce(max(n_live_tup), 0) FROM pg_stat_all_tables WHERE relid = $1) AS live_tuples,
+    coalesce(t.n_dead_tup, 0) AS dead_tuples,
+    coalesce(t.n_live_tup, 0) AS live_tuples,
     (current_setting('autovacuum')::bool AND coalesce(
         (SELECT option_value::bool FROM pg_class c, pg_options_to_table(c.reloptions)
           WHERE c.oid = $1 AND option_name = 'autovacuum_enabled'), true)) AS autovacuum_on,
-    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal";
+    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal
+FROM (SELECT) AS one LEFT JOIN pg_stat_all_tables t ON t.relid = $1";
 
 /// Dead tuples below this never hold a job, whatever the ratio: small tables vacuum quickly.
 const DEAD_TUPLES_FLOOR: i64 = 10_000;

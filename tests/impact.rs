@@ -256,3 +256,49 @@ async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
     assert_eq!(job.state, "pending", "handed back for another replica");
     assert_eq!(job.attempt, 0, "a graceful stop burns no attempt");
 }
+
+#[sqlx::test]
+async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE lt (id bigint PRIMARY KEY, v int);
+         INSERT INTO lt (id) SELECT g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    // An open transaction with an xid: nothing rewritten after it started can be reclaimed.
+    let held = db.hold("SELECT txid_current()").await;
+    let old = "SELECT count(*) FROM pg_stat_activity
+               WHERE backend_xid IS NOT NULL AND now() - xact_start > interval '1 second'";
+    common::wait_until(
+        "the transaction to be older than the limit",
+        String::new,
+        async || db.scalar_i64(old).await > 0,
+    )
+    .await;
+    JobSpec::new("lt", "lt")
+        .predicate("v IS NULL")
+        .set("v = 1")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_THROTTLE__MAX_TRANSACTION_AGE", "1s")
+        .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
+        .spawn();
+    common::wait_until(
+        "batches held for the old transaction",
+        || daemon.log(),
+        async || daemon.log().contains("reason=\"long_transaction\""),
+    )
+    .await;
+    assert_eq!(db.job("lt").await.batches, 0, "no batch while it is open");
+    held.commit().await;
+    db.wait_state("lt", "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let series = "backfilld_throttle_seconds_total{job=\"lt\",reason=\"long_transaction\"}";
+    assert!(metric(&body, series).is_some_and(|s| s > 0.0), "{body}");
+}
