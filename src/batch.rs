@@ -48,8 +48,11 @@ impl TxSettings {
     /// The statement that opens a batch transaction with its settings, sent as one simple query
     /// (one round trip: under CPU contention every round trip is a scheduling delay, and those
     /// after the write are spent holding row locks). `force_custom_plan` makes every batch plan
-    /// with its actual bounds, so the range scan's row estimate is right. With `nested_loop`,
-    /// hash and merge joins are off for the transaction (see `Change::wants_nested_loop`).
+    /// with its actual bounds, so the range scan's row estimate is right. JIT is off: a batch
+    /// statement runs once per plan, and compiling it (tens of milliseconds for a large
+    /// archiving batch, whose nested loop the planner costs high) would only add to the time row
+    /// locks are held. With `nested_loop`, hash and merge joins are off for the transaction (see
+    /// `Change::wants_nested_loop`).
     /// The values are our own validated configuration, never job input.
     pub fn begin_statement(&self, nested_loop: bool) -> String {
         let joins = if nested_loop { "off" } else { "on" };
@@ -59,6 +62,7 @@ impl TxSettings {
              SET LOCAL statement_timeout = '{}ms'; \
              SET LOCAL synchronous_commit = '{}'; \
              SET LOCAL plan_cache_mode = 'force_custom_plan'; \
+             SET LOCAL jit = off; \
              SET LOCAL enable_hashjoin = '{joins}'; \
              SET LOCAL enable_mergejoin = '{joins}'",
             self.lock_timeout.as_millis(),

@@ -56,12 +56,17 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
 /// same statement as the change, and repeat the window range on the UPDATE so the planner scans
 /// only the window's keys.
 ///
-/// - `optimistic` reads the before-image and each row's `ctid` from the statement's snapshot
-///   without locking, then updates by `ctid` (a nested loop of TID fetches on pages just read).
-///   Any concurrent update gives the row a new `ctid`, so PostgreSQL's re-check of the newer
-///   version fails the join and skips the row: the captured image is always exactly the version
-///   overwritten. It returns `(captured, changed)`; a difference means live traffic changed a row
-///   in between, and the batch is rolled back and redone with `locked`.
+/// - `optimistic` reads the before-image of each row the predicate selects from the statement's
+///   snapshot without locking, together with the identity of that row version: `tableoid` and
+///   `ctid` name its slot (a `ctid` alone repeats across the partitions of a partitioned table),
+///   and `xmin` names the version in it. The UPDATE then writes a row only if the version it is
+///   about to overwrite has that same identity, rechecked on that very version. When live traffic
+///   updates a captured row meanwhile, PostgreSQL re-evaluates the conditions on the newest version
+///   (EvalPlanQual); that version has another `xmin`, so the row is skipped, never written with a
+///   stale image. `xmin` is an ordinary filter, re-evaluated on every PostgreSQL version; the TID
+///   condition alone is rechecked only by minor releases from late 2025 on. The statement returns
+///   `(captured, changed)`; a difference means a row was skipped, and the batch is rolled back
+///   and redone with `locked`.
 /// - `locked` takes `FOR NO KEY UPDATE` first, which re-reads the newest version of a concurrently
 ///   changed row and re-checks the predicate, so the image is exactly what the UPDATE overwrites.
 ///   It costs a lock record per row, hence optimistic first.
@@ -80,9 +85,9 @@ impl Archived<'_> {
             .collect()
     }
 
-    /// `SELECT key AS _bf_0, …, touched AS _bf_k, …[, ctid AS _bf_tid]` of the rows the predicate
+    /// `SELECT key AS _bf_0, …, touched AS _bf_k, …[, version identity]` of the rows the predicate
     /// selects.
-    fn old_rows(&self, range: &str, lock: &str, with_tid: bool) -> String {
+    fn old_rows(&self, range: &str, lock: &str, with_version: bool) -> String {
         let cols: Vec<String> = self
             .target
             .keys
@@ -91,7 +96,10 @@ impl Archived<'_> {
             .chain(self.touched())
             .enumerate()
             .map(|(i, c)| format!("{} AS _bf_{i}", quote_ident(c)))
-            .chain(with_tid.then(|| "ctid AS _bf_tid".to_owned()))
+            .chain(
+                with_version
+                    .then(|| "tableoid AS _bf_rel, ctid AS _bf_tid, xmin AS _bf_xmin".to_owned()),
+            )
             .collect();
         format!(
             "SELECT {} FROM {} WHERE {range} AND ({}){lock}",
@@ -101,13 +109,20 @@ impl Archived<'_> {
         )
     }
 
-    /// The UPDATE joined to `_bf_old` (by `ctid`, or by key), returning before-images then
+    /// The UPDATE joined to `_bf_old` (by row version, or by key), returning before-images then
     /// after-values.
-    fn update(&self, range: &str, by_tid: bool) -> String {
+    fn update(&self, range: &str, by_version: bool) -> String {
         let table = &self.target.quoted;
         let keys = self.target.keys.len();
-        let join: Vec<String> = if by_tid {
-            vec![format!("{table}.ctid = _bf_old._bf_tid")]
+        let join: Vec<String> = if by_version {
+            [
+                "tableoid = _bf_old._bf_rel",
+                "ctid = _bf_old._bf_tid",
+                "xmin = _bf_old._bf_xmin",
+            ]
+            .iter()
+            .map(|c| format!("{table}.{c}"))
+            .collect()
         } else {
             self.target
                 .keys
