@@ -18,7 +18,8 @@ use crate::{http, schema, shutdown};
 
 /// Opens the pool. Every connection carries `application_name` (so DBAs can see who we are) and
 /// the batch `lock_timeout`/`statement_timeout` as session defaults: no statement backfilld runs
-/// (validation, planning, bookkeeping) may wait forever behind a lock. JIT is off for our sessions.
+/// (validation, planning, bookkeeping) may wait forever behind a lock. Batch transactions add
+/// their own settings in their `BEGIN` (`batch::TxSettings`).
 pub async fn connect(cfg: &Config) -> Result<PgPool> {
     let db = &cfg.database;
     let options: PgConnectOptions = db.url.parse()?;

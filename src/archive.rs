@@ -166,17 +166,35 @@ impl ArchiveTable {
         Ok(Some(Self::new(names, name.to_owned(), target, kind)))
     }
 
-    /// A unique index on the keys, built when a revert starts (not during the backfill, where
-    /// it would slow every archived batch) so the revert can walk the archive by keyset.
-    pub async fn index_keys(&self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        let sql = format!(
+    /// Readies the archive for a revert: a unique index on the keys (built now, not during the
+    /// backfill, where it would slow every archived batch) so the revert can walk it by keyset,
+    /// then `VACUUM (ANALYZE)`: the archive was only ever inserted into, so without it every key
+    /// the plan counts and every window the revert reads fetches its heap tuple (no visibility
+    /// map for index-only scans; measured 10.8 s of a 36 s revert of 5M rows), and the planner
+    /// would guess its row counts. Both run under `timeout` instead of the batch
+    /// `statement_timeout`, which is restored afterwards, also on error.
+    pub async fn prepare_revert(
+        &self,
+        conn: &mut PgConnection,
+        timeout: std::time::Duration,
+    ) -> sqlx::Result<()> {
+        let index = format!(
             "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
             quote_ident(&format!("{}_key", &self.name[..self.name.len().min(58)])),
             self.quoted,
             column_list(self.keys.iter().map(String::as_str))
         );
-        conn.execute(sql.as_str()).await?;
-        Ok(())
+        let vacuum = format!("VACUUM (ANALYZE) {}", self.quoted);
+        sqlx::query("SELECT set_config('statement_timeout', $1, false)")
+            .bind(format!("{}ms", timeout.as_millis()))
+            .execute(&mut *conn)
+            .await?;
+        let mut done = conn.execute(index.as_str()).await.map(drop);
+        if done.is_ok() {
+            done = conn.execute(vacuum.as_str()).await.map(drop);
+        }
+        let reset = conn.execute("RESET statement_timeout").await.map(drop);
+        done.and(reset)
     }
 }
 

@@ -337,7 +337,7 @@ impl Attempt<'_> {
         })
     }
 
-    /// The archive of the job a revert undoes, indexed for keyset walking.
+    /// The archive of the job a revert undoes, indexed and vacuumed for keyset walking.
     async fn source_archive(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -371,9 +371,9 @@ impl Attempt<'_> {
                 )
             })?;
         archive
-            .index_keys(conn)
+            .prepare_revert(conn, self.ctx.config().bloat.vacuum_timeout)
             .await
-            .map_err(self.err("indexing the archive"))?;
+            .map_err(self.err("indexing and vacuuming the archive"))?;
         Ok(archive)
     }
 
