@@ -362,6 +362,66 @@ pub fn predicate(src: &str) -> Result<String, FragmentError> {
     Ok(src.trim().to_owned())
 }
 
+/// The columns a predicate requires to be NULL: its top-level conjuncts of the exact form
+/// `column IS NULL` (parentheses around a conjunct allowed). A row the predicate selects has NULL
+/// in each of them, in whatever version PostgreSQL evaluates it on. Nothing is pinned when the
+/// top level has `OR` (lower precedence than `AND`) or syntax with an `AND` of its own (`BETWEEN
+/// … AND …`, `CASE WHEN … AND …`), or when the predicate does not lex.
+pub fn null_pinned(predicate: &str) -> Vec<String> {
+    let Ok(tokens) = tokenize(predicate) else {
+        return Vec::new();
+    };
+    let mut conjuncts: Vec<&[Token]> = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, tok) in tokens.iter().enumerate() {
+        match tok {
+            Token::Open => depth += 1,
+            Token::Close => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth == 0 => match w.as_str() {
+                "or" | "between" | "case" => return Vec::new(),
+                "and" => {
+                    conjuncts.push(&tokens[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    conjuncts.push(&tokens[start..]);
+    conjuncts
+        .into_iter()
+        .filter_map(|c| match unwrap_parens(c) {
+            [
+                Token::Word(col) | Token::Quoted(col),
+                Token::Word(is),
+                Token::Word(null),
+            ] if is == "is" && null == "null" => Some(col.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `tokens` without parentheses that enclose all of it.
+fn unwrap_parens(mut tokens: &[Token]) -> &[Token] {
+    while let [Token::Open, inner @ .., Token::Close] = tokens {
+        let mut depth = 0i32;
+        let encloses = inner.iter().all(|t| {
+            match t {
+                Token::Open => depth += 1,
+                Token::Close => depth -= 1,
+                _ => {}
+            }
+            depth >= 0
+        });
+        if !encloses {
+            break;
+        }
+        tokens = inner;
+    }
+    tokens
+}
+
 fn reject_top_level_commas(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
     let mut depth = 0;
     for tok in tokens {
@@ -599,6 +659,27 @@ mod tests {
         for (p, want) in bad {
             let e = predicate(p).expect_err(p).0;
             assert!(e.contains(want), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn null_pinned_columns_are_top_level_is_null_conjuncts() {
+        let cases: [(&str, &[&str]); 12] = [
+            ("balance_cents IS NULL", &["balance_cents"]),
+            ("a > 1 AND (b IS NULL) AND \"C\" is null", &["b", "C"]),
+            ("((b IS NULL)) AND x", &["b"]),
+            ("b IS NULL OR x", &[]),
+            ("x OR y AND b IS NULL", &[]),
+            ("NOT b IS NULL", &[]),
+            ("b IS NOT NULL", &[]),
+            ("b IS NULL IS TRUE", &[]),
+            ("x BETWEEN 1 AND b IS NULL", &[]),
+            ("CASE WHEN y AND b IS NULL AND z THEN true END", &[]),
+            ("(x AND b IS NULL) = false", &[]),
+            ("f(x AND b IS NULL)", &[]),
+        ];
+        for (p, want) in cases {
+            assert_eq!(null_pinned(p), want, "{p}");
         }
     }
 

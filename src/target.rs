@@ -33,6 +33,9 @@ pub struct Column {
     pub sql_type: String,
     pub generated: bool,
     pub identity_always: bool,
+    /// Its type is a base, enum or range type, for which `IS NULL` means the value is NULL (for
+    /// a composite type, or a domain over one, it also holds for a row of NULL fields).
+    pub scalar: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -261,9 +264,10 @@ async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<U
 }
 
 async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Column>> {
-    let rows: Vec<(String, String, bool, bool)> = sqlx::query_as(
-        "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a'
-         FROM pg_attribute
+    let rows: Vec<(String, String, bool, bool, bool)> = sqlx::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a',
+                t.typtype IN ('b', 'e', 'r', 'm')
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
          ORDER BY attnum",
     )
@@ -272,12 +276,15 @@ async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Col
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, sql_type, generated, identity_always)| Column {
-            name,
-            sql_type,
-            generated,
-            identity_always,
-        })
+        .map(
+            |(name, sql_type, generated, identity_always, scalar)| Column {
+                name,
+                sql_type,
+                generated,
+                identity_always,
+                scalar,
+            },
+        )
         .collect())
 }
 

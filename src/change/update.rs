@@ -34,6 +34,12 @@ impl Update {
                     fragments,
                     archive,
                 };
+                if sql.before_is_null() {
+                    return Self {
+                        statements: Statements::render(keyset, None, |range| sql.pinned(range)),
+                        locked: None,
+                    };
+                }
                 Self {
                     statements: Statements::render(keyset, None, |range| sql.optimistic(range)),
                     locked: Some(Statements::render(keyset, None, |range| sql.locked(range))),
@@ -67,6 +73,12 @@ fn plain(target: &Target, fragments: &Fragments, range: &str) -> String {
 ///   condition alone is rechecked only by minor releases from late 2025 on. The statement returns
 ///   `(captured, changed)`; a difference means a row was skipped, and the batch is rolled back
 ///   and redone with `locked`.
+/// - `pinned` needs no capture at all: when the predicate pins every touched column to NULL (a
+///   top-level `column IS NULL` conjunct, on a type where that means the value is NULL), the
+///   before-image is NULL by construction. PostgreSQL evaluates the WHERE on exactly the version
+///   it overwrites (after a concurrent update, on the newest one), so no version it writes had
+///   anything else there. The UPDATE's `RETURNING` gives keys and after-values; the archive row
+///   is written in the same statement. This is the common backfill (`WHERE new_col IS NULL`).
 /// - `locked` takes `FOR NO KEY UPDATE` first, which re-reads the newest version of a concurrently
 ///   changed row and re-checks the predicate, so the image is exactly what the UPDATE overwrites.
 ///   It costs a lock record per row, hence optimistic first.
@@ -77,6 +89,45 @@ struct Archived<'a> {
 }
 
 impl Archived<'_> {
+    /// Every touched column is NULL in every row version the UPDATE can overwrite.
+    fn before_is_null(&self) -> bool {
+        let pinned = crate::fragment::null_pinned(&self.fragments.predicate);
+        self.touched().iter().all(|c| {
+            pinned.iter().any(|p| p == c) && self.target.column(c).is_some_and(|col| col.scalar)
+        })
+    }
+
+    fn pinned(&self, range: &str) -> String {
+        let table = &self.target.quoted;
+        let touched = self.touched();
+        let returning: Vec<String> = self
+            .target
+            .keys
+            .iter()
+            .map(|k| k.name.as_str())
+            .chain(touched.iter().copied())
+            .enumerate()
+            .map(|(i, c)| format!("{table}.{} AS _bf_{i}", quote_ident(c)))
+            .collect();
+        let keys = self.target.keys.len();
+        let select: Vec<String> = (0..keys)
+            .map(|i| format!("_bf_{i}"))
+            .chain(touched.iter().map(|_| "NULL".to_owned()))
+            .chain((keys..keys + touched.len()).map(|i| format!("_bf_{i}")))
+            .collect();
+        format!(
+            "WITH _bf_changed AS (
+                UPDATE {table} SET {set} WHERE {range} AND ({pred}) RETURNING {returning})
+             INSERT INTO {archive} ({cols}) SELECT {select} FROM _bf_changed",
+            set = render_assignments(&self.fragments.assignments),
+            pred = self.fragments.predicate,
+            returning = returning.join(", "),
+            archive = self.archive.quoted,
+            cols = self.archive.insert_columns(),
+            select = select.join(", "),
+        )
+    }
+
     fn touched(&self) -> Vec<&str> {
         self.fragments
             .assignments
@@ -173,5 +224,72 @@ impl Archived<'_> {
             archive = self.archive.quoted,
             cols = self.archive.insert_columns(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::ArchiveKind;
+    use crate::sql::Names;
+    use crate::target::{Column, KeyColumn};
+
+    fn column(name: &str, scalar: bool) -> Column {
+        Column {
+            name: name.into(),
+            sql_type: "bigint".into(),
+            generated: false,
+            identity_always: false,
+            scalar,
+        }
+    }
+
+    fn archived(predicate: &str, set: &str, scalar: bool) -> Update {
+        let target = Target {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            quoted: "\"public\".\"t\"".into(),
+            keys: vec![KeyColumn {
+                name: "id".into(),
+                sql_type: "bigint".into(),
+            }],
+            columns: vec![column("id", true), column("v", scalar), column("w", true)],
+            partitioned: false,
+        };
+        let fragments = crate::fragment::validate(predicate, Some(set), &target).unwrap();
+        let touched = fragments
+            .assignments
+            .iter()
+            .map(|a| a.column.clone())
+            .collect();
+        let archive = ArchiveTable::new(
+            &Names::new("backfill"),
+            "a".into(),
+            &target,
+            ArchiveKind::Update { touched },
+        );
+        Update::new(&target, &Keyset::new(&target), &fragments, Some(&archive))
+    }
+
+    #[test]
+    fn a_predicate_that_pins_every_touched_column_to_null_skips_the_capture() {
+        let pinned = archived("v IS NULL AND w > 0", "v = w * 2", true);
+        assert!(pinned.locked.is_none());
+        assert!(!pinned.statements.get(true).contains("_bf_old"));
+        for (predicate, set, scalar) in [
+            ("v IS NULL", "v = 1, w = 2", true),
+            ("v IS NULL OR w > 0", "v = 1", true),
+            ("v IS NULL", "v = 1", false),
+        ] {
+            let captured = archived(predicate, set, scalar);
+            assert!(captured.locked.is_some(), "{predicate} / {set}");
+            assert!(
+                captured
+                    .statements
+                    .get(true)
+                    .contains("xmin = _bf_old._bf_xmin")
+            );
+        }
     }
 }
