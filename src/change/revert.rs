@@ -44,24 +44,31 @@ fn restore_update(
         .iter()
         .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
         .collect();
-    let current: Vec<String> = touched
+    // A row still holding the after-image in every touched column was not changed since. Text
+    // forms compare every type, including those without an equality operator (json, point), and
+    // tell apart values `=` calls equal (1.0 and 1.00); column by column, as row text would, but
+    // without building and quoting two records per row. `COLLATE "C"` compares bytes even where
+    // the column's own collation is case-insensitive.
+    let unchanged: Vec<String> = touched
         .iter()
-        .map(|c| format!("{}.{}", target.quoted, quote_ident(c)))
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "{}.{}::text COLLATE \"C\" IS NOT DISTINCT FROM _bf_a.{}::text COLLATE \"C\"",
+                target.quoted,
+                quote_ident(c),
+                quote_ident(&ArchiveTable::after_column(i))
+            )
+        })
         .collect();
-    let after: Vec<String> = (0..touched.len())
-        .map(|i| format!("_bf_a.{}", quote_ident(&ArchiveTable::after_column(i))))
-        .collect();
-    // Text forms compare every type, including those without an equality operator (json, point).
     format!(
         "UPDATE {table} SET {set} FROM {archive} AS _bf_a
-         WHERE {join} AND {range}
-           AND ROW({current})::text = ROW({after})::text",
+         WHERE {join} AND {range} AND {unchanged}",
         table = target.quoted,
         set = set.join(", "),
         archive = archive.quoted,
         join = join.join(" AND "),
-        current = current.join(", "),
-        after = after.join(", "),
+        unchanged = unchanged.join(" AND "),
     )
 }
 
