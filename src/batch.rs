@@ -139,11 +139,15 @@ SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
 WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
 RETURNING requested_state, rows_changed, (
     -- Sessions this transaction blocks right now, and how long the longest has waited. pg_locks
-    -- needs no privileges; pg_blocking_pids runs only for waiting locks.
+    -- needs no privileges; pg_blocking_pids runs only for waiting locks. Our own sessions (a
+    -- sibling slice waiting to checkpoint into this job row) are not traffic we slow down.
     SELECT ARRAY[count(*)::float8,
                  coalesce(extract(epoch FROM clock_timestamp() - min(l.waitstart)), 0)::float8]
     FROM pg_locks l
-    WHERE NOT l.granted AND pg_backend_pid() = ANY(pg_blocking_pids(l.pid)))";
+    WHERE NOT l.granted AND pg_backend_pid() = ANY(pg_blocking_pids(l.pid))
+      AND l.pid NOT IN (SELECT pid FROM pg_stat_activity
+                         WHERE usename = current_user
+                           AND application_name = current_setting('application_name')))";
 
 impl Batcher<'_> {
     fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
