@@ -80,17 +80,22 @@ impl Statements {
     /// Renders `build(range_condition)` for both cursor shapes; the condition selects the keys
     /// `(cursor, hi]`. `alias` qualifies the key columns in it.
     fn render(keyset: &Keyset, alias: Option<&str>, build: impl Fn(&str) -> String) -> Self {
+        Self::render_each(keyset, &[alias], |ranges| build(&ranges[0]))
+    }
+
+    /// Like `render`, with one range condition per alias, all bound to the same parameters: for
+    /// a statement that joins two tables on the key and bounds both by the window.
+    fn render_each(
+        keyset: &Keyset,
+        aliases: &[Option<&str>],
+        build: impl Fn(&[String]) -> String,
+    ) -> Self {
         let statement = |has_cursor: bool| {
-            let row = keyset.row(alias);
-            let (lower, next) = if has_cursor {
-                (
-                    format!("{row} > {} AND ", keyset.params(1)),
-                    1 + keyset.width(),
-                )
-            } else {
-                (String::new(), 1)
-            };
-            build(&format!("{lower}{row} <= {}", keyset.params(next)))
+            let ranges: Vec<String> = aliases
+                .iter()
+                .map(|alias| keyset.range(*alias, has_cursor).0)
+                .collect();
+            build(&ranges)
         };
         Self {
             first: statement(false),
