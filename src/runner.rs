@@ -246,12 +246,9 @@ impl Attempt<'_> {
             return Ok(Outcome::Planned);
         }
         self.check_ceiling(&p, &plan)?;
-        let (change, archive) = self.build_change(&p).await?;
+        let change = self.build_change(&p).await?;
         if let Some(outcome) = self.run_slices(&p, &change, &upper, &plan).await? {
             return Ok(outcome);
-        }
-        if let Some(archive) = archive {
-            self.ready_for_revert(&archive).await;
         }
         self.verify(&p, &upper).await
     }
@@ -531,12 +528,9 @@ impl Attempt<'_> {
     }
 
     /// The change statement, creating the archive table first when the job archives.
-    async fn build_change(
-        &mut self,
-        p: &Prepared,
-    ) -> Result<(Change, Option<ArchiveTable>), JobError> {
+    async fn build_change(&mut self, p: &Prepared) -> Result<Change, JobError> {
         if !p.spec.archive || p.spec.action == Action::Revert {
-            return Ok((self.change_for(p, None), None));
+            return Ok(self.change_for(p, None));
         }
         let name = self.row.archive_table.clone().unwrap_or_else(|| {
             ArchiveTable::name_for(&p.spec.name, p.spec.id, chrono::Utc::now().date_naive())
@@ -570,21 +564,7 @@ impl Attempt<'_> {
             })
             .await?;
         }
-        Ok((self.change_for(p, Some(&archive)), Some(archive)))
-    }
-
-    /// Indexes and vacuums the archive once the last batch is in, so that a revert (usually
-    /// urgent) starts walking at once and an operator can look up a row's before-image by key.
-    /// A failure only warns: the revert does the same before it starts.
-    async fn ready_for_revert(&self, archive: &ArchiveTable) {
-        let timeout = self.ctx.config().bloat.vacuum_timeout;
-        let done = match self.ctx.pool.acquire().await {
-            Ok(mut conn) => archive.prepare_revert(&mut conn, timeout).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = done {
-            tracing::warn!(archive = %archive.name, error = %e, "could not index the archive now; a revert will");
-        }
+        Ok(self.change_for(p, Some(&archive)))
     }
 
     /// Runs every slice of the key range at once and merges how they ended. `Ok(None)` when the
