@@ -217,7 +217,7 @@ impl Default for BatchConfig {
             max_size: 50_000,
             target_batch_ms: 20,
             max_batch_ms: 40,
-            sleep_ms: 10,
+            sleep_ms: 20,
             max_rows_per_second: 0,
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
