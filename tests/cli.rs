@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Db, JobSpec, free_port, http_get};
+use common::{Db, NewJob, free_port, http_get};
 use sqlx::PgPool;
 
 fn backfilld(url: &str, args: &[&str]) -> std::process::Output {
@@ -78,7 +78,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently(pool: PgPool) {
         .await;
     assert_eq!(recorded, i64::from(latest));
     // The ledger refuses deletes: a name runs once, forever.
-    JobSpec::new("keep", "x")
+    NewJob::new("keep", "x")
         .predicate("true")
         .set("a = 1")
         .insert(&db)
@@ -157,13 +157,13 @@ async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
 async fn metrics_health_and_readiness_are_served(pool: PgPool) {
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE m (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO m SELECT g FROM generate_series(1, 3000) g;").await;
-    JobSpec::new("metered", "m")
+    NewJob::new("metered", "m")
         .predicate("true")
         .set("n = n + 1")
         .raw("sleep_ms", "50")
         .insert(&db)
         .await;
-    JobSpec::new("broken", "m")
+    NewJob::new("broken", "m")
         .predicate("true")
         .set("n = n / 0")
         .insert(&db)
@@ -260,7 +260,7 @@ async fn otlp_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
 async fn traces_are_exported_over_otlp_with_job_and_batch_spans(pool: PgPool) {
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE tr (id int PRIMARY KEY, s text); INSERT INTO tr SELECT g, NULL FROM generate_series(1, 500) g;").await;
-    JobSpec::new("traced", "tr")
+    NewJob::new("traced", "tr")
         .predicate("s IS NULL")
         .set("s = 'x'")
         .insert(&db)

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Db, JobSpec};
+use common::{Db, NewJob};
 use sqlx::PgPool;
 
 #[sqlx::test]
@@ -16,7 +16,7 @@ async fn concurrent_writes_are_never_clobbered(pool: PgPool) {
          CREATE TABLE paid_by_app (id bigint PRIMARY KEY);",
     )
     .await;
-    JobSpec::new("status", "orders")
+    NewJob::new("status", "orders")
         .predicate("status IS NULL")
         .set("status = 'pending'")
         .raw("batch_size", "300")
@@ -81,7 +81,7 @@ async fn three_replicas_run_ten_jobs_each_exactly_once(pool: PgPool) {
              INSERT INTO t{j} SELECT g FROM generate_series(1, 3000) g;"
         ))
         .await;
-        JobSpec::new(&format!("job{j}"), &format!("t{j}"))
+        NewJob::new(&format!("job{j}"), &format!("t{j}"))
             .predicate("true")
             .set("n = n + 1, by_replica = current_setting('application_name')")
             .raw("batch_size", "150")

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Db, JobSpec};
+use common::{Db, NewJob};
 use sqlx::PgPool;
 
 async fn slow_job(db: &Db, name: &str, rows: i64) {
@@ -14,7 +14,7 @@ async fn slow_job(db: &Db, name: &str, rows: i64) {
          INSERT INTO {name} SELECT g FROM generate_series(1, {rows}) g;"
     ))
     .await;
-    JobSpec::new(name, name)
+    NewJob::new(name, name)
         .predicate("true")
         .set("n = n + 1")
         .raw("batch_size", "100")
@@ -76,12 +76,12 @@ async fn pause_and_cancel_apply_to_jobs_not_yet_running(pool: PgPool) {
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE q (id int PRIMARY KEY, s text); INSERT INTO q VALUES (1, NULL);")
         .await;
-    JobSpec::new("later", "q")
+    NewJob::new("later", "q")
         .predicate("s IS NULL")
         .set("s = 'x'")
         .insert(&db)
         .await;
-    JobSpec::new("never", "q")
+    NewJob::new("never", "q")
         .predicate("s IS NULL")
         .set("s = 'y'")
         .insert(&db)
@@ -112,7 +112,7 @@ async fn a_locked_table_is_retried_until_the_lock_goes(pool: PgPool) {
     .await;
     // Another session holds an exclusive lock well beyond lock_timeout.
     let blocker = db.hold("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE").await;
-    JobSpec::new("retry", "locked")
+    NewJob::new("retry", "locked")
         .predicate("s IS NULL")
         .set("s = 'ok'")
         .raw("mode", "'execute'")
@@ -158,19 +158,19 @@ async fn permanent_errors_fail_only_their_job_with_sqlstate(pool: PgPool) {
          INSERT INTO e SELECT g, 0, NULL FROM generate_series(1, 1000) g;",
     )
     .await;
-    JobSpec::new("missing_column", "e")
+    NewJob::new("missing_column", "e")
         .predicate("true")
         .set("nope = 1")
         .insert(&db)
         .await;
     // Valid SQL that fails on some rows at run time: division by zero at id = 500. Its predicate
     // is on its own column, so the concurrent "fine" job cannot take row 500 out of its reach.
-    JobSpec::new("div_zero", "e")
+    NewJob::new("div_zero", "e")
         .predicate("n = 0")
         .set("n = 1 / (id - 500)")
         .insert(&db)
         .await;
-    JobSpec::new("fine", "e")
+    NewJob::new("fine", "e")
         .predicate("s IS NULL")
         .set("s = 'ok'")
         .raw("priority", "-1")
@@ -245,7 +245,7 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE h (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO h SELECT g FROM generate_series(1, 950) g;").await;
     // The job takes its sleep from the configuration: ten minutes between batches at first.
-    JobSpec::new("hup", "h")
+    NewJob::new("hup", "h")
         .predicate("true")
         .set("n = n + 1")
         .raw("sleep_ms", "NULL")

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Db, JobSpec};
+use common::{Db, NewJob};
 use sqlx::PgPool;
 
 const ROWS: i64 = 120_000;
@@ -47,7 +47,7 @@ async fn sigkill_at_several_points_changes_every_row_exactly_once(pool: PgPool) 
     let db = Db::new(pool).await;
     counter_table(&db, ROWS).await;
     // Predicate `true` and a non-idempotent set clause: any re-applied batch shows as n = 2.
-    JobSpec::new("once", "counters")
+    NewJob::new("once", "counters")
         .predicate("true")
         .set("n = n + 1")
         .raw("batch_size", "700")
@@ -91,7 +91,7 @@ async fn sigkill_at_several_points_changes_every_row_exactly_once(pool: PgPool) 
 async fn sigterm_exits_quickly_and_another_replica_resumes_from_the_checkpoint(pool: PgPool) {
     let db = Db::new(pool).await;
     counter_table(&db, 20_000).await;
-    JobSpec::new("term", "counters")
+    NewJob::new("term", "counters")
         .predicate("true")
         .set("n = n + 1")
         .raw("batch_size", "200")
@@ -146,7 +146,7 @@ async fn sigterm_exits_quickly_and_another_replica_resumes_from_the_checkpoint(p
 async fn a_stalled_replica_cannot_commit_after_its_lease_was_taken(pool: PgPool) {
     let db = Db::new(pool).await;
     counter_table(&db, 10_000).await;
-    JobSpec::new("fenced", "counters")
+    NewJob::new("fenced", "counters")
         .predicate("true")
         .set("n = n + 1")
         .raw("batch_size", "100")
@@ -196,7 +196,7 @@ async fn a_stalled_replica_cannot_commit_after_its_lease_was_taken(pool: PgPool)
 async fn parallel_slices_change_every_row_exactly_once_across_a_kill(pool: PgPool) {
     let db = Db::new(pool).await;
     counter_table(&db, 60_000).await;
-    JobSpec::new("sliced", "counters")
+    NewJob::new("sliced", "counters")
         .predicate("true")
         .set("n = n + 1")
         .raw("batch_size", "300")

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Db, JobSpec, free_port, http_get, metric};
+use common::{Db, NewJob, free_port, http_get, metric};
 use sqlx::PgPool;
 
 async fn metrics(port: u16) -> String {
@@ -30,7 +30,7 @@ async fn slow_table(db: &Db, name: &str, rows: i64) {
 async fn a_session_waiting_on_a_batch_makes_the_next_batches_smaller_and_later(pool: PgPool) {
     let db = Db::new(pool).await;
     slow_table(&db, "w", 3000).await;
-    JobSpec::new("w", "w")
+    NewJob::new("w", "w")
         .predicate("v IS NULL")
         .set("v = 1")
         .raw("batch_size", "200")
@@ -117,7 +117,7 @@ async fn the_bloat_guard_keeps_a_full_table_backfill_within_its_heap_budget(pool
     // One job at a time: a concurrent job's open batch would hold back what VACUUM may remove.
     let mut log = String::new();
     for (name, preset) in [("guarded", "gentle"), ("unguarded", "fast")] {
-        JobSpec::new(name, name)
+        NewJob::new(name, name)
             .predicate("v = 0")
             .set("v = id * 2")
             .text("preset", preset)
@@ -176,7 +176,7 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
          GRANT SELECT, UPDATE ON nv TO {role};"
     ))
     .await;
-    JobSpec::new("nv", "nv")
+    NewJob::new("nv", "nv")
         .predicate("v IS NULL")
         .set("v = 7")
         .raw("archive", "true")
@@ -222,7 +222,7 @@ async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
         "ALTER DATABASE \"{database}\" SET vacuum_cost_limit = 1"
     ))
     .await;
-    JobSpec::new("sv", "sv")
+    NewJob::new("sv", "sv")
         .predicate("v = 0")
         .set("v = id * 2")
         .raw("batch_size", "2000")
@@ -275,7 +275,7 @@ async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgP
         async || db.scalar_i64(old).await > 0,
     )
     .await;
-    JobSpec::new("lt", "lt")
+    NewJob::new("lt", "lt")
         .predicate("v IS NULL")
         .set("v = 1")
         .insert(&db)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Db, JobSpec};
+use common::{Db, NewJob};
 use sqlx::PgPool;
 
 /// (table, key columns DDL, primary key, value expressions for the key columns from `g`).
@@ -60,7 +60,7 @@ async fn every_key_type_is_changed_exactly_once(pool: PgPool) {
         ))
         .await;
         // Predicate `true` with a non-idempotent change: a key visited twice shows as n = 2.
-        JobSpec::new(table, &format!("public.{table}"))
+        NewJob::new(table, &format!("public.{table}"))
             .predicate("true")
             .set("n = n + 1")
             .raw("batch_size", "97")
@@ -95,12 +95,12 @@ async fn empty_table_and_no_match_succeed_with_nothing_changed(pool: PgPool) {
          INSERT INTO full_t SELECT g, 'done' FROM generate_series(1, 500) g;",
     )
     .await;
-    JobSpec::new("empty", "empty_t")
+    NewJob::new("empty", "empty_t")
         .predicate("s IS NULL")
         .set("s = 'x'")
         .insert(&db)
         .await;
-    JobSpec::new("nomatch", "full_t")
+    NewJob::new("nomatch", "full_t")
         .predicate("s IS NULL")
         .set("s = 'x'")
         .insert(&db)
@@ -127,7 +127,7 @@ async fn rows_beyond_the_frozen_upper_bound_are_untouched(pool: PgPool) {
          INSERT INTO grow SELECT g, NULL FROM generate_series(1, 2000) g;",
     )
     .await;
-    JobSpec::new("grow", "grow")
+    NewJob::new("grow", "grow")
         .predicate("s IS NULL")
         .set("s = 'filled'")
         .raw("batch_size", "50")
@@ -210,7 +210,7 @@ async fn explicit_and_discovered_keys(pool: PgPool) {
         ("unique_index_only", "uniq_only", None, Ok(300)),
     ];
     for (name, table, keys, _) in cases {
-        let mut spec = JobSpec::new(name, table)
+        let mut spec = NewJob::new(name, table)
             .predicate("s IS NULL")
             .set(&format!("s = '{name}'"));
         if let Some(k) = keys {
@@ -246,7 +246,7 @@ async fn partitioned_tables_are_walked_and_verified_by_key(pool: PgPool) {
          INSERT INTO parts SELECT g, 1 + g % 2, NULL FROM generate_series(1, 3000) g;",
     )
     .await;
-    JobSpec::new("parts", "parts")
+    NewJob::new("parts", "parts")
         .predicate("s IS NULL")
         .set("s = 'x'")
         .raw("batch_size", "250")

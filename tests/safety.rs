@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Db, JobSpec};
+use common::{Db, NewJob};
 use sqlx::PgPool;
 
 async fn orders(db: &Db, rows: i64) {
@@ -21,7 +21,7 @@ async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_m
     orders(&db, 4000).await;
     let before = db.checksum("orders", "id", "false").await;
     // No mode column: dry run is the default.
-    JobSpec::new("dry", "orders")
+    NewJob::new("dry", "orders")
         .raw("mode", "DEFAULT")
         .predicate("status IS NULL")
         .set("status = 'pending', amount = amount * 2")
@@ -71,7 +71,7 @@ async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_m
 async fn a_plan_over_the_ceiling_fails_before_any_change(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
-    JobSpec::new("too_many", "orders")
+    NewJob::new("too_many", "orders")
         .predicate("status IS NULL")
         .set("status = 'x'")
         .raw("max_affected", "1000")
@@ -97,7 +97,7 @@ async fn live_growth_past_the_ceiling_stops_the_job(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 3000).await;
     // 2250 rows match at plan time; the ceiling leaves a margin of 100.
-    JobSpec::new("grows", "orders")
+    NewJob::new("grows", "orders")
         .predicate("status IS NULL")
         .set("status = 'pending'")
         .raw("max_affected", "2350")
@@ -142,7 +142,7 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
     let db = Db::new(pool).await;
     orders(&db, 5000).await;
     let before = db.checksum("orders", "id", "id IN (7, 11, 13)").await;
-    JobSpec::new("upd", "orders")
+    NewJob::new("upd", "orders")
         .predicate("status IS NULL")
         .set("status = 'pending', note = upper(note) || '!'")
         .raw("archive", "true")
@@ -204,7 +204,7 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     db.exec("ALTER TABLE orders ADD COLUMN total numeric GENERATED ALWAYS AS (amount * 2) STORED")
         .await;
     let before = db.checksum("orders", "id", "id = 8").await;
-    JobSpec::new("purge", "orders")
+    NewJob::new("purge", "orders")
         .raw("action", "'delete'")
         .predicate("status = 'paid'")
         .raw("archive", "true")
@@ -622,7 +622,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
     };
     let before = sums(&db).await;
     for (name, table, predicate, set, extra, _) in HOSTILE {
-        let mut spec = JobSpec::new(name, table);
+        let mut spec = NewJob::new(name, table);
         spec = match predicate {
             Some(p) => spec.predicate(p),
             None => spec.raw("predicate", "NULL"),
@@ -635,7 +635,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         }
         spec.insert(&db).await;
     }
-    JobSpec::new("good_job", "good")
+    NewJob::new("good_job", "good")
         .predicate("s IS NULL")
         .set("s = 'done'")
         .raw("priority", "-10")
@@ -682,7 +682,7 @@ async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
          CREATE TABLE app_writes (id bigint PRIMARY KEY, k int NOT NULL);",
     )
     .await;
-    JobSpec::new("bump", "acct")
+    NewJob::new("bump", "acct")
         .predicate("true")
         .set("n = n + 1")
         .raw("archive", "true")
@@ -749,7 +749,7 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
     .await;
     // The application holds row 50 mid-update while the first batch runs.
     let app = db.hold("UPDATE acct SET n = n + 100 WHERE id = 50").await;
-    JobSpec::new("raced", "acct")
+    NewJob::new("raced", "acct")
         .predicate("true")
         .set("n = n + 1")
         .raw("archive", "true")
@@ -816,7 +816,7 @@ async fn archived_images_stay_with_their_own_partition(pool: PgPool) {
         )
         .await;
     assert_eq!(same_slots, 1000, "the partitions share ctids and xmin");
-    JobSpec::new("parted", "parted")
+    NewJob::new("parted", "parted")
         .predicate("true")
         .set("n = n + 1")
         .raw("archive", "true")
@@ -869,7 +869,7 @@ async fn an_is_null_backfill_stays_exact_under_concurrent_writes(pool: PgPool) {
          INSERT INTO fill (id) SELECT g FROM generate_series(1, 20000) g;",
     )
     .await;
-    JobSpec::new("fill", "fill")
+    NewJob::new("fill", "fill")
         .predicate("v IS NULL")
         .set("v = id * 2")
         .raw("archive", "true")
@@ -949,7 +949,7 @@ async fn a_composite_column_is_null_is_captured_not_assumed(pool: PgPool) {
          FROM generate_series(1, 1000) g;",
     )
     .await;
-    JobSpec::new("pairs", "pairs")
+    NewJob::new("pairs", "pairs")
         .predicate("p IS NULL")
         .set("p = ROW(id, id)::pair")
         .raw("archive", "true")

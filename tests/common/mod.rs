@@ -180,7 +180,7 @@ pub async fn wait_until(
 
 /// A job row to insert; defaults: update, execute, no archive, small batches, no sleep.
 #[derive(Clone)]
-pub struct JobSpec {
+pub struct NewJob {
     cols: Vec<(&'static str, String)>,
 }
 
@@ -188,7 +188,7 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-impl JobSpec {
+impl NewJob {
     pub fn new(name: &str, table: &str) -> Self {
         Self {
             cols: vec![
