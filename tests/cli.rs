@@ -180,7 +180,22 @@ async fn metrics_health_and_readiness_are_served(pool: PgPool) {
     assert_eq!(code, 200);
     let (code, _) = http_get(port, "/readyz").await.expect("readyz");
     assert_eq!(code, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await; // one poll refreshes the gauges
+    // The job-state gauges are refreshed by the daemon's poll, not as a job ends: wait for a poll
+    // that has seen both jobs end.
+    let state_gauges = [
+        "backfilld_jobs{state=\"succeeded\"} 1",
+        "backfilld_jobs{state=\"failed\"} 1",
+    ];
+    common::wait_until(
+        "the job-state gauges to count both ended jobs",
+        || daemon.log(),
+        async || {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, body)| state_gauges.iter().all(|g| body.contains(g)))
+        },
+    )
+    .await;
     let (code, body) = http_get(port, "/metrics").await.expect("metrics");
     assert_eq!(code, 200);
     for line in [
