@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::change::Change;
-use crate::claim::{Control, Lease};
+use crate::claim::{self, Control, Lease};
 use crate::error::JobError;
 use crate::keyset::{Key, Keyset, bind_keys};
 use crate::sql::Names;
@@ -136,7 +136,7 @@ SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
     batch_size_current = $8,
     heartbeat_at = now(),
     lease_expires_at = now() + make_interval(secs => $9)
-WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
+WHERE {fence}
 RETURNING requested_state, rows_changed, (
     -- Sessions this transaction blocks right now, and how long the longest has waited. pg_locks
     -- needs no privileges; pg_blocking_pids runs only for waiting locks. Our own sessions (a
@@ -293,7 +293,7 @@ impl Batcher<'_> {
         size: i64,
     ) -> Result<(Control, Impact), JobError> {
         let row: Option<(Option<String>, i64, Vec<f64>)> =
-            sqlx::query_as(&self.names.render(CHECKPOINT))
+            sqlx::query_as(&claim::fenced(self.names, CHECKPOINT))
                 .bind(self.lease.job_id)
                 .bind(self.lease.attempt)
                 .bind(&self.lease.owner)

@@ -1,7 +1,9 @@
 //! Claiming jobs under a lease, renewing it, giving it back, and rescuing expired ones.
 //!
 //! **Invariant:** every write to a claimed job row is fenced by `id`, `attempt` and `lease_owner`;
-//! a write that matches no row means the lease was lost and the writer must stop.
+//! a write that matches no row means the lease was lost and the writer must stop. The fence is
+//! written once (`FENCE`); every statement on a claimed row (here and the batch checkpoint in
+//! `batch`) is rendered through `fenced`.
 //! **Invariant:** lease times come from the database clock (`now()`), never the daemon's.
 
 use std::time::Duration;
@@ -10,8 +12,19 @@ use sqlx::PgExecutor;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use serde_json::Value;
+
 use crate::job::JobRow;
 use crate::sql::Names;
+
+/// The `WHERE` condition of every statement on a claimed job row: `$1` id, `$2` attempt, `$3`
+/// lease owner. A claimed row is `running`; one that no longer matches was taken from us.
+const FENCE: &str = "id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'";
+
+/// Renders a template's `{jobs}`/`{schema}` and its `{fence}`.
+pub fn fenced(names: &Names, template: &str) -> String {
+    names.render(template).replace("{fence}", FENCE)
+}
 
 /// The fencing token of one claimed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +99,7 @@ pub async fn claim<'e>(
 const RENEW: &str = "
 UPDATE {jobs}
 SET lease_expires_at = now() + make_interval(secs => $4), heartbeat_at = now()
-WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'
+WHERE {fence}
 RETURNING requested_state";
 
 /// Extends the lease; `Control::LeaseLost` when the fence no longer matches.
@@ -96,7 +109,7 @@ pub async fn renew<'e>(
     lease: &Lease,
     ttl: Duration,
 ) -> sqlx::Result<Control> {
-    let row: Option<(Option<String>,)> = sqlx::query_as(&names.render(RENEW))
+    let row: Option<(Option<String>,)> = sqlx::query_as(&fenced(names, RENEW))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -175,7 +188,7 @@ SET state = CASE
         ELSE finished_at END,
     lease_owner = NULL,
     lease_expires_at = NULL
-WHERE id = $1 AND attempt = $2 AND lease_owner = $3
+WHERE {fence}
 RETURNING state";
 
 /// Writes the end of an attempt, fenced. Returns the resulting state, or `None` if the lease was
@@ -196,7 +209,7 @@ pub async fn release<'e>(
         Release::Cancelled => ("cancelled", None, 0.0),
         Release::Failed { error } => ("failed", Some(error.as_str()), 0.0),
     };
-    sqlx::query_scalar(&names.render(RELEASE))
+    sqlx::query_scalar(&fenced(names, RELEASE))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -274,4 +287,82 @@ pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx:
     sqlx::query_scalar(&names.render(RUNNABLE))
         .fetch_one(db)
         .await
+}
+
+/// Optional job-row columns written together by `store`; `None` leaves a column as it is.
+#[derive(Debug, Default)]
+pub struct RowUpdate {
+    pub upper_bound: Option<Value>,
+    pub estimated_total: Option<i64>,
+    pub plan: Option<Value>,
+    pub archive_table: Option<String>,
+    pub remaining: Option<i64>,
+    pub slices: Option<Value>,
+}
+
+const STORE: &str = "
+UPDATE {jobs}
+SET upper_bound = coalesce($4, upper_bound),
+    estimated_total = coalesce($5, estimated_total),
+    plan = coalesce($6, plan),
+    archive_table = coalesce($7, archive_table),
+    remaining = coalesce($8, remaining),
+    slices = coalesce($9, slices),
+    heartbeat_at = now()
+WHERE {fence}";
+
+/// Writes the given columns, fenced; `false` when the lease was lost.
+pub async fn store<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    lease: &Lease,
+    u: &RowUpdate,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(&fenced(names, STORE))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(&u.upper_bound)
+        .bind(u.estimated_total)
+        .bind(&u.plan)
+        .bind(&u.archive_table)
+        .bind(u.remaining)
+        .bind(&u.slices)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The claimed job row as it is now; `None` when the lease was lost.
+pub async fn reread<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    lease: &Lease,
+) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as(&fenced(names, "SELECT * FROM {jobs} WHERE {fence}"))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .fetch_optional(db)
+        .await
+}
+
+/// The committed cursor of the job (`slot` `None`) or of one slice; `None` when the lease was
+/// lost, `Some(None)` when nothing is committed yet.
+pub async fn stored_cursor<'e>(
+    db: impl PgExecutor<'e>,
+    names: &Names,
+    lease: &Lease,
+    slot: Option<usize>,
+) -> sqlx::Result<Option<Option<Value>>> {
+    let sql = "SELECT CASE WHEN $4::int IS NULL THEN cursor ELSE slices -> $4::int -> 'cursor' END
+               FROM {jobs} WHERE {fence}";
+    let row: Option<(Option<Value>,)> = sqlx::query_as(&fenced(names, sql))
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(slot.map(|s| s as i32))
+        .fetch_optional(db)
+        .await?;
+    Ok(row.map(|(cursor,)| cursor))
 }

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// More slices than this are refused: each one holds a connection and a backend busy. (Here, not
+/// in `job`, so configuration does not depend on the job module.)
+pub const MAX_PARALLELISM: i64 = 16;
+
 /// Errors found while loading or validating configuration; each names the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -422,10 +426,10 @@ impl BatchConfig {
         positive("batch.max_batch_ms", self.max_batch_ms)?;
         non_negative("batch.sleep_ms", self.sleep_ms)?;
         non_negative("batch.max_rows_per_second", self.max_rows_per_second)?;
-        if !(1..=crate::job::MAX_PARALLELISM).contains(&self.parallelism) {
+        if !(1..=MAX_PARALLELISM).contains(&self.parallelism) {
             return Err(invalid(
                 "batch.parallelism",
-                format!("must be between 1 and {}", crate::job::MAX_PARALLELISM),
+                format!("must be between 1 and {}", MAX_PARALLELISM),
             ));
         }
         if self.min_size > self.max_size {

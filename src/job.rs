@@ -193,8 +193,7 @@ pub struct JobSpec {
     pub parallelism: usize,
 }
 
-/// More slices than this are refused: each one holds a connection and a backend busy.
-pub const MAX_PARALLELISM: i64 = 16;
+pub use crate::config::MAX_PARALLELISM;
 
 /// Larger batches than this are refused outright: one statement must stay reviewable and short.
 pub const MAX_BATCH_SIZE: i64 = 1_000_000;

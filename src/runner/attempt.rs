@@ -1,0 +1,202 @@
+//! The attempt as a state machine: execute (prepare → plan → ceiling → archive → slices → verify),
+//! retry transient errors in place, and record how it ended.
+
+use super::*;
+
+impl Attempt<'_> {
+    fn table(&self) -> &str {
+        self.row.table_name.as_deref().unwrap_or("?")
+    }
+
+    pub(super) fn err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
+        move |e| JobError::sql(&self.row.name, self.table(), step, e)
+    }
+
+    /// Retries transient errors outside batches (validation, planning, bookkeeping) in place,
+    /// re-reading the job row each time; batches retry on their own.
+    pub(super) async fn execute_with_retries(&mut self, max: u32) -> Result<Outcome, JobError> {
+        let mut retries = 0;
+        loop {
+            match self.execute().await {
+                Err(e) if e.is_retryable() && retries < max => {
+                    retries += 1;
+                    tracing::warn!(error = %e, retry = retries, "transient error; retrying");
+                    let wake = &self.interrupt;
+                    if let Some(outcome) = self.back_off(&e, retries, BACKOFF_BASE, wake).await {
+                        return Ok(outcome);
+                    }
+                    self.refresh_row().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Re-reads the job row, fenced by the lease.
+    async fn refresh_row(&mut self) -> Result<(), JobError> {
+        let row = claim::reread(&self.ctx.pool, &self.ctx.names, &self.lease)
+            .await
+            .map_err(self.err("re-reading the job row"))?;
+        self.row = row.ok_or_else(|| self.lease_lost())?;
+        Ok(())
+    }
+
+    pub(super) fn lease_lost(&self) -> JobError {
+        JobError::LeaseLost {
+            job: self.lease.job.clone(),
+            attempt: self.lease.attempt,
+        }
+    }
+
+    async fn execute(&mut self) -> Result<Outcome, JobError> {
+        let cfg = self.ctx.config();
+        let spec = JobSpec::from_row(&self.row, &cfg.batch, &cfg.safety)?;
+        let p = self.prepare(spec, &cfg).await?;
+        let Some(upper) = p.upper.clone() else {
+            tracing::info!("key range is empty; nothing to do");
+            self.store(RowUpdate {
+                remaining: Some(0),
+                estimated_total: Some(0),
+                ..Default::default()
+            })
+            .await?;
+            return Ok(Outcome::Succeeded);
+        };
+        let plan = match &self.row.plan {
+            Some(stored) => stored.clone(),
+            None => match self.plan(&p, &upper, &cfg).await? {
+                Some(plan) => plan,
+                None => return Ok(self.interruption()),
+            },
+        };
+        if p.spec.mode == Mode::DryRun {
+            tracing::info!(
+                rows_matching = plan["rows_matching"].as_i64(),
+                "dry run planned; approve with `backfilld execute`"
+            );
+            return Ok(Outcome::Planned);
+        }
+        self.check_ceiling(&p, &plan)?;
+        let change = self.build_change(&p).await?;
+        if let Some(outcome) = self.run_slices(&p, &change, &upper, &plan).await? {
+            return Ok(outcome);
+        }
+        self.verify(&p, &upper).await
+    }
+
+    /// Writes the given columns, fenced, and mirrors them into the in-memory row.
+    pub(super) async fn store(&mut self, u: RowUpdate) -> Result<(), JobError> {
+        let stored = claim::store(&self.ctx.pool, &self.ctx.names, &self.lease, &u)
+            .await
+            .map_err(self.err("updating the job row"))?;
+        if !stored {
+            return Err(self.lease_lost());
+        }
+        let row = &mut self.row;
+        row.upper_bound = u.upper_bound.or(row.upper_bound.take());
+        row.estimated_total = u.estimated_total.or(row.estimated_total);
+        row.plan = u.plan.or(row.plan.take());
+        row.archive_table = u.archive_table.or(row.archive_table.take());
+        row.remaining = u.remaining.or(row.remaining);
+        row.slices = u.slices.or(row.slices.take());
+        Ok(())
+    }
+
+    /// Counts rows up to the bound that still match the predicate into `remaining`.
+    async fn verify(&mut self, p: &Prepared, upper: &Key) -> Result<Outcome, JobError> {
+        if p.spec.action == Action::Revert {
+            return Ok(Outcome::Succeeded);
+        }
+        // The throttle as configured now: a SIGHUP during the batches applies here too.
+        let throttle = self.throttle(p);
+        let counter = self.counter(p, upper, &p.fragments.predicate, &throttle);
+        let Some(remaining) = counter.count_matching().await? else {
+            return Ok(self.interruption());
+        };
+        self.store(RowUpdate {
+            remaining: Some(remaining),
+            ..Default::default()
+        })
+        .await?;
+        tracing::info!(remaining, "verified");
+        Ok(Outcome::Succeeded)
+    }
+
+    /// The job's throttle under the current configuration (SIGHUP may have changed defaults).
+    pub(super) fn throttle(&self, p: &Prepared) -> Throttle {
+        let cfg = self.ctx.config();
+        Throttle::from_row(&self.row, &cfg.batch).unwrap_or_else(|_| p.spec.throttle.clone())
+    }
+
+    /// Writes how the attempt ended and updates metrics.
+    pub(super) async fn finish(&self, result: Result<Outcome, JobError>) {
+        let cfg = self.ctx.config();
+        let release = match result {
+            Ok(Outcome::LeaseLost) | Err(JobError::LeaseLost { .. }) => {
+                self.ctx.metrics.leases_lost.inc();
+                tracing::warn!(
+                    "lease lost; another replica owns the job now; stopping without writing"
+                );
+                return;
+            }
+            Ok(Outcome::Succeeded) => Release::Succeeded,
+            Ok(Outcome::Planned) => Release::Planned,
+            Ok(Outcome::Paused) => Release::Paused,
+            Ok(Outcome::Cancelled) => Release::Cancelled,
+            Ok(Outcome::Shutdown) | Ok(Outcome::Stopped) => Release::Requeue,
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .batch_errors
+                    .with_label_values(&[&self.row.name, e.kind()])
+                    .inc();
+                if e.is_retryable() {
+                    tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
+                    Release::Retry {
+                        delay: backoff(self.lease.attempt as u32 + 3, BACKOFF_BASE),
+                        error: e.to_string(),
+                    }
+                } else {
+                    tracing::error!(error = %e, sqlstate = e.sqlstate(), "job failed");
+                    Release::Failed {
+                        error: e.to_string(),
+                    }
+                }
+            }
+        };
+        for tries in 1..=3 {
+            match claim::release(
+                &self.ctx.pool,
+                &self.ctx.names,
+                &self.lease,
+                &release,
+                cfg.worker.max_attempts,
+            )
+            .await
+            {
+                Ok(Some(state)) => {
+                    let waited = *self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
+                    tracing::info!(
+                        state = %state,
+                        held_seconds = %self.held_summary(),
+                        longest_wait_behind_a_batch_ms = waited.as_millis() as u64,
+                        "attempt finished"
+                    );
+                    return;
+                }
+                Ok(None) => {
+                    self.ctx.metrics.leases_lost.inc();
+                    tracing::warn!("lease lost before the final state could be written");
+                    return;
+                }
+                Err(e) if tries < 3 => {
+                    tracing::warn!(error = %e, "writing the final state failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "writing the final state failed; the lease will expire and the job be rescued")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The batch loop of one slice: next window, retry on transient errors, settle between batches,
+//! and the checkpointed cursor it resumes from.
+
+use super::*;
+
+impl Attempt<'_> {
+    /// The batch loop. `Ok(None)` when the slice's key range is exhausted.
+    pub(super) async fn batch_loop(
+        &self,
+        p: &Prepared,
+        change: &Change,
+        slice: &Slice,
+        progress: &std::sync::Mutex<Progress>,
+        guard: &BloatGuard,
+        stop: &CancellationToken,
+    ) -> Result<Option<Outcome>, JobError> {
+        let cfg = self.ctx.config();
+        let table = p.target.display();
+        let batcher = self.batcher(p, change, slice, &table, &cfg);
+        let mut cursor = slice.cursor.clone();
+        let mut controller =
+            Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
+        let mut health = Health::new(guard.relies_on_autovacuum());
+        let mut load = Load::default();
+        let mut retries = 0u32;
+        loop {
+            if let Some(outcome) = self.interrupted() {
+                return Ok(Some(outcome));
+            }
+            if stop.is_cancelled() {
+                return Ok(Some(Outcome::Stopped));
+            }
+            if let Some(outcome) = self
+                .wait_until_healthy(&mut health, p.target.oid, stop)
+                .await
+            {
+                return Ok(Some(outcome));
+            }
+            let size = controller.size();
+            match batcher.run(cursor.as_ref(), size).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(done)) => {
+                    retries = 0;
+                    self.record(&done, size, progress);
+                    let full = done.scanned >= size;
+                    if full {
+                        controller.observe(done.elapsed);
+                    }
+                    cursor = Some(done.last.clone());
+                    match done.control {
+                        Control::Pause => return Ok(Some(Outcome::Paused)),
+                        Control::Cancel => return Ok(Some(Outcome::Cancelled)),
+                        _ => {}
+                    }
+                    // A window short of its size has reached the slice's end: nothing to pause for.
+                    if !full {
+                        return Ok(None);
+                    }
+                    let pacing = Pacing {
+                        controller: &mut controller,
+                        load: &mut load,
+                    };
+                    if let Some(outcome) = self.settle(p, &done, pacing, guard, stop).await {
+                        return Ok(Some(outcome));
+                    }
+                }
+                Err(e) if e.is_retryable() && retries < cfg.worker.max_batch_retries => {
+                    retries += 1;
+                    controller.back_off();
+                    tracing::warn!(error = %e, retry = retries, batch_size = controller.size(), "transient batch error; retrying");
+                    let base = retry_base(&e, &p.spec.throttle);
+                    if let Some(outcome) = self.back_off(&e, retries, base, stop).await {
+                        return Ok(Some(outcome));
+                    }
+                    // The failed commit may or may not have landed: the stored checkpoint decides.
+                    cursor = self.reload_cursor(p.keyset.width(), slice.slot).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The batch runner of one slice, with this run's settings.
+    fn batcher<'b>(
+        &'b self,
+        p: &'b Prepared,
+        change: &'b Change,
+        slice: &'b Slice,
+        table: &'b str,
+        cfg: &Config,
+    ) -> Batcher<'b> {
+        let max_batch = Duration::from_millis(p.spec.throttle.max_batch_ms as u64);
+        Batcher {
+            pool: &self.ctx.pool,
+            names: &self.ctx.names,
+            lease: &self.lease,
+            table,
+            keyset: &p.keyset,
+            change,
+            upper: &slice.upper,
+            settings: TxSettings::capped(
+                cfg.batch.lock_timeout,
+                cfg.batch.statement_timeout,
+                max_batch,
+                cfg.batch.synchronous_commit.clone(),
+            ),
+            lease_ttl: cfg.worker.lease_ttl,
+            max_affected: p.spec.max_affected,
+            window: WindowSql::new(&p.keyset),
+            slot: slice.slot,
+        }
+    }
+
+    /// Between two batches: reacts to the batch's impact on other sessions and on the server,
+    /// pauses, and runs the bloat guard when it is due.
+    async fn settle(
+        &self,
+        p: &Prepared,
+        done: &Committed,
+        pacing: Pacing<'_>,
+        guard: &BloatGuard,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
+        let cfg = self.ctx.config();
+        let throttle = self.throttle(p);
+        let impact = self.note_impact(done.impact, &cfg, pacing.controller);
+        let load = pacing.load.observe(done.elapsed, done.scanned);
+        // The fast preset does not yield to a busier server.
+        let max_load = if throttle.preset.is_gentle() {
+            cfg.throttle.max_load_factor
+        } else {
+            0.0
+        };
+        for (pause, reason) in throttle::pauses(
+            &throttle,
+            done.changed,
+            done.elapsed,
+            impact,
+            load,
+            max_load,
+        ) {
+            if let Some(outcome) = self.pause(pause, reason, stop).await {
+                return Some(outcome);
+            }
+        }
+        if guard.record(done.changed) {
+            self.vacuum(p, guard, false, stop).await;
+        }
+        self.interrupted()
+    }
+
+    pub(super) fn stored_cursor(&self, width: usize) -> Result<Option<Key>, JobError> {
+        self.parse_cursor(self.row.cursor.as_ref(), width)
+    }
+
+    fn parse_cursor(&self, cursor: Option<&Value>, width: usize) -> Result<Option<Key>, JobError> {
+        match cursor {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Key::from_json(v, width).map(Some).ok_or_else(|| {
+                JobError::invalid(
+                    &self.row.name,
+                    format!("stored cursor {v} does not fit the key columns"),
+                )
+            }),
+        }
+    }
+
+    async fn reload_cursor(
+        &self,
+        width: usize,
+        slot: Option<usize>,
+    ) -> Result<Option<Key>, JobError> {
+        let cursor = claim::stored_cursor(&self.ctx.pool, &self.ctx.names, &self.lease, slot)
+            .await
+            .map_err(self.err("re-reading the checkpoint"))?
+            .ok_or_else(|| self.lease_lost())?;
+        self.parse_cursor(cursor.as_ref(), width)
+    }
+}

@@ -1,0 +1,160 @@
+//! One claimed attempt at one job, from validation to the final state:
+//! validate → resolve target → freeze upper bound → plan (dry run) → ceiling → archive →
+//! batches → verify. Every write to the job row is fenced by the lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::archive::{ArchiveKind, ArchiveTable};
+use crate::batch::{Batcher, Committed, TxSettings, WindowSql};
+use crate::bloat::{BloatGuard, Standing};
+use crate::change::{Change, Delete, Revert, Update};
+use crate::claim::{self, Control, Lease, Release, RowUpdate};
+use crate::config::Config;
+use crate::error::JobError;
+use crate::fragment::{self, Fragments};
+use crate::job::{Action, JobRow, JobSpec, Mode, Throttle};
+use crate::keyset::{Key, Keyset};
+use crate::metrics::Metrics;
+use crate::plan::{self, Counter, Plan};
+use crate::sql::Names;
+use crate::target::{Resolve, Target};
+use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
+
+mod attempt;
+mod batches;
+mod prepare;
+mod progress;
+mod slices;
+mod waiting;
+
+use progress::Progress;
+use slices::Slice;
+use waiting::{BACKOFF_BASE, Pacing, backoff, retry_base};
+
+/// What every runner shares with the daemon.
+pub struct Context {
+    pub pool: sqlx::PgPool,
+    pub names: Names,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub metrics: Metrics,
+    pub owner: String,
+}
+
+impl Context {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+}
+
+/// How an attempt ended short of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Planned,
+    Paused,
+    Cancelled,
+    /// This replica is stopping: hand the job back without burning the attempt.
+    Shutdown,
+    LeaseLost,
+    /// A slice stopped because a sibling slice stopped (never written: see `merge`).
+    Stopped,
+}
+
+/// Runs one claimed job to the end of this attempt and records how it ended.
+pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
+    let span = tracing::info_span!("job", job = %row.name, attempt = row.attempt, table = row.table_name.as_deref().unwrap_or(""));
+    async move {
+        let cfg = ctx.config();
+        let lease = Lease {
+            job_id: row.id,
+            job: row.name.clone(),
+            attempt: row.attempt,
+            owner: ctx.owner.clone(),
+        };
+        let stop_heartbeat = CancellationToken::new();
+        let control = claim::spawn_heartbeat(
+            ctx.pool.clone(),
+            ctx.names.clone(),
+            lease.clone(),
+            cfg.worker.lease_ttl,
+            cfg.worker.heartbeat_interval,
+            stop_heartbeat.clone(),
+        );
+        let interrupt = interrupt_on_control(&shutdown, control.clone());
+        tracing::info!("job claimed");
+        let mut attempt = Attempt {
+            ctx: &ctx,
+            row,
+            lease,
+            control,
+            shutdown,
+            interrupt,
+            held: Default::default(),
+            longest_wait: Default::default(),
+        };
+        let result = attempt
+            .execute_with_retries(cfg.worker.max_batch_retries)
+            .await;
+        attempt.interrupt.cancel();
+        stop_heartbeat.cancel();
+        attempt.finish(result).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// A token cancelled on shutdown or as soon as the heartbeat sees a pause, cancel or lost lease,
+/// so long waits (sleeps, counting) end promptly.
+fn interrupt_on_control(
+    shutdown: &CancellationToken,
+    mut control: watch::Receiver<Control>,
+) -> CancellationToken {
+    let interrupt = shutdown.child_token();
+    let token = interrupt.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = control.changed() => {
+                    if changed.is_err() || *control.borrow() != Control::Run {
+                        token.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    interrupt
+}
+
+/// The job's resolved pieces, valid for this attempt.
+struct Prepared {
+    spec: JobSpec,
+    target: Target,
+    fragments: Fragments,
+    /// Walks the target's keys, or the archive's for a revert.
+    keyset: Keyset,
+    /// `None` when the range is empty (nothing to do).
+    upper: Option<Key>,
+    /// The archive a revert restores from.
+    source_archive: Option<ArchiveTable>,
+}
+
+struct Attempt<'a> {
+    ctx: &'a Context,
+    row: JobRow,
+    lease: Lease,
+    control: watch::Receiver<Control>,
+    shutdown: CancellationToken,
+    interrupt: CancellationToken,
+    /// Seconds held back per reason in this attempt, for the closing log line.
+    held: std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
+    /// The longest any session had waited on a batch's row locks when that batch committed.
+    longest_wait: std::sync::Mutex<Duration>,
+}

@@ -1,0 +1,302 @@
+//! Preparing an attempt: resolve the target, validate fragments on the server, freeze the upper
+//! bound, plan (dry run), check the ceiling, and build the change (with its archive).
+
+use super::*;
+
+impl Attempt<'_> {
+    /// Resolves the target and validates fragments; freezes the upper bound on first run.
+    pub(super) async fn prepare(
+        &mut self,
+        spec: JobSpec,
+        cfg: &Config,
+    ) -> Result<Prepared, JobError> {
+        let mut conn = self
+            .ctx
+            .pool
+            .acquire()
+            .await
+            .map_err(self.err("connecting"))?;
+        let target = Resolve {
+            job: &spec.name,
+            table_name: &spec.table_name,
+            key_columns: spec.key_columns.as_deref(),
+            own_schema: &self.ctx.names.schema,
+            allowed_tables: &cfg.safety.allowed_tables,
+        }
+        .run(&mut conn)
+        .await?;
+        let invalid = |e: fragment::FragmentError| {
+            JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
+        };
+        let (fragments, source_archive) = if spec.action == Action::Revert {
+            let archive = self.source_archive(&mut conn, &spec, &target).await?;
+            (
+                Fragments {
+                    predicate: "true".into(),
+                    assignments: Vec::new(),
+                },
+                Some(archive),
+            )
+        } else {
+            let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
+                .map_err(invalid)?;
+            fragment::validate_on_server(&mut conn, &target, &f)
+                .await
+                .map_err(self.err("validating fragments"))?
+                .map_err(invalid)?;
+            (f, None)
+        };
+        let keyset = match &source_archive {
+            Some(a) => Keyset::new(&archive_as_target(a, &target)),
+            None => Keyset::new(&target),
+        };
+        let upper = self.upper_bound(&mut conn, &keyset).await?;
+        Ok(Prepared {
+            spec,
+            target,
+            fragments,
+            keyset,
+            upper,
+            source_archive,
+        })
+    }
+
+    /// The archive of the job a revert undoes, indexed and vacuumed for keyset walking.
+    async fn source_archive(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        spec: &JobSpec,
+        target: &Target,
+    ) -> Result<ArchiveTable, JobError> {
+        let original = spec.reverts.as_deref().unwrap_or_default();
+        let name: Option<Option<String>> = sqlx::query_scalar(
+            &self
+                .ctx
+                .names
+                .render("SELECT archive_table FROM {jobs} WHERE name = $1"),
+        )
+        .bind(original)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(self.err("finding the reverted job"))?;
+        let Some(Some(name)) = name else {
+            return Err(JobError::invalid(
+                &spec.name,
+                format!("job {original} has no archive to revert (archive was off, or it expired)"),
+            ));
+        };
+        let archive = ArchiveTable::open(conn, &self.ctx.names, &name, target)
+            .await
+            .map_err(self.err("opening the archive"))?
+            .ok_or_else(|| {
+                JobError::invalid(
+                    &spec.name,
+                    format!("archive table {name} of job {original} is gone"),
+                )
+            })?;
+        archive
+            .prepare_revert(conn, self.ctx.config().bloat.vacuum_timeout)
+            .await
+            .map_err(self.err("indexing and vacuuming the archive"))?;
+        Ok(archive)
+    }
+
+    /// The largest key at first start, frozen in the job row so the job always terminates.
+    async fn upper_bound(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        keyset: &Keyset,
+    ) -> Result<Option<Key>, JobError> {
+        if let Some(stored) = &self.row.upper_bound {
+            if stored.as_array().is_some_and(Vec::is_empty) {
+                return Ok(None);
+            }
+            return Key::from_json(stored, keyset.width())
+                .map(Some)
+                .ok_or_else(|| {
+                    JobError::invalid(
+                        &self.row.name,
+                        format!("stored upper_bound {stored} does not fit the key columns"),
+                    )
+                });
+        }
+        let row: Option<sqlx::postgres::PgRow> = sqlx::query(&keyset.upper_bound_sql())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(self.err("freezing the upper bound"))?;
+        let upper = match row {
+            None => None,
+            Some(r) => Some(
+                Key::from_row(&r, 0, keyset.width())
+                    .map_err(self.err("freezing the upper bound"))?,
+            ),
+        };
+        let json = upper
+            .as_ref()
+            .map_or(Value::Array(Vec::new()), Key::to_json);
+        self.store(RowUpdate {
+            upper_bound: Some(json),
+            ..Default::default()
+        })
+        .await?;
+        Ok(upper)
+    }
+
+    pub(super) fn counter<'b>(
+        &'b self,
+        p: &'b Prepared,
+        upper: &'b Key,
+        predicate: &'b str,
+        throttle: &'b Throttle,
+    ) -> Counter<'b> {
+        Counter {
+            pool: &self.ctx.pool,
+            job: &self.row.name,
+            target: &p.target,
+            keyset: &p.keyset,
+            predicate,
+            upper,
+            throttle,
+            cancel: &self.interrupt,
+        }
+    }
+
+    /// Counts, samples and explains; stores the plan. `None` if interrupted while counting.
+    pub(super) async fn plan(
+        &mut self,
+        p: &Prepared,
+        upper: &Key,
+        cfg: &Config,
+    ) -> Result<Option<Value>, JobError> {
+        let started = Instant::now();
+        let mut counted_target = p.target.clone();
+        if let Some(a) = &p.source_archive {
+            counted_target = archive_as_target(a, &p.target);
+        }
+        let counter = Counter {
+            target: &counted_target,
+            ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle)
+        };
+        let Some(counted) = counter.count().await? else {
+            return Ok(None);
+        };
+        let (in_range, matching) = (counted.keys, counted.matching);
+        let samples = if p.source_archive.is_some() {
+            Vec::new()
+        } else {
+            counter
+                .samples(
+                    &p.fragments.assignments,
+                    p.spec.action,
+                    cfg.safety.plan_sample_rows,
+                )
+                .await?
+        };
+        let plain = self.change_for(p, None);
+        let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
+        let (estimated_seconds, estimate_basis) =
+            plan::estimate(&p.spec.throttle, in_range, matching);
+        let plan = Plan {
+            rows_matching: matching,
+            rows_in_range: in_range,
+            upper_bound: upper.to_json(),
+            samples,
+            explain,
+            estimated_seconds,
+            estimate_basis,
+            count_seconds: started.elapsed().as_secs_f64(),
+            boundaries: counted.boundaries,
+        };
+        let value = serde_json::to_value(&plan).unwrap_or(Value::Null);
+        self.store(RowUpdate {
+            plan: Some(value.clone()),
+            estimated_total: Some(in_range),
+            ..Default::default()
+        })
+        .await?;
+        tracing::info!(
+            rows_matching = matching,
+            rows_in_range = in_range,
+            seconds = plan.count_seconds,
+            "planned"
+        );
+        Ok(Some(value))
+    }
+
+    pub(super) fn check_ceiling(&self, p: &Prepared, plan: &Value) -> Result<(), JobError> {
+        let (Some(max), Some(would)) = (p.spec.max_affected, plan["rows_matching"].as_i64()) else {
+            return Ok(());
+        };
+        if would > max {
+            return Err(JobError::Ceiling {
+                job: p.spec.name.clone(),
+                table: p.target.display(),
+                would_change: would,
+                max_affected: max,
+            });
+        }
+        Ok(())
+    }
+
+    fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
+        match (&p.spec.action, &p.source_archive) {
+            (Action::Revert, Some(src)) => Change::Revert(Revert::new(&p.target, &p.keyset, src)),
+            (Action::Delete, _) => Change::Delete(Delete::new(
+                &p.target,
+                &p.keyset,
+                &p.fragments.predicate,
+                archive,
+            )),
+            _ => Change::Update(Update::new(&p.target, &p.keyset, &p.fragments, archive)),
+        }
+    }
+
+    /// The change statement, creating the archive table first when the job archives.
+    pub(super) async fn build_change(&mut self, p: &Prepared) -> Result<Change, JobError> {
+        if !p.spec.archive || p.spec.action == Action::Revert {
+            return Ok(self.change_for(p, None));
+        }
+        let name = self.row.archive_table.clone().unwrap_or_else(|| {
+            ArchiveTable::name_for(&p.spec.name, p.spec.id, chrono::Utc::now().date_naive())
+        });
+        let kind = match p.spec.action {
+            Action::Delete => ArchiveKind::Delete,
+            _ => ArchiveKind::Update {
+                touched: p
+                    .fragments
+                    .assignments
+                    .iter()
+                    .map(|a| a.column.clone())
+                    .collect(),
+            },
+        };
+        let archive = ArchiveTable::new(&self.ctx.names, name.clone(), &p.target, kind);
+        let mut conn = self
+            .ctx
+            .pool
+            .acquire()
+            .await
+            .map_err(self.err("connecting"))?;
+        archive
+            .create(&mut conn, &p.target, &p.spec.name)
+            .await
+            .map_err(self.err("creating the archive table"))?;
+        if self.row.archive_table.is_none() {
+            self.store(RowUpdate {
+                archive_table: Some(name),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(self.change_for(p, Some(&archive)))
+    }
+}
+
+/// The archive table seen as a keyset source: its own name, the target's key columns.
+fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Target {
+    Target {
+        quoted: archive.quoted.clone(),
+        table: archive.name.clone(),
+        ..target.clone()
+    }
+}

@@ -1,0 +1,246 @@
+//! Parallel slices: cutting the frozen key range at the plan's counting boundaries, running one
+//! batch loop per slice, and merging how they ended.
+
+use super::*;
+
+impl Attempt<'_> {
+    /// Runs every slice of the key range at once and merges how they ended. `Ok(None)` when the
+    /// whole range is exhausted.
+    pub(super) async fn run_slices(
+        &mut self,
+        p: &Prepared,
+        change: &Change,
+        upper: &Key,
+        plan: &Value,
+    ) -> Result<Option<Outcome>, JobError> {
+        let slices = self.slices(p, plan, upper).await?;
+        if slices.len() > 1 {
+            tracing::info!(
+                slices = slices.len(),
+                "walking the key range in parallel slices"
+            );
+        }
+        let guard = self.bloat_guard(p).await;
+        let this: &Self = self;
+        let progress = std::sync::Mutex::new(Progress::new(&this.row));
+        let stop = this.interrupt.child_token();
+        // A slice that ends for any reason but exhaustion stops its siblings.
+        let runs = slices.iter().map(|slice| async {
+            let result = this
+                .batch_loop(p, change, slice, &progress, &guard, &stop)
+                .await;
+            if !matches!(result, Ok(None)) {
+                stop.cancel();
+            }
+            result
+        });
+        let ended = merge(futures_util::future::join_all(runs).await)?;
+        if ended.is_none() && guard.wants_final() {
+            self.vacuum(p, &guard, true, &self.interrupt).await;
+        }
+        Ok(ended)
+    }
+
+    /// The slices of this run: stored ones when resuming, else cut from the plan's window
+    /// boundaries (only before the first batch), else the single `cursor`.
+    async fn slices(
+        &mut self,
+        p: &Prepared,
+        plan: &Value,
+        upper: &Key,
+    ) -> Result<Vec<Slice>, JobError> {
+        let width = p.keyset.width();
+        if let Some(stored) = &self.row.slices {
+            return Slice::parse_all(stored, width).ok_or_else(|| {
+                JobError::invalid(
+                    &self.row.name,
+                    format!("stored slices {stored} do not fit the key columns"),
+                )
+            });
+        }
+        let cuts = if p.spec.parallelism > 1 && self.row.cursor.is_none() {
+            cut_points(plan, p.spec.parallelism, width)
+        } else {
+            Vec::new()
+        };
+        if cuts.is_empty() {
+            let cursor = self.stored_cursor(width)?;
+            return Ok(vec![Slice {
+                slot: None,
+                cursor,
+                upper: upper.clone(),
+            }]);
+        }
+        let starts = std::iter::once(None).chain(cuts.iter().cloned().map(Some));
+        let ends = cuts.iter().cloned().chain([upper.clone()]);
+        let slices: Vec<Slice> = starts
+            .zip(ends)
+            .enumerate()
+            .map(|(i, (cursor, upper))| Slice {
+                slot: Some(i),
+                cursor,
+                upper,
+            })
+            .collect();
+        let json = Value::Array(slices.iter().map(Slice::to_json).collect());
+        self.store(RowUpdate {
+            slices: Some(json),
+            ..Default::default()
+        })
+        .await?;
+        Ok(slices)
+    }
+}
+
+/// One slice of the key range: keys in `(cursor, upper]`, checkpointed into `slices[slot]`, or
+/// into the job's `cursor` when the job runs as a single slice (`slot = None`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Slice {
+    pub(super) slot: Option<usize>,
+    pub(super) cursor: Option<Key>,
+    pub(super) upper: Key,
+}
+
+impl Slice {
+    fn to_json(&self) -> Value {
+        serde_json::json!({
+            "cursor": self.cursor.as_ref().map(Key::to_json),
+            "upper": self.upper.to_json(),
+        })
+    }
+
+    fn parse_all(stored: &Value, width: usize) -> Option<Vec<Slice>> {
+        stored
+            .as_array()?
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let cursor = match &s["cursor"] {
+                    Value::Null => None,
+                    v => Some(Key::from_json(v, width)?),
+                };
+                let upper = Key::from_json(&s["upper"], width)?;
+                Some(Slice {
+                    slot: Some(i),
+                    cursor,
+                    upper,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Keys that cut the range into `parts` slices of about equal key counts, taken from the plan's
+/// window boundaries (ascending, deduplicated, never the upper bound itself).
+fn cut_points(plan: &Value, parts: usize, width: usize) -> Vec<Key> {
+    let total = plan["rows_in_range"].as_i64().unwrap_or(0);
+    let bounds: Vec<(i64, Key)> = plan["boundaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| Some((b[0].as_i64()?, Key::from_json(&b[1], width)?)))
+        .collect();
+    let mut cuts: Vec<Key> = Vec::new();
+    for i in 1..parts as i64 {
+        let target = total * i / parts as i64;
+        if let Some((n, key)) = bounds.iter().find(|(n, _)| *n >= target)
+            && *n < total
+            && cuts.last() != Some(key)
+        {
+            cuts.push(key.clone());
+        }
+    }
+    cuts
+}
+
+/// How a set of slices ended, as one outcome: an error wins (a permanent one over a transient
+/// one), then lease loss, cancel, pause, shutdown; a slice stopped by a sibling defers to it.
+fn merge(results: Vec<Result<Option<Outcome>, JobError>>) -> Result<Option<Outcome>, JobError> {
+    fn rank(o: Outcome) -> u8 {
+        match o {
+            Outcome::LeaseLost => 5,
+            Outcome::Cancelled => 4,
+            Outcome::Paused => 3,
+            Outcome::Shutdown => 2,
+            Outcome::Stopped => 1,
+            Outcome::Succeeded | Outcome::Planned => 0,
+        }
+    }
+    let mut error: Option<JobError> = None;
+    let mut outcome: Option<Outcome> = None;
+    for result in results {
+        match result {
+            Err(e) => {
+                if error
+                    .as_ref()
+                    .is_none_or(|held| held.is_retryable() && !e.is_retryable())
+                {
+                    error = Some(e);
+                }
+            }
+            Ok(Some(o)) if outcome.is_none_or(|held| rank(o) > rank(held)) => outcome = Some(o),
+            Ok(_) => {}
+        }
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    // Only siblings' stops and no cause: hand the job back rather than call it done.
+    Ok(outcome.map(|o| {
+        if o == Outcome::Stopped {
+            Outcome::Shutdown
+        } else {
+            o
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: i64) -> Value {
+        serde_json::json!([n.to_string()])
+    }
+
+    #[test]
+    fn cut_points_split_by_key_counts() {
+        let plan = serde_json::json!({
+            "rows_in_range": 1000,
+            "boundaries": [[100, key(100)], [300, key(300)], [600, key(600)], [1000, key(1000)]],
+        });
+        let cuts = cut_points(&plan, 2, 1);
+        assert_eq!(cuts, vec![Key(vec!["600".into()])]);
+        let cuts = cut_points(&plan, 4, 1);
+        assert_eq!(cuts, vec![Key(vec!["300".into()]), Key(vec!["600".into()])]);
+        assert!(
+            cut_points(
+                &serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]}),
+                3,
+                1
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn merge_prefers_errors_then_the_strongest_outcome() {
+        let lost = || JobError::LeaseLost {
+            job: "j".into(),
+            attempt: 1,
+        };
+        assert!(matches!(
+            merge(vec![Ok(None), Ok(Some(Outcome::Stopped)), Err(lost())]),
+            Err(JobError::LeaseLost { .. })
+        ));
+        assert_eq!(
+            merge(vec![Ok(Some(Outcome::Stopped)), Ok(Some(Outcome::Paused))]).unwrap(),
+            Some(Outcome::Paused)
+        );
+        assert_eq!(
+            merge(vec![Ok(Some(Outcome::Stopped)), Ok(None)]).unwrap(),
+            Some(Outcome::Shutdown)
+        );
+        assert_eq!(merge(vec![Ok(None), Ok(None)]).unwrap(), None);
+    }
+}
