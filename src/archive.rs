@@ -5,6 +5,7 @@
 
 use sqlx::{Executor, PgConnection};
 
+use crate::job::State;
 use crate::sql::{Names, quote_ident, quote_literal};
 use crate::target::{Target, column_list};
 
@@ -201,10 +202,10 @@ impl ArchiveTable {
 const EXPIRED: &str = "
 SELECT j.id, j.name, j.archive_table FROM {jobs} j
 WHERE j.archive_table IS NOT NULL
-  AND j.state IN ('succeeded', 'failed', 'cancelled')
+  AND j.state IN {finished}
   AND j.finished_at < now() - make_interval(days => $1)
   AND NOT EXISTS (SELECT 1 FROM {jobs} r
-                  WHERE r.reverts = j.name AND r.state NOT IN ('succeeded', 'failed', 'cancelled'))
+                  WHERE r.reverts = j.name AND r.state NOT IN {finished})
 FOR UPDATE SKIP LOCKED";
 
 /// Drops archive tables of jobs finished more than `days` ago, logging each; returns how many.
@@ -213,10 +214,14 @@ pub async fn drop_expired(pool: &sqlx::PgPool, names: &Names, days: i64) -> sqlx
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
-    let expired: Vec<(i64, String, String)> = sqlx::query_as(&names.render(EXPIRED))
-        .bind(i32::try_from(days).unwrap_or(i32::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
+    let expired: Vec<(i64, String, String)> = sqlx::query_as(
+        &names
+            .render(EXPIRED)
+            .replace("{finished}", &State::finished_sql()),
+    )
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
+    .fetch_all(&mut *tx)
+    .await?;
     for (id, job, table) in &expired {
         let drop = format!(
             "DROP TABLE IF EXISTS {}.{}",

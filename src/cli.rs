@@ -8,8 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Source};
-use crate::job::JobRow;
+use crate::job::{JobRow, Requested, State};
 use crate::ops::{self, NewJob};
+use crate::plan::Plan;
 use crate::sql::Names;
 use crate::{app, schema, telemetry};
 
@@ -189,17 +190,7 @@ async fn dispatch(
     let names = Names::new(&cfg.database.schema);
     let pool = app::connect(&cfg).await?;
     match command {
-        Command::Migrate => {
-            let applied = schema::migrate(&pool, &names).await?;
-            match applied.as_slice() {
-                [] => println!(
-                    "schema {} is up to date (version {})",
-                    names.schema,
-                    schema::latest_version()
-                ),
-                v => println!("schema {}: applied migrations {v:?}", names.schema),
-            }
-        }
+        Command::Migrate => print_migrated(&names, &schema::migrate(&pool, &names).await?),
         Command::Enqueue(args) => {
             let output = args.output;
             let row = ops::enqueue(&pool, &names, &new_job(*args)).await?;
@@ -211,15 +202,15 @@ async fn dispatch(
             output,
         } => status(&pool, &names, name.as_deref(), watch, output).await?,
         Command::Pause { name } => report(
-            ops::request(&pool, &names, &name, "paused").await?,
+            ops::request(&pool, &names, &name, Requested::Paused).await?,
             "pause requested",
         ),
         Command::Resume { name } => report(
-            ops::request(&pool, &names, &name, "running").await?,
+            ops::request(&pool, &names, &name, Requested::Running).await?,
             "resume requested",
         ),
         Command::Cancel { name } => report(
-            ops::request(&pool, &names, &name, "cancelled").await?,
+            ops::request(&pool, &names, &name, Requested::Cancelled).await?,
             "cancel requested",
         ),
         Command::Execute { name } => report(
@@ -232,20 +223,35 @@ async fn dispatch(
         }
         Command::Verify { name, output } => {
             let remaining = ops::verify(&pool, &names, &cfg, &name).await?;
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"job": name, "remaining": remaining})
-                ),
-                Output::Text => println!(
-                    "{name}: {remaining} rows up to the upper bound still match the predicate"
-                ),
-            }
+            print_verified(&name, remaining, output);
         }
         Command::Run { .. } => unreachable!("handled above"),
     }
     pool.close().await;
     Ok(())
+}
+
+fn print_migrated(names: &Names, applied: &[i32]) {
+    match applied {
+        [] => println!(
+            "schema {} is up to date (version {})",
+            names.schema,
+            schema::latest_version()
+        ),
+        v => println!("schema {}: applied migrations {v:?}", names.schema),
+    }
+}
+
+fn print_verified(name: &str, remaining: i64, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"job": name, "remaining": remaining})
+        ),
+        Output::Text => {
+            println!("{name}: {remaining} rows up to the upper bound still match the predicate")
+        }
+    }
 }
 
 fn new_job(a: EnqueueArgs) -> NewJob {
@@ -288,12 +294,9 @@ async fn status(
             print!("\x1b[2J\x1b[H");
         }
         print_jobs(&rows, output, name.is_some());
-        let ended = rows.iter().all(|r| {
-            matches!(
-                r.state.as_str(),
-                "succeeded" | "failed" | "cancelled" | "planned"
-            )
-        });
+        let ended = rows
+            .iter()
+            .all(|r| r.state.is_finished() || r.state == State::Planned);
         if !watch || ended {
             return Ok(());
         }
@@ -397,16 +400,17 @@ fn print_detail(r: &JobRow) {
     if let Some(e) = &r.last_error {
         println!("last error     {e}");
     }
-    if let Some(plan) = &r.plan {
-        println!(
-            "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
-            plan["rows_matching"],
-            plan["rows_in_range"],
-            plan["estimated_seconds"].as_f64().unwrap_or(0.0),
-            plan["estimate_basis"].as_str().unwrap_or("")
-        );
-        for s in plan["samples"].as_array().into_iter().flatten() {
-            println!("  sample       {s}");
+    match r.plan.as_ref().map(Plan::from_stored) {
+        Some(Ok(plan)) => {
+            println!(
+                "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
+                plan.rows_matching, plan.rows_in_range, plan.estimated_seconds, plan.estimate_basis
+            );
+            for s in &plan.samples {
+                println!("  sample       {s}");
+            }
         }
+        Some(Err(e)) => println!("plan           unreadable ({e})"),
+        None => {}
     }
 }

@@ -72,13 +72,68 @@ const FORBIDDEN_FUNCTIONS: &[&str] = &[
     "cursor_to_xml",
 ];
 
-/// What is wrong with a fragment, phrased for `last_error`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct FragmentError(pub String);
+/// Which fragment of a job row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Predicate,
+    SetClause,
+}
 
-fn err(msg: impl Into<String>) -> FragmentError {
-    FragmentError(msg.into())
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Part::Predicate => "predicate",
+            Part::SetClause => "set_clause",
+        })
+    }
+}
+
+/// What is wrong with a fragment; its message is written into `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FragmentError {
+    #[error("unterminated {0}")]
+    Unterminated(&'static str),
+    #[error("{0} is empty")]
+    Empty(Part),
+    #[error("{0} contains ';': a fragment is one expression, never a statement list")]
+    Semicolon(Part),
+    #[error("{0} contains a comment; comments are not allowed in fragments")]
+    Comment(Part),
+    #[error("{0} contains a $n parameter placeholder")]
+    Parameter(Part),
+    #[error("{0} closes a parenthesis it never opened: it would escape its enclosing expression")]
+    NeverOpened(Part),
+    #[error("{0} has unbalanced parentheses")]
+    Unbalanced(Part),
+    #[error("{part} calls {function}(), which is not allowed in a backfill")]
+    ForbiddenCall { part: Part, function: String },
+    #[error("{0} must be a single expression, found a top-level ','")]
+    TopLevelComma(Part),
+    #[error("set_clause part {part:?} {problem}")]
+    Assignment { part: String, problem: &'static str },
+    #[error("set_clause assigns generated column {0:?}")]
+    GeneratedColumn(String),
+    #[error("set_clause assigns key column {0:?}; a keyset backfill cannot change its own keys")]
+    KeyColumn(String),
+    #[error("set_clause assigns column {0:?} twice")]
+    AssignedTwice(String),
+    #[error("{part} rejected by PostgreSQL: SQLSTATE {sqlstate}: {message}")]
+    Rejected {
+        part: Part,
+        sqlstate: String,
+        message: String,
+    },
+}
+
+/// Why `validate_on_server` did not accept the fragments.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerCheck {
+    /// The server's verdict on a fragment: the job row is at fault.
+    #[error(transparent)]
+    Rejected(#[from] FragmentError),
+    /// Lock timeout, lost connection and the like: worth retrying.
+    #[error(transparent)]
+    Transient(#[from] sqlx::Error),
 }
 
 pub fn tokenize(src: &str) -> Result<Vec<Token>, FragmentError> {
@@ -161,7 +216,7 @@ impl Lexer {
                     }
                 }
                 (Some(_), _) => self.pos += 1,
-                (None, _) => return Err(err("unterminated /* comment")),
+                (None, _) => return Err(FragmentError::Unterminated("/* comment")),
             }
         }
     }
@@ -171,7 +226,7 @@ impl Lexer {
         self.pos += 1;
         loop {
             match self.peek(0) {
-                None => return Err(err("unterminated string literal")),
+                None => return Err(FragmentError::Unterminated("string literal")),
                 Some('\\') if backslash => self.pos += 2,
                 Some('\'') if self.peek(1) == Some('\'') => self.pos += 2,
                 Some('\'') => {
@@ -188,7 +243,7 @@ impl Lexer {
         let mut name = String::new();
         loop {
             match self.peek(0) {
-                None => return Err(err("unterminated quoted identifier")),
+                None => return Err(FragmentError::Unterminated("quoted identifier")),
                 Some('"') if self.peek(1) == Some('"') => {
                     name.push('"');
                     self.pos += 2;
@@ -236,7 +291,7 @@ impl Lexer {
             }
             self.pos += 1;
         }
-        Err(err("unterminated dollar-quoted string"))
+        Err(FragmentError::Unterminated("dollar-quoted string"))
     }
 
     fn number(&mut self) -> Token {
@@ -309,47 +364,36 @@ impl Lexer {
 }
 
 /// Shape checks common to both fragment kinds.
-fn check_shape(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
+fn check_shape(tokens: &[Token], part: Part) -> Result<(), FragmentError> {
     if tokens.is_empty() {
-        return Err(err(format!("{what} is empty")));
+        return Err(FragmentError::Empty(part));
     }
     let mut depth: i32 = 0;
     for (i, tok) in tokens.iter().enumerate() {
         match tok {
-            Token::Semicolon => {
-                return Err(err(format!(
-                    "{what} contains ';': a fragment is one expression, never a statement list"
-                )));
-            }
-            Token::Comment => {
-                return Err(err(format!(
-                    "{what} contains a comment; comments are not allowed in fragments"
-                )));
-            }
-            Token::Param => {
-                return Err(err(format!("{what} contains a $n parameter placeholder")));
-            }
+            Token::Semicolon => return Err(FragmentError::Semicolon(part)),
+            Token::Comment => return Err(FragmentError::Comment(part)),
+            Token::Param => return Err(FragmentError::Parameter(part)),
             Token::Open => depth += 1,
             Token::Close => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(err(format!(
-                        "{what} closes a parenthesis it never opened: it would escape its enclosing expression"
-                    )));
+                    return Err(FragmentError::NeverOpened(part));
                 }
             }
             Token::Word(w) if FORBIDDEN_FUNCTIONS.contains(&w.as_str()) => {
                 if matches!(tokens.get(i + 1), Some(Token::Open)) {
-                    return Err(err(format!(
-                        "{what} calls {w}(), which is not allowed in a backfill"
-                    )));
+                    return Err(FragmentError::ForbiddenCall {
+                        part,
+                        function: w.clone(),
+                    });
                 }
             }
             _ => {}
         }
     }
     if depth != 0 {
-        return Err(err(format!("{what} has unbalanced parentheses")));
+        return Err(FragmentError::Unbalanced(part));
     }
     Ok(())
 }
@@ -357,8 +401,8 @@ fn check_shape(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
 /// Validates a predicate's shape; returns it unchanged for wrapping in parentheses.
 pub fn predicate(src: &str) -> Result<String, FragmentError> {
     let tokens = tokenize(src)?;
-    check_shape(&tokens, "predicate")?;
-    reject_top_level_commas(&tokens, "predicate")?;
+    check_shape(&tokens, Part::Predicate)?;
+    reject_top_level_commas(&tokens, Part::Predicate)?;
     Ok(src.trim().to_owned())
 }
 
@@ -422,17 +466,13 @@ fn unwrap_parens(mut tokens: &[Token]) -> &[Token] {
     tokens
 }
 
-fn reject_top_level_commas(tokens: &[Token], what: &str) -> Result<(), FragmentError> {
+fn reject_top_level_commas(tokens: &[Token], part: Part) -> Result<(), FragmentError> {
     let mut depth = 0;
     for tok in tokens {
         match tok {
             Token::Open => depth += 1,
             Token::Close => depth -= 1,
-            Token::Comma if depth == 0 => {
-                return Err(err(format!(
-                    "{what} must be a single expression, found a top-level ','"
-                )));
-            }
+            Token::Comma if depth == 0 => return Err(FragmentError::TopLevelComma(part)),
             _ => {}
         }
     }
@@ -450,7 +490,7 @@ pub struct Assignment {
 /// `identifier = expression`; the expression is kept as source text.
 pub fn set_clause(src: &str) -> Result<Vec<Assignment>, FragmentError> {
     let tokens = tokenize(src)?;
-    check_shape(&tokens, "set_clause")?;
+    check_shape(&tokens, Part::SetClause)?;
     split_top_level(src)?
         .into_iter()
         .map(|part| assignment(&part))
@@ -488,27 +528,20 @@ fn split_top_level(src: &str) -> Result<Vec<String>, FragmentError> {
 
 fn assignment(part: &str) -> Result<Assignment, FragmentError> {
     let tokens = tokenize(part)?;
+    let bad = |problem| FragmentError::Assignment {
+        part: part.trim().to_owned(),
+        problem,
+    };
     let column = match tokens.first() {
         Some(Token::Word(w)) => w.clone(),
         Some(Token::Quoted(q)) => q.clone(),
-        _ => {
-            return Err(err(format!(
-                "set_clause part {:?} must start with a column name",
-                part.trim()
-            )));
-        }
+        _ => return Err(bad("must start with a column name")),
     };
     if tokens.get(1) != Some(&Token::Op("=".into())) {
-        return Err(err(format!(
-            "set_clause part {:?} must have the form column = expression",
-            part.trim()
-        )));
+        return Err(bad("must have the form column = expression"));
     }
     if tokens.len() < 3 {
-        return Err(err(format!(
-            "set_clause part {:?} has no expression",
-            part.trim()
-        )));
+        return Err(bad("has no expression"));
     }
     let eq = part.find('=').unwrap_or(0);
     Ok(Assignment {
@@ -549,22 +582,13 @@ pub fn validate(
     for a in &assignments {
         // A missing column is left to the server's parse, which names it with SQLSTATE 42703.
         if target.column(&a.column).is_some_and(|c| c.generated) {
-            return Err(err(format!(
-                "set_clause assigns generated column {:?}",
-                a.column
-            )));
+            return Err(FragmentError::GeneratedColumn(a.column.clone()));
         }
         if target.keys.iter().any(|k| k.name == a.column) {
-            return Err(err(format!(
-                "set_clause assigns key column {:?}; a keyset backfill cannot change its own keys",
-                a.column
-            )));
+            return Err(FragmentError::KeyColumn(a.column.clone()));
         }
         if !seen.insert(a.column.clone()) {
-            return Err(err(format!(
-                "set_clause assigns column {:?} twice",
-                a.column
-            )));
+            return Err(FragmentError::AssignedTwice(a.column.clone()));
         }
     }
     Ok(Fragments {
@@ -575,20 +599,16 @@ pub fn validate(
 
 /// Has the server parse (never run) the statements the job will execute. A prepared statement
 /// holds exactly one command, so stacking is impossible even if the lexer missed something.
-/// The outer error is transient (lock timeout, connection): worth retrying; the inner one is the
-/// server's verdict on the fragment.
 pub async fn validate_on_server(
     conn: &mut PgConnection,
     target: &Target,
     fragments: &Fragments,
-) -> Result<Result<(), FragmentError>, sqlx::Error> {
+) -> Result<(), ServerCheck> {
     let select = format!(
         "SELECT 1 FROM {} WHERE ({}) LIMIT 0",
         target.quoted, fragments.predicate
     );
-    if let Err(rejected) = server_parse(conn, &select, "predicate").await? {
-        return Ok(Err(rejected));
-    }
+    server_parse(conn, &select, Part::Predicate).await?;
     if !fragments.assignments.is_empty() {
         let update = format!(
             "UPDATE {} SET {} WHERE ({}) AND false",
@@ -596,28 +616,24 @@ pub async fn validate_on_server(
             render_assignments(&fragments.assignments),
             fragments.predicate
         );
-        return server_parse(conn, &update, "set_clause").await;
+        server_parse(conn, &update, Part::SetClause).await?;
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
-async fn server_parse(
-    conn: &mut PgConnection,
-    sql: &str,
-    what: &str,
-) -> Result<Result<(), FragmentError>, sqlx::Error> {
+async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<(), ServerCheck> {
     match conn.prepare(sql).await {
-        Ok(_) => Ok(Ok(())),
+        Ok(_) => Ok(()),
         Err(sqlx::Error::Database(db))
             if !crate::error::is_transient_sqlstate(db.code().as_deref().unwrap_or_default()) =>
         {
-            Ok(Err(err(format!(
-                "{what} rejected by PostgreSQL: SQLSTATE {}: {}",
-                db.code().unwrap_or_default(),
-                db.message()
-            ))))
+            Err(ServerCheck::Rejected(FragmentError::Rejected {
+                part,
+                sqlstate: db.code().unwrap_or_default().into_owned(),
+                message: db.message().to_owned(),
+            }))
         }
-        Err(transient) => Err(transient),
+        Err(transient) => Err(ServerCheck::Transient(transient)),
     }
 }
 
@@ -657,7 +673,7 @@ mod tests {
             ("x = $t$open", "unterminated"),
         ];
         for (p, want) in bad {
-            let e = predicate(p).expect_err(p).0;
+            let e = predicate(p).expect_err(p).to_string();
             assert!(e.contains(want), "{p}: {e}");
         }
     }
@@ -714,7 +730,7 @@ mod tests {
             ("a = 1) , b = (2", "never opened"),
         ];
         for (s, want) in bad {
-            let e = set_clause(s).expect_err(s).0;
+            let e = set_clause(s).expect_err(s).to_string();
             assert!(e.contains(want), "{s}: {e}");
         }
     }

@@ -29,7 +29,7 @@ pub struct JobRow {
     pub priority: i32,
     pub run_at: DateTime<Utc>,
     pub requested_state: Option<String>,
-    pub state: String,
+    pub state: State,
     pub attempt: i32,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
@@ -60,7 +60,7 @@ pub struct JobRow {
 impl JobRow {
     /// Share of the key range done, from rows scanned against the (estimated or exact) total.
     pub fn progress(&self) -> Option<f64> {
-        if self.state == "succeeded" {
+        if self.state == State::Succeeded {
             return Some(1.0);
         }
         let total = self.estimated_total.filter(|t| *t > 0)?;
@@ -68,8 +68,11 @@ impl JobRow {
     }
 }
 
-/// The states the daemon writes into `state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The states the daemon writes into `state` (a CHECK constraint holds the column to these, so
+/// the row decodes into the enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum State {
     Pending,
     Running,
@@ -91,6 +94,22 @@ impl State {
         State::Cancelled,
     ];
 
+    /// The states a job never leaves: the one definition of "finished".
+    pub const FINISHED: [State; 3] = [State::Succeeded, State::Failed, State::Cancelled];
+
+    pub fn is_finished(self) -> bool {
+        Self::FINISHED.contains(&self)
+    }
+
+    /// `('succeeded', 'failed', 'cancelled')`, for SQL.
+    pub fn finished_sql() -> String {
+        let quoted: Vec<String> = Self::FINISHED
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("({})", quoted.join(", "))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
@@ -100,6 +119,36 @@ impl State {
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for State {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What an operator asks a job to do (`requested_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    Paused,
+    Running,
+    Cancelled,
+}
+
+impl Requested {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Requested::Paused => "paused",
+            Requested::Running => "running",
+            Requested::Cancelled => "cancelled",
         }
     }
 }
@@ -210,15 +259,7 @@ impl JobSpec {
         let predicate = required(&row.predicate, "predicate").map_err(bad)?;
         let action = parse_action(row.action.as_deref()).map_err(bad)?;
         let set_clause = row.set_clause.clone().filter(|s| !s.trim().is_empty());
-        match (action, &set_clause) {
-            (Action::Update, None) => {
-                return Err(bad("set_clause is required for action 'update'".into()));
-            }
-            (Action::Delete, Some(_)) => {
-                return Err(bad("set_clause must be empty for action 'delete'".into()));
-            }
-            _ => {}
-        }
+        check_set_clause(action, set_clause.as_deref()).map_err(bad)?;
         let mode = parse_mode(row.mode.as_deref()).map_err(bad)?;
         let throttle = Throttle::from_row(row, batch).map_err(bad)?;
         let batch = throttle.preset.defaults(batch);
@@ -227,13 +268,7 @@ impl JobSpec {
             Some(n) => Some(n),
             None => (safety.max_affected > 0).then_some(safety.max_affected),
         };
-        let key_columns = match &row.key_columns {
-            Some(cols) if cols.is_empty() => None,
-            Some(cols) if cols.iter().any(|c| c.trim().is_empty()) => {
-                return Err(bad("key_columns contains an empty name".into()));
-            }
-            other => other.clone(),
-        };
+        let key_columns = key_columns(row.key_columns.as_ref()).map_err(bad)?;
         let parallelism = in_range(
             "parallelism",
             row.parallelism,
@@ -262,6 +297,26 @@ impl JobSpec {
             reverts: row.reverts.clone(),
             parallelism,
         })
+    }
+}
+
+/// Updates need a set clause; deletes must not have one.
+fn check_set_clause(action: Action, set_clause: Option<&str>) -> Result<(), String> {
+    match (action, set_clause) {
+        (Action::Update, None) => Err("set_clause is required for action 'update'".into()),
+        (Action::Delete, Some(_)) => Err("set_clause must be empty for action 'delete'".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Explicit key columns (`None`: the table's primary key or first unique NOT NULL index).
+fn key_columns(cols: Option<&Vec<String>>) -> Result<Option<Vec<String>>, String> {
+    match cols {
+        Some(cols) if cols.is_empty() => Ok(None),
+        Some(cols) if cols.iter().any(|c| c.trim().is_empty()) => {
+            Err("key_columns contains an empty name".into())
+        }
+        other => Ok(other.cloned()),
     }
 }
 

@@ -29,6 +29,11 @@ pub struct Metrics {
 
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
 /// unit test below, so a failure here is a programming error.
+/// A metric vector labelled by `job`.
+fn per_job<T>(new: impl Fn(Opts, &[&str]) -> prometheus::Result<T>, name: &str, help: &str) -> T {
+    must(new(opts(name, help), &["job"]))
+}
+
 fn must<T>(r: prometheus::Result<T>) -> T {
     match r {
         Ok(v) => v,
@@ -38,21 +43,13 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let job = &["job"];
         let m = Self {
             jobs: must(IntGaugeVec::new(
                 opts("jobs", "Jobs in backfill.jobs by state"),
                 &["state"],
             )),
-            rows_changed: must(IntCounterVec::new(
-                opts("rows_changed_total", "Rows changed"),
-                job,
-            )),
-            rows_scanned: must(IntCounterVec::new(
-                opts("rows_scanned_total", "Keys scanned"),
-                job,
-            )),
+            rows_changed: per_job(IntCounterVec::new, "rows_changed_total", "Rows changed"),
+            rows_scanned: per_job(IntCounterVec::new, "rows_scanned_total", "Keys scanned"),
             batch_duration: must(HistogramVec::new(
                 HistogramOpts::new(
                     "backfilld_batch_duration_seconds",
@@ -61,20 +58,19 @@ impl Metrics {
                 .buckets(vec![
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 ]),
-                job,
+                &["job"],
             )),
-            batch_size: must(IntGaugeVec::new(
-                opts("batch_size", "Current batch size"),
-                job,
-            )),
-            progress: must(GaugeVec::new(
-                opts("job_progress_ratio", "Share of the key range done"),
-                job,
-            )),
-            eta: must(GaugeVec::new(
-                opts("job_eta_seconds", "Estimated seconds to finish"),
-                job,
-            )),
+            batch_size: per_job(IntGaugeVec::new, "batch_size", "Current batch size"),
+            progress: per_job(
+                GaugeVec::new,
+                "job_progress_ratio",
+                "Share of the key range done",
+            ),
+            eta: per_job(
+                GaugeVec::new,
+                "job_eta_seconds",
+                "Estimated seconds to finish",
+            ),
             throttle_seconds: must(CounterVec::new(
                 opts(
                     "throttle_seconds_total",
@@ -94,47 +90,43 @@ impl Metrics {
                 "leases_rescued_total",
                 "Expired leases rescued by this replica",
             ))),
-            last_batch: must(GaugeVec::new(
-                opts(
-                    "last_batch_timestamp_seconds",
-                    "Unix time of the last committed batch",
-                ),
-                job,
-            )),
-            sessions_blocked: must(IntCounterVec::new(
-                opts(
-                    "sessions_blocked_total",
-                    "Sessions found waiting on a batch's row locks just before it committed",
-                ),
-                job,
-            )),
-            vacuums: must(IntCounterVec::new(
-                opts(
-                    "vacuums_total",
-                    "VACUUMs of the target run by the bloat guard",
-                ),
-                job,
-            )),
-            bloat_guard_allowed: must(IntGaugeVec::new(
-                opts(
-                    "bloat_guard_vacuum_allowed",
-                    "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum",
-                ),
-                job,
-            )),
-            registry,
+            last_batch: per_job(
+                GaugeVec::new,
+                "last_batch_timestamp_seconds",
+                "Unix time of the last committed batch",
+            ),
+            sessions_blocked: per_job(
+                IntCounterVec::new,
+                "sessions_blocked_total",
+                "Sessions found waiting on a batch's row locks just before it committed",
+            ),
+            vacuums: per_job(
+                IntCounterVec::new,
+                "vacuums_total",
+                "VACUUMs of the target run by the bloat guard",
+            ),
+            bloat_guard_allowed: per_job(
+                IntGaugeVec::new,
+                "bloat_guard_vacuum_allowed",
+                "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum",
+            ),
+            registry: Registry::new(),
         };
         m.register_all();
+        m.register_build_info();
+        for state in State::ALL {
+            m.jobs.with_label_values(&[state.as_str()]).set(0);
+        }
+        m
+    }
+
+    fn register_build_info(&self) {
         let build = must(IntGaugeVec::new(
             opts("build_info", "Build information"),
             &["version"],
         ));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        must(m.registry.register(Box::new(build)));
-        for state in State::ALL {
-            m.jobs.with_label_values(&[state.as_str()]).set(0);
-        }
-        m
+        must(self.registry.register(Box::new(build)));
     }
 
     fn register_all(&self) {

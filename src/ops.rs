@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{Error, JobError, Result};
 use crate::fragment;
-use crate::job::{JobRow, JobSpec};
+use crate::job::{JobRow, JobSpec, Requested};
 use crate::keyset::{Key, Keyset};
 use crate::plan::Counter;
 use crate::sql::Names;
@@ -98,12 +98,15 @@ pub async fn get(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
         .ok_or_else(|| Error::NoSuchJob(name.into()))
 }
 
-const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
-
-/// Sets `requested_state` (`paused`, `running` or `cancelled`) on a job that has not ended.
-pub async fn request(pool: &PgPool, names: &Names, name: &str, requested: &str) -> Result<JobRow> {
+/// Sets `requested_state` on a job that has not ended.
+pub async fn request(
+    pool: &PgPool,
+    names: &Names,
+    name: &str,
+    requested: Requested,
+) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
-    if TERMINAL.contains(&job.state.as_str()) {
+    if job.state.is_finished() {
         return Err(Error::Refused {
             job: name.into(),
             reason: format!("it already ended ({})", job.state),
@@ -113,7 +116,7 @@ pub async fn request(pool: &PgPool, names: &Names, name: &str, requested: &str) 
         &names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"),
     )
     .bind(name)
-    .bind(requested)
+    .bind(requested.as_str())
     .fetch_one(pool)
     .await
     .map_err(Error::from)
@@ -122,7 +125,7 @@ pub async fn request(pool: &PgPool, names: &Names, name: &str, requested: &str) 
 /// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
 pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
-    if TERMINAL.contains(&job.state.as_str()) {
+    if job.state.is_finished() {
         return Err(Error::Refused {
             job: name.into(),
             reason: format!("it already ended ({})", job.state),
@@ -142,7 +145,7 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
         job: name.into(),
         reason,
     };
-    if !TERMINAL.contains(&job.state.as_str()) {
+    if !job.state.is_finished() {
         return Err(refuse(format!(
             "it is {}; cancel it or let it finish before reverting",
             job.state
@@ -203,9 +206,13 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
     .await?;
     let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
         .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
-    fragment::validate_on_server(&mut conn, &target, &fragments)
-        .await?
-        .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
+    match fragment::validate_on_server(&mut conn, &target, &fragments).await {
+        Ok(()) => {}
+        Err(fragment::ServerCheck::Rejected(e)) => {
+            return Err(JobError::invalid(&spec.name, e.to_string()).into());
+        }
+        Err(fragment::ServerCheck::Transient(e)) => return Err(e.into()),
+    }
     drop(conn);
     let keyset = Keyset::new(&target);
     let upper = match row

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -18,8 +18,10 @@ use crate::sql::quote_ident;
 use crate::target::Target;
 use crate::throttle::Controller;
 
-/// The dry-run report stored in `jobs.plan`.
-#[derive(Debug, Clone, Serialize)]
+/// The dry-run report stored in `jobs.plan`, read back typed (fields a plan stored by an older
+/// version lacks take their defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Plan {
     /// Rows up to the upper bound that the predicate selects: the rows the job would change.
     pub rows_matching: i64,
@@ -33,6 +35,17 @@ pub struct Plan {
     pub count_seconds: f64,
     /// `[keys up to here, last key]` per counting window: where parallel slices are cut.
     pub boundaries: Vec<(i64, Value)>,
+}
+
+impl Plan {
+    /// The plan as stored in the job row.
+    pub fn from_stored(value: &Value) -> Result<Plan, serde_json::Error> {
+        Plan::deserialize(value)
+    }
+
+    pub fn to_stored(&self) -> Result<Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
 }
 
 /// What counting needs: the table, its keys, the predicate and the bound.

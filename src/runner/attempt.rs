@@ -63,7 +63,12 @@ impl Attempt<'_> {
             return Ok(Outcome::Succeeded);
         };
         let plan = match &self.row.plan {
-            Some(stored) => stored.clone(),
+            Some(stored) => Plan::from_stored(stored).map_err(|e| {
+                JobError::invalid(
+                    &self.row.name,
+                    format!("the stored plan is unreadable ({e}); set plan = NULL to plan again"),
+                )
+            })?,
             None => match self.plan(&p, &upper, &cfg).await? {
                 Some(plan) => plan,
                 None => return Ok(self.interruption()),
@@ -71,7 +76,7 @@ impl Attempt<'_> {
         };
         if p.spec.mode == Mode::DryRun {
             tracing::info!(
-                rows_matching = plan["rows_matching"].as_i64(),
+                rows_matching = plan.rows_matching,
                 "dry run planned; approve with `backfilld execute`"
             );
             return Ok(Outcome::Planned);
@@ -130,50 +135,17 @@ impl Attempt<'_> {
 
     /// Writes how the attempt ended and updates metrics.
     pub(super) async fn finish(&self, result: Result<Outcome, JobError>) {
-        let cfg = self.ctx.config();
-        let release = match result {
-            Ok(Outcome::LeaseLost) | Err(JobError::LeaseLost { .. }) => {
-                self.ctx.metrics.leases_lost.inc();
-                tracing::warn!(
-                    "lease lost; another replica owns the job now; stopping without writing"
-                );
-                return;
-            }
-            Ok(Outcome::Succeeded) => Release::Succeeded,
-            Ok(Outcome::Planned) => Release::Planned,
-            Ok(Outcome::Paused) => Release::Paused,
-            Ok(Outcome::Cancelled) => Release::Cancelled,
-            Ok(Outcome::Shutdown) | Ok(Outcome::Stopped) => Release::Requeue,
-            Err(e) => {
-                self.ctx
-                    .metrics
-                    .batch_errors
-                    .with_label_values(&[&self.row.name, e.kind()])
-                    .inc();
-                if e.is_retryable() {
-                    tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
-                    Release::Retry {
-                        delay: backoff(self.lease.attempt as u32 + 3, BACKOFF_BASE),
-                        error: e.to_string(),
-                    }
-                } else {
-                    tracing::error!(error = %e, sqlstate = e.sqlstate(), "job failed");
-                    Release::Failed {
-                        error: e.to_string(),
-                    }
-                }
-            }
+        let Some(release) = self.release_for(result) else {
+            self.ctx.metrics.leases_lost.inc();
+            tracing::warn!(
+                "lease lost; another replica owns the job now; stopping without writing"
+            );
+            return;
         };
+        let max_attempts = self.ctx.config().worker.max_attempts;
         for tries in 1..=3 {
-            match claim::release(
-                &self.ctx.pool,
-                &self.ctx.names,
-                &self.lease,
-                &release,
-                cfg.worker.max_attempts,
-            )
-            .await
-            {
+            let names = &self.ctx.names;
+            match claim::release(&self.ctx.pool, names, &self.lease, &release, max_attempts).await {
                 Ok(Some(state)) => {
                     let waited = *self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());
                     tracing::info!(
@@ -196,6 +168,42 @@ impl Attempt<'_> {
                 Err(e) => {
                     tracing::error!(error = %e, "writing the final state failed; the lease will expire and the job be rescued")
                 }
+            }
+        }
+    }
+
+    /// How the attempt's ending is written; `None` when the lease is lost (nothing is written).
+    fn release_for(&self, result: Result<Outcome, JobError>) -> Option<Release> {
+        Some(match result {
+            Ok(Outcome::LeaseLost) | Err(JobError::LeaseLost { .. }) => return None,
+            Ok(Outcome::Succeeded) => Release::Succeeded,
+            Ok(Outcome::Planned) => Release::Planned,
+            Ok(Outcome::Paused) => Release::Paused,
+            Ok(Outcome::Cancelled) => Release::Cancelled,
+            Ok(Outcome::Shutdown) | Ok(Outcome::Stopped) => Release::Requeue,
+            Err(e) => self.release_after_error(&e),
+        })
+    }
+
+    /// A transient error that outlived its retries is retried later as a new attempt; any other
+    /// fails the job.
+    fn release_after_error(&self, e: &JobError) -> Release {
+        let job_and_kind = [self.row.name.as_str(), e.kind()];
+        self.ctx
+            .metrics
+            .batch_errors
+            .with_label_values(&job_and_kind)
+            .inc();
+        if e.is_retryable() {
+            tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
+            Release::Retry {
+                delay: backoff(self.lease.attempt as u32 + 3, BACKOFF_BASE),
+                error: e.to_string(),
+            }
+        } else {
+            tracing::error!(error = %e, sqlstate = e.sqlstate(), "job failed");
+            Release::Failed {
+                error: e.to_string(),
             }
         }
     }

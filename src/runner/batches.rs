@@ -1,7 +1,17 @@
 //! The batch loop of one slice: next window, retry on transient errors, settle between batches,
 //! and the checkpointed cursor it resumes from.
 
+use std::ops::ControlFlow;
+
 use super::*;
+
+/// What one slice's batch loop carries from one batch to the next.
+struct Walk {
+    cursor: Option<Key>,
+    controller: Controller,
+    load: Load,
+    retries: u32,
+}
 
 impl Attempt<'_> {
     /// The batch loop. `Ok(None)` when the slice's key range is exhausted.
@@ -17,67 +27,110 @@ impl Attempt<'_> {
         let cfg = self.ctx.config();
         let table = p.target.display();
         let batcher = self.batcher(p, change, slice, &table, &cfg);
-        let mut cursor = slice.cursor.clone();
-        let mut controller =
-            Controller::new(&p.spec.throttle, self.row.batch_size_current.map(i64::from));
+        let mut walk = Walk {
+            cursor: slice.cursor.clone(),
+            controller: Controller::new(
+                &p.spec.throttle,
+                self.row.batch_size_current.map(i64::from),
+            ),
+            load: Load::default(),
+            retries: 0,
+        };
         let mut health = Health::new(guard.relies_on_autovacuum());
-        let mut load = Load::default();
-        let mut retries = 0u32;
         loop {
-            if let Some(outcome) = self.interrupted() {
+            if let Some(outcome) = self.ready(p, &mut health, stop).await {
                 return Ok(Some(outcome));
             }
-            if stop.is_cancelled() {
-                return Ok(Some(Outcome::Stopped));
-            }
-            if let Some(outcome) = self
-                .wait_until_healthy(&mut health, p.target.oid, stop)
-                .await
-            {
-                return Ok(Some(outcome));
-            }
-            let size = controller.size();
-            match batcher.run(cursor.as_ref(), size).await {
+            let size = walk.controller.size();
+            let next = match batcher.run(walk.cursor.as_ref(), size).await {
                 Ok(None) => return Ok(None),
                 Ok(Some(done)) => {
-                    retries = 0;
-                    self.record(&done, size, progress);
-                    let full = done.scanned >= size;
-                    if full {
-                        controller.observe(done.elapsed);
-                    }
-                    cursor = Some(done.last.clone());
-                    match done.control {
-                        Control::Pause => return Ok(Some(Outcome::Paused)),
-                        Control::Cancel => return Ok(Some(Outcome::Cancelled)),
-                        _ => {}
-                    }
-                    // A window short of its size has reached the slice's end: nothing to pause for.
-                    if !full {
-                        return Ok(None);
-                    }
-                    let pacing = Pacing {
-                        controller: &mut controller,
-                        load: &mut load,
-                    };
-                    if let Some(outcome) = self.settle(p, &done, pacing, guard, stop).await {
-                        return Ok(Some(outcome));
-                    }
+                    let ctx = (p, guard, stop);
+                    self.committed(ctx, &done, size, &mut walk, progress).await
                 }
-                Err(e) if e.is_retryable() && retries < cfg.worker.max_batch_retries => {
-                    retries += 1;
-                    controller.back_off();
-                    tracing::warn!(error = %e, retry = retries, batch_size = controller.size(), "transient batch error; retrying");
-                    let base = retry_base(&e, &p.spec.throttle);
-                    if let Some(outcome) = self.back_off(&e, retries, base, stop).await {
-                        return Ok(Some(outcome));
-                    }
-                    // The failed commit may or may not have landed: the stored checkpoint decides.
-                    cursor = self.reload_cursor(p.keyset.width(), slice.slot).await?;
+                Err(e) if e.is_retryable() && walk.retries < cfg.worker.max_batch_retries => {
+                    self.retry(p, &e, slice, &mut walk, stop).await?
                 }
                 Err(e) => return Err(e),
+            };
+            if let ControlFlow::Break(end) = next {
+                return Ok(end);
             }
         }
+    }
+
+    /// Whether the next batch may run: not interrupted, not stopped by a sibling, and the health
+    /// signals allow it (waiting while they do not).
+    async fn ready(
+        &self,
+        p: &Prepared,
+        health: &mut Health,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
+        if let Some(outcome) = self.interrupted() {
+            return Some(outcome);
+        }
+        if stop.is_cancelled() {
+            return Some(Outcome::Stopped);
+        }
+        self.wait_until_healthy(health, p.target.oid, stop).await
+    }
+
+    /// After a committed batch: progress, the controller, the operator's request, then the pause.
+    /// `Break(None)` when the window came back short: the slice is done.
+    async fn committed(
+        &self,
+        (p, guard, stop): (&Prepared, &BloatGuard, &CancellationToken),
+        done: &Committed,
+        size: i64,
+        walk: &mut Walk,
+        progress: &std::sync::Mutex<Progress>,
+    ) -> ControlFlow<Option<Outcome>> {
+        walk.retries = 0;
+        self.record(done, size, progress);
+        let full = done.scanned >= size;
+        if full {
+            walk.controller.observe(done.elapsed);
+        }
+        walk.cursor = Some(done.last.clone());
+        match done.control {
+            Control::Pause => return ControlFlow::Break(Some(Outcome::Paused)),
+            Control::Cancel => return ControlFlow::Break(Some(Outcome::Cancelled)),
+            _ => {}
+        }
+        // A window short of its size has reached the slice's end: nothing to pause for.
+        if !full {
+            return ControlFlow::Break(None);
+        }
+        let pacing = Pacing {
+            controller: &mut walk.controller,
+            load: &mut walk.load,
+        };
+        match self.settle(p, done, pacing, guard, stop).await {
+            Some(outcome) => ControlFlow::Break(Some(outcome)),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// After a transient batch error: smaller batches, a back-off, and the cursor as committed
+    /// (the failed commit may or may not have landed).
+    async fn retry(
+        &self,
+        p: &Prepared,
+        e: &JobError,
+        slice: &Slice,
+        walk: &mut Walk,
+        stop: &CancellationToken,
+    ) -> Result<ControlFlow<Option<Outcome>>, JobError> {
+        walk.retries += 1;
+        walk.controller.back_off();
+        tracing::warn!(error = %e, retry = walk.retries, batch_size = walk.controller.size(), "transient batch error; retrying");
+        let base = retry_base(e, &p.spec.throttle);
+        if let Some(outcome) = self.back_off(e, walk.retries, base, stop).await {
+            return Ok(ControlFlow::Break(Some(outcome)));
+        }
+        walk.cursor = self.reload_cursor(p.keyset.width(), slice.slot).await?;
+        Ok(ControlFlow::Continue(()))
     }
 
     /// The batch runner of one slice, with this run's settings.

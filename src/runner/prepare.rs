@@ -2,6 +2,7 @@
 //! bound, plan (dry run), check the ceiling, and build the change (with its archive).
 
 use super::*;
+use crate::fragment::ServerCheck;
 
 impl Attempt<'_> {
     /// Resolves the target and validates fragments; freezes the upper bound on first run.
@@ -40,10 +41,11 @@ impl Attempt<'_> {
         } else {
             let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
                 .map_err(invalid)?;
-            fragment::validate_on_server(&mut conn, &target, &f)
-                .await
-                .map_err(self.err("validating fragments"))?
-                .map_err(invalid)?;
+            match fragment::validate_on_server(&mut conn, &target, &f).await {
+                Ok(()) => {}
+                Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
+                Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
+            }
             (f, None)
         };
         let keyset = match &source_archive {
@@ -167,7 +169,7 @@ impl Attempt<'_> {
         p: &Prepared,
         upper: &Key,
         cfg: &Config,
-    ) -> Result<Option<Value>, JobError> {
+    ) -> Result<Option<Plan>, JobError> {
         let started = Instant::now();
         let mut counted_target = p.target.clone();
         if let Some(a) = &p.source_archive {
@@ -207,9 +209,11 @@ impl Attempt<'_> {
             count_seconds: started.elapsed().as_secs_f64(),
             boundaries: counted.boundaries,
         };
-        let value = serde_json::to_value(&plan).unwrap_or(Value::Null);
+        let stored = plan.to_stored().map_err(|e| {
+            JobError::invalid(&p.spec.name, format!("the plan cannot be stored ({e})"))
+        })?;
         self.store(RowUpdate {
-            plan: Some(value.clone()),
+            plan: Some(stored),
             estimated_total: Some(in_range),
             ..Default::default()
         })
@@ -220,13 +224,14 @@ impl Attempt<'_> {
             seconds = plan.count_seconds,
             "planned"
         );
-        Ok(Some(value))
+        Ok(Some(plan))
     }
 
-    pub(super) fn check_ceiling(&self, p: &Prepared, plan: &Value) -> Result<(), JobError> {
-        let (Some(max), Some(would)) = (p.spec.max_affected, plan["rows_matching"].as_i64()) else {
+    pub(super) fn check_ceiling(&self, p: &Prepared, plan: &Plan) -> Result<(), JobError> {
+        let Some(max) = p.spec.max_affected else {
             return Ok(());
         };
+        let would = plan.rows_matching;
         if would > max {
             return Err(JobError::Ceiling {
                 job: p.spec.name.clone(),

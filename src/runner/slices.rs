@@ -11,7 +11,7 @@ impl Attempt<'_> {
         p: &Prepared,
         change: &Change,
         upper: &Key,
-        plan: &Value,
+        plan: &Plan,
     ) -> Result<Option<Outcome>, JobError> {
         let slices = self.slices(p, plan, upper).await?;
         if slices.len() > 1 {
@@ -46,7 +46,7 @@ impl Attempt<'_> {
     async fn slices(
         &mut self,
         p: &Prepared,
-        plan: &Value,
+        plan: &Plan,
         upper: &Key,
     ) -> Result<Vec<Slice>, JobError> {
         let width = p.keyset.width();
@@ -132,13 +132,12 @@ impl Slice {
 
 /// Keys that cut the range into `parts` slices of about equal key counts, taken from the plan's
 /// window boundaries (ascending, deduplicated, never the upper bound itself).
-fn cut_points(plan: &Value, parts: usize, width: usize) -> Vec<Key> {
-    let total = plan["rows_in_range"].as_i64().unwrap_or(0);
-    let bounds: Vec<(i64, Key)> = plan["boundaries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|b| Some((b[0].as_i64()?, Key::from_json(&b[1], width)?)))
+fn cut_points(plan: &Plan, parts: usize, width: usize) -> Vec<Key> {
+    let total = plan.rows_in_range;
+    let bounds: Vec<(i64, Key)> = plan
+        .boundaries
+        .iter()
+        .filter_map(|(n, key)| Some((*n, Key::from_json(key, width)?)))
         .collect();
     let mut cuts: Vec<Key> = Vec::new();
     for i in 1..parts as i64 {
@@ -205,17 +204,22 @@ mod tests {
 
     #[test]
     fn cut_points_split_by_key_counts() {
-        let plan = serde_json::json!({
+        // Read back from JSON as stored: the other plan fields take their defaults.
+        let plan = Plan::from_stored(&serde_json::json!({
             "rows_in_range": 1000,
             "boundaries": [[100, key(100)], [300, key(300)], [600, key(600)], [1000, key(1000)]],
-        });
+        }))
+        .unwrap();
         let cuts = cut_points(&plan, 2, 1);
         assert_eq!(cuts, vec![Key(vec!["600".into()])]);
         let cuts = cut_points(&plan, 4, 1);
         assert_eq!(cuts, vec![Key(vec!["300".into()]), Key(vec!["600".into()])]);
         assert!(
             cut_points(
-                &serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]}),
+                &Plan::from_stored(
+                    &serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]})
+                )
+                .unwrap(),
                 3,
                 1
             )
