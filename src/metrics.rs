@@ -29,6 +29,28 @@ pub struct Metrics {
 
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
 /// unit test below, so a failure here is a programming error.
+const LAST_BATCH: &str = "Unix time of the last committed batch";
+const BLOCKED: &str = "Sessions found waiting on a batch's row locks just before it committed";
+const VACUUMS: &str = "VACUUMs of the target run by the bloat guard";
+const ALLOWED: &str =
+    "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum";
+
+fn batch_duration() -> HistogramVec {
+    let buckets = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let opts = HistogramOpts::new(
+        "backfilld_batch_duration_seconds",
+        "Duration of one batch transaction",
+    )
+    .buckets(buckets);
+    must(HistogramVec::new(opts, &["job"]))
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    must(IntCounter::with_opts(opts(name, help)))
+}
+
 /// A metric vector labelled by `job`.
 fn per_job<T>(new: impl Fn(Opts, &[&str]) -> prometheus::Result<T>, name: &str, help: &str) -> T {
     must(new(opts(name, help), &["job"]))
@@ -50,16 +72,7 @@ impl Metrics {
             )),
             rows_changed: per_job(IntCounterVec::new, "rows_changed_total", "Rows changed"),
             rows_scanned: per_job(IntCounterVec::new, "rows_scanned_total", "Keys scanned"),
-            batch_duration: must(HistogramVec::new(
-                HistogramOpts::new(
-                    "backfilld_batch_duration_seconds",
-                    "Duration of one batch transaction",
-                )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                ]),
-                &["job"],
-            )),
+            batch_duration: batch_duration(),
             batch_size: per_job(IntGaugeVec::new, "batch_size", "Current batch size"),
             progress: per_job(
                 GaugeVec::new,
@@ -82,42 +95,28 @@ impl Metrics {
                 opts("batch_errors_total", "Failed batches by kind"),
                 &["job", "kind"],
             )),
-            leases_lost: must(IntCounter::with_opts(opts(
-                "leases_lost_total",
-                "Leases lost",
-            ))),
-            leases_rescued: must(IntCounter::with_opts(opts(
+            leases_lost: counter("leases_lost_total", "Leases lost"),
+            leases_rescued: counter(
                 "leases_rescued_total",
                 "Expired leases rescued by this replica",
-            ))),
-            last_batch: per_job(
-                GaugeVec::new,
-                "last_batch_timestamp_seconds",
-                "Unix time of the last committed batch",
             ),
-            sessions_blocked: per_job(
-                IntCounterVec::new,
-                "sessions_blocked_total",
-                "Sessions found waiting on a batch's row locks just before it committed",
-            ),
-            vacuums: per_job(
-                IntCounterVec::new,
-                "vacuums_total",
-                "VACUUMs of the target run by the bloat guard",
-            ),
-            bloat_guard_allowed: per_job(
-                IntGaugeVec::new,
-                "bloat_guard_vacuum_allowed",
-                "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum",
-            ),
+            last_batch: per_job(GaugeVec::new, "last_batch_timestamp_seconds", LAST_BATCH),
+            sessions_blocked: per_job(IntCounterVec::new, "sessions_blocked_total", BLOCKED),
+            vacuums: per_job(IntCounterVec::new, "vacuums_total", VACUUMS),
+            bloat_guard_allowed: per_job(IntGaugeVec::new, "bloat_guard_vacuum_allowed", ALLOWED),
             registry: Registry::new(),
         };
         m.register_all();
         m.register_build_info();
-        for state in State::ALL {
-            m.jobs.with_label_values(&[state.as_str()]).set(0);
-        }
+        m.zero_job_states();
         m
+    }
+
+    /// Every state's series exists from the start, at 0.
+    fn zero_job_states(&self) {
+        for state in State::ALL {
+            self.jobs.with_label_values(&[state.as_str()]).set(0);
+        }
     }
 
     fn register_build_info(&self) {

@@ -209,22 +209,28 @@ impl Attempt<'_> {
             count_seconds: started.elapsed().as_secs_f64(),
             boundaries: counted.boundaries,
         };
+        self.store_plan(&plan).await?;
+        Ok(Some(plan))
+    }
+
+    /// Stores the plan and the total it found (the progress denominator), and logs it.
+    async fn store_plan(&mut self, plan: &Plan) -> Result<(), JobError> {
         let stored = plan.to_stored().map_err(|e| {
-            JobError::invalid(&p.spec.name, format!("the plan cannot be stored ({e})"))
+            JobError::invalid(&self.row.name, format!("the plan cannot be stored ({e})"))
         })?;
         self.store(RowUpdate {
             plan: Some(stored),
-            estimated_total: Some(in_range),
+            estimated_total: Some(plan.rows_in_range),
             ..Default::default()
         })
         .await?;
         tracing::info!(
-            rows_matching = matching,
-            rows_in_range = in_range,
+            rows_matching = plan.rows_matching,
+            rows_in_range = plan.rows_in_range,
             seconds = plan.count_seconds,
             "planned"
         );
-        Ok(Some(plan))
+        Ok(())
     }
 
     pub(super) fn check_ceiling(&self, p: &Prepared, plan: &Plan) -> Result<(), JobError> {
