@@ -14,16 +14,19 @@ use tokio_util::sync::CancellationToken;
 
 use serde_json::Value;
 
-use crate::job::JobRow;
+use crate::job::{JobRow, State};
 use crate::sql::Names;
 
 /// The `WHERE` condition of every statement on a claimed job row: `$1` id, `$2` attempt, `$3`
 /// lease owner. A claimed row is `running`; one that no longer matches was taken from us.
 const FENCE: &str = "id = $1 AND attempt = $2 AND lease_owner = $3 AND state = 'running'";
 
-/// Renders a template's `{jobs}`/`{schema}` and its `{fence}`.
+/// Renders a template's `{jobs}`/`{schema}`, its `{fence}` and the `{finished}` states.
 pub fn fenced(names: &Names, template: &str) -> String {
-    names.render(template).replace("{fence}", FENCE)
+    names
+        .render(template)
+        .replace("{fence}", FENCE)
+        .replace("{finished}", &State::finished_sql())
 }
 
 /// The fencing token of one claimed attempt.
@@ -184,7 +187,7 @@ SET state = CASE
     run_at = CASE WHEN $4 = 'retry' THEN now() + make_interval(secs => $6) ELSE run_at END,
     last_error = coalesce($5, CASE WHEN $4 IN ('succeeded', 'planned') THEN NULL ELSE last_error END),
     finished_at = CASE
-        WHEN $4 IN ('succeeded', 'failed', 'cancelled') OR ($4 = 'retry' AND attempt >= $7) THEN now()
+        WHEN $4 IN {finished} OR ($4 = 'retry' AND attempt >= $7) THEN now()
         ELSE finished_at END,
     lease_owner = NULL,
     lease_expires_at = NULL

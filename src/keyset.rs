@@ -6,8 +6,10 @@ use serde_json::Value;
 use crate::sql::quote_ident;
 use crate::target::{KeyColumn, Target};
 
-/// A position in the key space: each key column's value in its exact `::text` form.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A position in the key space: each key column's value in its exact `::text` form. Stored in
+/// the job row as a JSON array of strings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Key(pub Vec<String>);
 
 impl Key {

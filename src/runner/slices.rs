@@ -1,6 +1,8 @@
 //! Parallel slices: cutting the frozen key range at the plan's counting boundaries, running one
 //! batch loop per slice, and merging how they ended.
 
+use serde::Deserialize;
+
 use super::*;
 
 impl Attempt<'_> {
@@ -82,9 +84,11 @@ impl Attempt<'_> {
                 upper,
             })
             .collect();
-        let json = Value::Array(slices.iter().map(Slice::to_json).collect());
+        let stored = Slice::store_all(&slices).map_err(|e| {
+            JobError::invalid(&self.row.name, format!("the slices cannot be stored ({e})"))
+        })?;
         self.store(RowUpdate {
-            slices: Some(json),
+            slices: Some(stored),
             ..Default::default()
         })
         .await?;
@@ -101,29 +105,37 @@ pub(super) struct Slice {
     pub(super) upper: Key,
 }
 
+/// A slice as stored in the job row's `slices` array (its index is its slot).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    cursor: Option<Key>,
+    upper: Key,
+}
+
 impl Slice {
-    fn to_json(&self) -> Value {
-        serde_json::json!({
-            "cursor": self.cursor.as_ref().map(Key::to_json),
-            "upper": self.upper.to_json(),
-        })
+    fn store_all(slices: &[Slice]) -> Result<Value, serde_json::Error> {
+        let stored: Vec<Stored> = slices
+            .iter()
+            .map(|s| Stored {
+                cursor: s.cursor.clone(),
+                upper: s.upper.clone(),
+            })
+            .collect();
+        serde_json::to_value(stored)
     }
 
+    /// The stored slices; `None` when they do not parse or do not fit the key's width.
     fn parse_all(stored: &Value, width: usize) -> Option<Vec<Slice>> {
+        let stored = Vec::<Stored>::deserialize(stored).ok()?;
+        let fits = |k: &Key| k.0.len() == width;
         stored
-            .as_array()?
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, s)| {
-                let cursor = match &s["cursor"] {
-                    Value::Null => None,
-                    v => Some(Key::from_json(v, width)?),
-                };
-                let upper = Key::from_json(&s["upper"], width)?;
-                Some(Slice {
+                (fits(&s.upper) && s.cursor.as_ref().is_none_or(fits)).then_some(Slice {
                     slot: Some(i),
-                    cursor,
-                    upper,
+                    cursor: s.cursor,
+                    upper: s.upper,
                 })
             })
             .collect()
