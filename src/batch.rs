@@ -20,7 +20,7 @@ use crate::keyset::{Key, Keyset, bind_keys};
 use crate::sql::Names;
 use crate::throttle::Impact;
 
-/// Per-transaction settings, applied with `set_config(..., is_local => true)`.
+/// Per-transaction settings, applied with `SET LOCAL` in the batch's `BEGIN` (`begin_statement`).
 #[derive(Debug, Clone)]
 pub struct TxSettings {
     pub lock_timeout: Duration,
