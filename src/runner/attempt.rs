@@ -41,6 +41,17 @@ impl Attempt<'_> {
         Ok(())
     }
 
+    /// A pooled connection for the steps outside batches.
+    pub(super) async fn connection(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, JobError> {
+        self.ctx
+            .pool
+            .acquire()
+            .await
+            .map_err(self.err("connecting"))
+    }
+
     pub(super) fn lease_lost(&self) -> JobError {
         JobError::LeaseLost {
             job: self.lease.job.clone(),

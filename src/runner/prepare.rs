@@ -11,12 +11,7 @@ impl Attempt<'_> {
         spec: JobSpec,
         cfg: &Config,
     ) -> Result<Prepared, JobError> {
-        let mut conn = self
-            .ctx
-            .pool
-            .acquire()
-            .await
-            .map_err(self.err("connecting"))?;
+        let mut conn = self.connection().await?;
         let target = Resolve {
             job: &spec.name,
             table_name: &spec.table_name,
@@ -282,12 +277,7 @@ impl Attempt<'_> {
             },
         };
         let archive = ArchiveTable::new(&self.ctx.names, name.clone(), &p.target, kind);
-        let mut conn = self
-            .ctx
-            .pool
-            .acquire()
-            .await
-            .map_err(self.err("connecting"))?;
+        let mut conn = self.connection().await?;
         archive
             .create(&mut conn, &p.target, &p.spec.name)
             .await
