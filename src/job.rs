@@ -50,6 +50,7 @@ pub struct JobRow {
     pub slices: Option<Value>,
     pub max_batch_ms: Option<i32>,
     pub preset: Option<String>,
+    pub allow_cascade: bool,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -240,6 +241,8 @@ pub struct JobSpec {
     pub reverts: Option<String>,
     /// Slices walked at once.
     pub parallelism: usize,
+    /// A delete may run although foreign keys cascade into child tables.
+    pub allow_cascade: bool,
 }
 
 pub use crate::config::MAX_PARALLELISM;
@@ -295,6 +298,7 @@ impl JobSpec {
             max_affected,
             archive: row.archive.unwrap_or(true),
             reverts: row.reverts.clone(),
+            allow_cascade: row.allow_cascade,
             parallelism,
         })
     }

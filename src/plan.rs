@@ -35,6 +35,10 @@ pub struct Plan {
     pub count_seconds: f64,
     /// `[keys up to here, last key]` per counting window: where parallel slices are cut.
     pub boundaries: Vec<(i64, Value)>,
+    /// Would a second run change the sampled rows again? (Updates only.)
+    pub idempotency: Option<crate::idempotency::Verdict>,
+    /// Foreign keys a delete would cascade through, with their child rows. (Deletes only.)
+    pub cascades: Vec<crate::cascade::Cascade>,
 }
 
 impl Plan {

@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "gentle",
         sql: include_str!("schema/0003_gentle.sql"),
     },
+    Migration {
+        version: 4,
+        name: "checklist",
+        sql: include_str!("schema/0004_checklist.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

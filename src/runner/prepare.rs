@@ -2,7 +2,9 @@
 //! bound, plan (dry run), check the ceiling, and build the change (with its archive).
 
 use super::*;
+use crate::cascade::{self, Cascade};
 use crate::fragment::ServerCheck;
+use crate::idempotency::{self, Verdict};
 
 impl Attempt<'_> {
     /// Resolves the target and validates fragments; freezes the upper bound on first run.
@@ -203,9 +205,41 @@ impl Attempt<'_> {
             estimate_basis,
             count_seconds: started.elapsed().as_secs_f64(),
             boundaries: counted.boundaries,
+            idempotency: self.idempotency(p, upper, cfg).await,
+            cascades: self.cascades(p, upper).await?,
         };
         self.store_plan(&plan).await?;
         Ok(Some(plan))
+    }
+
+    /// The checklist's "run it twice" rule, for updates (a delete or revert cannot select its
+    /// own result again). Warns when the sampled rows would change again.
+    async fn idempotency(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Option<Verdict> {
+        if p.spec.action != Action::Update {
+            return None;
+        }
+        let limit = cfg.safety.plan_sample_rows.max(1);
+        let pool = &self.ctx.pool;
+        let verdict =
+            idempotency::check(pool, &p.target, &p.keyset, &p.fragments, upper, limit).await;
+        if verdict.idempotent != Some(true) {
+            tracing::warn!(verdict = %verdict.summary, "idempotency check");
+        }
+        Some(verdict)
+    }
+
+    /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
+    /// it allows cascades (the archive cannot restore child rows).
+    async fn cascades(&self, p: &Prepared, upper: &Key) -> Result<Vec<Cascade>, JobError> {
+        if p.spec.action != Action::Delete {
+            return Ok(Vec::new());
+        }
+        let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
+        let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
+        if !found.is_empty() && !p.spec.allow_cascade {
+            return Err(cascade::refusal(&p.spec.name, &p.target, &found));
+        }
+        Ok(found)
     }
 
     /// Stores the plan and the total it found (the progress denominator), and logs it.

@@ -1,0 +1,135 @@
+//! The checklist's "run it twice, the second run must change zero rows", checked in the plan
+//! before any data changes: in a transaction that is always rolled back, the change is applied to
+//! a sample of the rows it selects, and the predicate is evaluated again on the changed rows. A
+//! predicate that still selects them means a second run would change them again. It warns; it
+//! does not block (some changes are meant to be applied once per run, by design of the job).
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::fragment::{Fragments, render_assignments};
+use crate::keyset::{Key, Keyset, bind_keys};
+use crate::sql::quote_ident;
+use crate::target::Target;
+
+/// What the plan says about running the job twice.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Verdict {
+    /// Sample rows the change was applied to (and rolled back).
+    pub sampled: i64,
+    /// Of those, rows the predicate still selects after the change.
+    pub still_selected: i64,
+    /// `None` when the check could not run (then `summary` says why).
+    pub idempotent: Option<bool>,
+    pub summary: String,
+}
+
+impl Verdict {
+    fn measured(sampled: i64, still_selected: i64) -> Self {
+        let summary = match (sampled, still_selected) {
+            (0, _) => "no row matches the predicate: nothing to check".to_owned(),
+            (n, 0) => format!(
+                "idempotent: the predicate selects none of the {n} sampled rows after the change"
+            ),
+            (n, m) => format!(
+                "the predicate still selects {m} of {n} sampled rows after the change: \
+                 not idempotent (a second run would change them again)"
+            ),
+        };
+        Self {
+            sampled,
+            still_selected,
+            idempotent: (sampled > 0).then_some(still_selected == 0),
+            summary,
+        }
+    }
+}
+
+/// Applies the update to up to `limit` rows the predicate selects (keys up to `upper`) in a
+/// transaction it rolls back, and counts the rows the predicate still selects.
+pub async fn check(
+    pool: &PgPool,
+    target: &Target,
+    keyset: &Keyset,
+    fragments: &Fragments,
+    upper: &Key,
+    limit: i64,
+) -> Verdict {
+    match still_selected(pool, target, keyset, fragments, upper, limit).await {
+        Ok((sampled, still)) => Verdict::measured(sampled, still),
+        Err(e) => Verdict {
+            summary: format!("could not check: {e}"),
+            ..Verdict::default()
+        },
+    }
+}
+
+async fn still_selected(
+    pool: &PgPool,
+    target: &Target,
+    keyset: &Keyset,
+    fragments: &Fragments,
+    upper: &Key,
+    limit: i64,
+) -> sqlx::Result<(i64, i64)> {
+    let sql = statement(target, keyset, fragments);
+    let mut tx = pool.begin().await?;
+    let rows: Vec<bool> = bind_keys(sqlx::query(&sql), &[upper])
+        .bind(limit)
+        .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    let still = rows.iter().filter(|selected| **selected).count();
+    Ok((rows.len() as i64, still as i64))
+}
+
+/// `WITH _bf_s AS (keys of the first rows selected) UPDATE … FROM _bf_s RETURNING (predicate)`:
+/// `RETURNING` sees the changed row, so it is the predicate after the change.
+fn statement(target: &Target, keyset: &Keyset, fragments: &Fragments) -> String {
+    let table = &target.quoted;
+    let (range, limit) = keyset.range(None, false);
+    let keys: Vec<String> = target
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} AS _bf_k{i}", quote_ident(&k.name)))
+        .collect();
+    let join: Vec<String> = target
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{table}.{} = _bf_s._bf_k{i}", quote_ident(&k.name)))
+        .collect();
+    format!(
+        "WITH _bf_s AS (SELECT {keys} FROM {table} WHERE {range} AND ({pred})
+                        ORDER BY {order} LIMIT ${limit})
+         UPDATE {table} SET {set} FROM _bf_s WHERE {join}
+         RETURNING coalesce(({pred}), false)",
+        keys = keys.join(", "),
+        pred = fragments.predicate,
+        order = keyset.order(None, false),
+        set = render_assignments(&fragments.assignments),
+        join = join.join(" AND "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_say_what_a_second_run_would_do() {
+        assert_eq!(Verdict::measured(10, 0).idempotent, Some(true));
+        let not = Verdict::measured(10, 10);
+        assert_eq!(not.idempotent, Some(false));
+        assert!(
+            not.summary
+                .contains("still selects 10 of 10 sampled rows after the change: not idempotent"),
+            "{}",
+            not.summary
+        );
+        assert_eq!(Verdict::measured(0, 0).idempotent, None);
+    }
+}
