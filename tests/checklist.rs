@@ -122,3 +122,50 @@ async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(poo
         20
     );
 }
+
+/// `now()` moves with every batch transaction; `backfill.job_started_at(name)` is one instant for
+/// the whole job, across batches and attempts.
+#[sqlx::test]
+async fn job_started_at_is_one_instant_for_the_whole_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE stamps (id bigint PRIMARY KEY, at timestamptz, batch_now timestamptz);
+         INSERT INTO stamps (id) SELECT g FROM generate_series(1, 600) g;",
+    )
+    .await;
+    NewJob::new("stamp", "stamps")
+        .predicate("at IS NULL")
+        .set("at = backfill.job_started_at('stamp'), batch_now = now()")
+        .raw("batch_size", "50")
+        .raw("sleep_ms", "5")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .max_batch(50)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let job = db.job("stamp").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(
+        db.scalar_i64("SELECT count(DISTINCT at) FROM stamps").await,
+        1,
+        "one frozen instant"
+    );
+    assert!(
+        db.scalar_i64("SELECT count(DISTINCT batch_now) FROM stamps")
+            .await
+            > 1,
+        "now() moved between batches"
+    );
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM stamps s JOIN backfill.jobs j ON j.name = 'stamp'
+             WHERE s.at = j.started_at"
+        )
+        .await,
+        600,
+        "the instant is the job's started_at"
+    );
+}
