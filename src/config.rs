@@ -162,6 +162,10 @@ pub struct SafetyConfig {
 pub struct MetricsConfig {
     /// `host:port` for /metrics, /healthz, /readyz; empty disables the listener.
     pub listen: String,
+    /// A finished job's series are dropped this long after it finished, so the series stay
+    /// bounded by running and recently finished jobs.
+    #[serde(deserialize_with = "duration")]
+    pub finished_job_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -275,6 +279,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9187".into(),
+            finished_job_ttl: Duration::from_secs(3600),
         }
     }
 }

@@ -117,6 +117,13 @@ impl Daemon {
             }
         }
         self.refresh_gauges().await?;
+        let expired = self
+            .ctx
+            .metrics
+            .expire_finished(cfg.metrics.finished_job_ttl);
+        if expired > 0 {
+            tracing::debug!(jobs = expired, "dropped the metric series of finished jobs");
+        }
         let free = cfg.worker.concurrency.saturating_sub(tasks.len());
         if free == 0 || self.shutdown.is_cancelled() {
             return Ok(0);

@@ -105,6 +105,19 @@ impl JobError {
     }
 
     /// The `kind` label of `backfilld_batch_errors_total`.
+    /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
+    pub const KINDS: [&'static str; 9] = [
+        "invalid",
+        "connection",
+        "lease_lost",
+        "ceiling",
+        "lock_timeout",
+        "deadlock",
+        "serialization",
+        "statement_timeout",
+        "permanent",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Invalid { .. } => "invalid",
@@ -166,6 +179,10 @@ mod tests {
         for (code, transient, kind) in cases {
             assert_eq!(is_transient_sqlstate(code), transient, "{code}");
             assert_eq!(sqlstate_kind(code), kind, "{code}");
+            assert!(
+                JobError::KINDS.contains(&kind),
+                "{kind} is a listed metric kind"
+            );
         }
     }
 }

@@ -5,7 +5,13 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::JobError;
 use crate::job::State;
+use crate::throttle::Reason;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,6 +31,8 @@ pub struct Metrics {
     pub sessions_blocked: IntCounterVec,
     pub vacuums: IntCounterVec,
     pub bloat_guard_allowed: IntGaugeVec,
+    /// Jobs whose attempt ended finished (or planned), and when: their series expire.
+    finished: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
@@ -105,11 +113,87 @@ impl Metrics {
             vacuums: per_job(IntCounterVec::new, "vacuums_total", VACUUMS),
             bloat_guard_allowed: per_job(IntGaugeVec::new, "bloat_guard_vacuum_allowed", ALLOWED),
             registry: Registry::new(),
+            finished: Default::default(),
         };
         m.register_all();
         m.register_build_info();
         m.zero_job_states();
         m
+    }
+
+    /// An attempt at `job` starts: its counters exist from now on, at 0 until counted, so the
+    /// first error or throttle second is a visible increase to `rate()` and `increase()`.
+    pub fn job_started(&self, job: &str) {
+        self.finished_jobs().remove(job);
+        for counter in [
+            &self.rows_changed,
+            &self.rows_scanned,
+            &self.sessions_blocked,
+            &self.vacuums,
+        ] {
+            counter.with_label_values(&[job]).inc_by(0);
+        }
+        for kind in JobError::KINDS {
+            self.batch_errors.with_label_values(&[job, kind]).inc_by(0);
+        }
+        for reason in Reason::ALL {
+            self.throttle_seconds
+                .with_label_values(&[job, reason.as_str()])
+                .inc_by(0.0);
+        }
+    }
+
+    /// `job` ended succeeded, failed, cancelled or planned: its series expire after the TTL.
+    pub fn job_finished(&self, job: &str) {
+        self.finished_jobs().insert(job.to_owned(), Instant::now());
+    }
+
+    /// Drops every series of the jobs that finished more than `ttl` ago; returns how many jobs.
+    pub fn expire_finished(&self, ttl: Duration) -> usize {
+        let expired: Vec<String> = {
+            let mut finished = self.finished_jobs();
+            let expired: Vec<String> = finished
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= ttl)
+                .map(|(job, _)| job.clone())
+                .collect();
+            for job in &expired {
+                finished.remove(job);
+            }
+            expired
+        };
+        for job in &expired {
+            self.remove_series(job);
+        }
+        expired.len()
+    }
+
+    fn remove_series(&self, job: &str) {
+        // A series that was never created is not an error worth reporting: ignore the result.
+        let one = [job];
+        let _ = self.rows_changed.remove_label_values(&one);
+        let _ = self.rows_scanned.remove_label_values(&one);
+        let _ = self.batch_duration.remove_label_values(&one);
+        let _ = self.batch_size.remove_label_values(&one);
+        let _ = self.progress.remove_label_values(&one);
+        let _ = self.eta.remove_label_values(&one);
+        let _ = self.last_batch.remove_label_values(&one);
+        let _ = self.sessions_blocked.remove_label_values(&one);
+        let _ = self.vacuums.remove_label_values(&one);
+        let _ = self.bloat_guard_allowed.remove_label_values(&one);
+        for kind in JobError::KINDS {
+            let _ = self.batch_errors.remove_label_values(&[job, kind]);
+        }
+        for reason in Reason::ALL {
+            let _ = self
+                .throttle_seconds
+                .remove_label_values(&[job, reason.as_str()]);
+        }
+    }
+
+    fn finished_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // A poisoned lock only means a panic mid-update of a plain map.
+        self.finished.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every state's series exists from the start, at 0.

@@ -85,6 +85,21 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::Sleep,
+        Reason::RateLimit,
+        Reason::ReplicaLag,
+        Reason::LongTransaction,
+        Reason::LockWaits,
+        Reason::Autovacuum,
+        Reason::DeadTuples,
+        Reason::WalRate,
+        Reason::Backoff,
+        Reason::Blocking,
+        Reason::ServerLoad,
+        Reason::Vacuum,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Sleep => "sleep",

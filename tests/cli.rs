@@ -299,3 +299,58 @@ async fn traces_are_exported_over_otlp_with_job_and_batch_spans(pool: PgPool) {
         assert!(text.contains(name), "no {name:?} in the exported spans");
     }
 }
+
+/// A job's counters exist at 0 as soon as its attempt starts (so the first error is an
+/// increase `rate()` sees), and a finished job's series are dropped after `finished_job_ttl`.
+#[sqlx::test]
+async fn job_series_start_at_zero_and_expire_after_the_job_finishes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE e (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO e SELECT g FROM generate_series(1, 300) g;").await;
+    NewJob::new("slow", "e")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("sleep_ms", "200")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .max_batch(50)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_METRICS__FINISHED_JOB_TTL", "2s")
+        .spawn();
+    let zero = "backfilld_batch_errors_total{job=\"slow\",kind=\"permanent\"} 0";
+    common::wait_until(
+        "the running job's error counter at 0",
+        || daemon.log(),
+        async || {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, body)| body.contains(zero))
+        },
+    )
+    .await;
+    db.wait_state("slow", "succeeded").await;
+    common::wait_until(
+        "the finished job's series to be dropped",
+        || daemon.log(),
+        async || {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, body)| !body.contains("job=\"slow\""))
+        },
+    )
+    .await;
+    let (_, body) = http_get(port, "/metrics").await.expect("metrics");
+    assert!(
+        body.contains("backfilld_jobs{state=\"succeeded\"} 1"),
+        "{body}"
+    );
+    daemon.signal("TERM");
+    assert!(
+        daemon
+            .wait(std::time::Duration::from_secs(30))
+            .await
+            .success()
+    );
+}

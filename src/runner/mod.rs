@@ -18,7 +18,7 @@ use crate::claim::{self, Control, Lease, Release, RowUpdate};
 use crate::config::Config;
 use crate::error::JobError;
 use crate::fragment::{self, Fragments};
-use crate::job::{Action, JobRow, JobSpec, Mode, Throttle};
+use crate::job::{Action, JobRow, JobSpec, Mode, State, Throttle};
 use crate::keyset::{Key, Keyset};
 use crate::metrics::Metrics;
 use crate::plan::{self, Counter, Plan};
@@ -88,6 +88,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
         );
         let interrupt = interrupt_on_control(&shutdown, control.clone());
         tracing::info!("job claimed");
+        ctx.metrics.job_started(&row.name);
         let mut attempt = Attempt {
             ctx: &ctx,
             row,
