@@ -16,6 +16,8 @@ pub enum ArchiveKind {
         touched: Vec<String>,
     },
     Delete,
+    /// The inserted rows' keys and each whole row as text (`_bf_row`): what a revert deletes.
+    Insert,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct ArchiveTable {
 
 /// Prefix of the columns holding an update's after-values.
 const AFTER_PREFIX: &str = "_bf_after_";
+/// The column of an insert archive holding each inserted row as text.
+pub const ROW_COLUMN: &str = "_bf_row";
 
 impl ArchiveTable {
     pub fn new(names: &Names, name: String, target: &Target, kind: ArchiveKind) -> Self {
@@ -76,6 +80,9 @@ impl ArchiveTable {
                 )
             }
             ArchiveKind::Delete => "*".into(),
+            ArchiveKind::Insert => {
+                column_list(self.keys.iter().map(String::as_str).chain([ROW_COLUMN]))
+            }
         }
     }
 
@@ -112,6 +119,13 @@ impl ArchiveTable {
                 "CREATE TABLE IF NOT EXISTS {} (LIKE {})",
                 self.quoted, target.quoted
             ),
+            ArchiveKind::Insert => format!(
+                "CREATE TABLE IF NOT EXISTS {} AS SELECT {}, NULL::text AS {} FROM {} WITH NO DATA",
+                self.quoted,
+                column_list(self.keys.iter().map(String::as_str)),
+                quote_ident(ROW_COLUMN),
+                target.quoted
+            ),
         };
         let comment = format!(
             "COMMENT ON TABLE {} IS {}",
@@ -119,10 +133,10 @@ impl ArchiveTable {
             quote_literal(&format!(
                 "backfilld before-images of job {job} on {} ({})",
                 target.display(),
-                if self.kind == ArchiveKind::Delete {
-                    "deleted rows"
-                } else {
-                    "updated columns"
+                match self.kind {
+                    ArchiveKind::Delete => "deleted rows",
+                    ArchiveKind::Insert => "inserted keys",
+                    ArchiveKind::Update { .. } => "updated columns",
                 }
             ))
         );
@@ -155,7 +169,9 @@ impl ArchiveTable {
             return Ok(None);
         }
         let keys: Vec<String> = target.keys.iter().map(|k| k.name.clone()).collect();
-        let kind = if columns.iter().any(|c| c.starts_with(AFTER_PREFIX)) {
+        let kind = if columns.iter().any(|c| c == ROW_COLUMN) {
+            ArchiveKind::Insert
+        } else if columns.iter().any(|c| c.starts_with(AFTER_PREFIX)) {
             let touched = columns
                 .into_iter()
                 .filter(|c| !keys.contains(c) && !c.starts_with(AFTER_PREFIX))

@@ -7,10 +7,12 @@
 //! between the window read and the write is re-checked by PostgreSQL and never clobbered.
 
 mod delete;
+mod insert;
 mod revert;
 mod update;
 
 pub use delete::Delete;
+pub use insert::Insert;
 pub use revert::Revert;
 pub use update::Update;
 
@@ -21,6 +23,7 @@ pub enum Change {
     Update(Update),
     Delete(Delete),
     Revert(Revert),
+    Insert(Insert),
 }
 
 impl Change {
@@ -30,6 +33,7 @@ impl Change {
             Change::Update(c) => &c.statements,
             Change::Delete(c) => &c.statements,
             Change::Revert(c) => &c.statements,
+            Change::Insert(c) => &c.statements,
         };
         if has_cursor {
             &pair.with_cursor

@@ -96,6 +96,17 @@ impl JobError {
         }
     }
 
+    /// Says which job column an invalid value came from (`source_table: …`); other errors pass.
+    pub fn in_column(self, column: &str) -> Self {
+        match self {
+            Self::Invalid { job, reason } => Self::Invalid {
+                job,
+                reason: format!("{column}: {reason}"),
+            },
+            other => other,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Sql { retryable, .. } => *retryable,

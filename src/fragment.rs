@@ -597,6 +597,85 @@ pub fn validate(
     })
 }
 
+/// An insert job's fragments: the predicate over the source table, and the set clause as
+/// `target_column = expression over the source row`. Key columns may be assigned (it is a new
+/// row); generated ones may not, nor may a column be assigned twice.
+pub fn validate_insert(
+    predicate_src: &str,
+    set_src: &str,
+    into: &Target,
+) -> Result<Fragments, FragmentError> {
+    let predicate = predicate(predicate_src)?;
+    let assignments = set_clause(set_src)?;
+    let mut seen = std::collections::HashSet::new();
+    for a in &assignments {
+        if into.column(&a.column).is_some_and(|c| c.generated) {
+            return Err(FragmentError::GeneratedColumn(a.column.clone()));
+        }
+        if !seen.insert(a.column.clone()) {
+            return Err(FragmentError::AssignedTwice(a.column.clone()));
+        }
+    }
+    Ok(Fragments {
+        predicate,
+        assignments,
+    })
+}
+
+/// The insert's statement parsed by the server (never run): unknown columns, type mismatches and
+/// a non-boolean predicate are its verdict.
+pub async fn validate_insert_on_server(
+    conn: &mut PgConnection,
+    source: &Target,
+    into: &Target,
+    fragments: &Fragments,
+) -> Result<(), ServerCheck> {
+    let select = format!(
+        "SELECT 1 FROM {} WHERE ({}) LIMIT 0",
+        source.quoted, fragments.predicate
+    );
+    server_parse(conn, &select, Part::Predicate).await?;
+    server_parse(
+        conn,
+        &insert_select(source, into, fragments, "false"),
+        Part::SetClause,
+    )
+    .await
+}
+
+/// `INSERT INTO into (columns) SELECT (expressions) FROM source WHERE <condition> AND
+/// (<predicate>) ON CONFLICT DO NOTHING`: the one shape of an insert job's write.
+pub fn insert_select(source: &Target, into: &Target, f: &Fragments, condition: &str) -> String {
+    let columns: Vec<String> = f
+        .assignments
+        .iter()
+        .map(|a| crate::sql::quote_ident(&a.column))
+        .collect();
+    let values: Vec<String> = f
+        .assignments
+        .iter()
+        .map(|a| format!("({})", a.expr))
+        .collect();
+    let overriding = if f
+        .assignments
+        .iter()
+        .any(|a| into.column(&a.column).is_some_and(|c| c.identity_always))
+    {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO {into} ({columns}){overriding} SELECT {values} FROM {source}
+         WHERE {condition} AND ({pred}) ON CONFLICT DO NOTHING",
+        into = into.quoted,
+        columns = columns.join(", "),
+        values = values.join(", "),
+        source = source.quoted,
+        pred = f.predicate,
+    )
+}
+
 /// Has the server parse (never run) the statements the job will execute. A prepared statement
 /// holds exactly one command, so stacking is impossible even if the lexer missed something.
 pub async fn validate_on_server(

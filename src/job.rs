@@ -51,6 +51,7 @@ pub struct JobRow {
     pub max_batch_ms: Option<i32>,
     pub preset: Option<String>,
     pub allow_cascade: bool,
+    pub source_table: Option<String>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -161,6 +162,9 @@ pub enum Action {
     Delete,
     /// Restores the before-images archived by another job (`reverts` names it).
     Revert,
+    /// Inserts into `table_name` a row per `source_table` row the predicate selects; `set_clause`
+    /// maps target columns to expressions over the source row. Conflicts are skipped.
+    Insert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +247,8 @@ pub struct JobSpec {
     pub parallelism: usize,
     /// A delete may run although foreign keys cascade into child tables.
     pub allow_cascade: bool,
+    /// For `insert`: the table walked; `table_name` is the one inserted into.
+    pub source_table: Option<String>,
 }
 
 pub use crate::config::MAX_PARALLELISM;
@@ -299,6 +305,7 @@ impl JobSpec {
             archive: row.archive.unwrap_or(true),
             reverts: row.reverts.clone(),
             allow_cascade: row.allow_cascade,
+            source_table: source_table(action, row.source_table.as_deref()).map_err(bad)?,
             parallelism,
         })
     }
@@ -308,8 +315,24 @@ impl JobSpec {
 fn check_set_clause(action: Action, set_clause: Option<&str>) -> Result<(), String> {
     match (action, set_clause) {
         (Action::Update, None) => Err("set_clause is required for action 'update'".into()),
+        (Action::Insert, None) => Err(
+            "set_clause is required for action 'insert' (target_column = expression over the source row, …)".into(),
+        ),
         (Action::Delete, Some(_)) => Err("set_clause must be empty for action 'delete'".into()),
         _ => Ok(()),
+    }
+}
+
+/// An insert walks `source_table`; no other action has one.
+fn source_table(action: Action, source: Option<&str>) -> Result<Option<String>, String> {
+    let source = source.map(str::trim).filter(|s| !s.is_empty());
+    match (action, source) {
+        (Action::Insert, None) => {
+            Err("action 'insert' needs source_table, the table to walk".into())
+        }
+        (Action::Insert, Some(s)) => Ok(Some(s.to_owned())),
+        (_, Some(_)) => Err("source_table is only for action 'insert'".into()),
+        (_, None) => Ok(None),
     }
 }
 
@@ -336,8 +359,9 @@ fn parse_action(value: Option<&str>) -> Result<Action, String> {
         "update" => Ok(Action::Update),
         "delete" => Ok(Action::Delete),
         "revert" => Ok(Action::Revert),
+        "insert" => Ok(Action::Insert),
         other => Err(format!(
-            "action must be 'update' or 'delete', got {other:?}"
+            "action must be 'update', 'delete' or 'insert', got {other:?}"
         )),
     }
 }

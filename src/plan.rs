@@ -247,6 +247,15 @@ impl Counter<'_> {
                     "'key', {key}, 'before', jsonb_build_object({before}), 'after', jsonb_build_object({after})"
                 )
             }
+            Action::Insert => {
+                let row = pairs(
+                    assignments
+                        .iter()
+                        .map(|a| (a.column.clone(), format!("({})", a.expr)))
+                        .collect(),
+                );
+                format!("'key', {key}, 'insert', jsonb_build_object({row})")
+            }
             _ => {
                 let row = pairs(
                     self.target

@@ -128,7 +128,7 @@ impl Resolve<'_> {
             |e| match JobError::sql(self.job, self.table_name, "resolving table", e) {
                 err if err.is_retryable() => err,
                 err => self.invalid(format!(
-                    "table_name {:?} is not a valid table name: {err}",
+                    "{:?} is not a valid table name: {err}",
                     self.table_name
                 )),
             },

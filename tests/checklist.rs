@@ -169,3 +169,127 @@ async fn job_started_at_is_one_instant_for_the_whole_job(pool: PgPool) {
         "the instant is the job's started_at"
     );
 }
+
+/// An insert job: one policy row for every user who has none, walked over the users' keys.
+/// Idempotent (a second job inserts nothing), archived, and its revert deletes exactly the rows
+/// it inserted: not the ones the application had, nor one the application changed since.
+#[sqlx::test]
+async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE users (id bigint PRIMARY KEY, plan text NOT NULL);
+         CREATE TABLE policies (user_id bigint PRIMARY KEY, kind text NOT NULL,
+                                created_by text NOT NULL DEFAULT 'app');
+         INSERT INTO users SELECT g, CASE WHEN g % 10 = 0 THEN 'pro' ELSE 'free' END
+         FROM generate_series(1, 100000) g;
+         INSERT INTO policies (user_id, kind) SELECT g, 'custom' FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    let job = |name: &str| {
+        NewJob::new(name, "policies")
+            .raw("action", "'insert'")
+            .text("source_table", "public.users")
+            .predicate("NOT EXISTS (SELECT 1 FROM policies p WHERE p.user_id = users.id)")
+            .set("user_id = id, kind = 'default:' || plan, created_by = 'backfill'")
+            .raw("archive", "true")
+            .raw("batch_size", "5000")
+    };
+    job("policies_for_all").insert(&db).await;
+    db.daemon()
+        .max_batch(20000)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let first = db.job("policies_for_all").await;
+    assert_eq!(first.state, "succeeded", "{:?}", first.last_error);
+    assert_eq!(first.rows_changed, 99_000);
+    assert_eq!(first.remaining, Some(0), "every user has a policy");
+    let sample = &first.plan.clone().expect("a plan")["samples"][0];
+    assert_eq!(sample["insert"]["kind"], "default:free", "{sample}");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM policies WHERE kind = 'default:pro'")
+            .await,
+        9_900
+    );
+
+    job("policies_again").insert(&db).await;
+    db.daemon()
+        .max_batch(20000)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let again = db.job("policies_again").await;
+    assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
+    assert_eq!(again.rows_changed, 0, "a second run inserts nothing");
+
+    // The application edits one inserted policy; the revert must leave it (and its own 1,000).
+    db.exec("UPDATE policies SET kind = 'custom' WHERE user_id = 5000")
+        .await;
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "policies_for_all")
+        .await
+        .unwrap();
+    db.daemon()
+        .max_batch(20000)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 98_999);
+    assert_eq!(reverted.rows_skipped, 1, "the row changed since is skipped");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM policies").await, 1_001);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM policies WHERE created_by = 'backfill'")
+            .await,
+        1,
+        "only the edited row the backfill inserted remains"
+    );
+}
+
+#[sqlx::test]
+async fn an_insert_job_needs_a_source_and_a_unique_key_on_its_target(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE bag (v bigint);
+         INSERT INTO src SELECT generate_series(1, 10);",
+    )
+    .await;
+    NewJob::new("no_source", "bag")
+        .raw("action", "'insert'")
+        .predicate("true")
+        .set("v = id")
+        .insert(&db)
+        .await;
+    NewJob::new("no_key", "bag")
+        .raw("action", "'insert'")
+        .text("source_table", "public.src")
+        .predicate("true")
+        .set("v = id")
+        .insert(&db)
+        .await;
+    NewJob::new("bad_column", "src")
+        .raw("action", "'insert'")
+        .text("source_table", "public.src")
+        .predicate("true")
+        .set("nope = id")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    for (name, words) in [
+        ("no_source", &["job no_source", "source_table"][..]),
+        ("no_key", &["job no_key", "public.bag", "primary key"][..]),
+        ("bad_column", &["job bad_column", "42703", "nope"][..]),
+    ] {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name}");
+        let err = job.last_error.unwrap_or_default();
+        for w in words {
+            assert!(err.contains(w), "{name}: expected {w:?} in: {err}");
+        }
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM bag").await, 0);
+}

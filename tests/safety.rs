@@ -258,6 +258,52 @@ struct Hostile {
 
 const HOSTILE: &[Hostile] = &[
     Hostile {
+        name: "insert_from_our_jobs",
+        table: "victim",
+        predicate: Some("true"),
+        set_clause: Some("id = id, n = 0"),
+        extra_columns: &[("action", "'insert'"), ("source_table", "'backfill.jobs'")],
+        error_words: &["backfill"],
+    },
+    Hostile {
+        name: "insert_from_catalog",
+        table: "victim",
+        predicate: Some("true"),
+        set_clause: Some("id = oid::int, n = 0"),
+        extra_columns: &[
+            ("action", "'insert'"),
+            ("source_table", "'pg_catalog.pg_class'"),
+        ],
+        error_words: &["pg_catalog"],
+    },
+    Hostile {
+        name: "insert_source_stacked",
+        table: "victim",
+        predicate: Some("true"),
+        set_clause: Some("id = 1, n = 0"),
+        extra_columns: &[
+            ("action", "'insert'"),
+            ("source_table", "'victim; DROP TABLE canary'"),
+        ],
+        error_words: &["source_table", "not a valid table name"],
+    },
+    Hostile {
+        name: "insert_set_stacked",
+        table: "victim",
+        predicate: Some("true"),
+        set_clause: Some("n = 0; DROP TABLE canary"),
+        extra_columns: &[("action", "'insert'"), ("source_table", "'victim'")],
+        error_words: &["';'"],
+    },
+    Hostile {
+        name: "source_table_on_update",
+        table: "victim",
+        predicate: Some("true"),
+        set_clause: Some("s = 'x'"),
+        extra_columns: &[("source_table", "'victim'")],
+        error_words: &["source_table is only for action 'insert'"],
+    },
+    Hostile {
         name: "stacked_predicate",
         table: "victim",
         predicate: Some("true; DROP TABLE canary"),

@@ -29,6 +29,11 @@ impl Revert {
             ArchiveKind::Delete => Statements::render(keyset, Some("_bf_a"), |range| {
                 reinsert(target, archive, range)
             }),
+            ArchiveKind::Insert => {
+                Statements::render_each(keyset, &[Some("_bf_a"), Some(&target.quoted)], |ranges| {
+                    delete_inserted(target, archive, &ranges.join(" AND "))
+                })
+            }
         };
         Self { statements }
     }
@@ -74,6 +79,26 @@ fn restore_update(
         archive = archive.quoted,
         join = join.join(" AND "),
         unchanged = unchanged.join(" AND "),
+    )
+}
+
+/// Deletes the rows an insert job added, unless they changed since (or the key holds a row
+/// someone else inserted after ours was deleted): only a row whose text is still the archived
+/// one goes.
+fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> String {
+    let join: Vec<String> = target
+        .keys
+        .iter()
+        .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
+        .collect();
+    format!(
+        "DELETE FROM {table} USING {archive} AS _bf_a
+         WHERE {join} AND {range}
+           AND ROW({table}.*)::text COLLATE \"C\" = _bf_a.{row} COLLATE \"C\"",
+        table = target.quoted,
+        archive = archive.quoted,
+        join = join.join(" AND "),
+        row = quote_ident(crate::archive::ROW_COLUMN),
     )
 }
 

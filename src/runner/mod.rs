@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::archive::{ArchiveKind, ArchiveTable};
 use crate::batch::{Batcher, Committed, TxSettings, WindowSql};
 use crate::bloat::{BloatGuard, Standing};
-use crate::change::{Change, Delete, Revert, Update};
+use crate::change::{Change, Delete, Insert, Revert, Update};
 use crate::claim::{self, Control, Lease, Release, RowUpdate};
 use crate::config::Config;
 use crate::error::JobError;
@@ -137,6 +137,7 @@ fn interrupt_on_control(
 /// The job's resolved pieces, valid for this attempt.
 struct Prepared {
     spec: JobSpec,
+    /// The table whose keys the job walks: `table_name`, or `source_table` for an insert.
     target: Target,
     fragments: Fragments,
     /// Walks the target's keys, or the archive's for a revert.
@@ -145,6 +146,8 @@ struct Prepared {
     upper: Option<Key>,
     /// The archive a revert restores from.
     source_archive: Option<ArchiveTable>,
+    /// The table an insert job inserts into (`table_name`).
+    into: Option<Target>,
 }
 
 struct Attempt<'a> {

@@ -13,6 +13,9 @@ impl Attempt<'_> {
         spec: JobSpec,
         cfg: &Config,
     ) -> Result<Prepared, JobError> {
+        if spec.action == Action::Insert {
+            return self.prepare_insert(spec, cfg).await;
+        }
         let mut conn = self.connection().await?;
         let target = Resolve {
             job: &spec.name,
@@ -22,7 +25,8 @@ impl Attempt<'_> {
             allowed_tables: &cfg.safety.allowed_tables,
         }
         .run(&mut conn)
-        .await?;
+        .await
+        .map_err(|e| e.in_column("table_name"))?;
         let invalid = |e: fragment::FragmentError| {
             JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
         };
@@ -57,6 +61,51 @@ impl Attempt<'_> {
             keyset,
             upper,
             source_archive,
+            into: None,
+        })
+    }
+
+    /// An insert walks `source_table` and inserts into `table_name`, which needs a unique key:
+    /// it makes the insert idempotent (`ON CONFLICT DO NOTHING`) and names what a revert deletes.
+    async fn prepare_insert(&mut self, spec: JobSpec, cfg: &Config) -> Result<Prepared, JobError> {
+        let mut conn = self.connection().await?;
+        let resolve = |table_name, key_columns| Resolve {
+            job: &spec.name,
+            table_name,
+            key_columns,
+            own_schema: &self.ctx.names.schema,
+            allowed_tables: &cfg.safety.allowed_tables,
+        };
+        let source_name = spec.source_table.as_deref().unwrap_or_default();
+        let source = resolve(source_name, spec.key_columns.as_deref())
+            .run(&mut conn)
+            .await
+            .map_err(|e| e.in_column("source_table"))?;
+        let into = resolve(&spec.table_name, None)
+            .run(&mut conn)
+            .await
+            .map_err(|e| e.in_column("table_name"))?;
+        let invalid = |e: fragment::FragmentError| {
+            let (from, to) = (source.display(), into.display());
+            JobError::invalid(&spec.name, format!("inserting from {from} into {to}: {e}"))
+        };
+        let set = spec.set_clause.as_deref().unwrap_or_default();
+        let f = fragment::validate_insert(&spec.predicate, set, &into).map_err(invalid)?;
+        match fragment::validate_insert_on_server(&mut conn, &source, &into, &f).await {
+            Ok(()) => {}
+            Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
+            Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
+        }
+        let keyset = Keyset::new(&source);
+        let upper = self.upper_bound(&mut conn, &keyset).await?;
+        Ok(Prepared {
+            spec,
+            target: source,
+            fragments: f,
+            keyset,
+            upper,
+            source_archive: None,
+            into: Some(into),
         })
     }
 
@@ -279,6 +328,10 @@ impl Attempt<'_> {
     }
 
     fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
+        if let Some(into) = &p.into {
+            let insert = Insert::new(&p.target, into, &p.keyset, &p.fragments, archive);
+            return Change::Insert(insert);
+        }
         match (&p.spec.action, &p.source_archive) {
             (Action::Revert, Some(src)) => Change::Revert(Revert::new(&p.target, &p.keyset, src)),
             (Action::Delete, _) => Change::Delete(Delete::new(
@@ -301,6 +354,7 @@ impl Attempt<'_> {
         });
         let kind = match p.spec.action {
             Action::Delete => ArchiveKind::Delete,
+            Action::Insert => ArchiveKind::Insert,
             _ => ArchiveKind::Update {
                 touched: p
                     .fragments
@@ -310,10 +364,12 @@ impl Attempt<'_> {
                     .collect(),
             },
         };
-        let archive = ArchiveTable::new(&self.ctx.names, name.clone(), &p.target, kind);
+        // An insert archives keys of the table it inserts into.
+        let keyed = p.into.as_ref().unwrap_or(&p.target);
+        let archive = ArchiveTable::new(&self.ctx.names, name.clone(), keyed, kind);
         let mut conn = self.connection().await?;
         archive
-            .create(&mut conn, &p.target, &p.spec.name)
+            .create(&mut conn, keyed, &p.spec.name)
             .await
             .map_err(self.err("creating the archive table"))?;
         if self.row.archive_table.is_none() {

@@ -1,11 +1,15 @@
 -- The data-change checklist: a delete on a table whose children cascade (ON DELETE CASCADE,
 -- SET NULL, SET DEFAULT) fails in its plan unless the job row says so, since the archive cannot
--- restore the children.
+-- restore the children; insert jobs walk a source table (set_clause maps target columns to
+-- expressions over the source row).
 ALTER TABLE {jobs}
-    ADD COLUMN allow_cascade boolean NOT NULL DEFAULT false;
+    ADD COLUMN allow_cascade boolean NOT NULL DEFAULT false,
+    ADD COLUMN source_table text;
 
 COMMENT ON COLUMN {jobs}.allow_cascade IS
     'let a delete run although foreign keys cascade into child tables (the plan still lists them)';
+COMMENT ON COLUMN {jobs}.source_table IS
+    'action insert: the table walked in keyset batches; set_clause maps its rows to table_name''s columns';
 
 -- A frozen job clock. now() moves with every batch transaction, so a predicate like
 -- created_at < now() - interval '30 days' selects different rows in each batch; a fragment that
