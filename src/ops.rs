@@ -1,13 +1,17 @@
-//! Operator actions behind the CLI: enqueue, status, pause/resume/cancel, execute, revert, verify.
-//! Each is the same SQL an operator could type; the CLI adds argument parsing and printing.
+//! Operator actions behind the CLI: enqueue, status, pause/resume/cancel, execute, revert, verify,
+//! wait. Each is the same SQL an operator could type; the CLI adds argument parsing and printing.
 
+use std::time::Duration;
+
+use serde::Serialize;
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::{Error, JobError, Result};
+use crate::error::{Error, JobError, Result, is_transient_sqlstate};
 use crate::fragment;
-use crate::job::{JobRow, JobSpec, Requested};
+use crate::job::{JobRow, JobSpec, Requested, State};
 use crate::keyset::{Key, Keyset};
 use crate::plan::Counter;
 use crate::sql::Names;
@@ -245,4 +249,132 @@ async fn store_remaining(pool: &PgPool, names: &Names, name: &str, remaining: i6
         .execute(pool)
         .await?;
     Ok(remaining)
+}
+
+/// The "ensure finished" gate that the migration after a backfill runs before it adds NOT NULL
+/// or drops the old column: only a job that succeeded and was verified with no row left passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    /// Succeeded with `remaining = 0`.
+    Passed,
+    Failed,
+    Cancelled,
+    /// Succeeded, but `remaining` rows up to its upper bound still match the predicate.
+    Remaining,
+    /// Succeeded without a verification count (`remaining` is NULL, e.g. a revert).
+    Unverified,
+    /// A dry run that planned and waits for `backfilld execute`: it will not run on its own.
+    AwaitingApproval,
+    /// Still pending, running, paused (or approved but not yet claimed) when the wait ended.
+    TimedOut,
+}
+
+impl Gate {
+    /// The verdict on a job row; `None` while the job may still get there on its own.
+    pub fn of(row: &JobRow) -> Option<Gate> {
+        match row.state {
+            State::Succeeded => Some(match row.remaining {
+                Some(0) => Gate::Passed,
+                Some(_) => Gate::Remaining,
+                None => Gate::Unverified,
+            }),
+            State::Failed => Some(Gate::Failed),
+            State::Cancelled => Some(Gate::Cancelled),
+            // An approved dry run stays `planned` until a replica claims it.
+            State::Planned if row.mode.as_deref() != Some("execute") => {
+                Some(Gate::AwaitingApproval)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn passed(self) -> bool {
+        self == Gate::Passed
+    }
+
+    /// Why the job passed or not, naming it: what an operator reads in a migration's log.
+    pub fn describe(self, row: &JobRow) -> String {
+        let name = &row.name;
+        match self {
+            Gate::Passed => format!("{name}: succeeded and verified: no rows left to change"),
+            Gate::Failed => format!(
+                "{name}: failed: {}",
+                row.last_error.as_deref().unwrap_or("(no error recorded)")
+            ),
+            Gate::Cancelled => format!(
+                "{name}: was cancelled after changing {} rows; it did not finish",
+                row.rows_changed
+            ),
+            Gate::Remaining => format!(
+                "{name}: succeeded, but {} rows up to its upper bound still match its predicate",
+                row.remaining.unwrap_or_default()
+            ),
+            Gate::Unverified => format!(
+                "{name}: succeeded but is unverified (remaining is unknown); run `backfilld verify {name}`"
+            ),
+            Gate::AwaitingApproval => format!(
+                "{name}: is a dry run awaiting approval (planned); approve it with `backfilld execute {name}`"
+            ),
+            Gate::TimedOut => format!(
+                "{name}: still {} when the wait timed out ({}, {} rows changed, {} batches)",
+                match row.state {
+                    State::Planned => "planned (approved, not yet claimed by a replica)",
+                    other => other.as_str(),
+                },
+                row.progress()
+                    .map_or("progress unknown".into(), |p| format!(
+                        "{:.1}% done",
+                        p * 100.0
+                    )),
+                row.rows_changed,
+                row.batches
+            ),
+        }
+    }
+}
+
+/// How often `wait` reads the job row.
+pub const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// Polls the job row every `poll` until the job reaches a verdict or `timeout` passes. A failed
+/// poll on a transient error (connection lost, server restarting) is retried at the next poll; the
+/// first read is not, so a missing job is an error at once. No transaction or lock is held between
+/// polls, so ending the process at any moment is safe.
+#[tracing::instrument(skip(pool, names))]
+pub async fn wait(
+    pool: &PgPool,
+    names: &Names,
+    name: &str,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(JobRow, Gate)> {
+    let deadline = Instant::now() + timeout;
+    let mut row = get(pool, names, name).await?;
+    loop {
+        if let Some(gate) = Gate::of(&row) {
+            return Ok((row, gate));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok((row, Gate::TimedOut));
+        }
+        tokio::time::sleep(poll.min(left)).await;
+        match get(pool, names, name).await {
+            Ok(newer) => row = newer,
+            Err(Error::Database(e)) if is_transient(&e) => {
+                tracing::warn!(job = name, error = %e, "reading the job row failed; polling again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Errors a later poll may not meet again: the connection, or a server that is restarting.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| is_transient_sqlstate(&c)),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
 }
