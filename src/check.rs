@@ -160,7 +160,7 @@ impl Report {
 }
 
 /// Runs `checks` against `table`, in the order given.
-#[tracing::instrument(skip(pool, names, cfg, checks), err)]
+#[tracing::instrument(skip(pool, names, cfg, checks))]
 pub async fn run(
     pool: &PgPool,
     names: &Names,

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use crate::check::{self, Check, Report};
 use crate::config::{Config, Source};
 use crate::job::{JobRow, Requested, State};
-use crate::ops::{self, NewJob};
+use crate::ops::{self, Gate, NewJob};
 use crate::plan::Plan;
 use crate::sql::Names;
 use crate::{app, schema, telemetry};
@@ -26,6 +27,8 @@ Examples:
   backfilld execute orders_status_v1
   backfilld pause orders_status_v1
   backfilld revert orders_status_v1
+  backfilld wait orders_status_v1 --timeout 30m
+  backfilld check public.orders --not-null status
 
 Configuration: --config PATH (default config/backfilld.toml if present), environment
 BACKFILLD_<SECTION>__<KEY> (e.g. BACKFILLD_METRICS__LISTEN=127.0.0.1:9187), and DATABASE_URL.";
@@ -97,6 +100,97 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Wait for a job to finish; exit 0 only if it succeeded with no row left (`remaining = 0`).
+    #[command(after_help = WAIT_HELP)]
+    Wait(WaitArgs),
+    /// Count the rows a constraint would reject before the migration that adds it.
+    #[command(after_help = CHECK_HELP)]
+    Check(CheckArgs),
+}
+
+/// Exit status of a gate (`wait`, `check`) that did not pass: the job ended without succeeding
+/// verified, or rows violate the constraint. (1 is an error: the gate could not tell.)
+const GATE_FAILED: u8 = 3;
+/// `wait` gave up while the job was still pending, running or paused.
+const GATE_TIMED_OUT: u8 = 4;
+
+const WAIT_HELP: &str = "\
+For the migration after a backfill (the one that adds NOT NULL or drops the old column).
+Reads the job row every second until the job has finished, then exits:
+  0  it succeeded and was verified with remaining = 0
+  1  error (no such job, database unreachable)
+  3  it failed, was cancelled, succeeded with rows remaining or unverified, or is a dry run
+     awaiting approval
+  4  still pending, running or paused when --timeout passed
+
+Example:
+  backfilld wait orders_status_v1 --timeout 30m && psql -c 'ALTER TABLE orders ALTER status SET NOT NULL'";
+
+const CHECK_HELP: &str = "\
+Counts in throttled keyset windows over the table's key (duplicates: one grouped statement under
+batch.statement_timeout), prints each check's count and up to 5 offending keys or values, and exits:
+  0  no violation
+  1  error (unknown table or column, refused table, statement failed)
+  3  violations found
+Rows with a NULL in --unique columns are reported but are not violations: a unique index lets them in.
+
+Examples:
+  backfilld check public.orders --not-null status
+  backfilld check public.users --unique tenant_id,email --output json
+  backfilld check public.orders --orphans customer_id --references 'public.customers(id)'";
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    pub name: String,
+    /// Give up after this long, e.g. 30s, 10m, 2h.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("checks").required(true).multiple(true).args(["not_null", "unique", "orphans"])))]
+pub struct CheckArgs {
+    /// Table to check, e.g. public.orders.
+    pub table: String,
+    /// Count rows where COL IS NULL (what SET NOT NULL would reject). Repeatable.
+    #[arg(long = "not-null", value_name = "COL")]
+    pub not_null: Vec<String>,
+    /// Count duplicate groups among rows with no NULL in the columns (what a unique index would
+    /// reject), and rows with a NULL in any of them (which it lets in). Repeatable.
+    #[arg(long, value_name = "COL[,COL]")]
+    pub unique: Vec<String>,
+    /// Count rows whose non-NULL COL has no row in --references (what a foreign key would reject).
+    /// Repeatable; each pairs with the --references in the same position.
+    #[arg(long, value_name = "COL", requires = "references")]
+    pub orphans: Vec<String>,
+    /// The parent of --orphans, e.g. public.customers(id).
+    #[arg(long, value_name = "PARENT(COL)", requires = "orphans")]
+    pub references: Vec<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+impl CheckArgs {
+    /// The checks in a fixed order: not-null, unique, orphans.
+    fn checks(&self) -> anyhow::Result<Vec<Check>> {
+        if self.orphans.len() != self.references.len() {
+            anyhow::bail!(
+                "each --orphans needs its --references: got {} --orphans and {} --references",
+                self.orphans.len(),
+                self.references.len()
+            );
+        }
+        let mut checks: Vec<Check> = self.not_null.iter().cloned().map(Check::NotNull).collect();
+        for columns in &self.unique {
+            checks.push(Check::unique(columns)?);
+        }
+        for (column, references) in self.orphans.iter().zip(&self.references) {
+            checks.push(Check::orphans(column, references)?);
+        }
+        Ok(checks)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -170,7 +264,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     let result = dispatch(cli.command, source, cfg, &telemetry).await;
     telemetry.shutdown();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("backfilld: {e:#}");
             ExitCode::FAILURE
@@ -183,51 +277,72 @@ async fn dispatch(
     source: Source,
     cfg: Config,
     telemetry: &telemetry::Telemetry,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     if let Command::Run { until_idle } = command {
-        return Ok(app::run_daemon(source, cfg, until_idle, telemetry).await?);
+        app::run_daemon(source, cfg, until_idle, telemetry).await?;
+        return Ok(ExitCode::SUCCESS);
     }
     let names = Names::new(&cfg.database.schema);
     let pool = app::connect(&cfg).await?;
+    let code = match command {
+        Command::Wait(args) => wait(&pool, &names, &args).await?,
+        Command::Check(args) => run_check(&pool, &names, &cfg, &args).await?,
+        other => {
+            operate(other, &pool, &names, &cfg).await?;
+            ExitCode::SUCCESS
+        }
+    };
+    pool.close().await;
+    Ok(code)
+}
+
+/// The commands that succeed or fail with an error (exit 0 or 1).
+async fn operate(
+    command: Command,
+    pool: &sqlx::PgPool,
+    names: &Names,
+    cfg: &Config,
+) -> anyhow::Result<()> {
     match command {
-        Command::Migrate => print_migrated(&names, &schema::migrate(&pool, &names).await?),
+        Command::Migrate => print_migrated(names, &schema::migrate(pool, names).await?),
         Command::Enqueue(args) => {
             let output = args.output;
-            let row = ops::enqueue(&pool, &names, &new_job(*args)).await?;
+            let row = ops::enqueue(pool, names, &new_job(*args)).await?;
             print_jobs(&[row], output, true);
         }
         Command::Status {
             name,
             watch,
             output,
-        } => status(&pool, &names, name.as_deref(), watch, output).await?,
+        } => status(pool, names, name.as_deref(), watch, output).await?,
         Command::Pause { name } => report(
-            ops::request(&pool, &names, &name, Requested::Paused).await?,
+            ops::request(pool, names, &name, Requested::Paused).await?,
             "pause requested",
         ),
         Command::Resume { name } => report(
-            ops::request(&pool, &names, &name, Requested::Running).await?,
+            ops::request(pool, names, &name, Requested::Running).await?,
             "resume requested",
         ),
         Command::Cancel { name } => report(
-            ops::request(&pool, &names, &name, Requested::Cancelled).await?,
+            ops::request(pool, names, &name, Requested::Cancelled).await?,
             "cancel requested",
         ),
         Command::Execute { name } => report(
-            ops::approve(&pool, &names, &name).await?,
+            ops::approve(pool, names, &name).await?,
             "approved for execution",
         ),
         Command::Revert { name, output } => {
-            let row = ops::revert(&pool, &names, &name).await?;
+            let row = ops::revert(pool, names, &name).await?;
             print_jobs(&[row], output, true);
         }
         Command::Verify { name, output } => {
-            let remaining = ops::verify(&pool, &names, &cfg, &name).await?;
+            let remaining = ops::verify(pool, names, cfg, &name).await?;
             print_verified(&name, remaining, output);
         }
-        Command::Run { .. } => unreachable!("handled above"),
+        Command::Run { .. } | Command::Wait(_) | Command::Check(_) => {
+            unreachable!("dispatch handles these")
+        }
     }
-    pool.close().await;
     Ok(())
 }
 
@@ -251,6 +366,93 @@ fn print_verified(name: &str, remaining: i64, output: Output) {
         Output::Text => {
             println!("{name}: {remaining} rows up to the upper bound still match the predicate")
         }
+    }
+}
+
+/// `backfilld wait`: the "ensure finished" gate.
+async fn wait(pool: &sqlx::PgPool, names: &Names, args: &WaitArgs) -> anyhow::Result<ExitCode> {
+    let (row, gate) = ops::wait(pool, names, &args.name, args.timeout, ops::WAIT_POLL).await?;
+    let mut message = gate.describe(&row);
+    if gate == Gate::TimedOut {
+        message += &format!("; waited {}", humantime::format_duration(args.timeout));
+    }
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "job": row.name,
+                "state": row.state,
+                "gate": gate,
+                "passed": gate.passed(),
+                "remaining": row.remaining,
+                "progress": row.progress(),
+                "last_error": row.last_error,
+                "message": message,
+            })
+        ),
+        Output::Text if gate.passed() => println!("{message}"),
+        Output::Text => eprintln!("backfilld: {message}"),
+    }
+    Ok(match gate {
+        Gate::Passed => ExitCode::SUCCESS,
+        Gate::TimedOut => ExitCode::from(GATE_TIMED_OUT),
+        _ => ExitCode::from(GATE_FAILED),
+    })
+}
+
+/// `backfilld check`: exit 0 without violations, `GATE_FAILED` with any.
+async fn run_check(
+    pool: &sqlx::PgPool,
+    names: &Names,
+    cfg: &Config,
+    args: &CheckArgs,
+) -> anyhow::Result<ExitCode> {
+    let checks = args.checks()?;
+    let report = check::run(pool, names, cfg, &args.table, &checks).await?;
+    print_report(&report, args.output);
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(GATE_FAILED)
+    })
+}
+
+fn print_report(report: &Report, output: Output) {
+    if let Output::Json = output {
+        let mut value = serde_json::to_value(report).unwrap_or_default();
+        value["passed"] = report.passed().into();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return;
+    }
+    println!("{}: {} rows checked", report.table, report.rows_checked);
+    for f in &report.findings {
+        let found = match f.check {
+            "unique" => format!(
+                "unique ({}): {} duplicate groups ({} rows); {} rows with a NULL, which a unique \
+                 index lets in",
+                f.subject,
+                f.violations,
+                f.duplicate_rows.unwrap_or_default(),
+                f.rows_with_null.unwrap_or_default()
+            ),
+            "orphans" => format!(
+                "orphans {}: {} rows without a parent row",
+                f.subject, f.violations
+            ),
+            _ => format!("not-null {}: {} rows are NULL", f.subject, f.violations),
+        };
+        println!("  {found}");
+        for sample in &f.samples {
+            println!("    {sample}");
+        }
+    }
+    if report.passed() {
+        println!("ok: no violations");
+    } else {
+        eprintln!("backfilld: {}: violations found", report.table);
     }
 }
 
