@@ -180,7 +180,9 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
                              parallelism, max_batch_ms, preset)
-         SELECT $2, table_name, 'true', 'revert', key_columns, 'execute', false, name,
+         SELECT $2, table_name, 'true', 'revert',
+                -- an insert's key_columns name its source's keys; its archive has the target's
+                CASE WHEN action = 'insert' THEN NULL ELSE key_columns END, 'execute', false, name,
                 batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism,
                 max_batch_ms, preset
          FROM {jobs} WHERE name = $1
@@ -199,16 +201,17 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
     let row = get(pool, names, name).await?;
     let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
     let mut conn = pool.acquire().await?;
+    // The table the job walks (an insert's source) and only the predicate: that is what counts.
     let target = Resolve {
         job: &spec.name,
-        table_name: &spec.table_name,
+        table_name: spec.source_table.as_deref().unwrap_or(&spec.table_name),
         key_columns: spec.key_columns.as_deref(),
         own_schema: &names.schema,
         allowed_tables: &cfg.safety.allowed_tables,
     }
     .run(&mut conn)
     .await?;
-    let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
+    let fragments = fragment::validate(&spec.predicate, None, &target)
         .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
     match fragment::validate_on_server(&mut conn, &target, &fragments).await {
         Ok(()) => {}

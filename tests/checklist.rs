@@ -193,6 +193,7 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
             .set("user_id = id, kind = 'default:' || plan, created_by = 'backfill'")
             .raw("archive", "true")
             .raw("batch_size", "5000")
+            .raw("key_columns", "ARRAY['id']")
     };
     job("policies_for_all").insert(&db).await;
     db.daemon()
@@ -212,6 +213,16 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
             .await,
         9_900
     );
+
+    let remaining = backfilld::ops::verify(
+        &db.pool,
+        &db.names,
+        &backfilld::config::Config::default(),
+        "policies_for_all",
+    )
+    .await
+    .unwrap();
+    assert_eq!(remaining, 0, "verify counts the source rows still selected");
 
     job("policies_again").insert(&db).await;
     db.daemon()
