@@ -200,9 +200,15 @@ pub struct EnqueueArgs {
     /// Target table, e.g. public.orders.
     #[arg(long)]
     pub table: String,
-    /// SQL boolean expression selecting rows that still need the change.
-    #[arg(long)]
-    pub predicate: String,
+    /// SQL boolean expression selecting rows that still need the change (not with --from-csv,
+    /// which generates it).
+    #[arg(long, required_unless_present = "from_csv")]
+    pub predicate: Option<String>,
+    /// Update the table from a CSV file with a header: the file is staged with COPY (any error
+    /// names its line, and nothing is created) and the job sets each column from the staged row
+    /// of the same key (--key-columns, default the table's key).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["predicate", "set_clause", "action"])]
+    pub from_csv: Option<PathBuf>,
     /// For update: SQL assignments, e.g. "status = 'pending'".
     #[arg(long = "set")]
     pub set_clause: Option<String>,
@@ -210,7 +216,7 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub action: Option<String>,
     /// Keyset columns (comma-separated); default: the primary key.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, visible_alias = "key", value_delimiter = ',')]
     pub key_columns: Option<Vec<String>>,
     /// Change data after planning (default: dry run only).
     #[arg(long)]
@@ -306,8 +312,24 @@ async fn operate(
     match command {
         Command::Migrate => print_migrated(names, &schema::migrate(pool, names).await?),
         Command::Enqueue(args) => {
-            let output = args.output;
-            let row = ops::enqueue(pool, names, &new_job(*args)).await?;
+            let (output, file) = (args.output, args.from_csv.clone());
+            let job = new_job(*args);
+            let row = match file {
+                Some(file) => {
+                    let (row, staged) =
+                        ops::enqueue_from_csv(pool, names, cfg, &job, &file).await?;
+                    eprintln!(
+                        "staged {} rows of {} into {}; {} keys match no row of {}",
+                        staged.rows,
+                        file.display(),
+                        staged.table,
+                        staged.unmatched,
+                        job.table_name
+                    );
+                    row
+                }
+                None => ops::enqueue(pool, names, &job).await?,
+            };
             print_jobs(&[row], output, true);
         }
         Command::Status {
@@ -460,7 +482,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
     NewJob {
         name: a.name,
         table_name: a.table,
-        predicate: a.predicate,
+        predicate: a.predicate.unwrap_or_default(),
         action: a.action,
         set_clause: a.set_clause,
         key_columns: a.key_columns,
@@ -476,6 +498,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         archive: a.no_archive.then_some(false),
         priority: a.priority,
         run_at: None,
+        staged_table: None,
     }
 }
 

@@ -22,6 +22,12 @@ pub enum Error {
     NoSuchJob(String),
     #[error("job {job}: {reason}")]
     Refused { job: String, reason: String },
+    #[error("job {job} on {table}: {source}")]
+    Staging {
+        job: String,
+        table: String,
+        source: crate::staging::StagingError,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -52,6 +52,7 @@ pub struct JobRow {
     pub preset: Option<String>,
     pub allow_cascade: bool,
     pub source_table: Option<String>,
+    pub staged_table: Option<String>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

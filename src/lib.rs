@@ -27,6 +27,7 @@ pub mod runner;
 pub mod schema;
 pub mod shutdown;
 pub mod sql;
+pub mod staging;
 pub mod target;
 pub mod telemetry;
 pub mod throttle;

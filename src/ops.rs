@@ -15,6 +15,7 @@ use crate::job::{JobRow, JobSpec, Requested, State};
 use crate::keyset::{Key, Keyset};
 use crate::plan::Counter;
 use crate::sql::Names;
+use crate::staging::{self, Staged};
 use crate::target::Resolve;
 
 /// A job to enqueue; `None` fields take the table's defaults.
@@ -38,17 +39,66 @@ pub struct NewJob {
     pub archive: Option<bool>,
     pub priority: Option<i32>,
     pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Updates from a data file: the staging table the job applies (set by `enqueue_from_csv`).
+    pub staged_table: Option<String>,
 }
 
 const INSERT: &str = "
 INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns, mode, batch_size,
                     target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at,
-                    parallelism, max_batch_ms, preset)
+                    parallelism, max_batch_ms, preset, staged_table)
 VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
-        coalesce($14, 0), coalesce($15, now()), $16, $17, $18)
+        coalesce($14, 0), coalesce($15, now()), $16, $17, $18, $19)
 RETURNING *";
 
 pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRow> {
+    insert_job(pool, names, job).await
+}
+
+/// Stages `file` (CSV with a header) and enqueues the update job that applies it to
+/// `job.table_name` by `job.key_columns` (default: the table's key), in one transaction: a bad
+/// file fails with PostgreSQL's line number and creates nothing. Returns the job and the staging.
+pub async fn enqueue_from_csv(
+    pool: &PgPool,
+    names: &Names,
+    cfg: &Config,
+    job: &NewJob,
+    file: &std::path::Path,
+) -> Result<(JobRow, Staged)> {
+    let mut tx = pool.begin().await?;
+    let target = Resolve {
+        job: &job.name,
+        table_name: &job.table_name,
+        key_columns: job.key_columns.as_deref(),
+        own_schema: &names.schema,
+        allowed_tables: &cfg.safety.allowed_tables,
+    }
+    .run(&mut tx)
+    .await?;
+    let staged = staging::stage_csv(&mut tx, names, &job.name, &target, file)
+        .await
+        .map_err(|source| Error::Staging {
+            job: job.name.clone(),
+            table: target.display(),
+            source,
+        })?;
+    let staged_job = NewJob {
+        action: Some("update".into()),
+        predicate: staged.predicate.clone(),
+        set_clause: Some(staged.set_clause.clone()),
+        staged_table: Some(staging::staging_name(&job.name)),
+        ..job.clone()
+    };
+    let row = insert_job(&mut *tx, names, &staged_job).await?;
+    tx.commit().await?;
+    Ok((row, staged))
+}
+
+async fn insert_job<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    names: &Names,
+    job: &NewJob,
+) -> Result<JobRow> {
     let mode = if job.execute { "execute" } else { "dry_run" };
     sqlx::query_as(&names.render(INSERT))
         .bind(&job.name)
@@ -69,7 +119,8 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
         .bind(job.parallelism)
         .bind(job.max_batch_ms)
         .bind(&job.preset)
-        .fetch_one(pool)
+        .bind(&job.staged_table)
+        .fetch_one(db)
         .await
         .map_err(|e| match &e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => Error::Refused {

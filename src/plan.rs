@@ -39,6 +39,8 @@ pub struct Plan {
     pub idempotency: Option<crate::idempotency::Verdict>,
     /// Foreign keys a delete would cascade through, with their child rows. (Deletes only.)
     pub cascades: Vec<crate::cascade::Cascade>,
+    /// Updates from a data file: staged keys that match no target row (they change nothing).
+    pub unmatched_staged_keys: Option<i64>,
 }
 
 impl Plan {

@@ -304,3 +304,129 @@ async fn an_insert_job_needs_a_source_and_a_unique_key_on_its_target(pool: PgPoo
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM bag").await, 0);
 }
+
+fn csv(name: &str, body: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("backfilld-{}-{name}.csv", std::process::id()));
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn csv_job(name: &str, table: &str) -> backfilld::ops::NewJob {
+    backfilld::ops::NewJob {
+        name: name.into(),
+        table_name: table.into(),
+        ..Default::default()
+    }
+}
+
+/// The spreadsheet case: a CSV is staged with COPY and applied by key as an ordinary archived
+/// update job: dry run (with the keys that match no row), execute, verify 0, revert.
+#[sqlx::test]
+async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE prices (id bigint PRIMARY KEY, price numeric NOT NULL, note text);
+         INSERT INTO prices SELECT g, g, 'n' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let mut body = String::from("id,price,note\n");
+    for id in 1..=50 {
+        body.push_str(&format!("{id},{},\"fixed, {id}\"\n", id * 2));
+    }
+    body.push_str("1000,1,nobody\n");
+    let file = csv("prices", &body);
+    let cfg = backfilld::config::Config::default();
+    let (row, staged) = backfilld::ops::enqueue_from_csv(
+        &db.pool,
+        &db.names,
+        &cfg,
+        &csv_job("reprice", "public.prices"),
+        &file,
+    )
+    .await
+    .unwrap();
+    assert_eq!((staged.rows, staged.unmatched), (51, 1));
+    assert_eq!(row.state, "pending");
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("reprice").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    let plan = planned.plan.clone().unwrap();
+    assert_eq!(plan["rows_matching"], 50);
+    assert_eq!(plan["unmatched_staged_keys"], 1);
+    backfilld::ops::approve(&db.pool, &db.names, "reprice")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("reprice").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 50);
+    assert_eq!(done.remaining, Some(0), "a second run would change nothing");
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM prices WHERE price = id * 2 AND note = 'fixed, ' || id"
+        )
+        .await,
+        50
+    );
+    let revert = backfilld::ops::revert(&db.pool, &db.names, "reprice")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job(&revert.name).await.rows_changed, 50);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM prices WHERE price = id AND note = 'n' || id")
+            .await,
+        100
+    );
+}
+
+#[sqlx::test]
+async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE prices (id bigint PRIMARY KEY, price numeric NOT NULL);")
+        .await;
+    let cfg = backfilld::config::Config::default();
+    let cases = [
+        (
+            "unknown",
+            "id,cost\n1,2\n",
+            vec!["\"cost\"", "public.prices"],
+        ),
+        ("nokey", "price\n2\n", vec!["key column \"id\""]),
+        (
+            "unparsable",
+            "id,price\n1,2\n2,two\n",
+            vec!["line 3", "numeric"],
+        ),
+        (
+            "duplicate",
+            "id,price\n1,2\n1,3\n",
+            vec!["line 3", "duplicate key"],
+        ),
+        ("nullkey", "id,price\n,2\n", vec!["line 2", "id"]),
+    ];
+    for (name, body, words) in cases {
+        let file = csv(name, body);
+        let err = backfilld::ops::enqueue_from_csv(
+            &db.pool,
+            &db.names,
+            &cfg,
+            &csv_job(name, "public.prices"),
+            &file,
+        )
+        .await
+        .expect_err(name)
+        .to_string();
+        assert!(err.contains(&format!("job {name}")), "{name}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{name}: expected {w:?} in: {err}");
+        }
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM backfill.jobs").await, 0);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pg_tables WHERE schemaname = 'backfill' AND tablename LIKE '%_staged'")
+            .await,
+        0,
+        "nothing staged"
+    );
+}

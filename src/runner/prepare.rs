@@ -256,6 +256,7 @@ impl Attempt<'_> {
             boundaries: counted.boundaries,
             idempotency: self.idempotency(p, upper, cfg).await,
             cascades: self.cascades(p, upper).await?,
+            unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
         };
         self.store_plan(&plan).await?;
         Ok(Some(plan))
@@ -289,6 +290,18 @@ impl Attempt<'_> {
             return Err(cascade::refusal(&p.spec.name, &p.target, &found));
         }
         Ok(found)
+    }
+
+    /// For updates from a data file: staged keys with no target row.
+    async fn unmatched_staged_keys(&self, p: &Prepared) -> Result<Option<i64>, JobError> {
+        let Some(staged) = &self.row.staged_table else {
+            return Ok(None);
+        };
+        let table = crate::sql::qualified(&self.ctx.names.schema, staged);
+        crate::staging::count_unmatched(&self.ctx.pool, &table, &p.target)
+            .await
+            .map(Some)
+            .map_err(self.err("counting staged keys without a target row"))
     }
 
     /// Stores the plan and the total it found (the progress denominator), and logs it.

@@ -4,10 +4,13 @@
 -- expressions over the source row).
 ALTER TABLE {jobs}
     ADD COLUMN allow_cascade boolean NOT NULL DEFAULT false,
-    ADD COLUMN source_table text;
+    ADD COLUMN source_table text,
+    ADD COLUMN staged_table text;
 
 COMMENT ON COLUMN {jobs}.allow_cascade IS
     'let a delete run although foreign keys cascade into child tables (the plan still lists them)';
+COMMENT ON COLUMN {jobs}.staged_table IS
+    'updates from a data file: the staging table (in this schema) the job applies by key';
 COMMENT ON COLUMN {jobs}.source_table IS
     'action insert: the table walked in keyset batches; set_clause maps its rows to table_name''s columns';
 

@@ -1,0 +1,294 @@
+//! Updates from supplied data ("the business sent a spreadsheet"): a CSV file is loaded with COPY
+//! into a staging table in our schema, and an ordinary update job applies it to the target by key,
+//! batch by batch, with the predicate repeated, archive and revert as usual. Loading, checking and
+//! enqueueing are one transaction: a bad file (wrong columns, an unparsable value, a duplicate or
+//! missing key) fails with PostgreSQL's line number, and nothing is created.
+//!
+//! The job's fragments are generated, never taken from the file: the predicate selects target rows
+//! whose staged values differ (so a second run changes nothing and `verify` ends at 0), the set
+//! clause reads each column from the staged row of the same key.
+
+use std::path::Path;
+
+use sqlx::{Executor, PgConnection};
+
+use crate::sql::{Names, quote_ident};
+use crate::target::Target;
+
+/// Why a file could not be staged.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} has no header line")]
+    NoHeader { path: String },
+    #[error("{path}: column {column:?} is not a column of {table}")]
+    UnknownColumn {
+        path: String,
+        column: String,
+        table: String,
+    },
+    #[error("{path}: column {column:?} appears twice in the header")]
+    DuplicateColumn { path: String, column: String },
+    #[error("{path}: key column {column:?} is missing from the header")]
+    MissingKey { path: String, column: String },
+    #[error("{path}: the header names only key columns; nothing to update")]
+    NothingToUpdate { path: String },
+    #[error("{path}: generated column {column:?} cannot be updated")]
+    Generated { path: String, column: String },
+    #[error("{path}: {message} ({context})")]
+    Load {
+        path: String,
+        message: String,
+        context: String,
+    },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A staged file: where it is, and the fragments of the job that applies it.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// `"schema"."table"` of the staging table.
+    pub table: String,
+    pub rows: u64,
+    /// Staged keys with no target row: they will change nothing.
+    pub unmatched: i64,
+    pub predicate: String,
+    pub set_clause: String,
+}
+
+/// Loads `file` into a new staging table named after the job and returns the job's fragments.
+/// Runs on `conn` inside the caller's transaction, so a failure leaves nothing behind.
+pub async fn stage_csv(
+    conn: &mut PgConnection,
+    names: &Names,
+    job: &str,
+    target: &Target,
+    file: &Path,
+) -> Result<Staged, StagingError> {
+    let path = file.display().to_string();
+    let data = std::fs::read(file).map_err(|source| StagingError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let header =
+        parse_header(&data).ok_or_else(|| StagingError::NoHeader { path: path.clone() })?;
+    let values = check_columns(&path, &header, target)?;
+    let table = format!(
+        "{}.{}",
+        quote_ident(&names.schema),
+        quote_ident(&staging_name(job))
+    );
+    let columns = crate::target::column_list(header.iter().map(String::as_str));
+    let keys = crate::target::column_list(target.keys.iter().map(|k| k.name.as_str()));
+    conn.execute(
+        format!(
+            "CREATE TABLE {table} AS SELECT {columns} FROM {} WITH NO DATA;
+             ALTER TABLE {table} ADD PRIMARY KEY ({keys})",
+            target.quoted
+        )
+        .as_str(),
+    )
+    .await?;
+    let rows = copy_in(conn, &path, &table, &columns, data).await?;
+    let unmatched = count_unmatched(conn, &table, target).await?;
+    Ok(Staged {
+        predicate: predicate(&table, target, &values),
+        set_clause: set_clause(&table, target, &values),
+        table,
+        rows,
+        unmatched,
+    })
+}
+
+/// `<job>_staged`, cut to PostgreSQL's 63-byte names.
+pub fn staging_name(job: &str) -> String {
+    let base: String = job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{}_staged", &base[..base.len().min(56)])
+}
+
+async fn copy_in(
+    conn: &mut PgConnection,
+    path: &str,
+    table: &str,
+    columns: &str,
+    data: Vec<u8>,
+) -> Result<u64, StagingError> {
+    let sql = format!("COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv, HEADER true)");
+    let load = async {
+        let mut copy = conn.copy_in_raw(&sql).await?;
+        copy.send(data).await?;
+        copy.finish().await
+    };
+    load.await.map_err(|e| match &e {
+        sqlx::Error::Database(db) => {
+            let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            StagingError::Load {
+                path: path.to_owned(),
+                message: db.message().to_owned(),
+                context: pg.and_then(|p| p.r#where()).unwrap_or("COPY").to_owned(),
+            }
+        }
+        _ => StagingError::Database(e),
+    })
+}
+
+/// Staged keys with no target row.
+pub async fn count_unmatched<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    table: &str,
+    target: &Target,
+) -> sqlx::Result<i64> {
+    let sql = format!(
+        "SELECT count(*) FROM {table} AS _bf_staged WHERE NOT EXISTS (SELECT 1 FROM {} AS _bf_t WHERE {})",
+        target.quoted,
+        key_join("_bf_t", target)
+    );
+    sqlx::query_scalar(&sql).fetch_one(conn).await
+}
+
+/// The header's column names (CSV quoting: `"a ""b"""`); `None` for an empty file.
+fn parse_header(data: &[u8]) -> Option<Vec<String>> {
+    let text = String::from_utf8_lossy(data);
+    let line = text.lines().next()?.trim_end_matches('\r');
+    if line.trim().is_empty() {
+        return None;
+    }
+    let (mut names, mut cur, mut quoted, mut chars) =
+        (Vec::new(), String::new(), false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => names.push(std::mem::take(&mut cur).trim().to_owned()),
+            (c, _) => cur.push(c),
+        }
+    }
+    names.push(cur.trim().to_owned());
+    Some(names)
+}
+
+/// Every header column exists in the target, none twice, every key column present, at least one
+/// column to update and none generated. Returns the columns to update.
+fn check_columns(
+    path: &str,
+    header: &[String],
+    target: &Target,
+) -> Result<Vec<String>, StagingError> {
+    let mut seen = std::collections::HashSet::new();
+    for column in header {
+        let Some(c) = target.column(column) else {
+            return Err(StagingError::UnknownColumn {
+                path: path.to_owned(),
+                column: column.clone(),
+                table: target.display(),
+            });
+        };
+        if !seen.insert(column) {
+            return Err(StagingError::DuplicateColumn {
+                path: path.to_owned(),
+                column: column.clone(),
+            });
+        }
+        let is_key = target.keys.iter().any(|k| &k.name == column);
+        if c.generated && !is_key {
+            return Err(StagingError::Generated {
+                path: path.to_owned(),
+                column: column.clone(),
+            });
+        }
+    }
+    if let Some(k) = target.keys.iter().find(|k| !header.contains(&k.name)) {
+        return Err(StagingError::MissingKey {
+            path: path.to_owned(),
+            column: k.name.clone(),
+        });
+    }
+    let values: Vec<String> = header
+        .iter()
+        .filter(|c| !target.keys.iter().any(|k| &k.name == *c))
+        .cloned()
+        .collect();
+    if values.is_empty() {
+        return Err(StagingError::NothingToUpdate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(values)
+}
+
+/// `_bf_staged.k = <alias>.k AND …`.
+fn key_join(alias: &str, target: &Target) -> String {
+    target
+        .keys
+        .iter()
+        .map(|k| format!("_bf_staged.{0} = {alias}.{0}", quote_ident(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Target rows whose staged values differ. The target is named by its bare table name, which
+/// every statement of the job can use for the row it is on.
+fn predicate(staging: &str, target: &Target, values: &[String]) -> String {
+    let row = quote_ident(&target.table);
+    let staged: Vec<String> = values
+        .iter()
+        .map(|c| format!("_bf_staged.{}", quote_ident(c)))
+        .collect();
+    let current: Vec<String> = values
+        .iter()
+        .map(|c| format!("{row}.{}", quote_ident(c)))
+        .collect();
+    format!(
+        "EXISTS (SELECT 1 FROM {staging} AS _bf_staged WHERE {} AND ROW({}) IS DISTINCT FROM ROW({}))",
+        key_join(&row, target),
+        staged.join(", "),
+        current.join(", ")
+    )
+}
+
+fn set_clause(staging: &str, target: &Target, values: &[String]) -> String {
+    let row = quote_ident(&target.table);
+    values
+        .iter()
+        .map(|c| {
+            format!(
+                "{col} = (SELECT _bf_staged.{col} FROM {staging} AS _bf_staged WHERE {})",
+                key_join(&row, target),
+                col = quote_ident(c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_follow_csv_quoting() {
+        assert_eq!(
+            parse_header(b"id,\"a \"\"b\"\"\", c\r\n1,2,3\n"),
+            Some(vec!["id".into(), "a \"b\"".into(), "c".into()])
+        );
+        assert_eq!(parse_header(b""), None);
+        assert_eq!(staging_name("Fix Prices!"), "fix_prices__staged");
+    }
+}
