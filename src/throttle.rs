@@ -16,6 +16,12 @@ pub struct Controller {
     min: i64,
     max: i64,
     target: Duration,
+    /// The previous batch: its size and how long it took.
+    last: Option<(i64, Duration)>,
+    /// Never shrink below this: a smaller batch once proved no faster (the time was per
+    /// statement, e.g. a subquery hashing a whole table, not per key), so shrinking further would
+    /// only multiply the statements.
+    floor: i64,
 }
 
 const MAX_GROWTH: f64 = 1.5;
@@ -30,6 +36,8 @@ impl Controller {
             min: t.min_size,
             max: t.max_size,
             target: Duration::from_millis(t.target_batch_ms as u64),
+            last: None,
+            floor: t.min_size,
         }
     }
 
@@ -40,6 +48,17 @@ impl Controller {
     /// Adapts after a batch that scanned a full window in `elapsed`.
     pub fn observe(&mut self, elapsed: Duration) {
         let elapsed = elapsed.max(Duration::from_millis(1));
+        if let Some((size, took)) = self.last
+            && self.size < size
+            && elapsed.as_secs_f64() >= 0.8 * took.as_secs_f64()
+        {
+            // Smaller, yet not faster: go back to the larger size and stay at or above it.
+            self.floor = size.min(self.max);
+            self.last = Some((self.size, elapsed));
+            self.set(size);
+            return;
+        }
+        self.last = Some((self.size, elapsed));
         let ratio = self.target.as_secs_f64() / elapsed.as_secs_f64();
         let factor = if ratio >= 1.0 {
             // Within 10% of the target is close enough: hold steady.
@@ -54,13 +73,16 @@ impl Controller {
         self.set((self.size as f64 * factor).round() as i64);
     }
 
-    /// A statement timeout or other transient failure: halve.
+    /// A statement timeout, a transient failure or sessions waiting on the batch: halve, below
+    /// any floor (which is forgotten: the server says smaller, whatever the statement costs).
     pub fn back_off(&mut self) {
+        self.floor = self.min;
+        self.last = None;
         self.set(self.size / 2);
     }
 
     fn set(&mut self, size: i64) {
-        self.size = size.clamp(self.min, self.max);
+        self.size = size.clamp(self.floor.max(self.min), self.max);
     }
 }
 
@@ -406,6 +428,30 @@ mod tests {
             c.observe(Duration::from_millis(1));
         }
         assert_eq!(c.size(), 10_000, "never above max");
+    }
+
+    #[test]
+    fn controller_stops_shrinking_when_smaller_batches_are_no_faster() {
+        // Every statement costs 40 ms whatever its size (say, a subquery hashing a whole table):
+        // shrinking toward a 20 ms target can only multiply the statements.
+        let mut t = throttle();
+        t.target_batch_ms = 20;
+        let mut c = Controller::new(&t, None);
+        let fixed = |size: i64| Duration::from_micros(40_000 + size as u64);
+        for _ in 0..20 {
+            c.observe(fixed(c.size()));
+        }
+        assert!(
+            c.size() >= 500,
+            "stopped near where shrinking stopped helping: {}",
+            c.size()
+        );
+        // Per-key cost still shrinks proportionally.
+        let mut c = Controller::new(&t, None);
+        for _ in 0..20 {
+            c.observe(Duration::from_micros(100 * c.size() as u64));
+        }
+        assert_eq!(c.size(), 200);
     }
 
     #[test]
