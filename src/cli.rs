@@ -311,27 +311,7 @@ async fn operate(
 ) -> anyhow::Result<()> {
     match command {
         Command::Migrate => print_migrated(names, &schema::migrate(pool, names).await?),
-        Command::Enqueue(args) => {
-            let (output, file) = (args.output, args.from_csv.clone());
-            let job = new_job(*args);
-            let row = match file {
-                Some(file) => {
-                    let (row, staged) =
-                        ops::enqueue_from_csv(pool, names, cfg, &job, &file).await?;
-                    eprintln!(
-                        "staged {} rows of {} into {}; {} keys match no row of {}",
-                        staged.rows,
-                        file.display(),
-                        staged.table,
-                        staged.unmatched,
-                        job.table_name
-                    );
-                    row
-                }
-                None => ops::enqueue(pool, names, &job).await?,
-            };
-            print_jobs(&[row], output, true);
-        }
+        Command::Enqueue(args) => enqueue(pool, names, cfg, *args).await?,
         Command::Status {
             name,
             watch,
@@ -476,6 +456,34 @@ fn print_report(report: &Report, output: Output) {
     } else {
         eprintln!("backfilld: {}: violations found", report.table);
     }
+}
+
+/// `enqueue`, from flags or from a CSV file.
+async fn enqueue(
+    pool: &sqlx::PgPool,
+    names: &Names,
+    cfg: &Config,
+    args: EnqueueArgs,
+) -> anyhow::Result<()> {
+    let (output, file) = (args.output, args.from_csv.clone());
+    let job = new_job(args);
+    let row = match file {
+        Some(file) => {
+            let (row, staged) = ops::enqueue_from_csv(pool, names, cfg, &job, &file).await?;
+            eprintln!(
+                "staged {} rows of {} into {}; {} keys match no row of {}",
+                staged.rows,
+                file.display(),
+                staged.table,
+                staged.unmatched,
+                job.table_name
+            );
+            row
+        }
+        None => ops::enqueue(pool, names, &job).await?,
+    };
+    print_jobs(&[row], output, true);
+    Ok(())
 }
 
 fn new_job(a: EnqueueArgs) -> NewJob {

@@ -216,14 +216,9 @@ impl Counter<'_> {
 }
 
 impl Counter<'_> {
-    /// Sample rows the change would touch: key plus before and after values (update), or the
-    /// whole row (delete).
-    pub async fn samples(
-        &self,
-        assignments: &[crate::fragment::Assignment],
-        action: Action,
-        limit: i64,
-    ) -> Result<Vec<Value>, JobError> {
+    /// The `jsonb_build_object` arguments of one sample row: key plus before and after values
+    /// (update), the values to insert (insert), or the whole row (delete).
+    fn sample_body(&self, assignments: &[crate::fragment::Assignment], action: Action) -> String {
         let pairs = |cols: Vec<(String, String)>| {
             cols.into_iter()
                 .map(|(name, expr)| format!("{}, {expr}", crate::sql::quote_literal(&name)))
@@ -231,7 +226,7 @@ impl Counter<'_> {
                 .join(", ")
         };
         let key = format!("jsonb_build_array({})", self.keyset.as_text());
-        let body = match action {
+        match action {
             Action::Update => {
                 let before = pairs(
                     assignments
@@ -268,7 +263,18 @@ impl Counter<'_> {
                 );
                 format!("'key', {key}, 'row', jsonb_build_object({row})")
             }
-        };
+        }
+    }
+
+    /// Sample rows the change would touch: key plus before and after values (update), or the
+    /// whole row (delete).
+    pub async fn samples(
+        &self,
+        assignments: &[crate::fragment::Assignment],
+        action: Action,
+        limit: i64,
+    ) -> Result<Vec<Value>, JobError> {
+        let body = self.sample_body(assignments, action);
         let (range, limit_param) = self.keyset.range(None, false);
         let sql = format!(
             "SELECT jsonb_build_object({body}) FROM {table}

@@ -28,6 +28,7 @@ use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
 
 mod attempt;
 mod batches;
+mod planning;
 mod prepare;
 mod progress;
 mod slices;

@@ -2,9 +2,7 @@
 //! bound, plan (dry run), check the ceiling, and build the change (with its archive).
 
 use super::*;
-use crate::cascade::{self, Cascade};
 use crate::fragment::ServerCheck;
-use crate::idempotency::{self, Verdict};
 
 impl Attempt<'_> {
     /// Resolves the target and validates fragments; freezes the upper bound on first run.
@@ -190,157 +188,7 @@ impl Attempt<'_> {
         Ok(upper)
     }
 
-    pub(super) fn counter<'b>(
-        &'b self,
-        p: &'b Prepared,
-        upper: &'b Key,
-        predicate: &'b str,
-        throttle: &'b Throttle,
-    ) -> Counter<'b> {
-        Counter {
-            pool: &self.ctx.pool,
-            job: &self.row.name,
-            target: &p.target,
-            keyset: &p.keyset,
-            predicate,
-            upper,
-            throttle,
-            cancel: &self.interrupt,
-        }
-    }
-
-    /// Counts, samples and explains; stores the plan. `None` if interrupted while counting.
-    pub(super) async fn plan(
-        &mut self,
-        p: &Prepared,
-        upper: &Key,
-        cfg: &Config,
-    ) -> Result<Option<Plan>, JobError> {
-        let started = Instant::now();
-        let mut counted_target = p.target.clone();
-        if let Some(a) = &p.source_archive {
-            counted_target = archive_as_target(a, &p.target);
-        }
-        let counter = Counter {
-            target: &counted_target,
-            ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle)
-        };
-        let Some(counted) = counter.count().await? else {
-            return Ok(None);
-        };
-        let (in_range, matching) = (counted.keys, counted.matching);
-        let samples = if p.source_archive.is_some() {
-            Vec::new()
-        } else {
-            counter
-                .samples(
-                    &p.fragments.assignments,
-                    p.spec.action,
-                    cfg.safety.plan_sample_rows,
-                )
-                .await?
-        };
-        let plain = self.change_for(p, None);
-        let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
-        let (estimated_seconds, estimate_basis) =
-            plan::estimate(&p.spec.throttle, in_range, matching);
-        let plan = Plan {
-            rows_matching: matching,
-            rows_in_range: in_range,
-            upper_bound: upper.to_json(),
-            samples,
-            explain,
-            estimated_seconds,
-            estimate_basis,
-            count_seconds: started.elapsed().as_secs_f64(),
-            boundaries: counted.boundaries,
-            idempotency: self.idempotency(p, upper, cfg).await,
-            cascades: self.cascades(p, upper).await?,
-            unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
-        };
-        self.store_plan(&plan).await?;
-        Ok(Some(plan))
-    }
-
-    /// The checklist's "run it twice" rule, for updates (a delete or revert cannot select its
-    /// own result again). Warns when the sampled rows would change again.
-    async fn idempotency(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Option<Verdict> {
-        if p.spec.action != Action::Update {
-            return None;
-        }
-        let limit = cfg.safety.plan_sample_rows.max(1);
-        let pool = &self.ctx.pool;
-        let verdict =
-            idempotency::check(pool, &p.target, &p.keyset, &p.fragments, upper, limit).await;
-        if verdict.idempotent != Some(true) {
-            tracing::warn!(verdict = %verdict.summary, "idempotency check");
-        }
-        Some(verdict)
-    }
-
-    /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
-    /// it allows cascades (the archive cannot restore child rows).
-    async fn cascades(&self, p: &Prepared, upper: &Key) -> Result<Vec<Cascade>, JobError> {
-        if p.spec.action != Action::Delete {
-            return Ok(Vec::new());
-        }
-        let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
-        let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
-        if !found.is_empty() && !p.spec.allow_cascade {
-            return Err(cascade::refusal(&p.spec.name, &p.target, &found));
-        }
-        Ok(found)
-    }
-
-    /// For updates from a data file: staged keys with no target row.
-    async fn unmatched_staged_keys(&self, p: &Prepared) -> Result<Option<i64>, JobError> {
-        let Some(staged) = &self.row.staged_table else {
-            return Ok(None);
-        };
-        let table = crate::sql::qualified(&self.ctx.names.schema, staged);
-        crate::staging::count_unmatched(&self.ctx.pool, &table, &p.target)
-            .await
-            .map(Some)
-            .map_err(self.err("counting staged keys without a target row"))
-    }
-
-    /// Stores the plan and the total it found (the progress denominator), and logs it.
-    async fn store_plan(&mut self, plan: &Plan) -> Result<(), JobError> {
-        let stored = plan.to_stored().map_err(|e| {
-            JobError::invalid(&self.row.name, format!("the plan cannot be stored ({e})"))
-        })?;
-        self.store(RowUpdate {
-            plan: Some(stored),
-            estimated_total: Some(plan.rows_in_range),
-            ..Default::default()
-        })
-        .await?;
-        tracing::info!(
-            rows_matching = plan.rows_matching,
-            rows_in_range = plan.rows_in_range,
-            seconds = plan.count_seconds,
-            "planned"
-        );
-        Ok(())
-    }
-
-    pub(super) fn check_ceiling(&self, p: &Prepared, plan: &Plan) -> Result<(), JobError> {
-        let Some(max) = p.spec.max_affected else {
-            return Ok(());
-        };
-        let would = plan.rows_matching;
-        if would > max {
-            return Err(JobError::Ceiling {
-                job: p.spec.name.clone(),
-                table: p.target.display(),
-                would_change: would,
-                max_affected: max,
-            });
-        }
-        Ok(())
-    }
-
-    fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
+    pub(super) fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
         if let Some(into) = &p.into {
             let insert = Insert::new(&p.target, into, &p.keyset, &p.fragments, archive);
             return Change::Insert(insert);
@@ -397,7 +245,7 @@ impl Attempt<'_> {
 }
 
 /// The archive table seen as a keyset source: its own name, the target's key columns.
-fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Target {
+pub(super) fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Target {
     Target {
         quoted: archive.quoted.clone(),
         table: archive.name.clone(),
