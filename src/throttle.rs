@@ -20,9 +20,14 @@ pub struct Controller {
     last: Option<(i64, Duration)>,
     /// Never shrink below this: a smaller batch once proved no faster (the time was per
     /// statement, e.g. a subquery hashing a whole table, not per key), so shrinking further would
-    /// only multiply the statements.
+    /// only multiply the statements. Held for `FLOOR_BATCHES` batches, then tested again.
     floor: i64,
+    floor_left: u32,
 }
+
+/// How many batches a floor holds before the controller may test smaller sizes again (a stall
+/// that slowed two batches in a row must not pin the size for the rest of the run).
+const FLOOR_BATCHES: u32 = 32;
 
 const MAX_GROWTH: f64 = 1.5;
 
@@ -38,6 +43,7 @@ impl Controller {
             target: Duration::from_millis(t.target_batch_ms as u64),
             last: None,
             floor: t.min_size,
+            floor_left: 0,
         }
     }
 
@@ -48,12 +54,19 @@ impl Controller {
     /// Adapts after a batch that scanned a full window in `elapsed`.
     pub fn observe(&mut self, elapsed: Duration) {
         let elapsed = elapsed.max(Duration::from_millis(1));
+        if self.floor_left > 0 {
+            self.floor_left -= 1;
+            if self.floor_left == 0 {
+                self.floor = self.min;
+            }
+        }
         if let Some((size, took)) = self.last
             && self.size < size
             && elapsed.as_secs_f64() >= 0.8 * took.as_secs_f64()
         {
             // Smaller, yet not faster: go back to the larger size and stay at or above it.
             self.floor = size.min(self.max);
+            self.floor_left = FLOOR_BATCHES;
             self.last = Some((self.size, elapsed));
             self.set(size);
             return;
@@ -77,6 +90,7 @@ impl Controller {
     /// any floor (which is forgotten: the server says smaller, whatever the statement costs).
     pub fn back_off(&mut self) {
         self.floor = self.min;
+        self.floor_left = 0;
         self.last = None;
         self.set(self.size / 2);
     }
