@@ -48,18 +48,7 @@ impl ArchiveTable {
     /// `orders_status_v1_20261121_j42`: readable, unique (job id), at most 63 bytes.
     pub fn name_for(job: &str, job_id: i64, date: chrono::NaiveDate) -> String {
         let suffix = format!("_{}_j{job_id}", date.format("%Y%m%d"));
-        let mut base: String = job
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        base.truncate(63 - suffix.len());
-        format!("{base}{suffix}")
+        crate::sql::table_name_for(job, &suffix)
     }
 
     pub fn after_column(i: usize) -> String {

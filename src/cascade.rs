@@ -15,14 +15,12 @@ use crate::target::Target;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cascade {
     pub constraint: String,
-    /// `schema.table` of the referencing table.
+    /// `schema.table` of the referencing table, quoted as SQL needs it (`format('%I.%I')`).
     pub child: String,
     /// `CASCADE`, `SET NULL` or `SET DEFAULT`.
     pub on_delete: String,
     /// Child rows that reference a row the delete selects; `None` when counting failed.
     pub child_rows: Option<i64>,
-    #[serde(skip)]
-    child_quoted: String,
     #[serde(skip)]
     child_columns: Vec<String>,
     #[serde(skip)]
@@ -90,13 +88,11 @@ pub async fn find(
 }
 
 fn cascade((constraint, child, on_delete, child_columns, parent_columns): Row) -> Cascade {
-    let child_quoted = child.clone();
     Cascade {
         constraint,
         child,
         on_delete,
         child_rows: None,
-        child_quoted,
         child_columns,
         parent_columns,
     }
@@ -121,7 +117,7 @@ fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> 
     format!(
         "SELECT count(*) FROM {child} AS _bf_c
          WHERE EXISTS (SELECT 1 FROM {table} AS _bf_t WHERE {on} AND {range} AND ({predicate}))",
-        child = c.child_quoted,
+        child = c.child,
         table = target.quoted,
         on = on.join(" AND "),
     )

@@ -56,33 +56,25 @@ pub async fn check(
     upper: &Key,
     limit: i64,
 ) -> Verdict {
-    match still_selected(pool, target, keyset, fragments, upper, limit).await {
+    let sql = statement(target, keyset, fragments);
+    let measured = async {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<bool> = bind_keys(sqlx::query(&sql), &[upper])
+            .bind(limit)
+            .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        let still = rows.iter().filter(|selected| **selected).count();
+        Ok::<_, sqlx::Error>((rows.len() as i64, still as i64))
+    };
+    match measured.await {
         Ok((sampled, still)) => Verdict::measured(sampled, still),
         Err(e) => Verdict {
             summary: format!("could not check: {e}"),
             ..Verdict::default()
         },
     }
-}
-
-async fn still_selected(
-    pool: &PgPool,
-    target: &Target,
-    keyset: &Keyset,
-    fragments: &Fragments,
-    upper: &Key,
-    limit: i64,
-) -> sqlx::Result<(i64, i64)> {
-    let sql = statement(target, keyset, fragments);
-    let mut tx = pool.begin().await?;
-    let rows: Vec<bool> = bind_keys(sqlx::query(&sql), &[upper])
-        .bind(limit)
-        .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.rollback().await?;
-    let still = rows.iter().filter(|selected| **selected).count();
-    Ok((rows.len() as i64, still as i64))
 }
 
 /// `WITH _bf_s AS (keys of the first rows selected) UPDATE … FROM _bf_s RETURNING (predicate)`:

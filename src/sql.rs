@@ -11,6 +11,23 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// A job name as part of a table name: lower-case ASCII letters, digits and `_`, then `suffix`,
+/// at most 63 bytes in all (PostgreSQL's identifier limit).
+pub fn table_name_for(job: &str, suffix: &str) -> String {
+    let mut base: String = job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.truncate(63usize.saturating_sub(suffix.len()));
+    format!("{base}{suffix}")
+}
+
 /// Quotes a string literal (used only for DDL, where parameters are not allowed).
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))

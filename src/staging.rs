@@ -107,17 +107,7 @@ pub async fn stage_csv(
 
 /// `<job>_staged`, cut to PostgreSQL's 63-byte names.
 pub fn staging_name(job: &str) -> String {
-    let base: String = job
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{}_staged", &base[..base.len().min(56)])
+    crate::sql::table_name_for(job, "_staged")
 }
 
 async fn copy_in(
