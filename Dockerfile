@@ -56,6 +56,7 @@ USER 10001:10001
 WORKDIR /
 EXPOSE 9187
 
-# BACKFILLD_CONFIG applies to every subcommand: `docker run IMAGE status`, `... migrate`.
+# BACKFILLD_CONFIG applies to every subcommand (`docker run IMAGE status`, `... migrate`); an explicit
+# `--config PATH` argument takes precedence over it.
 ENTRYPOINT ["backfilld"]
 CMD ["run"]
