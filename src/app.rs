@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Source};
 use crate::daemon::{Daemon, Readiness};
+use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::runner::Context;
@@ -16,28 +15,9 @@ use crate::sql::Names;
 use crate::telemetry::Telemetry;
 use crate::{http, schema, shutdown};
 
-/// Opens the pool. Every connection carries `application_name` (so DBAs can see who we are) and
-/// the batch `lock_timeout`/`statement_timeout` as session defaults: no statement backfilld runs
-/// (validation, planning, bookkeeping) may wait forever behind a lock. Batch transactions add
-/// their own settings in their `BEGIN` (`batch::TxSettings`).
-pub async fn connect(cfg: &Config) -> Result<PgPool> {
-    let db = &cfg.database;
-    let options: PgConnectOptions = db.url.parse()?;
-    let options = options.application_name(&db.application_name).options([
-        (
-            "lock_timeout",
-            format!("{}ms", cfg.batch.lock_timeout.as_millis()),
-        ),
-        (
-            "statement_timeout",
-            format!("{}ms", cfg.batch.statement_timeout.as_millis()),
-        ),
-    ]);
-    Ok(PgPoolOptions::new()
-        .max_connections(db.max_connections)
-        .acquire_timeout(db.connect_timeout)
-        .connect_with(options)
-        .await?)
+/// Opens the pool (see `Db::connect`).
+pub async fn connect(cfg: &Config) -> Result<Db> {
+    Ok(Db::connect(cfg).await?)
 }
 
 /// `<hostname>-<pid>-<random>` unless configured.

@@ -5,6 +5,7 @@
 
 use sqlx::{Executor, PgConnection};
 
+use crate::db::Db;
 use crate::job::State;
 use crate::sql::{Names, quote_ident, quote_literal};
 use crate::target::{Target, column_list};
@@ -143,7 +144,7 @@ impl ArchiveTable {
         name: &str,
         target: &Target,
     ) -> sqlx::Result<Option<Self>> {
-        let columns: Vec<String> = sqlx::query_scalar(
+        let columns: Vec<String> = crate::sql::query_scalar(
             "SELECT attname::text FROM pg_attribute
              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         )
@@ -174,33 +175,46 @@ impl ArchiveTable {
 
     /// Readies the archive for a revert: a unique index on the keys (built now, not during the
     /// backfill, where it would slow every archived batch) so the revert can walk it by keyset,
-    /// then `VACUUM (ANALYZE)`: the archive was only ever inserted into, so without it every key
-    /// the plan counts and every window the revert reads fetches its heap tuple (no visibility
-    /// map for index-only scans; measured 10.8 s of a 36 s revert of 5M rows), and the planner
-    /// would guess its row counts. Both run under `timeout` instead of the batch
-    /// `statement_timeout`, which is restored afterwards, also on error.
-    pub async fn prepare_revert(
-        &self,
-        conn: &mut PgConnection,
-        timeout: std::time::Duration,
-    ) -> sqlx::Result<()> {
+    /// and fresh statistics, so the planner does not guess its row counts. Then, where a session
+    /// connection exists (see `db`), `VACUUM`: the archive was only ever inserted into, so
+    /// without a visibility map every key the plan counts and every window the revert reads
+    /// fetches its heap tuple (measured 10.8 s of a 36 s revert of 5M rows). All of it runs
+    /// under `timeout` instead of the batch `statement_timeout`.
+    pub async fn prepare_revert(&self, db: &Db, timeout: std::time::Duration) -> sqlx::Result<()> {
+        let timeout = format!("{}ms", timeout.as_millis());
         let index = format!(
             "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
             quote_ident(&format!("{}_key", &self.name[..self.name.len().min(58)])),
             self.quoted,
             column_list(self.keys.iter().map(String::as_str))
         );
-        let vacuum = format!("VACUUM (ANALYZE) {}", self.quoted);
-        sqlx::query("SELECT set_config('statement_timeout', $1, false)")
-            .bind(format!("{}ms", timeout.as_millis()))
-            .execute(&mut *conn)
+        let mut tx = db.begin().await?;
+        crate::sql::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(&timeout)
+            .execute(&mut *tx)
             .await?;
-        let mut done = conn.execute(index.as_str()).await.map(drop);
+        tx.execute(index.as_str()).await?;
+        tx.execute(format!("ANALYZE {}", self.quoted).as_str())
+            .await?;
+        tx.commit().await?;
+        let Some(mut conn) = db.session().await? else {
+            return Ok(());
+        };
+        // VACUUM runs outside a transaction: a session setting, reset afterwards (or the
+        // connection is closed, so it cannot leak).
+        let vacuum = format!("VACUUM {}", self.quoted);
+        let mut done = crate::sql::query("SELECT set_config('statement_timeout', $1, false)")
+            .bind(&timeout)
+            .execute(&mut *conn)
+            .await
+            .map(drop);
         if done.is_ok() {
             done = conn.execute(vacuum.as_str()).await.map(drop);
         }
-        let reset = conn.execute("RESET statement_timeout").await.map(drop);
-        done.and(reset)
+        if conn.execute("RESET statement_timeout").await.is_err() || done.is_err() {
+            conn.close_on_drop();
+        }
+        done
     }
 }
 
@@ -214,12 +228,12 @@ WHERE j.archive_table IS NOT NULL
 FOR UPDATE SKIP LOCKED";
 
 /// Drops archive tables of jobs finished more than `days` ago, logging each; returns how many.
-pub async fn drop_expired(pool: &sqlx::PgPool, names: &Names, days: i64) -> sqlx::Result<usize> {
+pub async fn drop_expired(pool: &crate::db::Db, names: &Names, days: i64) -> sqlx::Result<usize> {
     if days <= 0 {
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
-    let expired: Vec<(i64, String, String)> = sqlx::query_as(
+    let expired: Vec<(i64, String, String)> = crate::sql::query_as(
         &names
             .render(EXPIRED)
             .replace("{finished}", &State::finished_sql()),
@@ -234,7 +248,7 @@ pub async fn drop_expired(pool: &sqlx::PgPool, names: &Names, days: i64) -> sqlx
             quote_ident(table)
         );
         sqlx::raw_sql(&drop).execute(&mut *tx).await?;
-        sqlx::query(&names.render("UPDATE {jobs} SET archive_table = NULL WHERE id = $1"))
+        crate::sql::query(&names.render("UPDATE {jobs} SET archive_table = NULL WHERE id = $1"))
             .bind(id)
             .execute(&mut *tx)
             .await?;

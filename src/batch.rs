@@ -11,7 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, Row};
+
+use crate::db::Db;
 
 use crate::change::Change;
 use crate::claim::{self, Control, Lease};
@@ -74,7 +76,7 @@ impl TxSettings {
 
 /// Everything a batch needs that stays the same for the whole run.
 pub struct Batcher<'a> {
-    pub pool: &'a PgPool,
+    pub pool: &'a Db,
     pub names: &'a Names,
     pub lease: &'a Lease,
     pub table: &'a str,
@@ -233,7 +235,7 @@ impl Batcher<'_> {
             &self.window.first
         };
         let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(sqlx::query(sql), &bounds)
+        let row = bind_keys(crate::sql::query(sql), &bounds)
             .bind(size)
             .fetch_optional(conn)
             .await
@@ -266,7 +268,7 @@ impl Batcher<'_> {
             Some(_) => (self.change.statement(has_cursor), true),
             None => (self.change.statement(has_cursor), false),
         };
-        let query = bind_keys(sqlx::query(sql), &bounds);
+        let query = bind_keys(crate::sql::query(sql), &bounds);
         if !optimistic {
             let done = query
                 .execute(conn)
@@ -293,7 +295,7 @@ impl Batcher<'_> {
         size: i64,
     ) -> Result<(Control, Impact), JobError> {
         let row: Option<(Option<String>, i64, Vec<f64>)> =
-            sqlx::query_as(&claim::fenced(self.names, CHECKPOINT))
+            crate::sql::query_as(&claim::fenced(self.names, CHECKPOINT))
                 .bind(self.lease.job_id)
                 .bind(self.lease.attempt)
                 .bind(&self.lease.owner)

@@ -16,12 +16,15 @@
 //! A role that may not VACUUM the target (PostgreSQL 15: owner, database owner or superuser;
 //! 17+: also the MAINTAIN privilege) still runs its jobs: the guard says so once in the log and in
 //! `backfilld_bloat_guard_vacuum_allowed{job} 0`, and the dead-tuple health signal holds batches
-//! until autovacuum catches up.
+//! until autovacuum catches up. So does a replica behind a transaction pooler without
+//! `database.direct_url` (`Standing::NoSession`): VACUUM needs a session of its own.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
+
+use crate::db::Db;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BloatConfig;
@@ -66,6 +69,8 @@ pub enum Standing {
     Disabled,
     /// The role may not VACUUM the target: the job waits for autovacuum instead.
     NotPermitted,
+    /// Through a transaction pooler without `database.direct_url`: no connection may VACUUM.
+    NoSession,
     /// The privilege check failed: the job waits for autovacuum instead.
     Unchecked,
 }
@@ -97,7 +102,7 @@ impl BloatGuard {
 
     /// Sets the guard up for a job over `rows` keys, checking once whether the role may VACUUM.
     pub async fn new(
-        pool: &PgPool,
+        pool: &Db,
         cfg: &BloatConfig,
         wanted: bool,
         target: &Target,
@@ -107,8 +112,10 @@ impl BloatGuard {
             Standing::Off
         } else if !cfg.guard {
             Standing::Disabled
+        } else if !pool.has_session() {
+            Standing::NoSession
         } else {
-            let permitted: Option<bool> = sqlx::query_scalar(MAY_VACUUM)
+            let permitted: Option<bool> = crate::sql::query_scalar(MAY_VACUUM)
                 .bind(sqlx::postgres::types::Oid(target.oid))
                 .fetch_optional(pool)
                 .await?;
@@ -156,7 +163,7 @@ impl BloatGuard {
     /// waits for it.
     pub async fn vacuum(
         &self,
-        pool: &PgPool,
+        pool: &Db,
         job: &str,
         target: &Target,
         full: bool,
@@ -180,7 +187,9 @@ impl BloatGuard {
         // Session settings (VACUUM cannot run inside a transaction block, so no SET LOCAL),
         // reset before the connection goes back to the pool; if anything fails on the way the
         // connection is closed instead, so they can never leak.
-        let mut pooled = run.pool.acquire().await?;
+        let Some(mut pooled) = run.pool.session().await? else {
+            return Ok(()); // never: the guard stands `NoSession` without sessions
+        };
         let settings = (self.timeout, self.cost_delay);
         let result = run.on(&mut pooled, settings).await;
         if result.is_err() || reset_session(&mut pooled).await.is_err() {
@@ -192,7 +201,7 @@ impl BloatGuard {
 
 /// One VACUUM of the guard.
 struct Run<'a> {
-    pool: &'a PgPool,
+    pool: &'a Db,
     target: &'a Target,
     full: bool,
     wake: &'a CancellationToken,
@@ -204,7 +213,7 @@ impl Run<'_> {
         conn: &mut PgConnection,
         (timeout, cost_delay): (Duration, Duration),
     ) -> Result<(), sqlx::Error> {
-        let pid: i32 = sqlx::query_scalar(
+        let pid: i32 = crate::sql::query_scalar(
             "SELECT pg_backend_pid() FROM (SELECT set_config('statement_timeout', $1, false),
                                                   set_config('vacuum_cost_delay', $2, false)) s",
         )
@@ -217,13 +226,13 @@ impl Run<'_> {
             "VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP {index_cleanup}) {}",
             self.target.quoted
         );
-        let running = sqlx::query(&vacuum).persistent(false).execute(&mut *conn);
+        let running = crate::sql::query(&vacuum).execute(&mut *conn);
         tokio::pin!(running);
         tokio::select! {
             done = &mut running => done.map(|_| ()),
             _ = self.wake.cancelled() => {
                 // The statement ends with 57014 at its next interrupt check.
-                let cancel = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid);
+                let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
                 if let Err(e) = cancel.execute(self.pool).await {
                     tracing::warn!(error = %e, "bloat guard: could not cancel the VACUUM");
                 }
@@ -236,10 +245,7 @@ impl Run<'_> {
 /// Back to the connection's start-up values (the pool's session defaults).
 async fn reset_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     for reset in ["RESET statement_timeout", "RESET vacuum_cost_delay"] {
-        sqlx::query(reset)
-            .persistent(false)
-            .execute(&mut *conn)
-            .await?;
+        crate::sql::query(reset).execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! rows no revert can restore. The plan lists them with the child rows the delete would touch,
 //! and refuses the job unless its row says `allow_cascade = true`.
 
+use crate::db::Db;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 
 use crate::error::JobError;
 use crate::keyset::{Key, Keyset, bind_keys};
@@ -61,14 +61,14 @@ type Row = (String, String, String, Vec<String>, Vec<String>);
 /// The cascades a delete of the rows `predicate` selects (keys up to `upper`) would go through,
 /// each with its child-row count.
 pub async fn find(
-    pool: &PgPool,
+    pool: &Db,
     job: &str,
     target: &Target,
     keyset: &Keyset,
     predicate: &str,
     upper: &Key,
 ) -> Result<Vec<Cascade>, JobError> {
-    let rows: Vec<Row> = sqlx::query_as(CASCADES)
+    let rows: Vec<Row> = crate::sql::query_as(CASCADES)
         .bind(sqlx::postgres::types::Oid(target.oid))
         .fetch_all(pool)
         .await
@@ -76,7 +76,7 @@ pub async fn find(
     let mut cascades: Vec<Cascade> = rows.into_iter().map(cascade).collect();
     for c in &mut cascades {
         let sql = count_sql(c, target, keyset, predicate);
-        let counted: sqlx::Result<i64> = bind_keys(sqlx::query(&sql), &[upper])
+        let counted: sqlx::Result<i64> = bind_keys(crate::sql::query(&sql), &[upper])
             .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
             .fetch_one(pool)
             .await;

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
+
+use crate::db::Db;
 
 use crate::config::{BatchConfig, Config};
 use crate::error::JobError;
@@ -162,7 +164,7 @@ impl Report {
 /// Runs `checks` against `table`, in the order given.
 #[tracing::instrument(skip(pool, names, cfg, checks))]
 pub async fn run(
-    pool: &PgPool,
+    pool: &Db,
     names: &Names,
     cfg: &Config,
     table: &str,
@@ -205,7 +207,7 @@ pub async fn run(
 }
 
 async fn resolve(
-    pool: &PgPool,
+    pool: &Db,
     names: &Names,
     cfg: &Config,
     table: &str,
@@ -221,13 +223,17 @@ async fn resolve(
         own_schema: &names.schema,
         allowed_tables: &cfg.safety.allowed_tables,
     };
-    resolve.run(&mut conn).await.map_err(|e| match e {
+    let target = resolve.run(&mut conn).await.map_err(|e| match e {
         JobError::Invalid { reason, .. } => CheckError::Refused {
             table: table.into(),
             reason,
         },
         other => CheckError::Sql(other),
-    })
+    })?;
+    conn.finish()
+        .await
+        .map_err(|e| CheckError::Sql(JobError::sql(LABEL, table, "committing", e)))?;
+    Ok(target)
 }
 
 /// A row check counted in every window: a condition true (never NULL) for an offending row.
@@ -254,12 +260,7 @@ struct Resolved {
 }
 
 impl Resolved {
-    async fn add(
-        &mut self,
-        pool: &PgPool,
-        target: &Target,
-        check: &Check,
-    ) -> Result<(), CheckError> {
+    async fn add(&mut self, pool: &Db, target: &Target, check: &Check) -> Result<(), CheckError> {
         match check {
             Check::NotNull(name) => self.not_null(target, name),
             Check::Unique(names) => self.unique(target, names),
@@ -368,12 +369,8 @@ fn orphan(target: &Target, child: &Column, parent: &str, parent_column: &str) ->
 /// The parent table of an orphans check, resolved by the server like a target, and whether it has
 /// the column. It is only read (one probe per child row), so the allowlist, which names the tables
 /// jobs may change, does not apply to it. Returns its quoted and its display name.
-async fn find_parent(
-    pool: &PgPool,
-    given: &str,
-    column: &str,
-) -> Result<(String, String), CheckError> {
-    let row: Option<(String, String, bool)> = sqlx::query_as(
+async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<(String, String), CheckError> {
+    let row: Option<(String, String, bool)> = crate::sql::query_as(
         "SELECT n.nspname::text, c.relname::text,
                 EXISTS (SELECT FROM pg_attribute a
                         WHERE a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0
@@ -417,7 +414,7 @@ fn sizing(batch: &BatchConfig) -> Throttle {
 
 /// The keyset walk counting every row check, window by window.
 struct Walk<'a> {
-    pool: &'a PgPool,
+    pool: &'a Db,
     target: &'a Target,
     keyset: Keyset,
     rows: &'a [RowCheck],
@@ -465,7 +462,7 @@ impl Walk<'_> {
 
     /// The largest key now: the walk ends there, so it ends even while rows are inserted.
     async fn upper(&self) -> Result<Option<Key>, CheckError> {
-        let row = sqlx::query(&self.keyset.upper_bound_sql())
+        let row = crate::sql::query(&self.keyset.upper_bound_sql())
             .fetch_optional(self.pool)
             .await
             .map_err(self.err("reading the largest key"))?;
@@ -504,7 +501,7 @@ impl Walk<'_> {
         size: i64,
     ) -> Result<Option<Window>, CheckError> {
         let bounds: Vec<&Key> = cursor.into_iter().chain([upper]).collect();
-        let row = bind_keys(sqlx::query(sql), &bounds)
+        let row = bind_keys(crate::sql::query(sql), &bounds)
             .bind(size)
             .fetch_optional(self.pool)
             .await
@@ -573,7 +570,7 @@ impl Walk<'_> {
             order = self.keyset.order(None, false),
         );
         let bounds: Vec<&Key> = cursor.into_iter().chain([last]).collect();
-        let rows = bind_keys(sqlx::query(&sql), &bounds)
+        let rows = bind_keys(crate::sql::query(&sql), &bounds)
             .bind(limit)
             .fetch_all(self.pool)
             .await
@@ -598,7 +595,7 @@ impl Walk<'_> {
 /// or writes; and the timeout turns a table too large for it into a clear error, not an hour-long
 /// query.
 async fn duplicates(
-    pool: &PgPool,
+    pool: &Db,
     target: &Target,
     columns: &[Column],
     timeout: Duration,
@@ -625,7 +622,7 @@ async fn duplicates(
         any_null = any_null(columns),
         texts = texts.join(", "),
     );
-    let (groups, rows, samples): (i64, i64, Value) = sqlx::query_as(&sql)
+    let (groups, rows, samples): (i64, i64, Value) = crate::sql::query_as(&sql)
         .bind(SAMPLES)
         .fetch_one(pool)
         .await

@@ -91,7 +91,7 @@ pub async fn claim<'e>(
     ttl: Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<JobRow>> {
-    sqlx::query_as(&names.render(CLAIM))
+    crate::sql::query_as(&names.render(CLAIM))
         .bind(limit)
         .bind(owner)
         .bind(ttl.as_secs_f64())
@@ -112,7 +112,7 @@ pub async fn renew<'e>(
     lease: &Lease,
     ttl: Duration,
 ) -> sqlx::Result<Control> {
-    let row: Option<(Option<String>,)> = sqlx::query_as(&fenced(names, RENEW))
+    let row: Option<(Option<String>,)> = crate::sql::query_as(&fenced(names, RENEW))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -128,7 +128,7 @@ pub async fn renew<'e>(
 /// Renews the lease every `interval` until `stop`, publishing what the operator asked for.
 /// A failed renewal is retried at the next tick; the lease TTL covers a few missed beats.
 pub fn spawn_heartbeat(
-    pool: sqlx::PgPool,
+    pool: crate::db::Db,
     names: Names,
     lease: Lease,
     ttl: Duration,
@@ -212,7 +212,7 @@ pub async fn release<'e>(
         Release::Cancelled => ("cancelled", None, 0.0),
         Release::Failed { error } => ("failed", Some(error.as_str()), 0.0),
     };
-    sqlx::query_scalar(&fenced(names, RELEASE))
+    crate::sql::query_scalar(&fenced(names, RELEASE))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -250,7 +250,7 @@ pub async fn rescue_expired<'e>(
     names: &Names,
     max_attempts: i32,
 ) -> sqlx::Result<Vec<(String, String)>> {
-    sqlx::query_as(&names.render(RESCUE))
+    crate::sql::query_as(&names.render(RESCUE))
         .bind(max_attempts)
         .fetch_all(db)
         .await
@@ -269,7 +269,7 @@ pub async fn apply_requests<'e>(
     db: impl PgExecutor<'e>,
     names: &Names,
 ) -> sqlx::Result<Vec<(String, String)>> {
-    sqlx::query_as(&names.render(APPLY_REQUESTS))
+    crate::sql::query_as(&names.render(APPLY_REQUESTS))
         .fetch_all(db)
         .await
 }
@@ -287,7 +287,7 @@ WHERE (run_at <= now() AND (
 /// Jobs that are runnable now or running anywhere. A running job counts because its lease may
 /// expire (its replica died) and make it runnable again: `--until-idle` drains the queue.
 pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
-    sqlx::query_scalar(&names.render(RUNNABLE))
+    crate::sql::query_scalar(&names.render(RUNNABLE))
         .fetch_one(db)
         .await
 }
@@ -321,7 +321,7 @@ pub async fn store<'e>(
     lease: &Lease,
     u: &RowUpdate,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(&fenced(names, STORE))
+    let done = crate::sql::query(&fenced(names, STORE))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -342,7 +342,7 @@ pub async fn reread<'e>(
     names: &Names,
     lease: &Lease,
 ) -> sqlx::Result<Option<JobRow>> {
-    sqlx::query_as(&fenced(names, "SELECT * FROM {jobs} WHERE {fence}"))
+    crate::sql::query_as(&fenced(names, "SELECT * FROM {jobs} WHERE {fence}"))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)
@@ -360,7 +360,7 @@ pub async fn stored_cursor<'e>(
 ) -> sqlx::Result<Option<Option<Value>>> {
     let sql = "SELECT CASE WHEN $4::int IS NULL THEN cursor ELSE slices -> $4::int -> 'cursor' END
                FROM {jobs} WHERE {fence}";
-    let row: Option<(Option<Value>,)> = sqlx::query_as(&fenced(names, sql))
+    let row: Option<(Option<Value>,)> = crate::sql::query_as(&fenced(names, sql))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)

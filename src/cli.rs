@@ -272,10 +272,25 @@ pub async fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("backfilld: {e:#}");
+            eprintln!("backfilld: {}", error_report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: our messages already quote their source, so a
+/// cause whose text the message before it contains is not repeated.
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        last = text;
+    }
+    out
 }
 
 async fn dispatch(
@@ -305,7 +320,7 @@ async fn dispatch(
 /// The commands that succeed or fail with an error (exit 0 or 1).
 async fn operate(
     command: Command,
-    pool: &sqlx::PgPool,
+    pool: &crate::db::Db,
     names: &Names,
     cfg: &Config,
 ) -> anyhow::Result<()> {
@@ -372,7 +387,7 @@ fn print_verified(name: &str, remaining: i64, output: Output) {
 }
 
 /// `backfilld wait`: the "ensure finished" gate.
-async fn wait(pool: &sqlx::PgPool, names: &Names, args: &WaitArgs) -> anyhow::Result<ExitCode> {
+async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::Result<ExitCode> {
     let (row, gate) = ops::wait(pool, names, &args.name, args.timeout, ops::WAIT_POLL).await?;
     let mut message = gate.describe(&row);
     if gate == Gate::TimedOut {
@@ -404,7 +419,7 @@ async fn wait(pool: &sqlx::PgPool, names: &Names, args: &WaitArgs) -> anyhow::Re
 
 /// `backfilld check`: exit 0 without violations, `GATE_FAILED` with any.
 async fn run_check(
-    pool: &sqlx::PgPool,
+    pool: &crate::db::Db,
     names: &Names,
     cfg: &Config,
     args: &CheckArgs,
@@ -460,7 +475,7 @@ fn print_report(report: &Report, output: Output) {
 
 /// `enqueue`, from flags or from a CSV file.
 async fn enqueue(
-    pool: &sqlx::PgPool,
+    pool: &crate::db::Db,
     names: &Names,
     cfg: &Config,
     args: EnqueueArgs,
@@ -515,7 +530,7 @@ fn report(row: JobRow, what: &str) {
 }
 
 async fn status(
-    pool: &sqlx::PgPool,
+    pool: &crate::db::Db,
     names: &Names,
     name: Option<&str>,
     watch: bool,

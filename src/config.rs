@@ -46,6 +46,21 @@ pub struct DatabaseConfig {
     pub application_name: String,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// What `url` points at: the server or a session pooler, or a transaction pooler.
+    pub pool_mode: PoolMode,
+    /// With `pool_mode = "transaction"`: a URL past the pooler for LISTEN and VACUUM (optional).
+    pub direct_url: String,
+}
+
+/// What kind of connection `database.url` gives (see `db`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// PostgreSQL itself, or a pooler that keeps a server per client (PgBouncer `session`).
+    #[default]
+    Session,
+    /// A pooler that may switch servers between transactions (PgBouncer `transaction`).
+    Transaction,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +214,8 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             application_name: "backfilld".into(),
             connect_timeout: Duration::from_secs(10),
+            pool_mode: PoolMode::Session,
+            direct_url: String::new(),
         }
     }
 }
@@ -366,6 +383,12 @@ impl Config {
             return Err(invalid(
                 "database.url",
                 "no database configured: set DATABASE_URL, --database-url or database.url",
+            ));
+        }
+        if !self.database.direct_url.is_empty() && self.database.pool_mode == PoolMode::Session {
+            return Err(invalid(
+                "database.direct_url",
+                "only used with database.pool_mode = \"transaction\" (database.url is direct already)",
             ));
         }
         if !is_plain_identifier(&self.database.schema) {

@@ -1,12 +1,13 @@
 //! The daemon loop of one replica: housekeeping (rescue expired leases, apply operator requests,
-//! drop expired archives, refresh gauges), claim up to `worker.concurrency` jobs, run each in its
-//! own task, and drain on shutdown.
+//! refresh gauges) and claiming up to `worker.concurrency` jobs in one transaction per tick, each
+//! claimed job run in its own task, and a drain on shutdown. A tick runs at every wake-up
+//! (`listen`) and every `worker.poll_interval`, so an idle replica costs one short transaction
+//! per poll. Expired archives are dropped every ten minutes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,7 @@ use crate::archive;
 use crate::claim;
 use crate::error::Result;
 use crate::job::State;
+use crate::listen::Wakeups;
 use crate::runner::{self, Context};
 
 /// What `/healthz` and `/readyz` report.
@@ -54,13 +56,12 @@ pub struct Daemon {
 }
 
 const ARCHIVE_SWEEP_EVERY: Duration = Duration::from_secs(600);
-const CHANNEL: &str = "backfilld_jobs";
 
 impl Daemon {
     /// Runs until shutdown (or, with `until_idle`, until nothing is runnable).
     pub async fn run(self) -> Result<()> {
         let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut listener = self.listen().await;
+        let mut wakeups = Wakeups::start(self.ctx.pool.clone(), self.ctx.metrics.clone()).await;
         let mut last_sweep: Option<Instant> = None;
         tracing::info!(owner = %self.ctx.owner, until_idle = self.until_idle, "daemon started");
         loop {
@@ -79,18 +80,12 @@ impl Daemon {
                 tracing::info!("no runnable job left; exiting (--until-idle)");
                 break;
             }
-            if !self.wait(&mut tasks, &mut listener, claimed).await {
+            if !self.wait(&mut tasks, &mut wakeups, claimed).await {
                 break;
             }
         }
         self.drain(tasks).await;
         Ok(())
-    }
-
-    async fn listen(&self) -> Option<PgListener> {
-        let mut listener = PgListener::connect_with(&self.ctx.pool).await.ok()?;
-        listener.listen(CHANNEL).await.ok()?;
-        Some(listener)
     }
 
     /// Housekeeping and claiming; returns how many jobs were claimed.
@@ -100,23 +95,15 @@ impl Daemon {
         last_sweep: &mut Option<Instant>,
     ) -> sqlx::Result<usize> {
         let cfg = self.ctx.config();
-        let (pool, names) = (&self.ctx.pool, &self.ctx.names);
-        for (job, state) in claim::rescue_expired(pool, names, cfg.worker.max_attempts).await? {
-            self.ctx.metrics.leases_rescued.inc();
-            tracing::warn!(job = %job, state = %state, "rescued a job whose lease expired");
-        }
-        for (job, state) in claim::apply_requests(pool, names).await? {
-            tracing::info!(job = %job, state = %state, "applied operator request");
-        }
         if last_sweep.is_none_or(|t| t.elapsed() > ARCHIVE_SWEEP_EVERY) {
             *last_sweep = Some(Instant::now());
+            let (pool, names) = (&self.ctx.pool, &self.ctx.names);
             if let Err(e) =
                 archive::drop_expired(pool, names, cfg.safety.archive_retention_days).await
             {
                 tracing::warn!(error = %e, "dropping expired archives failed");
             }
         }
-        self.refresh_gauges().await?;
         let expired = self
             .ctx
             .metrics
@@ -125,17 +112,12 @@ impl Daemon {
             tracing::debug!(jobs = expired, "dropped the metric series of finished jobs");
         }
         let free = cfg.worker.concurrency.saturating_sub(tasks.len());
-        if free == 0 || self.shutdown.is_cancelled() {
-            return Ok(0);
-        }
-        let jobs = claim::claim(
-            pool,
-            names,
-            &self.ctx.owner,
-            cfg.worker.lease_ttl,
-            free as i64,
-        )
-        .await?;
+        let free = if self.shutdown.is_cancelled() {
+            0
+        } else {
+            free
+        };
+        let jobs = self.housekeep_and_claim(free as i64).await?;
         let claimed = jobs.len();
         for row in jobs {
             tasks.spawn(runner::run(self.ctx.clone(), row, self.shutdown.clone()));
@@ -143,15 +125,44 @@ impl Daemon {
         Ok(claimed)
     }
 
-    async fn refresh_gauges(&self) -> sqlx::Result<()> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(
-            &self
-                .ctx
-                .names
-                .render("SELECT state, count(*) FROM {jobs} GROUP BY state"),
-        )
-        .fetch_all(&self.ctx.pool)
-        .await?;
+    /// One transaction: rescue expired leases, apply operator requests, count jobs by state for
+    /// the gauges, claim up to `free` jobs.
+    async fn housekeep_and_claim(&self, free: i64) -> sqlx::Result<Vec<crate::job::JobRow>> {
+        let cfg = self.ctx.config();
+        let names = &self.ctx.names;
+        let mut tx = self.ctx.pool.begin().await?;
+        let rescued = claim::rescue_expired(&mut *tx, names, cfg.worker.max_attempts).await?;
+        let applied = claim::apply_requests(&mut *tx, names).await?;
+        let counts = self.count_states(&mut tx).await?;
+        let ttl = cfg.worker.lease_ttl;
+        let jobs = match free {
+            0 => Vec::new(),
+            _ => claim::claim(&mut *tx, names, &self.ctx.owner, ttl, free).await?,
+        };
+        tx.commit().await?;
+        for (job, state) in rescued {
+            self.ctx.metrics.leases_rescued.inc();
+            tracing::warn!(job = %job, state = %state, "rescued a job whose lease expired");
+        }
+        for (job, state) in applied {
+            tracing::info!(job = %job, state = %state, "applied operator request");
+        }
+        self.set_gauges(&counts);
+        Ok(jobs)
+    }
+
+    async fn count_states(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> sqlx::Result<Vec<(String, i64)>> {
+        let sql = self
+            .ctx
+            .names
+            .render("SELECT state, count(*) FROM {jobs} GROUP BY state");
+        crate::sql::query_as(&sql).fetch_all(conn).await
+    }
+
+    fn set_gauges(&self, counts: &[(String, i64)]) {
         for state in State::ALL {
             let n = counts
                 .iter()
@@ -163,7 +174,6 @@ impl Daemon {
                 .with_label_values(&[state.as_str()])
                 .set(n);
         }
-        Ok(())
     }
 
     async fn idle(&self) -> bool {
@@ -177,12 +187,7 @@ impl Daemon {
     }
 
     /// Waits for the next reason to poll; `false` on shutdown.
-    async fn wait(
-        &self,
-        tasks: &mut JoinSet<()>,
-        listener: &mut Option<PgListener>,
-        claimed: usize,
-    ) -> bool {
+    async fn wait(&self, tasks: &mut JoinSet<()>, wakeups: &mut Wakeups, claimed: usize) -> bool {
         // Just claimed a full set: look again at once, there may be more.
         if claimed > 0 && tasks.len() < self.ctx.config().worker.concurrency {
             return !self.shutdown.is_cancelled();
@@ -196,11 +201,8 @@ impl Daemon {
                 }
                 true
             }
-            notified = recv(listener) => {
-                if let Err(e) = notified {
-                    tracing::warn!(error = %e, "LISTEN connection lost; falling back to polling");
-                    *listener = None;
-                }
+            wake = wakeups.next() => {
+                tracing::trace!(?wake, "woken");
                 true
             }
             _ = tokio::time::sleep(poll) => true,
@@ -229,12 +231,5 @@ impl Daemon {
             );
             tasks.abort_all();
         }
-    }
-}
-
-async fn recv(listener: &mut Option<PgListener>) -> sqlx::Result<()> {
-    match listener {
-        Some(l) => l.recv().await.map(|_| ()),
-        None => std::future::pending().await,
     }
 }

@@ -6,7 +6,7 @@
 //! only, never executed) in `validate_on_server`, which catches everything else: syntax, unknown
 //! columns, a predicate that is not boolean.
 
-use sqlx::{Executor, PgConnection};
+use sqlx::PgConnection;
 
 use crate::target::Target;
 
@@ -700,8 +700,12 @@ pub async fn validate_on_server(
     Ok(())
 }
 
+/// Has the server parse, analyze and plan `sql` without running it: `EXPLAIN` (no `ANALYZE`, so
+/// no statement-level trigger fires) as one unnamed extended-protocol statement, which holds
+/// exactly one command.
 async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<(), ServerCheck> {
-    match conn.prepare(sql).await {
+    let explain = format!("EXPLAIN (COSTS OFF) {sql}");
+    match crate::sql::query(&explain).execute(conn).await {
         Ok(_) => Ok(()),
         Err(sqlx::Error::Database(db))
             if !crate::error::is_transient_sqlstate(db.code().as_deref().unwrap_or_default()) =>

@@ -4,8 +4,8 @@
 //! predicate that still selects them means a second run would change them again. It warns; it
 //! does not block (some changes are meant to be applied once per run, by design of the job).
 
+use crate::db::Db;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 
 use crate::fragment::{Fragments, render_assignments};
 use crate::keyset::{Key, Keyset, bind_keys};
@@ -49,7 +49,7 @@ impl Verdict {
 /// Applies the update to up to `limit` rows the predicate selects (keys up to `upper`) in a
 /// transaction it rolls back, and counts the rows the predicate still selects.
 pub async fn check(
-    pool: &PgPool,
+    pool: &Db,
     target: &Target,
     keyset: &Keyset,
     fragments: &Fragments,
@@ -59,7 +59,7 @@ pub async fn check(
     let sql = statement(target, keyset, fragments);
     let measured = async {
         let mut tx = pool.begin().await?;
-        let rows: Vec<bool> = bind_keys(sqlx::query(&sql), &[upper])
+        let rows: Vec<bool> = bind_keys(crate::sql::query(&sql), &[upper])
             .bind(limit)
             .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
             .fetch_all(&mut *tx)

@@ -2,7 +2,7 @@
 
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use std::collections::HashMap;
@@ -31,6 +31,8 @@ pub struct Metrics {
     pub sessions_blocked: IntCounterVec,
     pub vacuums: IntCounterVec,
     pub bloat_guard_allowed: IntGaugeVec,
+    pub listen_connected: IntGauge,
+    pub listen_reconnects: IntCounter,
     /// Jobs whose attempt ended finished (or planned), and when: their series expire.
     finished: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -40,6 +42,8 @@ pub struct Metrics {
 const LAST_BATCH: &str = "Unix time of the last committed batch";
 const BLOCKED: &str = "Sessions found waiting on a batch's row locks just before it committed";
 const VACUUMS: &str = "VACUUMs of the target run by the bloat guard";
+const LISTENING: &str = "1 while this replica LISTENs for new jobs, 0 while it only polls (connection lost, or a \
+     transaction pooler without database.direct_url)";
 const ALLOWED: &str =
     "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum";
 
@@ -112,6 +116,11 @@ impl Metrics {
             sessions_blocked: per_job(IntCounterVec::new, "sessions_blocked_total", BLOCKED),
             vacuums: per_job(IntCounterVec::new, "vacuums_total", VACUUMS),
             bloat_guard_allowed: per_job(IntGaugeVec::new, "bloat_guard_vacuum_allowed", ALLOWED),
+            listen_connected: must(IntGauge::with_opts(opts("listen_connected", LISTENING))),
+            listen_reconnects: counter(
+                "listen_reconnects_total",
+                "LISTEN connections re-established after a loss",
+            ),
             registry: Registry::new(),
             finished: Default::default(),
         };
@@ -229,6 +238,8 @@ impl Metrics {
             Box::new(self.sessions_blocked.clone()),
             Box::new(self.vacuums.clone()),
             Box::new(self.bloat_guard_allowed.clone()),
+            Box::new(self.listen_connected.clone()),
+            Box::new(self.listen_reconnects.clone()),
         ];
         for c in collectors {
             must(self.registry.register(c));

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::db::Db;
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +51,7 @@ VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, c
         coalesce($14, 0), coalesce($15, now()), $16, $17, $18, $19)
 RETURNING *";
 
-pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRow> {
+pub async fn enqueue(pool: &Db, names: &Names, job: &NewJob) -> Result<JobRow> {
     insert_job(pool, names, job).await
 }
 
@@ -59,7 +59,7 @@ pub async fn enqueue(pool: &PgPool, names: &Names, job: &NewJob) -> Result<JobRo
 /// `job.table_name` by `job.key_columns` (default: the table's key), in one transaction: a bad
 /// file fails with PostgreSQL's line number and creates nothing. Returns the job and the staging.
 pub async fn enqueue_from_csv(
-    pool: &PgPool,
+    pool: &Db,
     names: &Names,
     cfg: &Config,
     job: &NewJob,
@@ -100,7 +100,7 @@ async fn insert_job<'e>(
     job: &NewJob,
 ) -> Result<JobRow> {
     let mode = if job.execute { "execute" } else { "dry_run" };
-    sqlx::query_as(&names.render(INSERT))
+    crate::sql::query_as(&names.render(INSERT))
         .bind(&job.name)
         .bind(&job.table_name)
         .bind(&job.predicate)
@@ -133,8 +133,8 @@ async fn insert_job<'e>(
 }
 
 /// All jobs (newest first), or the one named.
-pub async fn list(pool: &PgPool, names: &Names, name: Option<&str>) -> Result<Vec<JobRow>> {
-    let rows: Vec<JobRow> = sqlx::query_as(
+pub async fn list(pool: &Db, names: &Names, name: Option<&str>) -> Result<Vec<JobRow>> {
+    let rows: Vec<JobRow> = crate::sql::query_as(
         &names.render("SELECT * FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC"),
     )
     .bind(name)
@@ -146,7 +146,7 @@ pub async fn list(pool: &PgPool, names: &Names, name: Option<&str>) -> Result<Ve
     Ok(rows)
 }
 
-pub async fn get(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+pub async fn get(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     list(pool, names, Some(name))
         .await?
         .pop()
@@ -154,12 +154,7 @@ pub async fn get(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
 }
 
 /// Sets `requested_state` on a job that has not ended.
-pub async fn request(
-    pool: &PgPool,
-    names: &Names,
-    name: &str,
-    requested: Requested,
-) -> Result<JobRow> {
+pub async fn request(pool: &Db, names: &Names, name: &str, requested: Requested) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     if job.state.is_finished() {
         return Err(Error::Refused {
@@ -167,7 +162,7 @@ pub async fn request(
             reason: format!("it already ended ({})", job.state),
         });
     }
-    sqlx::query_as(
+    crate::sql::query_as(
         &names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"),
     )
     .bind(name)
@@ -178,7 +173,7 @@ pub async fn request(
 }
 
 /// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
-pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+pub async fn approve(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     if job.state.is_finished() {
         return Err(Error::Refused {
@@ -186,15 +181,17 @@ pub async fn approve(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow>
             reason: format!("it already ended ({})", job.state),
         });
     }
-    sqlx::query_as(&names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING *"))
-        .bind(name)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)
+    crate::sql::query_as(
+        &names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING *"),
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::from)
 }
 
 /// Enqueues a job that restores `name`'s before-images. Returns the revert job.
-pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> {
+pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     let refuse = |reason: String| Error::Refused {
         job: name.into(),
@@ -211,7 +208,7 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
             "it has no archive (archive was off, it never ran, or the archive expired)".into(),
         ));
     }
-    let taken: Vec<String> = sqlx::query_scalar(
+    let taken: Vec<String> = crate::sql::query_scalar(
         &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
     )
     .bind(name)
@@ -227,7 +224,7 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
         })
         .find(|candidate| !taken.contains(candidate))
         .unwrap_or_default();
-    sqlx::query_as(&names.render(
+    crate::sql::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
                              parallelism, max_batch_ms, preset)
@@ -248,7 +245,7 @@ pub async fn revert(pool: &PgPool, names: &Names, name: &str) -> Result<JobRow> 
 
 /// Counts rows up to the job's upper bound that still match its predicate (keyset windows, at
 /// the job's throttle) and stores the number in `remaining`.
-pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> Result<i64> {
+pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Result<i64> {
     let row = get(pool, names, name).await?;
     let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
     let mut conn = pool.acquire().await?;
@@ -271,7 +268,7 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
         }
         Err(fragment::ServerCheck::Transient(e)) => return Err(e.into()),
     }
-    drop(conn);
+    conn.finish().await?;
     let keyset = Keyset::new(&target);
     let upper = match row
         .upper_bound
@@ -296,8 +293,8 @@ pub async fn verify(pool: &PgPool, names: &Names, cfg: &Config, name: &str) -> R
     store_remaining(pool, names, name, remaining).await
 }
 
-async fn store_remaining(pool: &PgPool, names: &Names, name: &str, remaining: i64) -> Result<i64> {
-    sqlx::query(&names.render("UPDATE {jobs} SET remaining = $2 WHERE name = $1"))
+async fn store_remaining(pool: &Db, names: &Names, name: &str, remaining: i64) -> Result<i64> {
+    crate::sql::query(&names.render("UPDATE {jobs} SET remaining = $2 WHERE name = $1"))
         .bind(name)
         .bind(remaining)
         .execute(pool)
@@ -397,7 +394,7 @@ pub const WAIT_POLL: Duration = Duration::from_secs(1);
 /// polls, so ending the process at any moment is safe.
 #[tracing::instrument(skip(pool, names))]
 pub async fn wait(
-    pool: &PgPool,
+    pool: &Db,
     names: &Names,
     name: &str,
     timeout: Duration,

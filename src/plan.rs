@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
+
+use crate::db::Db;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::Change;
@@ -56,7 +58,7 @@ impl Plan {
 
 /// What counting needs: the table, its keys, the predicate and the bound.
 pub struct Counter<'a> {
-    pub pool: &'a PgPool,
+    pub pool: &'a Db,
     pub job: &'a str,
     pub target: &'a Target,
     pub keyset: &'a Keyset,
@@ -115,7 +117,7 @@ impl Counter<'_> {
             let started = Instant::now();
             let sql = if cursor.is_some() { &next } else { &first };
             let bounds: Vec<&Key> = cursor.iter().chain([self.upper]).collect();
-            let row = bind_keys(sqlx::query(sql), &bounds)
+            let row = bind_keys(crate::sql::query(sql), &bounds)
                 .bind(controller.size())
                 .fetch_optional(self.pool)
                 .await
@@ -185,7 +187,7 @@ impl Counter<'_> {
         while from < blocks {
             let started = Instant::now();
             let to = from + controller.size();
-            let n: i64 = bind_keys(sqlx::query(&sql), &[self.upper])
+            let n: i64 = bind_keys(crate::sql::query(&sql), &[self.upper])
                 .bind(format!("({from},0)"))
                 .bind(format!("({to},0)"))
                 .try_map(|row: sqlx::postgres::PgRow| row.try_get(0))
@@ -207,11 +209,13 @@ impl Counter<'_> {
     }
 
     async fn blocks(&self) -> Result<i64, JobError> {
-        sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint")
-            .bind(sqlx::postgres::types::Oid(self.target.oid))
-            .fetch_one(self.pool)
-            .await
-            .map_err(self.err("verifying"))
+        crate::sql::query_scalar(
+            "SELECT pg_relation_size($1) / current_setting('block_size')::bigint",
+        )
+        .bind(sqlx::postgres::types::Oid(self.target.oid))
+        .fetch_one(self.pool)
+        .await
+        .map_err(self.err("verifying"))
     }
 }
 
@@ -283,7 +287,7 @@ impl Counter<'_> {
             predicate = self.predicate,
             order = self.keyset.order(None, false),
         );
-        let rows = bind_keys(sqlx::query(&sql), &[self.upper])
+        let rows = bind_keys(crate::sql::query(&sql), &[self.upper])
             .bind(limit)
             .fetch_all(self.pool)
             .await
@@ -297,9 +301,9 @@ impl Counter<'_> {
 
 /// `EXPLAIN (FORMAT JSON)` of the first batch's write (never executed). Explains the plain
 /// statement, since a dry run creates no archive table.
-pub async fn explain(pool: &PgPool, change: &Change, first_hi: &Key) -> Value {
+pub async fn explain(pool: &Db, change: &Change, first_hi: &Key) -> Value {
     let sql = format!("EXPLAIN (FORMAT JSON) {}", change.statement(false));
-    let result = bind_keys(sqlx::query(&sql), &[first_hi])
+    let result = bind_keys(crate::sql::query(&sql), &[first_hi])
         .fetch_one(pool)
         .await
         .and_then(|row| row.try_get::<Value, _>(0));

@@ -1,6 +1,6 @@
 //! backfilld's own schema: versioned, idempotent migrations applied by `backfilld migrate`.
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::sql::{Names, quote_ident};
 
@@ -12,8 +12,13 @@ pub enum SchemaError {
         name: &'static str,
         source: sqlx::Error,
     },
-    #[error("cannot migrate schema {schema}: {source}")]
-    Database { schema: String, source: sqlx::Error },
+    #[error("{step} schema {schema}: {source}")]
+    Database {
+        /// "migrating" or "checking".
+        step: &'static str,
+        schema: String,
+        source: sqlx::Error,
+    },
     #[error(
         "schema {schema} is at version {found}, newer than this backfilld knows ({known}); upgrade backfilld"
     )]
@@ -68,13 +73,14 @@ pub fn latest_version() -> i32 {
 
 /// Applies every migration not yet in the ledger, in one transaction under an advisory lock, so
 /// running it twice is a no-op and two replicas running it at once apply each migration once.
-pub async fn migrate(pool: &PgPool, names: &Names) -> Result<Vec<i32>> {
+pub async fn migrate(pool: &Db, names: &Names) -> Result<Vec<i32>> {
     let db = |source| SchemaError::Database {
+        step: "migrating",
         schema: names.schema.clone(),
         source,
     };
     let mut tx = pool.begin().await.map_err(db)?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('backfilld.migrate.' || $1))")
+    crate::sql::query("SELECT pg_advisory_xact_lock(hashtext('backfilld.migrate.' || $1))")
         .bind(&names.schema)
         .execute(&mut *tx)
         .await
@@ -117,7 +123,7 @@ async fn apply(tx: &mut sqlx::PgConnection, names: &Names, m: &Migration) -> Res
         "INSERT INTO {}.schema_migrations (version, name) VALUES ($1, $2)",
         quote_ident(&names.schema)
     );
-    sqlx::query(&ledger)
+    crate::sql::query(&ledger)
         .bind(m.version)
         .bind(m.name)
         .execute(&mut *tx)
@@ -132,7 +138,7 @@ async fn current_version(conn: &mut sqlx::PgConnection, names: &Names) -> sqlx::
         "SELECT coalesce(max(version), 0) FROM {}.schema_migrations",
         quote_ident(&names.schema)
     );
-    sqlx::query_scalar(&sql).fetch_one(conn).await
+    crate::sql::query_scalar(&sql).fetch_one(conn).await
 }
 
 fn too_new(names: &Names, found: i32) -> SchemaError {
@@ -144,19 +150,22 @@ fn too_new(names: &Names, found: i32) -> SchemaError {
 }
 
 /// Refuses to run the daemon against a schema that is missing, older or newer than this build.
-pub async fn check(pool: &PgPool, names: &Names) -> Result<()> {
+pub async fn check(pool: &Db, names: &Names) -> Result<()> {
     let db = |source| SchemaError::Database {
+        step: "checking",
         schema: names.schema.clone(),
         source,
     };
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+    let exists: bool = crate::sql::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{}.schema_migrations", quote_ident(&names.schema)))
         .fetch_one(pool)
         .await
         .map_err(db)?;
     let found = if exists {
         let mut conn = pool.acquire().await.map_err(db)?;
-        current_version(&mut conn, names).await.map_err(db)?
+        let found = current_version(&mut conn, names).await.map_err(db)?;
+        conn.finish().await.map_err(db)?;
+        found
     } else {
         0
     };

@@ -57,6 +57,36 @@ impl Names {
     }
 }
 
+/// A statement, always unnamed: backfilld never leaves prepared statements on a server
+/// connection, so it works through transaction poolers (see `db`). Planning is per execution
+/// anyway: batch transactions run with `plan_cache_mode = force_custom_plan`.
+#[allow(clippy::disallowed_methods)]
+pub fn query(sql: &str) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql).persistent(false)
+}
+
+/// `query` mapping rows to `O`.
+#[allow(clippy::disallowed_methods)]
+pub fn query_as<O>(
+    sql: &str,
+) -> sqlx::query::QueryAs<'_, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    sqlx::query_as(sql).persistent(false)
+}
+
+/// `query` returning the first column.
+#[allow(clippy::disallowed_methods)]
+pub fn query_scalar<O>(
+    sql: &str,
+) -> sqlx::query::QueryScalar<'_, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+where
+    (O,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    sqlx::query_scalar(sql).persistent(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

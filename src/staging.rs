@@ -147,7 +147,7 @@ pub async fn count_unmatched<'e>(
         target.quoted,
         key_join("_bf_t", target)
     );
-    sqlx::query_scalar(&sql).fetch_one(conn).await
+    crate::sql::query_scalar(&sql).fetch_one(conn).await
 }
 
 /// The header's column names (CSV quoting: `"a ""b"""`); `None` for an empty file.

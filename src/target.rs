@@ -116,23 +116,24 @@ impl Resolve<'_> {
     ) -> Result<(u32, String, String, bool), JobError> {
         // to_regclass returns NULL for a missing table instead of raising, and parses the name
         // with the server's own rules (quoting, search_path).
-        let row: Option<(sqlx::postgres::types::Oid, String, String, String)> = sqlx::query_as(
-            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text
+        let row: Option<(sqlx::postgres::types::Oid, String, String, String)> =
+            crate::sql::query_as(
+                "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.oid = to_regclass($1)",
-        )
-        .bind(self.table_name)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(
-            |e| match JobError::sql(self.job, self.table_name, "resolving table", e) {
-                err if err.is_retryable() => err,
-                err => self.invalid(format!(
-                    "{:?} is not a valid table name: {err}",
-                    self.table_name
-                )),
-            },
-        )?;
+            )
+            .bind(self.table_name)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| {
+                match JobError::sql(self.job, self.table_name, "resolving table", e) {
+                    err if err.is_retryable() => err,
+                    err => self.invalid(format!(
+                        "{:?} is not a valid table name: {err}",
+                        self.table_name
+                    )),
+                }
+            })?;
         let Some((oid, schema, table, kind)) = row else {
             return Err(self.invalid(format!("table {} does not exist", self.table_name)));
         };
@@ -237,7 +238,7 @@ struct UniqueIndex {
 
 /// Valid, non-partial, plain-column unique indexes; the primary key first, then the narrowest.
 async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
-    let rows: Vec<(Vec<String>, Vec<String>, bool)> = sqlx::query_as(
+    let rows: Vec<(Vec<String>, Vec<String>, bool)> = crate::sql::query_as(
         "SELECT array_agg(a.attname::text ORDER BY k.ord),
                 array_agg(t.typname::text ORDER BY k.ord),
                 bool_and(a.attnotnull)
@@ -264,7 +265,7 @@ async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<U
 }
 
 async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Column>> {
-    let rows: Vec<(String, String, bool, bool, bool)> = sqlx::query_as(
+    let rows: Vec<(String, String, bool, bool, bool)> = crate::sql::query_as(
         "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a',
                 t.typtype IN ('b', 'e', 'r', 'm')
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::config::ThrottleConfig;
 use crate::job::Throttle;
@@ -324,7 +324,7 @@ impl Health {
     /// monitoring view we may not read must not stop a backfill.
     pub async fn check(
         &mut self,
-        pool: &PgPool,
+        pool: &Db,
         cfg: &ThrottleConfig,
         table_oid: u32,
     ) -> Option<Reason> {
@@ -338,7 +338,7 @@ impl Health {
             return self.verdict;
         }
         self.last_check = Some(Instant::now());
-        let sample: Sample = match sqlx::query_as(SAMPLE)
+        let sample: Sample = match crate::sql::query_as(SAMPLE)
             .bind(sqlx::postgres::types::Oid(table_oid))
             .fetch_one(pool)
             .await

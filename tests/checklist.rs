@@ -1,4 +1,5 @@
 //! The data-change checklist in the plan: the idempotency verdict, and deletes that would cascade.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 
@@ -215,7 +216,7 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
     );
 
     let remaining = backfilld::ops::verify(
-        &db.pool,
+        &db.lib,
         &db.names,
         &backfilld::config::Config::default(),
         "policies_for_all",
@@ -238,7 +239,7 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
     // The application edits one inserted policy; the revert must leave it (and its own 1,000).
     db.exec("UPDATE policies SET kind = 'custom' WHERE user_id = 5000")
         .await;
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "policies_for_all")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "policies_for_all")
         .await
         .unwrap();
     db.daemon()
@@ -337,7 +338,7 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
     let file = csv("prices", &body);
     let cfg = backfilld::config::Config::default();
     let (row, staged) = backfilld::ops::enqueue_from_csv(
-        &db.pool,
+        &db.lib,
         &db.names,
         &cfg,
         &csv_job("reprice", "public.prices"),
@@ -353,7 +354,7 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
     let plan = planned.plan.clone().unwrap();
     assert_eq!(plan["rows_matching"], 50);
     assert_eq!(plan["unmatched_staged_keys"], 1);
-    backfilld::ops::approve(&db.pool, &db.names, "reprice")
+    backfilld::ops::approve(&db.lib, &db.names, "reprice")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -368,7 +369,7 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
         .await,
         50
     );
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "reprice")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "reprice")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -408,7 +409,7 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
     for (name, body, words) in cases {
         let file = csv(name, body);
         let err = backfilld::ops::enqueue_from_csv(
-            &db.pool,
+            &db.lib,
             &db.names,
             &cfg,
             &csv_job(name, "public.prices"),

@@ -1,5 +1,6 @@
 //! The command line: configuration handling, migrate, enqueue/status/execute/verify, and the HTTP
 //! endpoints of a running daemon.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 
@@ -63,8 +64,8 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently(pool: PgPool) {
     // Two replicas migrating a fresh schema at once: each migration applies once.
     let other = backfilld::sql::Names::new("other");
     let (a, b) = tokio::join!(
-        backfilld::schema::migrate(&db.pool, &other),
-        backfilld::schema::migrate(&db.pool, &other),
+        backfilld::schema::migrate(&db.lib, &other),
+        backfilld::schema::migrate(&db.lib, &other),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let latest = backfilld::schema::latest_version();

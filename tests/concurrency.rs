@@ -1,4 +1,5 @@
 //! Live traffic and several replicas.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Operator control (pause, resume, cancel) and error handling (transient retried, permanent
 //! fails only that job).
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Crashes, graceful stops and lost leases: the effect stays exactly once per row.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! (schema, enqueue as a dry run, approve, backfill, constraint), their down cancels a job that has
 //! not finished, and every other tool's file carries the same two statements (loaded by python3,
 //! node and ruby when they are installed; skipped with a message when not).
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 
@@ -74,7 +75,7 @@ async fn the_plain_sql_migrations_enqueue_a_dry_run_that_backfills_once_approved
     assert_eq!(unfilled(&db).await, ORDERS);
 
     // A human approves (`backfilld execute`); the daemon runs it.
-    backfilld::ops::approve(&db.pool, &db.names, JOB)
+    backfilld::ops::approve(&db.lib, &db.names, JOB)
         .await
         .expect("approve");
     db.daemon().until_idle().spawn().wait_ok().await;

@@ -1,6 +1,7 @@
 //! The gates for the step after a backfill, run as the real binary: `backfilld check` (rows a NOT
 //! NULL, unique or foreign-key constraint would reject) and `backfilld wait` (the job succeeded
 //! and was verified with no row left). Exit codes: 0 passed, 1 error, 3 not passed, 4 timed out.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Production impact: the mechanisms that keep a backfill gentle with live traffic. Each test
 //! checks behaviour (batch sizes, pauses, heap size, warnings), never timing.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Keyset pagination across key types, composite keys, empty and non-matching ranges, the frozen
 //! upper bound, and key discovery failures.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 
@@ -264,7 +265,7 @@ async fn partitioned_tables_are_walked_and_verified_by_key(pool: PgPool) {
     assert_eq!(job.remaining, Some(0));
     db.exec("UPDATE parts SET s = NULL WHERE id <= 5").await;
     let remaining = backfilld::ops::verify(
-        &db.pool,
+        &db.lib,
         &db.names,
         &backfilld::config::Config::default(),
         "parts",

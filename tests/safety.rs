@@ -1,5 +1,6 @@
 //! Safety: dry-run plans, the affected-rows ceiling, archive + revert round trips, and hostile or
 //! malformed job rows.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
 
@@ -51,7 +52,7 @@ async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_m
     );
     assert!(plan["estimated_seconds"].as_f64().unwrap() > 0.0);
 
-    let approve = backfilld::ops::approve(&db.pool, &db.names, "dry")
+    let approve = backfilld::ops::approve(&db.lib, &db.names, "dry")
         .await
         .unwrap();
     assert_eq!(approve.mode.as_deref(), Some("execute"));
@@ -169,7 +170,7 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
     // The application changes three backfilled rows again before the revert.
     db.exec("UPDATE orders SET status = 'shipped' WHERE id IN (7, 11); UPDATE orders SET note = 'edited' WHERE id = 13").await;
 
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "upd")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "upd")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -220,7 +221,7 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     // A row with a deleted key comes back before the revert: it must be left as it is.
     db.exec("INSERT INTO orders (id, status, amount, note) VALUES (8, 'new', 1, 'reborn')")
         .await;
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "purge")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "purge")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -771,7 +772,7 @@ async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
         "every row gets the backfill's +1 exactly once, on top of the app's writes"
     );
 
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "bump")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "bump")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -842,7 +843,7 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
         before, 100,
         "the before-image is the version the backfill overwrote"
     );
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "raced")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "raced")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -900,7 +901,7 @@ async fn archived_images_stay_with_their_own_partition(pool: PgPool) {
         .await;
     assert_eq!(distinct, 2000, "every changed row has its own image");
 
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "parted")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "parted")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -971,7 +972,7 @@ async fn an_is_null_backfill_stays_exact_under_concurrent_writes(pool: PgPool) {
         .scalar_i64("SELECT count(*) FROM fill WHERE v = -1")
         .await;
 
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "fill")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -1011,7 +1012,7 @@ async fn a_composite_column_is_null_is_captured_not_assumed(pool: PgPool) {
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     assert_eq!(db.job("pairs").await.rows_changed, 1000);
-    let revert = backfilld::ops::revert(&db.pool, &db.names, "pairs")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "pairs")
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;

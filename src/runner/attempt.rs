@@ -2,6 +2,7 @@
 //! retry transient errors in place, and record how it ended.
 
 use super::*;
+use crate::db::Conn;
 
 impl Attempt<'_> {
     fn table(&self) -> &str {
@@ -41,15 +42,18 @@ impl Attempt<'_> {
         Ok(())
     }
 
-    /// A pooled connection for the steps outside batches.
-    pub(super) async fn connection(
-        &self,
-    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, JobError> {
+    /// A pooled connection for the steps outside batches; hand it back with `finish`.
+    pub(super) async fn connection(&self) -> Result<Conn, JobError> {
         self.ctx
             .pool
             .acquire()
             .await
             .map_err(self.err("connecting"))
+    }
+
+    /// Commits what a `connection` wrote (behind a transaction pooler it is a transaction).
+    pub(super) async fn hand_back(&self, conn: Conn) -> Result<(), JobError> {
+        conn.finish().await.map_err(self.err("committing"))
     }
 
     pub(super) fn lease_lost(&self) -> JobError {

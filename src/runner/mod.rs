@@ -40,7 +40,7 @@ use waiting::{BACKOFF_BASE, Pacing, backoff, retry_base};
 
 /// What every runner shares with the daemon.
 pub struct Context {
-    pub pool: sqlx::PgPool,
+    pub pool: crate::db::Db,
     pub names: Names,
     pub config: watch::Receiver<Arc<Config>>,
     pub metrics: Metrics,

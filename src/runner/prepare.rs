@@ -52,6 +52,7 @@ impl Attempt<'_> {
             None => Keyset::new(&target),
         };
         let upper = self.upper_bound(&mut conn, &keyset).await?;
+        self.hand_back(conn).await?;
         Ok(Prepared {
             spec,
             target,
@@ -96,6 +97,7 @@ impl Attempt<'_> {
         }
         let keyset = Keyset::new(&source);
         let upper = self.upper_bound(&mut conn, &keyset).await?;
+        self.hand_back(conn).await?;
         Ok(Prepared {
             spec,
             target: source,
@@ -115,7 +117,7 @@ impl Attempt<'_> {
         target: &Target,
     ) -> Result<ArchiveTable, JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let name: Option<Option<String>> = sqlx::query_scalar(
+        let name: Option<Option<String>> = crate::sql::query_scalar(
             &self
                 .ctx
                 .names
@@ -141,7 +143,7 @@ impl Attempt<'_> {
                 )
             })?;
         archive
-            .prepare_revert(conn, self.ctx.config().bloat.vacuum_timeout)
+            .prepare_revert(&self.ctx.pool, self.ctx.config().bloat.vacuum_timeout)
             .await
             .map_err(self.err("indexing and vacuuming the archive"))?;
         Ok(archive)
@@ -166,7 +168,7 @@ impl Attempt<'_> {
                     )
                 });
         }
-        let row: Option<sqlx::postgres::PgRow> = sqlx::query(&keyset.upper_bound_sql())
+        let row: Option<sqlx::postgres::PgRow> = crate::sql::query(&keyset.upper_bound_sql())
             .fetch_optional(&mut *conn)
             .await
             .map_err(self.err("freezing the upper bound"))?;
@@ -233,6 +235,7 @@ impl Attempt<'_> {
             .create(&mut conn, keyed, &p.spec.name)
             .await
             .map_err(self.err("creating the archive table"))?;
+        self.hand_back(conn).await?;
         if self.row.archive_table.is_none() {
             self.store(RowUpdate {
                 archive_table: Some(name),

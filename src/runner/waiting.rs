@@ -31,6 +31,15 @@ impl Attempt<'_> {
                      dead tuples exceed throttle.max_dead_tuple_ratio"
                 );
             }
+            Standing::NoSession => {
+                allowed.set(0);
+                tracing::warn!(
+                    table = %p.target.display(),
+                    "bloat guard: VACUUM cannot run through a transaction pooler and \
+                     database.direct_url is not set; relying on autovacuum, batches hold while \
+                     dead tuples exceed throttle.max_dead_tuple_ratio"
+                );
+            }
             Standing::Off | Standing::Disabled | Standing::Unchecked => {}
         }
         guard

@@ -1,5 +1,6 @@
 //! Test harness: a per-test database (from `#[sqlx::test]`) with backfilld's schema, and real
 //! daemon processes (the built binary) that can be stopped, killed, paused and restarted.
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ pub const WAIT: Duration = Duration::from_secs(120);
 
 pub struct Db {
     pub pool: PgPool,
+    /// The same pool as the library takes it (direct: no pooler in front).
+    pub lib: backfilld::db::Db,
     pub url: String,
     pub names: Names,
     /// Logs of every daemon this test started, printed when a wait gives up.
@@ -24,23 +27,14 @@ impl Db {
     /// Migrates the test database and derives its URL from DATABASE_URL.
     pub async fn new(pool: PgPool) -> Self {
         let names = Names::new("backfill");
-        backfilld::schema::migrate(&pool, &names)
+        let lib = backfilld::db::Db::direct(pool.clone());
+        backfilld::schema::migrate(&lib, &names)
             .await
             .expect("migrate");
-        let db = pool
-            .connect_options()
-            .get_database()
-            .expect("test database name")
-            .to_owned();
-        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-        let (prefix, query) = match base.split_once('?') {
-            Some((p, q)) => (p.to_owned(), format!("?{q}")),
-            None => (base.clone(), String::new()),
-        };
-        let server = prefix.rsplit_once('/').map_or(prefix.as_str(), |(s, _)| s);
-        let url = format!("{server}/{db}{query}");
+        let url = url_of(&pool);
         Self {
             pool,
+            lib,
             url,
             names,
             logs: Default::default(),
@@ -77,7 +71,7 @@ impl Db {
     }
 
     pub async fn job(&self, name: &str) -> JobRow {
-        backfilld::ops::get(&self.pool, &self.names, name)
+        backfilld::ops::get(&self.lib, &self.names, name)
             .await
             .expect("job")
     }
@@ -153,6 +147,22 @@ impl Db {
 }
 
 /// An open transaction of another session (see `Db::hold`).
+/// The URL of a `#[sqlx::test]` database: DATABASE_URL with the test database's name.
+pub fn url_of(pool: &PgPool) -> String {
+    let db = pool
+        .connect_options()
+        .get_database()
+        .expect("test database name")
+        .to_owned();
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let (prefix, query) = match base.split_once('?') {
+        Some((p, q)) => (p.to_owned(), format!("?{q}")),
+        None => (base.clone(), String::new()),
+    };
+    let server = prefix.rsplit_once('/').map_or(prefix.as_str(), |(s, _)| s);
+    format!("{server}/{db}{query}")
+}
+
 pub struct Held(sqlx::pool::PoolConnection<sqlx::Postgres>);
 
 impl Held {
