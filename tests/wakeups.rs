@@ -1,0 +1,149 @@
+//! Wake-ups of an idle replica: it costs at most one transaction per second, picks a new job up
+//! within 100 ms (LISTEN, with the poll at its 2 s default so polling cannot hide a dead
+//! LISTEN), and keeps doing so after its LISTEN backend is terminated and after the server
+//! restarts (the restart needs the suite's pg_virtualenv cluster; against another server the
+//! test says so and stops after the terminated backend).
+#![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Db, NewJob, free_port, http_get, metric, wait_until};
+use sqlx::PgPool;
+
+/// Milliseconds from the insert of each of `n` jobs to its claim (server clock: `created_at` is
+/// the inserting transaction's start, `started_at` the claim's).
+async fn pickups(db: &Db, round: &str, n: usize) -> Vec<f64> {
+    let mut ms = Vec::new();
+    for i in 0..n {
+        let name = format!("{round}{i}");
+        NewJob::new(&name, "t")
+            .predicate("v IS NULL")
+            .set("v = 0")
+            .insert(db)
+            .await;
+        db.wait_state(&name, "succeeded").await;
+        let pickup: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000
+             FROM backfill.jobs WHERE name = $1",
+        )
+        .bind(&name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ms.push(pickup);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ms
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+async fn scrape(port: u16) -> String {
+    http_get(port, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// Waits until the replica LISTENs again after `reconnects` re-established connections.
+async fn wait_listening(db: &Db, port: u16, reconnects: f64) {
+    wait_until(
+        "LISTEN to be re-established",
+        || db.daemon_logs(),
+        async || {
+            let body = scrape(port).await;
+            metric(&body, "backfilld_listen_connected") == Some(1.0)
+                && metric(&body, "backfilld_listen_reconnects_total") >= Some(reconnects)
+        },
+    )
+    .await;
+}
+
+async fn transactions(db: &Db) -> i64 {
+    sqlx::query_scalar(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn idle_replica_is_quiet_and_picks_up_fast_through_backend_loss_and_restart(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int); INSERT INTO t VALUES (1, 1);")
+        .await;
+    let port = free_port();
+    let _daemon = db
+        .daemon()
+        .env("BACKFILLD_WORKER__POLL_INTERVAL", "2s")
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    wait_listening(&db, port, 0.0).await;
+
+    // Idle cost over 20 s (statistics are flushed at most once a second: a long window).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (t0, x0) = (std::time::Instant::now(), transactions(&db).await);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (secs, x1) = (t0.elapsed().as_secs_f64(), transactions(&db).await);
+    let per_second = (x1 - x0 - 1) as f64 / secs; // less the measuring query's own
+    println!(
+        "idle: {} transactions in {secs:.1} s = {per_second:.2}/s",
+        x1 - x0 - 1
+    );
+    assert!(
+        per_second <= 1.0,
+        "idle replica: {per_second:.2} transactions/s"
+    );
+
+    let fresh = pickups(&db, "fresh", 5).await;
+    println!("pickup ms, listening: {fresh:?}");
+    assert!(median(&fresh) <= 100.0, "pickup {fresh:?} ms");
+
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(terminated, 1, "one LISTEN backend");
+    wait_listening(&db, port, 1.0).await;
+    let after_loss = pickups(&db, "loss", 5).await;
+    println!("pickup ms after the LISTEN backend was terminated: {after_loss:?}");
+    assert!(median(&after_loss) <= 200.0, "pickup {after_loss:?} ms");
+
+    let Some((version, cluster)) = suite_cluster() else {
+        println!("not the suite's pg_virtualenv cluster: server restart not tested");
+        return;
+    };
+    let restarted = Command::new("pg_ctlcluster")
+        .args([&version, &cluster, "restart", "-m", "fast"])
+        .status()
+        .expect("pg_ctlcluster");
+    assert!(restarted.success(), "restarting {version}/{cluster}");
+    wait_listening(&db, port, 2.0).await;
+    let after_restart = pickups(&db, "restart", 5).await;
+    println!("pickup ms after the server restarted: {after_restart:?}");
+    assert!(
+        median(&after_restart) <= 200.0,
+        "pickup {after_restart:?} ms"
+    );
+}
+
+/// Version and name of the cluster pg_virtualenv started for the suite, if that is where the
+/// tests run (it exports PG_CLUSTER_CONF_ROOT for its temporary cluster).
+fn suite_cluster() -> Option<(String, String)> {
+    std::env::var_os("PG_CLUSTER_CONF_ROOT")?;
+    let out = Command::new("pg_lsclusters").arg("-h").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.lines().next()?.split_whitespace();
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
