@@ -37,6 +37,11 @@ pub struct Plan {
     pub count_seconds: f64,
     /// `[keys up to here, last key]` per counting window: where parallel slices are cut.
     pub boundaries: Vec<(i64, Value)>,
+    /// The first and the last counting window with a matching row (`None`: no match, or a plan
+    /// from before this was recorded): the walk is narrowed to them (`Plan::walk`).
+    pub matching_windows: Option<(usize, usize)>,
+    /// Keys the batches walk: `rows_in_range`, or fewer when the matches lie in part of it.
+    pub keys_to_walk: Option<i64>,
     /// Would a second run change the sampled rows again? (Updates only.)
     pub idempotency: Option<crate::idempotency::Verdict>,
     /// Foreign keys a delete would cascade through, with their child rows. (Deletes only.)
@@ -54,6 +59,62 @@ impl Plan {
     pub fn to_stored(&self) -> Result<Value, serde_json::Error> {
         serde_json::to_value(self)
     }
+
+    /// The counting boundaries whose keys fit `width`.
+    pub fn key_boundaries(&self, width: usize) -> Vec<(i64, Key)> {
+        self.boundaries
+            .iter()
+            .filter_map(|(n, key)| Some((*n, Key::from_json(key, width)?)))
+            .collect()
+    }
+
+    /// The part of the key range the batches walk: from the end of the window before the first
+    /// one with a match to the end of the last one with a match. A sparse job whose matches
+    /// cluster (recent rows, one tenant, a bad import) scans about its range of matches instead
+    /// of the whole table. Rows that start to match after the plan outside that part are not
+    /// changed; the verification after the walk counts the whole range, so they show in
+    /// `remaining` (and `backfilld wait` does not pass).
+    pub fn walk(&self, width: usize) -> Walk {
+        let bounds = self.key_boundaries(width);
+        if bounds.len() != self.boundaries.len() || bounds.is_empty() {
+            return Walk::Whole;
+        }
+        let Some((first, last)) = self.matching_windows else {
+            return if self.rows_matching == 0 {
+                Walk::Nothing
+            } else {
+                Walk::Whole
+            };
+        };
+        if first > last || last >= bounds.len() {
+            return Walk::Whole;
+        }
+        if first == 0 && last == bounds.len() - 1 {
+            return Walk::Whole;
+        }
+        let before = if first == 0 { 0 } else { bounds[first - 1].0 };
+        Walk::Part {
+            from: (first > 0).then(|| bounds[first - 1].1.clone()),
+            to: (last < bounds.len() - 1).then(|| bounds[last].1.clone()),
+            keys: (before, bounds[last].0),
+        }
+    }
+}
+
+/// Where the batches go (see `Plan::walk`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Walk {
+    /// The whole range up to the upper bound.
+    Whole,
+    /// Keys in `(from, to]` (`None`: the range's own start, or the upper bound), which are the
+    /// keys counted from `keys.0` (exclusive) to `keys.1` (inclusive).
+    Part {
+        from: Option<Key>,
+        to: Option<Key>,
+        keys: (i64, i64),
+    },
+    /// The plan found no matching row: nothing to walk.
+    Nothing,
 }
 
 /// What counting needs: the table, its keys, the predicate and the bound.
@@ -80,6 +141,8 @@ pub struct Counted {
     pub matching: i64,
     /// `(keys up to here, last key)` at the end of each window: where slices may be cut.
     pub boundaries: Vec<(i64, Value)>,
+    /// The first and the last window with a matching row.
+    pub matching_windows: Option<(usize, usize)>,
 }
 
 /// Count windows are reads, so they may be larger than write batches.
@@ -130,7 +193,13 @@ impl Counter<'_> {
                 return Ok(Some(counted));
             }
             counted.keys += in_window;
-            counted.matching += row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+            let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+            counted.matching += matching;
+            if matching > 0 {
+                let window = counted.boundaries.len();
+                let first = counted.matching_windows.map_or(window, |(f, _)| f);
+                counted.matching_windows = Some((first, window));
+            }
             let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
             counted.boundaries.push((counted.keys, last.to_json()));
             // A window short of its limit has read the rest of the range.
@@ -143,6 +212,72 @@ impl Counter<'_> {
                 return Ok(None);
             }
         }
+    }
+
+    /// Tightens a narrowed walk from window ends to its matches: it then starts right before
+    /// the first matching key and ends at the last. Each read stops at the first match from its
+    /// end of the range, which lies in the first (last) window the plan found a match in, so it
+    /// reads at most a window's keys, never the table. Matches gone since the plan leave the
+    /// walk as it was.
+    pub async fn tighten(&self, walk: Walk) -> Result<Walk, JobError> {
+        let Walk::Part { from, to, keys } = walk else {
+            return Ok(walk);
+        };
+        let end = to.clone().unwrap_or_else(|| self.upper.clone());
+        let (Some(first), Some(last)) = (
+            self.edge_match(from.as_ref(), &end, false).await?,
+            self.edge_match(from.as_ref(), &end, true).await?,
+        ) else {
+            return Ok(Walk::Part { from, to, keys });
+        };
+        let before = format!(
+            "SELECT {} FROM {} WHERE {} < {} ORDER BY {} LIMIT 1",
+            self.keyset.as_text_output(),
+            self.target.quoted,
+            self.keyset.row(None),
+            self.keyset.params(1),
+            self.keyset.order(None, true)
+        );
+        let row = bind_keys(crate::sql::query(&before), &[&first])
+            .fetch_optional(self.pool)
+            .await
+            .map_err(self.err("finding where the matches start"))?;
+        let from = match row {
+            Some(row) => Some(
+                Key::from_row(&row, 0, self.keyset.width()).map_err(self.err("reading a key"))?,
+            ),
+            None => None,
+        };
+        Ok(Walk::Part {
+            from,
+            to: Some(last),
+            keys,
+        })
+    }
+
+    /// The first (or, `descending`, the last) key in `(from, to]` the predicate selects.
+    async fn edge_match(
+        &self,
+        from: Option<&Key>,
+        to: &Key,
+        descending: bool,
+    ) -> Result<Option<Key>, JobError> {
+        let (range, _) = self.keyset.range(None, from.is_some());
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {range} AND ({}) ORDER BY {} LIMIT 1",
+            self.keyset.as_text_output(),
+            self.target.quoted,
+            self.predicate,
+            self.keyset.order(None, descending)
+        );
+        let bounds: Vec<&Key> = from.into_iter().chain([to]).collect();
+        let row = bind_keys(crate::sql::query(&sql), &bounds)
+            .fetch_optional(self.pool)
+            .await
+            .map_err(self.err("finding where the matches start and end"))?;
+        row.map(|r| Key::from_row(&r, 0, self.keyset.width()))
+            .transpose()
+            .map_err(self.err("reading a key"))
     }
 
     /// The job's pause between windows; `false` when cancelled.

@@ -274,3 +274,63 @@ async fn partitioned_tables_are_walked_and_verified_by_key(pool: PgPool) {
     .unwrap();
     assert_eq!(remaining, 5);
 }
+
+/// A sparse job walks about its range of matches (the plan's windows with a match), not the
+/// whole table, alone or in parallel slices; a job whose predicate matches nothing walks nothing.
+/// Rows that start to match after the plan outside that range stay, and verification counts
+/// them in `remaining`.
+#[sqlx::test]
+async fn sparse_jobs_walk_only_where_the_plan_found_matches(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE sparse (id bigint PRIMARY KEY, fixed bool NOT NULL DEFAULT true);
+         INSERT INTO sparse SELECT g FROM generate_series(1, 20000) g;
+         UPDATE sparse SET fixed = false WHERE id BETWEEN 15001 AND 15100;",
+    )
+    .await;
+    for (name, parallelism) in [("sparse1", 1), ("sparse3", 3)] {
+        db.exec("UPDATE sparse SET fixed = false WHERE id BETWEEN 15001 AND 15100")
+            .await;
+        NewJob::new(name, "sparse")
+            .predicate("NOT fixed")
+            .set("fixed = true")
+            .raw("parallelism", parallelism.to_string())
+            .raw("mode", "'dry_run'")
+            .insert(&db)
+            .await;
+        db.daemon().until_idle().spawn().wait_ok().await;
+        let planned = db.job(name).await;
+        assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+        // A row starts to match after the plan, far from the planned matches.
+        db.exec("UPDATE sparse SET fixed = false WHERE id = 42")
+            .await;
+        backfilld::ops::approve(&db.lib, &db.names, name)
+            .await
+            .unwrap();
+        db.daemon().until_idle().spawn().wait_ok().await;
+        let job = db.job(name).await;
+        assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+        assert_eq!(job.rows_changed, 100, "{name}");
+        assert!(
+            job.rows_scanned <= 200,
+            "{name} scanned {} keys of 20000 for 100 clustered matches",
+            job.rows_scanned
+        );
+        assert_eq!(
+            job.remaining,
+            Some(1),
+            "{name}: verification counts the row outside the planned range"
+        );
+        db.exec("UPDATE sparse SET fixed = true WHERE id = 42")
+            .await;
+    }
+    NewJob::new("none", "sparse")
+        .predicate("NOT fixed")
+        .set("fixed = true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let none = db.job("none").await;
+    assert_eq!(none.state, "succeeded", "{:?}", none.last_error);
+    assert_eq!((none.rows_scanned, none.remaining), (0, Some(0)));
+}

@@ -5,6 +5,7 @@ use super::prepare::archive_as_target;
 use super::*;
 use crate::cascade::{self, Cascade};
 use crate::idempotency::{self, Verdict};
+use crate::plan::Walk;
 
 impl Attempt<'_> {
     pub(super) fn counter<'b>(
@@ -59,22 +60,28 @@ impl Attempt<'_> {
         };
         let plain = self.change_for(p, None);
         let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
-        let (estimated_seconds, estimate_basis) =
-            plan::estimate(&p.spec.throttle, in_range, matching);
-        let plan = Plan {
+        let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
             upper_bound: upper.to_json(),
             samples,
             explain,
-            estimated_seconds,
-            estimate_basis,
             count_seconds: started.elapsed().as_secs_f64(),
             boundaries: counted.boundaries,
+            matching_windows: counted.matching_windows,
             idempotency: self.idempotency(p, upper, cfg).await,
             cascades: self.cascades(p, upper).await?,
             unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
+            ..Default::default()
         };
+        let walk = match plan.walk(p.keyset.width()) {
+            Walk::Whole => in_range,
+            Walk::Part { keys, .. } => keys.1 - keys.0,
+            Walk::Nothing => 0,
+        };
+        plan.keys_to_walk = Some(walk);
+        (plan.estimated_seconds, plan.estimate_basis) =
+            plan::estimate(&p.spec.throttle, walk, matching);
         self.store_plan(&plan).await?;
         Ok(Some(plan))
     }
@@ -128,13 +135,14 @@ impl Attempt<'_> {
         })?;
         self.store(RowUpdate {
             plan: Some(stored),
-            estimated_total: Some(plan.rows_in_range),
+            estimated_total: Some(plan.keys_to_walk.unwrap_or(plan.rows_in_range)),
             ..Default::default()
         })
         .await?;
         tracing::info!(
             rows_matching = plan.rows_matching,
             rows_in_range = plan.rows_in_range,
+            keys_to_walk = plan.keys_to_walk,
             seconds = plan.count_seconds,
             "planned"
         );

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use super::*;
+use crate::plan::Walk;
 
 impl Attempt<'_> {
     /// Runs every slice of the key range at once and merges how they ended. `Ok(None)` when the
@@ -60,12 +61,27 @@ impl Attempt<'_> {
                 )
             });
         }
-        let cuts = if p.spec.parallelism > 1 && self.row.cursor.is_none() {
-            cut_points(plan, p.spec.parallelism, width)
-        } else {
-            Vec::new()
+        let fresh = self.row.cursor.is_none();
+        let walk = if fresh { plan.walk(width) } else { Walk::Whole };
+        let walk = self.tighten(p, upper, walk).await?;
+        let (from, to, keys) = match walk {
+            Walk::Whole => (None, upper.clone(), (0, plan.rows_in_range)),
+            Walk::Nothing => {
+                tracing::info!("the plan found no matching row: nothing to walk");
+                return Ok(Vec::new());
+            }
+            Walk::Part { from, to, keys } => {
+                tracing::info!(
+                    keys = keys.1 - keys.0,
+                    of = plan.rows_in_range,
+                    "walking only the part of the key range where the plan found matches"
+                );
+                (from, to.unwrap_or_else(|| upper.clone()), keys)
+            }
         };
-        if cuts.is_empty() {
+        let parts = if fresh { p.spec.parallelism } else { 1 };
+        let cuts = cut_points(&plan.key_boundaries(width), keys, parts);
+        if cuts.is_empty() && from.is_none() && to == *upper {
             let cursor = self.stored_cursor(width)?;
             return Ok(vec![Slice {
                 slot: None,
@@ -73,8 +89,8 @@ impl Attempt<'_> {
                 upper: upper.clone(),
             }]);
         }
-        let starts = std::iter::once(None).chain(cuts.iter().cloned().map(Some));
-        let ends = cuts.iter().cloned().chain([upper.clone()]);
+        let starts = std::iter::once(from).chain(cuts.iter().cloned().map(Some));
+        let ends = cuts.iter().cloned().chain([to]);
         let slices: Vec<Slice> = starts
             .zip(ends)
             .enumerate()
@@ -93,6 +109,22 @@ impl Attempt<'_> {
         })
         .await?;
         Ok(slices)
+    }
+}
+
+impl Attempt<'_> {
+    /// The walk from the key range the job walks (the archive, for a revert), tightened to the
+    /// matches (see `Counter::tighten`).
+    async fn tighten(&self, p: &Prepared, upper: &Key, walk: Walk) -> Result<Walk, JobError> {
+        let mut target = p.target.clone();
+        if let Some(a) = &p.source_archive {
+            target = super::prepare::archive_as_target(a, &p.target);
+        }
+        let counter = Counter {
+            target: &target,
+            ..self.counter(p, upper, &p.fragments.predicate, &p.spec.throttle)
+        };
+        counter.tighten(walk).await
     }
 }
 
@@ -144,18 +176,13 @@ impl Slice {
 
 /// Keys that cut the range into `parts` slices of about equal key counts, taken from the plan's
 /// window boundaries (ascending, deduplicated, never the upper bound itself).
-fn cut_points(plan: &Plan, parts: usize, width: usize) -> Vec<Key> {
-    let total = plan.rows_in_range;
-    let bounds: Vec<(i64, Key)> = plan
-        .boundaries
-        .iter()
-        .filter_map(|(n, key)| Some((*n, Key::from_json(key, width)?)))
-        .collect();
+fn cut_points(bounds: &[(i64, Key)], (lo, hi): (i64, i64), parts: usize) -> Vec<Key> {
     let mut cuts: Vec<Key> = Vec::new();
     for i in 1..parts as i64 {
-        let target = total * i / parts as i64;
+        let target = lo + (hi - lo) * i / parts as i64;
         if let Some((n, key)) = bounds.iter().find(|(n, _)| *n >= target)
-            && *n < total
+            && *n > lo
+            && *n < hi
             && cuts.last() != Some(key)
         {
             cuts.push(key.clone());
@@ -214,29 +241,74 @@ mod tests {
         serde_json::json!([n.to_string()])
     }
 
+    fn stored(json: serde_json::Value) -> Plan {
+        // Read back from JSON as stored: the other plan fields take their defaults.
+        Plan::from_stored(&json).unwrap()
+    }
+
+    fn k(n: i64) -> Key {
+        Key(vec![n.to_string()])
+    }
+
     #[test]
     fn cut_points_split_by_key_counts() {
-        // Read back from JSON as stored: the other plan fields take their defaults.
-        let plan = Plan::from_stored(&serde_json::json!({
+        let plan = stored(serde_json::json!({
             "rows_in_range": 1000,
             "boundaries": [[100, key(100)], [300, key(300)], [600, key(600)], [1000, key(1000)]],
-        }))
-        .unwrap();
-        let cuts = cut_points(&plan, 2, 1);
-        assert_eq!(cuts, vec![Key(vec!["600".into()])]);
-        let cuts = cut_points(&plan, 4, 1);
-        assert_eq!(cuts, vec![Key(vec!["300".into()]), Key(vec!["600".into()])]);
-        assert!(
-            cut_points(
-                &Plan::from_stored(
-                    &serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]})
-                )
-                .unwrap(),
-                3,
-                1
-            )
-            .is_empty()
+        }));
+        let bounds = plan.key_boundaries(1);
+        assert_eq!(cut_points(&bounds, (0, 1000), 2), vec![k(600)]);
+        assert_eq!(cut_points(&bounds, (0, 1000), 4), vec![k(300), k(600)]);
+        // Within a narrowed walk: only boundaries strictly inside it.
+        assert_eq!(cut_points(&bounds, (0, 600), 2), vec![k(300)]);
+        assert_eq!(cut_points(&bounds, (100, 1000), 2), vec![k(600)]);
+        let one = stored(serde_json::json!({"rows_in_range": 5, "boundaries": [[5, key(5)]]}));
+        assert!(cut_points(&one.key_boundaries(1), (0, 5), 3).is_empty());
+    }
+
+    #[test]
+    fn the_walk_narrows_to_the_windows_with_matches() {
+        let bounds = serde_json::json!([
+            [100, key(100)],
+            [300, key(300)],
+            [600, key(600)],
+            [1000, key(1000)]
+        ]);
+        let with = |windows: serde_json::Value, matching: i64| {
+            stored(serde_json::json!({
+                "rows_in_range": 1000, "rows_matching": matching,
+                "boundaries": bounds, "matching_windows": windows,
+            }))
+            .walk(1)
+        };
+        assert_eq!(
+            with(serde_json::json!([1, 2]), 7),
+            Walk::Part {
+                from: Some(k(100)),
+                to: Some(k(600)),
+                keys: (100, 600)
+            }
         );
+        assert_eq!(
+            with(serde_json::json!([2, 3]), 7),
+            Walk::Part {
+                from: Some(k(300)),
+                to: None,
+                keys: (300, 1000)
+            }
+        );
+        assert_eq!(
+            with(serde_json::json!([0, 0]), 7),
+            Walk::Part {
+                from: None,
+                to: Some(k(100)),
+                keys: (0, 100)
+            }
+        );
+        assert_eq!(with(serde_json::json!([0, 3]), 7), Walk::Whole);
+        assert_eq!(with(serde_json::Value::Null, 0), Walk::Nothing);
+        // A plan stored before matching windows were recorded walks everything.
+        assert_eq!(with(serde_json::Value::Null, 7), Walk::Whole);
     }
 
     #[test]
