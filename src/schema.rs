@@ -65,6 +65,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "checklist",
         sql: include_str!("schema/0004_checklist.sql"),
     },
+    Migration {
+        version: 5,
+        name: "wakeups",
+        sql: include_str!("schema/0005_wakeups.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {
