@@ -72,7 +72,9 @@ impl Attempt<'_> {
             }
             Walk::Part { from, to, keys } => {
                 tracing::info!(
-                    keys = keys.1 - keys.0,
+                    from = ?from.as_ref().map(|k| &k.0),
+                    to = ?to.as_ref().map(|k| &k.0),
+                    keys_at_most = keys.1 - keys.0,
                     of = plan.rows_in_range,
                     "walking only the part of the key range where the plan found matches"
                 );
