@@ -17,7 +17,23 @@ use crate::{http, schema, shutdown};
 
 /// Opens the pool (see `Db::connect`).
 pub async fn connect(cfg: &Config) -> Result<Db> {
-    Ok(Db::connect(cfg).await?)
+    Db::connect(cfg).await.map_err(|source| Error::Connect {
+        server: server_of(&cfg.database.url),
+        source,
+    })
+}
+
+/// `host:port/database` of a connection URL: no user, no password, no options.
+fn server_of(url: &str) -> String {
+    match url.parse::<sqlx::postgres::PgConnectOptions>() {
+        Ok(o) => format!(
+            "PostgreSQL at {}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or_default()
+        ),
+        Err(_) => "PostgreSQL (unparsable database.url)".into(),
+    }
 }
 
 /// `<hostname>-<pid>-<random>` unless configured.

@@ -76,13 +76,14 @@ impl Db {
             o.options(timeouts.map(|(k, v)| (k, format!("{}ms", v.as_millis()))))
         };
         if db.pool_mode == PoolMode::Session {
-            let pool = pool_options().connect_with(session(options)).await?;
-            return Ok(Self::direct(pool));
+            let options = session(options);
+            probe(&options, db.connect_timeout).await?;
+            return Ok(Self::direct(pool_options().connect_lazy_with(options)));
         }
         // PgBouncer accepts only the start-up parameters it tracks.
-        let pool = pool_options()
-            .connect_with(options.extra_float_digits(None))
-            .await?;
+        let options = options.extra_float_digits(None);
+        probe(&options, db.connect_timeout).await?;
+        let pool = pool_options().connect_lazy_with(options);
         let direct = match db.direct_url.as_str() {
             "" => None,
             url => {
@@ -164,6 +165,17 @@ impl Db {
         if let Some(direct) = &self.direct {
             direct.close().await;
         }
+    }
+}
+
+/// Opens and closes one connection: the pool would only report that it timed out, this says why
+/// (refused, authentication, unknown database).
+async fn probe(options: &PgConnectOptions, timeout: std::time::Duration) -> sqlx::Result<()> {
+    use sqlx::Connection;
+    let connecting = PgConnection::connect_with(options);
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(conn) => conn?.close().await,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
     }
 }
 

@@ -11,6 +11,8 @@ pub enum Error {
     Schema(#[from] SchemaError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("cannot connect to {server}: {source}")]
+    Connect { server: String, source: sqlx::Error },
     #[error("{0}")]
     Job(#[from] JobError),
     #[error("cannot serve metrics on {addr}: {source}")]
