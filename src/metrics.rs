@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::JobError;
-use crate::job::State;
 use crate::throttle::Reason;
 
 #[derive(Clone)]
@@ -126,7 +125,6 @@ impl Metrics {
         };
         m.register_all();
         m.register_build_info();
-        m.zero_job_states();
         m
     }
 
@@ -205,13 +203,6 @@ impl Metrics {
         self.finished.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every state's series exists from the start, at 0.
-    fn zero_job_states(&self) {
-        for state in State::ALL {
-            self.jobs.with_label_values(&[state.as_str()]).set(0);
-        }
-    }
-
     fn register_build_info(&self) {
         let build = must(IntGaugeVec::new(
             opts("build_info", "Build information"),
@@ -281,6 +272,11 @@ mod tests {
     #[test]
     fn contract_names_are_exposed() {
         let m = Metrics::new();
+        assert!(
+            !m.render().contains("backfilld_jobs{"),
+            "no job-state gauges before the first poll: a scrape must not see a fresh 0"
+        );
+        m.jobs.with_label_values(&["running"]).set(0);
         m.rows_changed.with_label_values(&["j"]).inc_by(3);
         m.batch_duration.with_label_values(&["j"]).observe(0.2);
         m.throttled("j", "sleep", 0.5);
