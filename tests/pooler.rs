@@ -105,7 +105,8 @@ fn bouncer_binary() -> &'static str {
     panic!("pgbouncer is not installed (scripts/test installs Debian's package)")
 }
 
-/// PgBouncer refuses to run as root: as root, run it as the `postgres` user.
+/// PgBouncer refuses to run as root: as root, run it as the `postgres` user, in this process
+/// (so killing the child kills PgBouncer).
 fn as_unprivileged(program: &str, args: &[&str], dir: &std::path::Path) -> Child {
     let root = Command::new("id")
         .arg("-u")
@@ -115,8 +116,15 @@ fn as_unprivileged(program: &str, args: &[&str], dir: &std::path::Path) -> Child
         let _ = Command::new("chown")
             .args(["-R", "postgres", dir.to_str().unwrap()])
             .status();
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", program]);
+        // setpriv execs (runuser would fork and leave pgbouncer running when killed).
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            program,
+        ]);
         c
     } else {
         Command::new(program)
