@@ -272,25 +272,12 @@ pub async fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("backfilld: {}", error_report(&e));
+            // Every error of ours quotes its cause in its own message: `{e}` says it once
+            // (the alternate form would repeat each cause after it).
+            eprintln!("backfilld: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, each cause once: our messages already quote their source, so a
-/// cause whose text the message before it contains is not repeated.
-fn error_report(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    let mut last = out.clone();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !last.contains(&text) {
-            out = format!("{out}: {text}");
-        }
-        last = text;
-    }
-    out
 }
 
 async fn dispatch(
