@@ -1,8 +1,9 @@
-//! Wake-ups of an idle replica: it costs at most one transaction per second, picks a new job up
-//! within 100 ms (LISTEN, with the poll at its 2 s default so polling cannot hide a dead
-//! LISTEN), and keeps doing so after its LISTEN backend is terminated and after the server
-//! restarts (the restart needs the suite's pg_virtualenv cluster; against another server the
-//! test says so and stops after the terminated backend).
+//! Wake-ups of an idle replica: at its default 2 s poll it costs at most one transaction per
+//! second; with a poll of an hour, so that only a notification can wake it, it still picks new
+//! jobs up, also after its LISTEN backend is terminated and after the server restarts (the
+//! restart needs the suite's pg_virtualenv cluster; against another server the test says so and
+//! stops after the terminated backend). Pickup times are printed, not asserted: bench/pickup
+//! measures them.
 #![allow(clippy::disallowed_methods)] // tests talk to PostgreSQL directly, never via a pooler
 
 mod common;
@@ -13,8 +14,9 @@ use std::time::Duration;
 use common::{Db, NewJob, free_port, http_get, metric, wait_until};
 use sqlx::PgPool;
 
-/// Milliseconds from the insert of each of `n` jobs to its claim (server clock: `created_at` is
-/// the inserting transaction's start, `started_at` the claim's).
+/// Inserts `n` jobs one after another and waits for each to succeed; returns the milliseconds
+/// from each insert to its claim (server clock: `created_at` is the inserting transaction's
+/// start, `started_at` the claim's), for the log.
 async fn pickups(db: &Db, round: &str, n: usize) -> Vec<f64> {
     let mut ms = Vec::new();
     for i in 0..n {
@@ -37,12 +39,6 @@ async fn pickups(db: &Db, round: &str, n: usize) -> Vec<f64> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     ms
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
 }
 
 async fn scrape(port: u16) -> String {
@@ -76,19 +72,21 @@ async fn transactions(db: &Db) -> i64 {
 }
 
 #[sqlx::test]
-async fn idle_replica_is_quiet_and_picks_up_fast_through_backend_loss_and_restart(pool: PgPool) {
+async fn idle_replica_is_quiet_and_woken_by_notifications_through_backend_loss_and_restart(
+    pool: PgPool,
+) {
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int); INSERT INTO t VALUES (1, 1);")
         .await;
+
+    // Idle cost at the default poll, over 20 s (statistics are flushed at most once a second).
     let port = free_port();
-    let _daemon = db
+    let mut polling = db
         .daemon()
         .env("BACKFILLD_WORKER__POLL_INTERVAL", "2s")
         .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
         .spawn();
     wait_listening(&db, port, 0.0).await;
-
-    // Idle cost over 20 s (statistics are flushed at most once a second: a long window).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (t0, x0) = (std::time::Instant::now(), transactions(&db).await);
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -102,10 +100,18 @@ async fn idle_replica_is_quiet_and_picks_up_fast_through_backend_loss_and_restar
         per_second <= 1.0,
         "idle replica: {per_second:.2} transactions/s"
     );
+    polling.signal("TERM");
+    polling.wait_ok().await;
 
-    let fresh = pickups(&db, "fresh", 5).await;
-    println!("pickup ms, listening: {fresh:?}");
-    assert!(median(&fresh) <= 100.0, "pickup {fresh:?} ms");
+    // From here the poll never comes within the test: every pickup is a wake-up.
+    let port = free_port();
+    let _daemon = db
+        .daemon()
+        .env("BACKFILLD_WORKER__POLL_INTERVAL", "1h")
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    wait_listening(&db, port, 0.0).await;
+    println!("pickup ms, listening: {:?}", pickups(&db, "fresh", 5).await);
 
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -118,7 +124,6 @@ async fn idle_replica_is_quiet_and_picks_up_fast_through_backend_loss_and_restar
     wait_listening(&db, port, 1.0).await;
     let after_loss = pickups(&db, "loss", 5).await;
     println!("pickup ms after the LISTEN backend was terminated: {after_loss:?}");
-    assert!(median(&after_loss) <= 200.0, "pickup {after_loss:?} ms");
 
     let Some((version, cluster)) = suite_cluster() else {
         println!("not the suite's pg_virtualenv cluster: server restart not tested");
@@ -132,10 +137,6 @@ async fn idle_replica_is_quiet_and_picks_up_fast_through_backend_loss_and_restar
     wait_listening(&db, port, 2.0).await;
     let after_restart = pickups(&db, "restart", 5).await;
     println!("pickup ms after the server restarted: {after_restart:?}");
-    assert!(
-        median(&after_restart) <= 200.0,
-        "pickup {after_restart:?} ms"
-    );
 }
 
 /// Version and name of the cluster pg_virtualenv started for the suite, if that is where the
