@@ -379,28 +379,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 impl Config {
     /// Rejects values the daemon could not run with, naming the key.
     pub fn validate(&self) -> Result<()> {
-        if self.database.url.is_empty() {
-            return Err(invalid(
-                "database.url",
-                "no database configured: set DATABASE_URL, --database-url or database.url",
-            ));
-        }
-        if !self.database.direct_url.is_empty() && self.database.pool_mode == PoolMode::Session {
-            return Err(invalid(
-                "database.direct_url",
-                "only used with database.pool_mode = \"transaction\" (database.url is direct already)",
-            ));
-        }
-        if !is_plain_identifier(&self.database.schema) {
-            return Err(invalid(
-                "database.schema",
-                "must be a lower-case identifier ([a-z_][a-z0-9_]*)",
-            ));
-        }
-        positive(
-            "database.max_connections",
-            self.database.max_connections as i64,
-        )?;
+        self.database.validate()?;
         positive("worker.concurrency", self.worker.concurrency as i64)?;
         positive("worker.max_attempts", self.worker.max_attempts as i64)?;
         if self.database.max_connections as usize <= self.worker.concurrency {
@@ -443,6 +422,30 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl DatabaseConfig {
+    fn validate(&self) -> Result<()> {
+        if self.url.is_empty() {
+            return Err(invalid(
+                "database.url",
+                "no database configured: set DATABASE_URL, --database-url or database.url",
+            ));
+        }
+        if !self.direct_url.is_empty() && self.pool_mode == PoolMode::Session {
+            return Err(invalid(
+                "database.direct_url",
+                "only used with database.pool_mode = \"transaction\" (database.url is direct already)",
+            ));
+        }
+        if !is_plain_identifier(&self.schema) {
+            return Err(invalid(
+                "database.schema",
+                "must be a lower-case identifier ([a-z_][a-z0-9_]*)",
+            ));
+        }
+        positive("database.max_connections", self.max_connections as i64)
     }
 }
 
@@ -599,6 +602,10 @@ mod tests {
         type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(&str, Mutation)> = vec![
             ("database.url", Box::new(|c| c.database.url.clear())),
+            (
+                "database.direct_url",
+                Box::new(|c| c.database.direct_url = "postgres://db:5432/app".into()),
+            ),
             (
                 "database.schema",
                 Box::new(|c| c.database.schema = "Bad;".into()),

@@ -62,24 +62,8 @@ impl Attempt<'_> {
             });
         }
         let fresh = self.row.cursor.is_none();
-        let walk = if fresh { plan.walk(width) } else { Walk::Whole };
-        let walk = self.tighten(p, upper, walk).await?;
-        let (from, to, keys) = match walk {
-            Walk::Whole => (None, upper.clone(), (0, plan.rows_in_range)),
-            Walk::Nothing => {
-                tracing::info!("the plan found no matching row: nothing to walk");
-                return Ok(Vec::new());
-            }
-            Walk::Part { from, to, keys } => {
-                tracing::info!(
-                    from = ?from.as_ref().map(|k| &k.0),
-                    to = ?to.as_ref().map(|k| &k.0),
-                    keys_at_most = keys.1 - keys.0,
-                    of = plan.rows_in_range,
-                    "walking only the part of the key range where the plan found matches"
-                );
-                (from, to.unwrap_or_else(|| upper.clone()), keys)
-            }
+        let Some((from, to, keys)) = self.walk_range(p, plan, upper, fresh).await? else {
+            return Ok(Vec::new());
         };
         let parts = if fresh { p.spec.parallelism } else { 1 };
         let cuts = cut_points(&plan.key_boundaries(width), keys, parts);
@@ -115,6 +99,39 @@ impl Attempt<'_> {
 }
 
 impl Attempt<'_> {
+    /// Where a run walks: keys in `(from, to]`, counted from `keys.0` to `keys.1` by the plan; a
+    /// fresh run only where the plan found matches, `None` when it found none.
+    async fn walk_range(
+        &self,
+        p: &Prepared,
+        plan: &Plan,
+        upper: &Key,
+        fresh: bool,
+    ) -> Result<Option<(Option<Key>, Key, (i64, i64))>, JobError> {
+        let walk = if fresh {
+            plan.walk(p.keyset.width())
+        } else {
+            Walk::Whole
+        };
+        Ok(match self.tighten(p, upper, walk).await? {
+            Walk::Whole => Some((None, upper.clone(), (0, plan.rows_in_range))),
+            Walk::Nothing => {
+                tracing::info!("the plan found no matching row: nothing to walk");
+                None
+            }
+            Walk::Part { from, to, keys } => {
+                tracing::info!(
+                    from = ?from.as_ref().map(|k| &k.0),
+                    to = ?to.as_ref().map(|k| &k.0),
+                    keys_at_most = keys.1 - keys.0,
+                    of = plan.rows_in_range,
+                    "walking only the part of the key range where the plan found matches"
+                );
+                Some((from, to.unwrap_or_else(|| upper.clone()), keys))
+            }
+        })
+    }
+
     /// The walk from the key range the job walks (the archive, for a revert), tightened to the
     /// matches (see `Counter::tighten`).
     async fn tighten(&self, p: &Prepared, upper: &Key, walk: Walk) -> Result<Walk, JobError> {
