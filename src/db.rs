@@ -136,27 +136,33 @@ impl Db {
         })
     }
 
+    /// Where session-level work goes: past the pooler when `direct_url` is set, else the pool
+    /// itself unless it is a transaction pooler.
+    fn sessions(&self) -> Option<&PgPool> {
+        self.direct
+            .as_ref()
+            .or((!self.pooled()).then_some(&self.pool))
+    }
+
     /// A connection for session-level work (VACUUM, session settings), or `None` through a
     /// transaction pooler without `database.direct_url`. Reset what you set before dropping it.
     pub async fn session(&self) -> sqlx::Result<Option<PoolConnection<Postgres>>> {
-        match (&self.direct, self.pooled()) {
-            (Some(direct), _) => direct.acquire().await.map(Some),
-            (None, false) => self.pool.acquire().await.map(Some),
-            (None, true) => Ok(None),
+        match self.sessions() {
+            Some(pool) => pool.acquire().await.map(Some),
+            None => Ok(None),
         }
     }
 
     /// Whether `session` can return a connection.
     pub fn has_session(&self) -> bool {
-        !self.pooled() || self.direct.is_some()
+        self.sessions().is_some()
     }
 
     /// A LISTEN connection, or `None` through a transaction pooler without `direct_url`.
     pub async fn listener(&self) -> sqlx::Result<Option<PgListener>> {
-        match (&self.direct, self.pooled()) {
-            (Some(direct), _) => PgListener::connect_with(direct).await.map(Some),
-            (None, false) => PgListener::connect_with(&self.pool).await.map(Some),
-            (None, true) => Ok(None),
+        match self.sessions() {
+            Some(pool) => PgListener::connect_with(pool).await.map(Some),
+            None => Ok(None),
         }
     }
 
