@@ -35,6 +35,12 @@ pub struct ArchiveTable {
 const AFTER_PREFIX: &str = "_bf_after_";
 /// The column of an insert archive holding each inserted row as text.
 pub const ROW_COLUMN: &str = "_bf_row";
+/// An archive is append-only while its job runs, and nothing reads it until a revert, which
+/// indexes, analyzes and vacuums it first (`prepare_revert`). Autovacuum's insert-triggered runs
+/// and autoanalyze on it would only add IO while the backfill runs (a 5M-row job's archive was
+/// vacuumed and analyzed twice mid-run). Anti-wraparound vacuums still run: PostgreSQL ignores
+/// this setting for them.
+const NO_AUTOVACUUM: &str = "WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false)";
 
 impl ArchiveTable {
     pub fn new(names: &Names, name: String, target: &Target, kind: ArchiveKind) -> Self {
@@ -76,7 +82,8 @@ impl ArchiveTable {
         }
     }
 
-    /// Creates the archive table if missing (a retried attempt finds it already there).
+    /// Creates the archive table if missing (a retried attempt finds it already there), with
+    /// autovacuum off: see [`NO_AUTOVACUUM`].
     pub async fn create(
         &self,
         conn: &mut PgConnection,
@@ -97,7 +104,7 @@ impl ArchiveTable {
                     })
                     .collect();
                 format!(
-                    "CREATE TABLE IF NOT EXISTS {} AS SELECT {}, {}, {} FROM {} WITH NO DATA",
+                    "CREATE TABLE IF NOT EXISTS {} {NO_AUTOVACUUM} AS SELECT {}, {}, {} FROM {} WITH NO DATA",
                     self.quoted,
                     column_list(self.keys.iter().map(String::as_str)),
                     column_list(touched.iter().map(String::as_str)),
@@ -106,11 +113,11 @@ impl ArchiveTable {
                 )
             }
             ArchiveKind::Delete => format!(
-                "CREATE TABLE IF NOT EXISTS {} (LIKE {})",
+                "CREATE TABLE IF NOT EXISTS {} (LIKE {}) {NO_AUTOVACUUM}",
                 self.quoted, target.quoted
             ),
             ArchiveKind::Insert => format!(
-                "CREATE TABLE IF NOT EXISTS {} AS SELECT {}, NULL::text AS {} FROM {} WITH NO DATA",
+                "CREATE TABLE IF NOT EXISTS {} {NO_AUTOVACUUM} AS SELECT {}, NULL::text AS {} FROM {} WITH NO DATA",
                 self.quoted,
                 column_list(self.keys.iter().map(String::as_str)),
                 quote_ident(ROW_COLUMN),

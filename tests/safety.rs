@@ -138,6 +138,22 @@ async fn live_growth_past_the_ceiling_stops_the_job(pool: PgPool) {
     );
 }
 
+/// Archives are append-only until a revert prepares them, so autovacuum stays off them (and off
+/// their TOAST table) while the job runs.
+async fn assert_no_autovacuum(db: &Db, archive: &str) {
+    let options = db
+        .scalar_text(&format!(
+            "SELECT concat_ws(' / ', array_to_string(c.reloptions, ','), array_to_string(t.reloptions, ','))
+             FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid
+             WHERE c.oid = 'backfill.\"{archive}\"'::regclass"
+        ))
+        .await;
+    assert_eq!(
+        options, "autovacuum_enabled=false / autovacuum_enabled=false",
+        "{archive}"
+    );
+}
+
 #[sqlx::test]
 async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -163,6 +179,7 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
             .await,
         3750
     );
+    assert_no_autovacuum(&db, &archive).await;
     assert_ne!(
         db.checksum("orders", "id", "id IN (7, 11, 13)").await,
         before
@@ -218,6 +235,7 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     assert_eq!(job.rows_changed, 750);
     assert_eq!(job.remaining, Some(0));
     assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 2250);
+    assert_no_autovacuum(&db, job.archive_table.as_deref().expect("archive table")).await;
     // A row with a deleted key comes back before the revert: it must be left as it is.
     db.exec("INSERT INTO orders (id, status, amount, note) VALUES (8, 'new', 1, 'reborn')")
         .await;
