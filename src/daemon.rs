@@ -111,11 +111,10 @@ impl Daemon {
         if expired > 0 {
             tracing::debug!(jobs = expired, "dropped the metric series of finished jobs");
         }
-        let free = cfg.worker.concurrency.saturating_sub(tasks.len());
         let free = if self.shutdown.is_cancelled() {
             0
         } else {
-            free
+            cfg.worker.concurrency.saturating_sub(tasks.len())
         };
         let jobs = self.housekeep_and_claim(free as i64).await?;
         let claimed = jobs.len();

@@ -578,23 +578,34 @@ pub fn validate(
         Some(s) => set_clause(s)?,
         None => Vec::new(),
     };
+    check_assignments(&assignments, target, false)?;
+    Ok(Fragments {
+        predicate,
+        assignments,
+    })
+}
+
+/// No generated column, no column twice, and a key column only where `keys_allowed` (a new
+/// row's key is set; an existing row's is not). A missing column is left to the server's parse,
+/// which names it with SQLSTATE 42703.
+fn check_assignments(
+    assignments: &[Assignment],
+    target: &Target,
+    keys_allowed: bool,
+) -> Result<(), FragmentError> {
     let mut seen = std::collections::HashSet::new();
-    for a in &assignments {
-        // A missing column is left to the server's parse, which names it with SQLSTATE 42703.
+    for a in assignments {
         if target.column(&a.column).is_some_and(|c| c.generated) {
             return Err(FragmentError::GeneratedColumn(a.column.clone()));
         }
-        if target.keys.iter().any(|k| k.name == a.column) {
+        if !keys_allowed && target.keys.iter().any(|k| k.name == a.column) {
             return Err(FragmentError::KeyColumn(a.column.clone()));
         }
         if !seen.insert(a.column.clone()) {
             return Err(FragmentError::AssignedTwice(a.column.clone()));
         }
     }
-    Ok(Fragments {
-        predicate,
-        assignments,
-    })
+    Ok(())
 }
 
 /// An insert job's fragments: the predicate over the source table, and the set clause as
@@ -607,15 +618,7 @@ pub fn validate_insert(
 ) -> Result<Fragments, FragmentError> {
     let predicate = predicate(predicate_src)?;
     let assignments = set_clause(set_src)?;
-    let mut seen = std::collections::HashSet::new();
-    for a in &assignments {
-        if into.column(&a.column).is_some_and(|c| c.generated) {
-            return Err(FragmentError::GeneratedColumn(a.column.clone()));
-        }
-        if !seen.insert(a.column.clone()) {
-            return Err(FragmentError::AssignedTwice(a.column.clone()));
-        }
-    }
+    check_assignments(&assignments, into, true)?;
     Ok(Fragments {
         predicate,
         assignments,
