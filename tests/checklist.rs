@@ -306,10 +306,26 @@ async fn an_insert_job_needs_a_source_and_a_unique_key_on_its_target(pool: PgPoo
     assert_eq!(db.scalar_i64("SELECT count(*) FROM bag").await, 0);
 }
 
-fn csv(name: &str, body: &str) -> std::path::PathBuf {
+/// A CSV file in the temporary directory, removed when dropped.
+struct Csv(std::path::PathBuf);
+
+impl std::ops::Deref for Csv {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Csv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn csv(name: &str, body: &str) -> Csv {
     let path = std::env::temp_dir().join(format!("backfilld-{}-{name}.csv", std::process::id()));
     std::fs::write(&path, body).unwrap();
-    path
+    Csv(path)
 }
 
 fn csv_job(name: &str, table: &str) -> backfilld::ops::NewJob {

@@ -319,4 +319,5 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
         db.scalar_i64("SELECT count(*) FROM h WHERE n <> 1").await,
         0
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
