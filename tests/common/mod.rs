@@ -399,10 +399,10 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // A failing test keeps the log (its panic message names it or prints it).
-        if !std::thread::panicking() {
-            if let Some(dir) = self.log.parent() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+        if !std::thread::panicking()
+            && let Some(dir) = self.log.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
