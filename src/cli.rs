@@ -46,6 +46,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The actions `enqueue` creates; `revert` jobs are enqueued by the `revert` command.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EnqueueAction {
+    Update,
+    Delete,
+    Insert,
+}
+
+impl EnqueueAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            EnqueueAction::Update => "update",
+            EnqueueAction::Delete => "delete",
+            EnqueueAction::Insert => "insert",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
 pub enum Output {
     #[default]
@@ -207,14 +225,22 @@ pub struct EnqueueArgs {
     /// Update the table from a CSV file with a header: the file is staged with COPY (any error
     /// names its line, and nothing is created) and the job sets each column from the staged row
     /// of the same key (--key-columns, default the table's key).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["predicate", "set_clause", "action"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["predicate", "set_clause", "action", "source_table"])]
     pub from_csv: Option<PathBuf>,
     /// For update: SQL assignments, e.g. "status = 'pending'".
     #[arg(long = "set")]
     pub set_clause: Option<String>,
-    /// update or delete.
+    /// What the job does to the rows the predicate selects (revert jobs come from `revert`).
+    #[arg(long, value_enum)]
+    pub action: Option<EnqueueAction>,
+    /// For insert: the table walked in keyset batches; --set maps the target's columns to
+    /// expressions over its row, e.g. "user_id = id, kind = 'default'".
+    #[arg(long, value_name = "TABLE")]
+    pub source_table: Option<String>,
+    /// For delete: run although foreign keys cascade into child tables (the archive cannot
+    /// restore their rows; the plan still lists them).
     #[arg(long)]
-    pub action: Option<String>,
+    pub allow_cascade: bool,
     /// Keyset columns (comma-separated); default: the primary key.
     #[arg(long, visible_alias = "key", value_delimiter = ',')]
     pub key_columns: Option<Vec<String>>,
@@ -482,7 +508,7 @@ async fn enqueue(
             );
             row
         }
-        None => ops::enqueue(pool, names, &job).await?,
+        None => ops::enqueue(pool, names, cfg, &job).await?,
     };
     print_jobs(&[row], output, true);
     Ok(())
@@ -493,7 +519,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         name: a.name,
         table_name: a.table,
         predicate: a.predicate.unwrap_or_default(),
-        action: a.action,
+        action: a.action.map(|a| a.as_str().to_owned()),
         set_clause: a.set_clause,
         key_columns: a.key_columns,
         execute: a.execute,
@@ -509,6 +535,8 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         priority: a.priority,
         run_at: None,
         staged_table: None,
+        source_table: a.source_table,
+        allow_cascade: a.allow_cascade.then_some(true),
     }
 }
 

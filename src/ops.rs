@@ -41,18 +41,27 @@ pub struct NewJob {
     pub run_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Updates from a data file: the staging table the job applies (set by `enqueue_from_csv`).
     pub staged_table: Option<String>,
+    /// Insert jobs: the table walked.
+    pub source_table: Option<String>,
+    pub allow_cascade: Option<bool>,
 }
 
 const INSERT: &str = "
 INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns, mode, batch_size,
                     target_batch_ms, sleep_ms, max_rows_per_second, max_affected, archive, priority, run_at,
-                    parallelism, max_batch_ms, preset, staged_table)
+                    parallelism, max_batch_ms, preset, staged_table, source_table, allow_cascade)
 VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
-        coalesce($14, 0), coalesce($15, now()), $16, $17, $18, $19)
+        coalesce($14, 0), coalesce($15, now()), $16, $17, $18, $19, $20, coalesce($21, false))
 RETURNING *";
 
-pub async fn enqueue(pool: &Db, names: &Names, job: &NewJob) -> Result<JobRow> {
-    insert_job(pool, names, job).await
+/// Inserts the job row, refusing (and inserting nothing) when its columns would fail it at its
+/// first claim: an unknown action, an insert without `source_table`, values out of range.
+pub async fn enqueue(pool: &Db, names: &Names, cfg: &Config, job: &NewJob) -> Result<JobRow> {
+    let mut tx = pool.begin().await?;
+    let row = insert_job(&mut *tx, names, job).await?;
+    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 /// Stages `file` (CSV with a header) and enqueues the update job that applies it to
@@ -90,6 +99,7 @@ pub async fn enqueue_from_csv(
         ..job.clone()
     };
     let row = insert_job(&mut *tx, names, &staged_job).await?;
+    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
     tx.commit().await?;
     Ok((row, staged))
 }
@@ -120,6 +130,8 @@ async fn insert_job<'e>(
         .bind(job.max_batch_ms)
         .bind(&job.preset)
         .bind(&job.staged_table)
+        .bind(&job.source_table)
+        .bind(job.allow_cascade)
         .fetch_one(db)
         .await
         .map_err(|e| match &e {

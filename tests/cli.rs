@@ -154,6 +154,119 @@ async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
     );
 }
 
+/// Insert and cascading-delete jobs from the command line; a job whose columns would fail its
+/// first claim is refused at enqueue and leaves no row.
+#[sqlx::test]
+async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         INSERT INTO users SELECT generate_series(1, 50);
+         CREATE TABLE policies (user_id int PRIMARY KEY REFERENCES users ON DELETE CASCADE, kind text);",
+    )
+    .await;
+    let insert = [
+        "enqueue",
+        "--name",
+        "policies",
+        "--table",
+        "public.policies",
+        "--action",
+        "insert",
+        "--source-table",
+        "public.users",
+        "--predicate",
+        "NOT EXISTS (SELECT 1 FROM policies p WHERE p.user_id = users.id)",
+        "--set",
+        "user_id = id, kind = 'default'",
+        "--execute",
+    ];
+    let out = backfilld(&db.url, &insert);
+    assert!(out.status.success(), "{}", stderr(&out));
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("policies").await.state, "succeeded");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM policies").await, 50);
+
+    let purge = |name: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec![
+            "enqueue",
+            "--name",
+            name,
+            "--table",
+            "public.users",
+            "--action",
+            "delete",
+            "--predicate",
+            "id > 40",
+            "--execute",
+        ];
+        args.extend_from_slice(extra);
+        backfilld(&db.url, &args)
+    };
+    assert!(purge("purge", &[]).status.success());
+    assert!(purge("purge_anyway", &["--allow-cascade"]).status.success());
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = db.job("purge").await;
+    assert_eq!(refused.state, "failed");
+    assert!(
+        refused
+            .last_error
+            .unwrap_or_default()
+            .contains("allow_cascade"),
+        "the plan names the way out"
+    );
+    assert_eq!(db.job("purge_anyway").await.state, "succeeded");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM policies").await, 40);
+
+    let no_source = backfilld(
+        &db.url,
+        &[
+            "enqueue",
+            "--name",
+            "orphan",
+            "--table",
+            "public.policies",
+            "--action",
+            "insert",
+            "--predicate",
+            "true",
+            "--set",
+            "user_id = 1",
+        ],
+    );
+    assert_eq!(no_source.status.code(), Some(1));
+    let err = stderr(&no_source);
+    assert!(
+        err.contains("orphan") && err.contains("source_table"),
+        "{err}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM backfill.jobs WHERE name = 'orphan'")
+            .await,
+        0,
+        "a refused job leaves no row"
+    );
+    let revert = backfilld(
+        &db.url,
+        &[
+            "enqueue",
+            "--name",
+            "r",
+            "--table",
+            "users",
+            "--action",
+            "revert",
+            "--predicate",
+            "true",
+        ],
+    );
+    assert_eq!(
+        revert.status.code(),
+        Some(2),
+        "revert jobs come from `revert`"
+    );
+}
+
 #[sqlx::test]
 async fn metrics_health_and_readiness_are_served(pool: PgPool) {
     let db = Db::new(pool).await;
