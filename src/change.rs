@@ -12,7 +12,7 @@ mod revert;
 mod update;
 
 pub use delete::Delete;
-pub use insert::Insert;
+pub use insert::{Insert, pending as pending_insert};
 pub use revert::Revert;
 pub use update::Update;
 

@@ -77,6 +77,81 @@ pub async fn check(
     }
 }
 
+/// For an insert job: inserts the rows of up to `limit` source rows the predicate selects (keys
+/// up to `upper`) in a transaction it rolls back, then evaluates the predicate again over the same
+/// stretch of source keys. A predicate that still selects them (no `NOT EXISTS`, and no unique
+/// key of the target that the set clause assigns in full) would insert them again.
+pub async fn check_insert(
+    pool: &Db,
+    source: &Target,
+    into: &Target,
+    keyset: &Keyset,
+    fragments: &Fragments,
+    upper: &Key,
+    limit: i64,
+) -> Verdict {
+    let (insert, recount) = insert_statements(source, into, keyset, fragments);
+    let measured = async {
+        let mut tx = pool.begin().await?;
+        let row = bind_keys(crate::sql::query(&insert), &[upper])
+            .bind(limit)
+            .fetch_one(&mut *tx)
+            .await?;
+        let sampled: i64 = sqlx::Row::try_get(&row, 0)?;
+        let still = if sampled == 0 {
+            0
+        } else {
+            let last = Key::from_row(&row, 1, keyset.width())?;
+            let counted = bind_keys(crate::sql::query(&recount), &[&last])
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::Row::try_get::<i64, _>(&counted, 0)?
+        };
+        tx.rollback().await?;
+        Ok::<_, sqlx::Error>((sampled, still))
+    };
+    match measured.await {
+        Ok((sampled, still)) => Verdict::measured(sampled, still),
+        Err(e) => Verdict {
+            summary: format!("could not check: {e}"),
+            ..Verdict::default()
+        },
+    }
+}
+
+/// The sample's insert (returning how many source rows it covered and the last one's key) and
+/// the recount of the rows the predicate selects up to that key afterwards.
+fn insert_statements(
+    source: &Target,
+    into: &Target,
+    keyset: &Keyset,
+    fragments: &Fragments,
+) -> (String, String) {
+    let table = &source.quoted;
+    let (range, limit) = keyset.range(None, false);
+    let pred = &fragments.predicate;
+    let sample = format!(
+        "SELECT {cols} FROM {table} WHERE {range} AND ({pred}) ORDER BY {order} LIMIT ${limit}",
+        cols = keyset.columns(None),
+        order = keyset.order(None, false),
+    );
+    let chosen = format!(
+        "{} IN (SELECT {} FROM _bf_s)",
+        keyset.row(None),
+        keyset.columns(None)
+    );
+    let insert = format!(
+        "WITH _bf_s AS MATERIALIZED ({sample}), _bf_i AS ({insert})
+         SELECT * FROM ({summary}) AS _bf_r",
+        insert = crate::fragment::insert_select(source, into, fragments, &chosen),
+        summary = keyset.summarise("SELECT * FROM _bf_s", &[]),
+    );
+    let recount = format!(
+        "SELECT count(*) FILTER (WHERE coalesce(({pred}), false)) FROM {table} WHERE {range}"
+    );
+    (insert, recount)
+}
+
 /// `WITH _bf_s AS (keys of the first rows selected) UPDATE … FROM _bf_s RETURNING (predicate)`:
 /// `RETURNING` sees the changed row, so it is the predicate after the change.
 fn statement(target: &Target, keyset: &Keyset, fragments: &Fragments) -> String {

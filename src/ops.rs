@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{Error, JobError, Result, is_transient_sqlstate};
 use crate::fragment;
-use crate::job::{JobRow, JobSpec, Requested, State};
+use crate::job::{Action, JobRow, JobSpec, Requested, State};
 use crate::keyset::{Key, Keyset};
 use crate::plan::Counter;
 use crate::sql::Names;
@@ -271,15 +271,7 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     }
     .run(&mut conn)
     .await?;
-    let fragments = fragment::validate(&spec.predicate, None, &target)
-        .map_err(|e| JobError::invalid(&spec.name, e.to_string()))?;
-    match fragment::validate_on_server(&mut conn, &target, &fragments).await {
-        Ok(()) => {}
-        Err(fragment::ServerCheck::Rejected(e)) => {
-            return Err(JobError::invalid(&spec.name, e.to_string()).into());
-        }
-        Err(fragment::ServerCheck::Transient(e)) => return Err(e.into()),
-    }
+    let fragments = counted_fragments(&mut conn, names, cfg, &spec, &target).await?;
     conn.finish().await?;
     let keyset = Keyset::new(&target);
     let upper = match row
@@ -303,6 +295,46 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     };
     let remaining = counter.count_matching().await?.unwrap_or_default();
     store_remaining(pool, names, name, remaining).await
+}
+
+/// What `verify` counts with: the predicate, checked by the server; for an insert, narrowed to
+/// the source rows whose target row does not exist yet (`change::pending_insert`).
+async fn counted_fragments(
+    conn: &mut sqlx::PgConnection,
+    names: &Names,
+    cfg: &Config,
+    spec: &JobSpec,
+    source: &crate::target::Target,
+) -> Result<fragment::Fragments> {
+    let invalid = |e: fragment::FragmentError| JobError::invalid(&spec.name, e.to_string());
+    let rejected = |check: fragment::ServerCheck| -> Error {
+        match check {
+            fragment::ServerCheck::Rejected(e) => invalid(e).into(),
+            fragment::ServerCheck::Transient(e) => e.into(),
+        }
+    };
+    if spec.action != Action::Insert {
+        let fragments = fragment::validate(&spec.predicate, None, source).map_err(invalid)?;
+        fragment::validate_on_server(conn, source, &fragments)
+            .await
+            .map_err(rejected)?;
+        return Ok(fragments);
+    }
+    let into = Resolve {
+        job: &spec.name,
+        table_name: &spec.table_name,
+        key_columns: None,
+        own_schema: &names.schema,
+        allowed_tables: &cfg.safety.allowed_tables,
+    }
+    .run(conn)
+    .await?;
+    let set = spec.set_clause.as_deref().unwrap_or_default();
+    let fragments = fragment::validate_insert(&spec.predicate, set, &into).map_err(invalid)?;
+    fragment::validate_insert_on_server(conn, source, &into, &fragments)
+        .await
+        .map_err(rejected)?;
+    Ok(crate::change::pending_insert(conn, source, &into, &fragments).await?)
 }
 
 async fn store_remaining(pool: &Db, names: &Names, name: &str, remaining: i64) -> Result<i64> {

@@ -261,6 +261,76 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
     );
 }
 
+/// A copy into a new table with predicate `true` relies on `ON CONFLICT DO NOTHING`: rows whose
+/// target row exists (copied by someone else, or by the job) are not pending, so the plan counts
+/// only the rest, the verdict says a second run inserts nothing, and `wait` passes. A target whose
+/// only key is a serial the set clause leaves alone would get every row again: not idempotent.
+#[sqlx::test]
+async fn an_insert_relying_on_on_conflict_counts_only_rows_still_to_insert(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE events_old (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, kind text, payload jsonb);
+         INSERT INTO events_old (kind, payload)
+             SELECT 'k' || g % 7, jsonb_build_object('n', g) FROM generate_series(1, 3000) g;
+         CREATE TABLE events_new (id bigint PRIMARY KEY, kind text NOT NULL, payload jsonb);
+         INSERT INTO events_new SELECT id, kind, payload FROM events_old WHERE id <= 100;
+         CREATE TABLE audit (id bigserial PRIMARY KEY, event_id bigint);",
+    )
+    .await;
+    let copy = |name: &str, mode: &str| {
+        NewJob::new(name, "events_new")
+            .raw("action", "'insert'")
+            .text("source_table", "public.events_old")
+            .predicate("true")
+            .set("id = id, kind = kind, payload = payload")
+            .text("mode", mode)
+    };
+    copy("copy_plan", "dry_run").insert(&db).await;
+    NewJob::new("audit_plan", "audit")
+        .raw("action", "'insert'")
+        .text("source_table", "public.events_old")
+        .predicate("true")
+        .set("event_id = id")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let plan = db.job("copy_plan").await.plan.expect("a plan");
+    assert_eq!(plan["rows_matching"], 2900, "{plan}");
+    assert_eq!(plan["idempotency"]["idempotent"], true, "{plan}");
+    let audit = db.job("audit_plan").await.plan.expect("a plan");
+    assert_eq!(audit["rows_matching"], 3000, "{audit}");
+    assert_eq!(audit["idempotency"]["idempotent"], false, "{audit}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM events_new").await, 100);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM audit").await,
+        0,
+        "rolled back"
+    );
+
+    copy("copy", "execute").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("copy").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!((job.rows_changed, job.remaining), (2900, Some(0)));
+    let (_, gate) = backfilld::ops::wait(
+        &db.lib,
+        &db.names,
+        "copy",
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(50),
+    )
+    .await
+    .unwrap();
+    assert_eq!(gate, backfilld::ops::Gate::Passed);
+    db.exec("DELETE FROM events_new WHERE id IN (7, 8)").await;
+    let cfg = backfilld::config::Config::default();
+    let remaining = backfilld::ops::verify(&db.lib, &db.names, &cfg, "copy")
+        .await
+        .unwrap();
+    assert_eq!(remaining, 2, "verify counts the rows whose copy is missing");
+}
+
 #[sqlx::test]
 async fn an_insert_job_needs_a_source_and_a_unique_key_on_its_target(pool: PgPool) {
     let db = Db::new(pool).await;

@@ -4,6 +4,11 @@
 //! nothing. With an archive, the statement's `RETURNING` records each inserted row's key and its
 //! whole row as text, in the same statement: a revert deletes exactly those rows, and skips one
 //! that changed since (or that someone else re-inserted under the same key).
+//!
+//! A source row whose target row exists already is not pending: [`pending_predicate`] adds to
+//! the predicate a `NOT EXISTS` per unique key of the target that the set clause assigns in full,
+//! so the plan's count, `remaining`, `wait` and the idempotency check see the conflicts that `ON
+//! CONFLICT DO NOTHING` would skip, even for a predicate such as `true` (a copy into a new table).
 
 use super::Statements;
 use crate::archive::ArchiveTable;
@@ -11,6 +16,7 @@ use crate::fragment::{Fragments, insert_select};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
 use crate::target::Target;
+use sqlx::PgConnection;
 
 #[derive(Debug, Clone)]
 pub struct Insert {
@@ -51,4 +57,157 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
         archive = archive.quoted,
         cols = archive.insert_columns(),
     )
+}
+
+/// A unique index of the insert's target that `ON CONFLICT DO NOTHING` checks: plain columns, not
+/// partial, not deferrable.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct UniqueKey {
+    pub columns: Vec<String>,
+    /// `format_type` of each column: assigned expressions are cast to it, as the INSERT would.
+    pub types: Vec<String>,
+    /// `NULLS NOT DISTINCT` (PostgreSQL 15+): NULLs conflict too.
+    pub nulls_not_distinct: bool,
+}
+
+const UNIQUE_KEYS: &str = "
+SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
+       array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS types,
+       bool_or(i.nnd) AS nulls_not_distinct
+FROM (SELECT x.indexrelid, x.indrelid, x.indkey, x.indnkeyatts,
+             coalesce((to_jsonb(x) ->> 'indnullsnotdistinct')::boolean, false) AS nnd
+      FROM pg_index x
+      WHERE x.indrelid = $1 AND x.indisunique AND x.indimmediate AND x.indisvalid
+        AND x.indpred IS NULL AND x.indexprs IS NULL) AS i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE k.ord <= i.indnkeyatts
+GROUP BY i.indexrelid
+ORDER BY i.indexrelid";
+
+async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueKey>> {
+    crate::sql::query_as(UNIQUE_KEYS)
+        .bind(into.oid as i64)
+        .fetch_all(conn)
+        .await
+}
+
+/// `f` with its predicate narrowed to the source rows still to insert ([`pending_predicate`]),
+/// checked by the server like the job's own fragments. If the server rejects the generated part
+/// (an assigned expression that compares to no key type), `f` is returned unchanged and the
+/// caller's counts include rows whose target row exists.
+pub async fn pending(
+    conn: &mut PgConnection,
+    source: &Target,
+    into: &Target,
+    f: &Fragments,
+) -> sqlx::Result<Fragments> {
+    let keys = unique_keys(conn, into).await?;
+    let narrowed = Fragments {
+        predicate: pending_predicate(into, f, &keys),
+        assignments: f.assignments.clone(),
+    };
+    if narrowed.predicate == f.predicate {
+        return Ok(narrowed);
+    }
+    match crate::fragment::validate_insert_on_server(conn, source, into, &narrowed).await {
+        Ok(()) => Ok(narrowed),
+        Err(crate::fragment::ServerCheck::Transient(e)) => Err(e),
+        Err(crate::fragment::ServerCheck::Rejected(e)) => {
+            tracing::warn!(
+                error = %e,
+                table = %into.display(),
+                "cannot compare the insert's values with the target's unique keys; counts include rows already inserted"
+            );
+            Ok(f.clone())
+        }
+    }
+}
+
+/// The insert job's predicate with, for each unique key the set clause assigns in full, `NOT
+/// EXISTS` a target row with the values the row would get: the source rows still to insert. The
+/// target's columns are renamed inside the subquery (`_bf_u0`, …) so that the assigned
+/// expressions' unqualified names keep meaning the source row's columns. Keys the set clause
+/// leaves to defaults (a serial id) are skipped: their values are new by construction.
+pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueKey]) -> String {
+    let assigned = |column: &str| f.assignments.iter().find(|a| a.column == column);
+    let absent: Vec<String> = keys
+        .iter()
+        .filter_map(|key| {
+            let exprs: Vec<_> = key
+                .columns
+                .iter()
+                .map(|c| assigned(c))
+                .collect::<Option<_>>()?;
+            let renamed: Vec<String> = key
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{} AS _bf_u{i}", quote_ident(c)))
+                .collect();
+            let equal = if key.nulls_not_distinct {
+                "IS NOT DISTINCT FROM"
+            } else {
+                "="
+            };
+            let matches: Vec<String> = exprs
+                .iter()
+                .zip(&key.types)
+                .enumerate()
+                .map(|(i, (a, ty))| format!("_bf_t._bf_u{i} {equal} CAST(({}) AS {ty})", a.expr))
+                .collect();
+            Some(format!(
+                "NOT EXISTS (SELECT 1 FROM (SELECT {} FROM {}) AS _bf_t WHERE {})",
+                renamed.join(", "),
+                into.quoted,
+                matches.join(" AND ")
+            ))
+        })
+        .collect();
+    if absent.is_empty() {
+        return f.predicate.clone();
+    }
+    format!("({}) AND {}", f.predicate, absent.join(" AND "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fragment::Assignment;
+
+    fn key(columns: &[&str], nulls_not_distinct: bool) -> UniqueKey {
+        UniqueKey {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            types: columns.iter().map(|_| "bigint".to_string()).collect(),
+            nulls_not_distinct,
+        }
+    }
+
+    #[test]
+    fn pending_rows_exclude_keys_assigned_in_full_and_skip_the_rest() {
+        let into = Target {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            quoted: "\"public\".\"t\"".into(),
+            keys: Vec::new(),
+            columns: Vec::new(),
+            partitioned: false,
+        };
+        let f = Fragments {
+            predicate: "true".into(),
+            assignments: vec![Assignment {
+                column: "user_id".into(),
+                expr: "id".into(),
+            }],
+        };
+        let serial_only = [key(&["id"], false)];
+        assert_eq!(pending_predicate(&into, &f, &serial_only), "true");
+        let keys = [key(&["id"], false), key(&["user_id"], true)];
+        assert_eq!(
+            pending_predicate(&into, &f, &keys),
+            "(true) AND NOT EXISTS (SELECT 1 FROM (SELECT \"user_id\" AS _bf_u0 FROM \"public\".\"t\") \
+             AS _bf_t WHERE _bf_t._bf_u0 IS NOT DISTINCT FROM CAST((id) AS bigint))"
+        );
+    }
 }

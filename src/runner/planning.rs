@@ -86,16 +86,21 @@ impl Attempt<'_> {
         Ok(Some(plan))
     }
 
-    /// The checklist's "run it twice" rule, for updates (a delete or revert cannot select its
-    /// own result again). Warns when the sampled rows would change again.
+    /// The checklist's "run it twice" rule, for updates and inserts (a delete or revert cannot
+    /// select its own result again). Warns when the sampled rows would change again.
     async fn idempotency(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Option<Verdict> {
-        if p.spec.action != Action::Update {
-            return None;
-        }
         let limit = cfg.safety.plan_sample_rows.max(1);
         let pool = &self.ctx.pool;
-        let verdict =
-            idempotency::check(pool, &p.target, &p.keyset, &p.fragments, upper, limit).await;
+        let (target, keyset, fragments) = (&p.target, &p.keyset, &p.fragments);
+        let verdict = match (p.spec.action, &p.into) {
+            (Action::Update, _) => {
+                idempotency::check(pool, target, keyset, fragments, upper, limit).await
+            }
+            (Action::Insert, Some(into)) => {
+                idempotency::check_insert(pool, target, into, keyset, fragments, upper, limit).await
+            }
+            _ => return None,
+        };
         if verdict.idempotent != Some(true) {
             tracing::warn!(verdict = %verdict.summary, "idempotency check");
         }

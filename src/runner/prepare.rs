@@ -95,6 +95,9 @@ impl Attempt<'_> {
             Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
             Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
         }
+        let f = crate::change::pending_insert(&mut conn, &source, &into, &f)
+            .await
+            .map_err(self.err("reading the target's unique keys"))?;
         let keyset = Keyset::new(&source);
         let upper = self.upper_bound(&mut conn, &keyset).await?;
         self.hand_back(conn).await?;
