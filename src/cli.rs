@@ -664,16 +664,33 @@ fn print_detail(r: &JobRow) {
         println!("last error     {e}");
     }
     match r.plan.as_ref().map(Plan::from_stored) {
-        Some(Ok(plan)) => {
-            println!(
-                "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
-                plan.rows_matching, plan.rows_in_range, plan.estimated_seconds, plan.estimate_basis
-            );
-            for s in &plan.samples {
-                println!("  sample       {s}");
-            }
-        }
+        Some(Ok(plan)) => print_plan(&plan),
         Some(Err(e)) => println!("plan           unreadable ({e})"),
         None => {}
+    }
+}
+
+/// The plan's counts, the checklist's verdicts (run twice, cascades, unmatched staged keys) and
+/// the sample rows.
+fn print_plan(plan: &Plan) {
+    println!(
+        "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
+        plan.rows_matching, plan.rows_in_range, plan.estimated_seconds, plan.estimate_basis
+    );
+    if let Some(v) = &plan.idempotency {
+        println!("  run twice    {}", v.summary);
+    }
+    for c in &plan.cascades {
+        let rows = c.child_rows.map_or("uncounted".into(), |n| n.to_string());
+        println!(
+            "  cascade      {} ON DELETE {}: {rows} child rows ({})",
+            c.child, c.on_delete, c.constraint
+        );
+    }
+    if let Some(n) = plan.unmatched_staged_keys {
+        println!("  staged keys  {n} match no row of the table");
+    }
+    for s in &plan.samples {
+        println!("  sample       {s}");
     }
 }

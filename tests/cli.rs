@@ -131,6 +131,8 @@ async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
     let json: serde_json::Value = serde_json::from_str(&stdout(&status)).expect("status json");
     assert_eq!(json["state"], "planned");
     assert_eq!(json["plan"]["rows_matching"], 300);
+    let detail = stdout(&backfilld(&db.url, &["status", "fill"]));
+    assert!(detail.contains("run twice    idempotent"), "{detail}");
     assert!(backfilld(&db.url, &["execute", "fill"]).status.success());
     db.daemon().until_idle().spawn().wait_ok().await;
     let table = stdout(&backfilld(&db.url, &["status"]));
@@ -216,6 +218,11 @@ async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPo
         "the plan names the way out"
     );
     assert_eq!(db.job("purge_anyway").await.state, "succeeded");
+    let detail = stdout(&backfilld(&db.url, &["status", "purge_anyway"]));
+    assert!(
+        detail.contains("cascade      public.policies ON DELETE CASCADE: 10 child rows"),
+        "{detail}"
+    );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM policies").await, 40);
 
     let no_source = backfilld(
