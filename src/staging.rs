@@ -71,12 +71,17 @@ pub async fn stage_csv(
     file: &Path,
 ) -> Result<Staged, StagingError> {
     let path = file.display().to_string();
-    let data = std::fs::read(file).map_err(|source| StagingError::Read {
+    let mut data = std::fs::read(file).map_err(|source| StagingError::Read {
         path: path.clone(),
         source,
     })?;
+    // Spreadsheet programs start a "CSV UTF-8" export with a byte-order mark.
+    if data.starts_with(UTF8_BOM) {
+        data.drain(..UTF8_BOM.len());
+    }
     let header =
         parse_header(&data).ok_or_else(|| StagingError::NoHeader { path: path.clone() })?;
+    let header = match_case(header, target);
     let values = check_columns(&path, &header, target)?;
     let table = format!(
         "{}.{}",
@@ -103,6 +108,29 @@ pub async fn stage_csv(
         rows,
         unmatched,
     })
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// A header name that is not a column of the target, but matches exactly one column when case is
+/// ignored (`ID`, `Price` from a spreadsheet), is taken as that column.
+fn match_case(header: Vec<String>, target: &Target) -> Vec<String> {
+    header
+        .into_iter()
+        .map(|name| {
+            if target.column(&name).is_some() {
+                return name;
+            }
+            let mut same = target
+                .columns
+                .iter()
+                .filter(|c| c.name.eq_ignore_ascii_case(&name));
+            match (same.next(), same.next()) {
+                (Some(c), None) => c.name.clone(),
+                _ => name,
+            }
+        })
+        .collect()
 }
 
 /// `<job>_staged`, cut to PostgreSQL's 63-byte names.
@@ -279,6 +307,30 @@ mod tests {
             Some(vec!["id".into(), "a \"b\"".into(), "c".into()])
         );
         assert_eq!(parse_header(b""), None);
+        let target = Target {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            quoted: "\"public\".\"t\"".into(),
+            keys: Vec::new(),
+            columns: ["id", "Name", "name"]
+                .iter()
+                .map(|n| crate::target::Column {
+                    name: n.to_string(),
+                    sql_type: "text".into(),
+                    generated: false,
+                    identity_always: false,
+                    scalar: true,
+                })
+                .collect(),
+            partitioned: false,
+        };
+        let header = ["ID", "NAME", "name", "x"].map(String::from).to_vec();
+        assert_eq!(
+            match_case(header, &target),
+            ["id", "NAME", "name", "x"],
+            "a unique case-insensitive match only"
+        );
         assert_eq!(staging_name("Fix Prices!"), "fix_prices__staged");
     }
 }

@@ -406,8 +406,9 @@ fn csv_job(name: &str, table: &str) -> backfilld::ops::NewJob {
     }
 }
 
-/// The spreadsheet case: a CSV is staged with COPY and applied by key as an ordinary archived
-/// update job: dry run (with the keys that match no row), execute, verify 0, revert.
+/// The spreadsheet case: a CSV (as exported by a spreadsheet) is staged with COPY and applied by
+/// key as an ordinary archived update job: dry run (with the keys that match no row), execute,
+/// verify 0, revert.
 #[sqlx::test]
 async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -416,11 +417,12 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
          INSERT INTO prices SELECT g, g, 'n' || g FROM generate_series(1, 100) g;",
     )
     .await;
-    let mut body = String::from("id,price,note\n");
+    // As a spreadsheet exports it: a byte-order mark, capitalised headers, CRLF line ends.
+    let mut body = String::from("\u{feff}ID,Price,note\r\n");
     for id in 1..=50 {
-        body.push_str(&format!("{id},{},\"fixed, {id}\"\n", id * 2));
+        body.push_str(&format!("{id},{},\"fixed, {id}\"\r\n", id * 2));
     }
-    body.push_str("1000,1,nobody\n");
+    body.push_str("1000,1,nobody\r\n");
     let file = csv("prices", &body);
     let cfg = backfilld::config::Config::default();
     let (row, staged) = backfilld::ops::enqueue_from_csv(
