@@ -9,6 +9,8 @@
 //! the predicate a `NOT EXISTS` per unique key of the target that the set clause assigns in full,
 //! so the plan's count, `remaining`, `wait` and the idempotency check see the conflicts that `ON
 //! CONFLICT DO NOTHING` would skip, even for a predicate such as `true` (a copy into a new table).
+//! The batches write with the job's own predicate: `ON CONFLICT` skips those rows anyway, and a
+//! second probe per row cost a 2M-row copy 24 %.
 
 use super::Statements;
 use crate::archive::ArchiveTable;
@@ -156,8 +158,12 @@ pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueKey]) -> St
                 .enumerate()
                 .map(|(i, (a, ty))| format!("_bf_t._bf_u{i} {equal} CAST(({}) AS {ty})", a.expr))
                 .collect();
+            // `OFFSET 0` keeps the subquery a per-row probe of the key's index: as an anti-join
+            // the planner hashes the whole target once a window is large (measured: a 35k-row
+            // window of a 2M-row copy took 400 ms instead of 32 ms), so counting would cost the
+            // target's size per window instead of the window's.
             Some(format!(
-                "NOT EXISTS (SELECT 1 FROM (SELECT {} FROM {}) AS _bf_t WHERE {})",
+                "NOT EXISTS (SELECT 1 FROM (SELECT {} FROM {}) AS _bf_t WHERE {} OFFSET 0)",
                 renamed.join(", "),
                 into.quoted,
                 matches.join(" AND ")
@@ -207,7 +213,7 @@ mod tests {
         assert_eq!(
             pending_predicate(&into, &f, &keys),
             "(true) AND NOT EXISTS (SELECT 1 FROM (SELECT \"user_id\" AS _bf_u0 FROM \"public\".\"t\") \
-             AS _bf_t WHERE _bf_t._bf_u0 IS NOT DISTINCT FROM CAST((id) AS bigint))"
+             AS _bf_t WHERE _bf_t._bf_u0 IS NOT DISTINCT FROM CAST((id) AS bigint) OFFSET 0)"
         );
     }
 }

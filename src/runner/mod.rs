@@ -149,6 +149,10 @@ struct Prepared {
     source_archive: Option<ArchiveTable>,
     /// The table an insert job inserts into (`table_name`).
     into: Option<Target>,
+    /// An insert's own fragments, which its batches write with (`ON CONFLICT DO NOTHING` skips
+    /// rows whose target row exists); `fragments` holds the predicate narrowed to the rows still
+    /// to insert, which the plan, verification and the idempotency check count with.
+    written: Option<Fragments>,
 }
 
 struct Attempt<'a> {

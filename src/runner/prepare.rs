@@ -61,6 +61,7 @@ impl Attempt<'_> {
             upper,
             source_archive,
             into: None,
+            written: None,
         })
     }
 
@@ -95,7 +96,7 @@ impl Attempt<'_> {
             Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
             Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
         }
-        let f = crate::change::pending_insert(&mut conn, &source, &into, &f)
+        let counted = crate::change::pending_insert(&mut conn, &source, &into, &f)
             .await
             .map_err(self.err("reading the target's unique keys"))?;
         let keyset = Keyset::new(&source);
@@ -104,11 +105,12 @@ impl Attempt<'_> {
         Ok(Prepared {
             spec,
             target: source,
-            fragments: f,
+            fragments: counted,
             keyset,
             upper,
             source_archive: None,
             into: Some(into),
+            written: Some(f),
         })
     }
 
@@ -195,7 +197,8 @@ impl Attempt<'_> {
 
     pub(super) fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
         if let Some(into) = &p.into {
-            let insert = Insert::new(&p.target, into, &p.keyset, &p.fragments, archive);
+            let written = p.written.as_ref().unwrap_or(&p.fragments);
+            let insert = Insert::new(&p.target, into, &p.keyset, written, archive);
             return Change::Insert(insert);
         }
         match (&p.spec.action, &p.source_archive) {
