@@ -356,11 +356,12 @@ fn any_null(columns: &[Column]) -> String {
 
 /// A child row whose non-NULL value has no parent row (a foreign key's MATCH SIMPLE lets NULL
 /// through). The child column is qualified by the table's name, so it stays the child's even when
-/// the parent is the same table (a self-reference) or has a column of the same name.
+/// the parent is the same table (a self-reference) or has a column of the same name. `OFFSET 0`
+/// keeps the probe per row: as an anti-join the planner may hash the whole parent in every batch.
 fn orphan(target: &Target, child: &Column, parent: &str, parent_column: &str) -> String {
     let value = format!("{}.{}", target.quoted, quote_ident(&child.name));
     format!(
-        "NOT ({null}) AND NOT EXISTS (SELECT FROM {parent} AS _bf_parent WHERE _bf_parent.{pc} = {value})",
+        "NOT ({null}) AND NOT EXISTS (SELECT FROM {parent} AS _bf_parent WHERE _bf_parent.{pc} = {value} OFFSET 0)",
         null = is_null(&value, child),
         pc = quote_ident(parent_column),
     )
