@@ -690,6 +690,9 @@ fn print_plan(plan: &Plan) {
     if let Some(n) = plan.unmatched_staged_keys {
         println!("  staged keys  {n} match no row of the table");
     }
+    for w in &plan.warnings {
+        println!("  warning      {w}");
+    }
     for s in &plan.samples {
         println!("  sample       {s}");
     }

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod db;
 pub mod error;
 pub mod fragment;
+pub mod fullscan;
 pub mod http;
 pub mod idempotency;
 pub mod job;

@@ -48,6 +48,8 @@ pub struct Plan {
     pub cascades: Vec<crate::cascade::Cascade>,
     /// Updates from a data file: staged keys that match no target row (they change nothing).
     pub unmatched_staged_keys: Option<i64>,
+    /// Tables other than the target that every batch would read in full (`fullscan`).
+    pub warnings: Vec<String>,
 }
 
 impl Plan {

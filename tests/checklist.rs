@@ -53,6 +53,52 @@ async fn the_plan_says_whether_a_second_run_would_change_rows_again(pool: PgPool
     );
 }
 
+/// A predicate whose subquery makes every batch read another table in full is named in the plan;
+/// the same subquery written to probe an index per row is not.
+#[sqlx::test]
+async fn the_plan_names_a_table_every_batch_would_read_in_full(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL);
+         INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 100000) g;
+         CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint, email text, flag bool);
+         INSERT INTO orders SELECT g, g * 3, 'c' || g * 3 FROM generate_series(1, 20000) g;
+         ANALYZE customers; ANALYZE orders;",
+    )
+    .await;
+    for (name, predicate) in [
+        (
+            "hashed",
+            "EXISTS (SELECT 1 FROM customers c WHERE c.email = orders.email)",
+        ),
+        (
+            "probed",
+            "EXISTS (SELECT 1 FROM customers c WHERE c.id = orders.customer_id OFFSET 0)",
+        ),
+    ] {
+        NewJob::new(name, "orders")
+            .predicate(predicate)
+            .set("flag = true")
+            .raw("batch_size", "1000")
+            .raw("mode", "'dry_run'")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let warnings =
+        |plan: serde_json::Value| plan["warnings"].as_array().cloned().unwrap_or_default();
+    let hashed = db.job("hashed").await.plan.expect("a plan");
+    let found = warnings(hashed.clone());
+    assert_eq!(found.len(), 1, "{hashed}");
+    let text = found[0].as_str().unwrap_or_default();
+    assert!(
+        text.contains("public.customers") && text.contains("OFFSET 0"),
+        "{text}"
+    );
+    let probed = db.job("probed").await.plan.expect("a plan");
+    assert!(warnings(probed.clone()).is_empty(), "{probed}");
+}
+
 async fn family(db: &Db) {
     db.exec(
         "CREATE TABLE parent (id bigint PRIMARY KEY, kind text NOT NULL);

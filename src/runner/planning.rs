@@ -1,9 +1,11 @@
 //! Planning: counting the range and the rows the predicate selects, samples, EXPLAIN, the
-//! estimate, and the checklist's checks (idempotency, cascading deletes, unmatched staged keys).
+//! estimate, and the checklist's checks (idempotency, cascading deletes, unmatched staged keys,
+//! other tables each batch would read in full).
 
 use super::prepare::archive_as_target;
 use super::*;
 use crate::cascade::{self, Cascade};
+use crate::fullscan;
 use crate::idempotency::{self, Verdict};
 use crate::plan::Walk;
 
@@ -60,6 +62,7 @@ impl Attempt<'_> {
         };
         let plain = self.change_for(p, None);
         let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
+        let warnings = self.full_scans(p, &plain, upper).await;
         let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -72,6 +75,7 @@ impl Attempt<'_> {
             idempotency: self.idempotency(p, upper, cfg).await,
             cascades: self.cascades(p, upper).await?,
             unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
+            warnings,
             ..Default::default()
         };
         let walk = match plan.walk(p.keyset.width()) {
@@ -84,6 +88,20 @@ impl Attempt<'_> {
             plan::estimate(&p.spec.throttle, walk, matching);
         self.store_plan(&plan).await?;
         Ok(Some(plan))
+    }
+
+    /// Other tables each batch would read in full (a revert's joins are ours and bounded).
+    async fn full_scans(&self, p: &Prepared, plain: &Change, upper: &Key) -> Vec<String> {
+        if p.source_archive.is_some() {
+            return Vec::new();
+        }
+        let window = i64::from(p.spec.throttle.initial_size);
+        let found =
+            fullscan::warnings(&self.ctx.pool, plain, &p.keyset, &p.target, upper, window).await;
+        for w in &found {
+            tracing::warn!(warning = %w, "plan");
+        }
+        found
     }
 
     /// The checklist's "run it twice" rule, for updates and inserts (a delete or revert cannot
