@@ -95,7 +95,7 @@ impl Attempt<'_> {
         if p.source_archive.is_some() {
             return Vec::new();
         }
-        let window = i64::from(p.spec.throttle.initial_size);
+        let window = p.spec.throttle.initial_size;
         let found =
             fullscan::warnings(&self.ctx.pool, plain, &p.keyset, &p.target, upper, window).await;
         for w in &found {
