@@ -136,6 +136,12 @@ pub enum ServerCheck {
     Transient(#[from] sqlx::Error),
 }
 
+/// Whether a (validated) fragment contains a subquery: a `SELECT` keyword outside literals,
+/// quoted identifiers and comments.
+pub fn has_subquery(fragment: &str) -> bool {
+    tokenize(fragment).is_ok_and(|tokens| tokens.iter().any(|t| *t == Token::Word("select".into())))
+}
+
 pub fn tokenize(src: &str) -> Result<Vec<Token>, FragmentError> {
     let mut lexer = Lexer {
         chars: src.chars().collect(),
@@ -725,6 +731,14 @@ async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn subqueries_are_told_from_words_in_literals_and_identifiers() {
+        assert!(has_subquery("EXISTS (SELECT 1 FROM o WHERE o.id = t.id)"));
+        assert!(!has_subquery("note = 'select' AND \"SELECT\" IS NULL"));
+        assert!(!has_subquery("status IS NULL"));
+    }
+
     use super::*;
 
     #[test]

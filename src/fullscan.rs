@@ -17,6 +17,9 @@ use crate::target::Target;
 struct Scan {
     schema: String,
     table: String,
+    /// The name the statement reads it under: a subquery over the target itself (a self-join,
+    /// as in a delete of duplicates) has another alias than the window's own scan.
+    alias: String,
 }
 
 /// Warnings for tables other than the target (or its partitions) that the write of a window of
@@ -102,6 +105,11 @@ fn collect(node: &Value, out: &mut Vec<Scan>) {
                 out.push(Scan {
                     schema: schema.to_owned(),
                     table: table.to_owned(),
+                    alias: map
+                        .get("Alias")
+                        .and_then(Value::as_str)
+                        .unwrap_or(table)
+                        .to_owned(),
                 });
             }
             map.values().for_each(|v| collect(v, out));
@@ -122,19 +130,27 @@ fn dedup(mut scans: Vec<Scan>) -> Vec<Scan> {
     scans
 }
 
-/// The table's estimated rows, or `None` for the target itself or one of its partitions.
+/// The table's estimated rows, or `None` for the window's own scan: the target under its own
+/// name, or one of its partitions. The target read under another alias is a subquery's.
 async fn foreign_rows(pool: &Db, s: &Scan, target: &Target) -> sqlx::Result<Option<i64>> {
-    crate::sql::query_scalar(
-        "SELECT c.reltuples::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = $1 AND c.relname = $2 AND c.oid <> $3::oid
-           AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a
-                           WHERE a.relid::oid = $3::oid)",
+    let row: Option<(i64, bool, bool)> = crate::sql::query_as(
+        "SELECT c.reltuples::bigint, c.oid = $3::oid,
+                EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a
+                        WHERE a.relid::oid = $3::oid AND a.relid::oid <> c.oid)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2",
     )
     .bind(&s.schema)
     .bind(&s.table)
     .bind(target.oid as i64)
     .fetch_optional(pool)
-    .await
+    .await?;
+    Ok(match row {
+        Some((_, _, true)) => None,
+        Some((_, true, _)) if s.alias == target.table => None,
+        Some((rows, _, _)) => Some(rows),
+        None => None,
+    })
 }
 
 #[cfg(test)]
@@ -155,7 +171,8 @@ mod tests {
             dedup(scans),
             vec![Scan {
                 schema: "public".into(),
-                table: "other".into()
+                table: "other".into(),
+                alias: "other".into(),
             }]
         );
     }

@@ -75,6 +75,10 @@ async fn the_plan_names_a_table_every_batch_would_read_in_full(pool: PgPool) {
             "probed",
             "EXISTS (SELECT 1 FROM customers c WHERE c.id = orders.customer_id OFFSET 0)",
         ),
+        (
+            "self",
+            "EXISTS (SELECT 1 FROM orders o WHERE o.email = orders.email AND o.id < orders.id)",
+        ),
     ] {
         NewJob::new(name, "orders")
             .predicate(predicate)
@@ -97,6 +101,16 @@ async fn the_plan_names_a_table_every_batch_would_read_in_full(pool: PgPool) {
     );
     let probed = db.job("probed").await.plan.expect("a plan");
     assert!(warnings(probed.clone()).is_empty(), "{probed}");
+    // A delete-the-duplicates shape: the subquery reads the target itself, unindexed.
+    let own = db.job("self").await.plan.expect("a plan");
+    let found = warnings(own.clone());
+    assert_eq!(found.len(), 1, "{own}");
+    assert!(
+        found[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("public.orders")
+    );
 }
 
 async fn family(db: &Db) {
