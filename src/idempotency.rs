@@ -146,9 +146,8 @@ fn insert_statements(
         insert = crate::fragment::insert_select(source, into, fragments, &chosen),
         summary = keyset.summarise("SELECT * FROM _bf_s", &[]),
     );
-    let recount = format!(
-        "SELECT count(*) FILTER (WHERE coalesce(({pred}), false)) FROM {table} WHERE {range}"
-    );
+    // The predicate in WHERE, where PostgreSQL may join a subquery rather than run it per row.
+    let recount = format!("SELECT count(*) FROM {table} WHERE {range} AND ({pred})");
     (insert, recount)
 }
 
