@@ -25,7 +25,18 @@ pub struct Verdict {
     pub summary: String,
 }
 
+const COULD_NOT_CHECK: &str = "could not check";
+
 impl Verdict {
+    /// Worth a warning in the log: not idempotent, or not checked because the check failed (a
+    /// plan with no matching row has nothing to check and says so without a warning).
+    pub fn warns(&self) -> bool {
+        match self.idempotent {
+            Some(idempotent) => !idempotent,
+            None => self.summary.starts_with(COULD_NOT_CHECK),
+        }
+    }
+
     fn measured(sampled: i64, still_selected: i64) -> Self {
         let summary = match (sampled, still_selected) {
             (0, _) => "no row matches the predicate: nothing to check".to_owned(),
@@ -71,7 +82,7 @@ pub async fn check(
     match measured.await {
         Ok((sampled, still)) => Verdict::measured(sampled, still),
         Err(e) => Verdict {
-            summary: format!("could not check: {e}"),
+            summary: format!("{COULD_NOT_CHECK}: {e}"),
             ..Verdict::default()
         },
     }
@@ -113,7 +124,7 @@ pub async fn check_insert(
     match measured.await {
         Ok((sampled, still)) => Verdict::measured(sampled, still),
         Err(e) => Verdict {
-            summary: format!("could not check: {e}"),
+            summary: format!("{COULD_NOT_CHECK}: {e}"),
             ..Verdict::default()
         },
     }
@@ -197,5 +208,7 @@ mod tests {
             not.summary
         );
         assert_eq!(Verdict::measured(0, 0).idempotent, None);
+        assert!(!Verdict::measured(0, 0).warns(), "nothing to check is no warning");
+        assert!(not.warns() && !Verdict::measured(10, 0).warns());
     }
 }

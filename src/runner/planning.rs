@@ -119,7 +119,7 @@ impl Attempt<'_> {
             }
             _ => return None,
         };
-        if verdict.idempotent != Some(true) {
+        if verdict.warns() {
             tracing::warn!(verdict = %verdict.summary, "idempotency check");
         }
         Some(verdict)
