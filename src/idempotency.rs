@@ -208,7 +208,10 @@ mod tests {
             not.summary
         );
         assert_eq!(Verdict::measured(0, 0).idempotent, None);
-        assert!(!Verdict::measured(0, 0).warns(), "nothing to check is no warning");
+        assert!(
+            !Verdict::measured(0, 0).warns(),
+            "nothing to check is no warning"
+        );
         assert!(not.warns() && !Verdict::measured(10, 0).warns());
     }
 }
