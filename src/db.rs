@@ -66,7 +66,7 @@ impl Db {
             ("statement_timeout", cfg.batch.statement_timeout),
         ];
         let options: PgConnectOptions = db.url.parse()?;
-        let options = options.application_name(&db.application_name);
+        let options = quiet_slow_statements(options.application_name(&db.application_name));
         let pool_options = || {
             PgPoolOptions::new()
                 .max_connections(db.max_connections)
@@ -88,7 +88,9 @@ impl Db {
             "" => None,
             url => {
                 let o: PgConnectOptions = url.parse()?;
-                let o = session(o.application_name(&db.application_name));
+                let o = session(quiet_slow_statements(
+                    o.application_name(&db.application_name),
+                ));
                 Some(pool_options().max_connections(4).connect_lazy_with(o))
             }
         };
@@ -176,6 +178,14 @@ impl Db {
 
 /// Opens and closes one connection: the pool would only report that it timed out, this says why
 /// (refused, authentication, unknown database).
+/// Statements over a second are expected here (the bloat guard's VACUUM of a large table, a
+/// revert's index build, staging a large file): sqlx's slow-statement report is logged at info,
+/// not as a warning an operator would chase. Batches have their own ceiling, far below a second.
+fn quiet_slow_statements(options: PgConnectOptions) -> PgConnectOptions {
+    use sqlx::ConnectOptions;
+    options.log_slow_statements(log::LevelFilter::Info, std::time::Duration::from_secs(1))
+}
+
 async fn probe(options: &PgConnectOptions, timeout: std::time::Duration) -> sqlx::Result<()> {
     use sqlx::Connection;
     let connecting = PgConnection::connect_with(options);
