@@ -176,8 +176,6 @@ impl Db {
     }
 }
 
-/// Opens and closes one connection: the pool would only report that it timed out, this says why
-/// (refused, authentication, unknown database).
 /// Statements over a second are expected here (the bloat guard's VACUUM of a large table, a
 /// revert's index build, staging a large file): sqlx's slow-statement report is logged at info,
 /// not as a warning an operator would chase. Batches have their own ceiling, far below a second.
@@ -186,6 +184,8 @@ fn quiet_slow_statements(options: PgConnectOptions) -> PgConnectOptions {
     options.log_slow_statements(log::LevelFilter::Info, std::time::Duration::from_secs(1))
 }
 
+/// Opens and closes one connection: the pool would only report that it timed out, this says why
+/// (refused, authentication, unknown database).
 async fn probe(options: &PgConnectOptions, timeout: std::time::Duration) -> sqlx::Result<()> {
     use sqlx::Connection;
     let connecting = PgConnection::connect_with(options);
