@@ -12,7 +12,7 @@ mod revert;
 mod update;
 
 pub use delete::Delete;
-pub use insert::{Insert, pending as pending_insert};
+pub use insert::{Insert, checked_fragments as checked_insert_fragments};
 pub use revert::Revert;
 pub use update::Update;
 

@@ -58,8 +58,7 @@ RETURNING *";
 /// first claim: an unknown action, an insert without `source_table`, values out of range.
 pub async fn enqueue(pool: &Db, names: &Names, cfg: &Config, job: &NewJob) -> Result<JobRow> {
     let mut tx = pool.begin().await?;
-    let row = insert_job(&mut *tx, names, job).await?;
-    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    let row = insert_job(&mut *tx, names, cfg, job).await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -98,19 +97,21 @@ pub async fn enqueue_from_csv(
         staged_table: Some(staging::staging_name(&job.name)),
         ..job.clone()
     };
-    let row = insert_job(&mut *tx, names, &staged_job).await?;
-    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    let row = insert_job(&mut *tx, names, cfg, &staged_job).await?;
     tx.commit().await?;
     Ok((row, staged))
 }
 
+/// Inserts the job row and reads its columns as a replica would at its first claim: a job that
+/// would fail there is refused here, and the caller's transaction inserts nothing.
 async fn insert_job<'e>(
     db: impl sqlx::PgExecutor<'e>,
     names: &Names,
+    cfg: &Config,
     job: &NewJob,
 ) -> Result<JobRow> {
     let mode = if job.execute { "execute" } else { "dry_run" };
-    crate::sql::query_as(&names.render(INSERT))
+    let row: JobRow = crate::sql::query_as(&names.render(INSERT))
         .bind(&job.name)
         .bind(&job.table_name)
         .bind(&job.predicate)
@@ -141,7 +142,9 @@ async fn insert_job<'e>(
                     .into(),
             },
             _ => Error::Database(e),
-        })
+        })?;
+    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    Ok(row)
 }
 
 /// All jobs (newest first), or the one named.
@@ -298,7 +301,7 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
 }
 
 /// What `verify` counts with: the predicate, checked by the server; for an insert, narrowed to
-/// the source rows whose target row does not exist yet (`change::pending_insert`).
+/// the source rows whose target row does not exist yet (`change::checked_insert_fragments`).
 async fn counted_fragments(
     conn: &mut sqlx::PgConnection,
     names: &Names,
@@ -330,11 +333,11 @@ async fn counted_fragments(
     .run(conn)
     .await?;
     let set = spec.set_clause.as_deref().unwrap_or_default();
-    let fragments = fragment::validate_insert(&spec.predicate, set, &into).map_err(invalid)?;
-    fragment::validate_insert_on_server(conn, source, &into, &fragments)
-        .await
-        .map_err(rejected)?;
-    Ok(crate::change::pending_insert(conn, source, &into, &fragments).await?)
+    let (_, counted) =
+        crate::change::checked_insert_fragments(conn, &spec.predicate, set, source, &into)
+            .await
+            .map_err(rejected)?;
+    Ok(counted)
 }
 
 async fn store_remaining(pool: &Db, names: &Names, name: &str, remaining: i64) -> Result<i64> {

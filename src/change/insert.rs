@@ -14,7 +14,7 @@
 
 use super::Statements;
 use crate::archive::ArchiveTable;
-use crate::fragment::{Fragments, insert_select};
+use crate::fragment::{Fragments, ServerCheck, insert_select};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
 use crate::target::Target;
@@ -94,11 +94,27 @@ async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec
         .await
 }
 
+/// An insert job's fragments, shape-checked and parsed by the server: `(written, counted)`, the
+/// job's own, which its batches write with, and those narrowed to the rows still to insert
+/// ([`pending`]), which the plan, verification and the idempotency check count with.
+pub async fn checked_fragments(
+    conn: &mut PgConnection,
+    predicate: &str,
+    set: &str,
+    source: &Target,
+    into: &Target,
+) -> Result<(Fragments, Fragments), ServerCheck> {
+    let written = crate::fragment::validate_insert(predicate, set, into)?;
+    crate::fragment::validate_insert_on_server(conn, source, into, &written).await?;
+    let counted = pending(conn, source, into, &written).await?;
+    Ok((written, counted))
+}
+
 /// `f` with its predicate narrowed to the source rows still to insert ([`pending_predicate`]),
 /// checked by the server like the job's own fragments. If the server rejects the generated part
 /// (an assigned expression that compares to no key type), `f` is returned unchanged and the
 /// caller's counts include rows whose target row exists.
-pub async fn pending(
+async fn pending(
     conn: &mut PgConnection,
     source: &Target,
     into: &Target,
@@ -114,8 +130,8 @@ pub async fn pending(
     }
     match crate::fragment::validate_insert_on_server(conn, source, into, &narrowed).await {
         Ok(()) => Ok(narrowed),
-        Err(crate::fragment::ServerCheck::Transient(e)) => Err(e),
-        Err(crate::fragment::ServerCheck::Rejected(e)) => {
+        Err(ServerCheck::Transient(e)) => Err(e),
+        Err(ServerCheck::Rejected(e)) => {
             tracing::warn!(
                 error = %e,
                 table = %into.display(),

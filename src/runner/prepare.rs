@@ -90,15 +90,18 @@ impl Attempt<'_> {
             JobError::invalid(&spec.name, format!("inserting from {from} into {to}: {e}"))
         };
         let set = spec.set_clause.as_deref().unwrap_or_default();
-        let f = fragment::validate_insert(&spec.predicate, set, &into).map_err(invalid)?;
-        match fragment::validate_insert_on_server(&mut conn, &source, &into, &f).await {
-            Ok(()) => {}
+        let checked = crate::change::checked_insert_fragments(
+            &mut conn,
+            &spec.predicate,
+            set,
+            &source,
+            &into,
+        );
+        let (written, counted) = match checked.await {
+            Ok(both) => both,
             Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
             Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
-        }
-        let counted = crate::change::pending_insert(&mut conn, &source, &into, &f)
-            .await
-            .map_err(self.err("reading the target's unique keys"))?;
+        };
         let keyset = Keyset::new(&source);
         let upper = self.upper_bound(&mut conn, &keyset).await?;
         self.hand_back(conn).await?;
@@ -110,7 +113,7 @@ impl Attempt<'_> {
             upper,
             source_archive: None,
             into: Some(into),
-            written: Some(f),
+            written: Some(written),
         })
     }
 
