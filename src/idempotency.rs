@@ -23,17 +23,27 @@ pub struct Verdict {
     /// `None` when the check could not run (then `summary` says why).
     pub idempotent: Option<bool>,
     pub summary: String,
+    /// The check itself failed (as opposed to finding no row to check). Only logged, not stored.
+    #[serde(skip)]
+    failed: bool,
 }
-
-const COULD_NOT_CHECK: &str = "could not check";
 
 impl Verdict {
     /// Worth a warning in the log: not idempotent, or not checked because the check failed (a
     /// plan with no matching row has nothing to check and says so without a warning).
     pub fn warns(&self) -> bool {
-        match self.idempotent {
-            Some(idempotent) => !idempotent,
-            None => self.summary.starts_with(COULD_NOT_CHECK),
+        self.idempotent == Some(false) || self.failed
+    }
+
+    /// The verdict on `(sampled, still selected)`, or on the error that stopped the check.
+    fn from_result(result: sqlx::Result<(i64, i64)>) -> Self {
+        match result {
+            Ok((sampled, still)) => Self::measured(sampled, still),
+            Err(e) => Self {
+                summary: format!("could not check: {e}"),
+                failed: true,
+                ..Self::default()
+            },
         }
     }
 
@@ -53,6 +63,7 @@ impl Verdict {
             still_selected,
             idempotent: (sampled > 0).then_some(still_selected == 0),
             summary,
+            failed: false,
         }
     }
 }
@@ -79,13 +90,7 @@ pub async fn check(
         let still = rows.iter().filter(|selected| **selected).count();
         Ok::<_, sqlx::Error>((rows.len() as i64, still as i64))
     };
-    match measured.await {
-        Ok((sampled, still)) => Verdict::measured(sampled, still),
-        Err(e) => Verdict {
-            summary: format!("{COULD_NOT_CHECK}: {e}"),
-            ..Verdict::default()
-        },
-    }
+    Verdict::from_result(measured.await)
 }
 
 /// For an insert job: inserts the rows of up to `limit` source rows the predicate selects (keys
@@ -121,13 +126,7 @@ pub async fn check_insert(
         tx.rollback().await?;
         Ok::<_, sqlx::Error>((sampled, still))
     };
-    match measured.await {
-        Ok((sampled, still)) => Verdict::measured(sampled, still),
-        Err(e) => Verdict {
-            summary: format!("{COULD_NOT_CHECK}: {e}"),
-            ..Verdict::default()
-        },
-    }
+    Verdict::from_result(measured.await)
 }
 
 /// The sample's insert (returning how many source rows it covered and the last one's key) and
@@ -139,13 +138,9 @@ fn insert_statements(
     fragments: &Fragments,
 ) -> (String, String) {
     let table = &source.quoted;
-    let (range, limit) = keyset.range(None, false);
+    let (range, _) = keyset.range(None, false);
     let pred = &fragments.predicate;
-    let sample = format!(
-        "SELECT {cols} FROM {table} WHERE {range} AND ({pred}) ORDER BY {order} LIMIT ${limit}",
-        cols = keyset.columns(None),
-        order = keyset.order(None, false),
-    );
+    let sample = first_selected(table, keyset, pred, &keyset.columns(None));
     let chosen = format!(
         "{} IN (SELECT {} FROM _bf_s)",
         keyset.row(None),
@@ -166,7 +161,6 @@ fn insert_statements(
 /// `RETURNING` sees the changed row, so it is the predicate after the change.
 fn statement(target: &Target, keyset: &Keyset, fragments: &Fragments) -> String {
     let table = &target.quoted;
-    let (range, limit) = keyset.range(None, false);
     let keys: Vec<String> = target
         .keys
         .iter()
@@ -180,15 +174,24 @@ fn statement(target: &Target, keyset: &Keyset, fragments: &Fragments) -> String 
         .map(|(i, k)| format!("{table}.{} = _bf_s._bf_k{i}", quote_ident(&k.name)))
         .collect();
     format!(
-        "WITH _bf_s AS (SELECT {keys} FROM {table} WHERE {range} AND ({pred})
-                        ORDER BY {order} LIMIT ${limit})
+        "WITH _bf_s AS ({sample})
          UPDATE {table} SET {set} FROM _bf_s WHERE {join}
          RETURNING coalesce(({pred}), false)",
-        keys = keys.join(", "),
+        sample = first_selected(table, keyset, &fragments.predicate, &keys.join(", ")),
         pred = fragments.predicate,
-        order = keyset.order(None, false),
         set = render_assignments(&fragments.assignments),
         join = join.join(" AND "),
+    )
+}
+
+/// `SELECT <columns>` of the first rows (in key order, keys up to `$1…`) the predicate selects,
+/// at most `$n`: the sample both checks apply their change to.
+fn first_selected(table: &str, keyset: &Keyset, predicate: &str, columns: &str) -> String {
+    let (range, limit) = keyset.range(None, false);
+    format!(
+        "SELECT {columns} FROM {table} WHERE {range} AND ({predicate})
+         ORDER BY {order} LIMIT ${limit}",
+        order = keyset.order(None, false),
     )
 }
 
