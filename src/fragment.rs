@@ -731,6 +731,7 @@ async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn subqueries_are_told_from_words_in_literals_and_identifiers() {
@@ -738,8 +739,6 @@ mod tests {
         assert!(!has_subquery("note = 'select' AND \"SELECT\" IS NULL"));
         assert!(!has_subquery("status IS NULL"));
     }
-
-    use super::*;
 
     #[test]
     fn predicates() {

@@ -147,6 +147,14 @@ pub struct Counted {
     pub matching_windows: Option<(usize, usize)>,
 }
 
+/// A count's statements (`Counter::count_statements`), `[first window, next windows]`.
+struct CountSql {
+    /// Keys in the window and its last key; without `matching`, also its matching rows.
+    window: [String; 2],
+    /// With a subquery in the predicate: the rows in `(cursor, last]` it selects.
+    matching: Option<[String; 2]>,
+}
+
 /// Count windows are reads, so they may be larger than write batches.
 const COUNT_WINDOW_FACTOR: i64 = 10;
 
@@ -177,10 +185,11 @@ impl Counter<'_> {
         sizing.max_size *= COUNT_WINDOW_FACTOR;
         let mut controller = Controller::new(&sizing, None);
         let (mut cursor, mut counted) = (None::<Key>, Counted::default());
+        let sql = self.count_statements();
         loop {
             let started = Instant::now();
             let Some((in_window, matching, last)) = self
-                .count_window(cursor.as_ref(), controller.size())
+                .count_window(&sql, cursor.as_ref(), controller.size())
                 .await?
             else {
                 return Ok(Some(counted));
@@ -205,26 +214,44 @@ impl Counter<'_> {
         }
     }
 
+    /// The statements of a count, each for the first window and for the next ones. A predicate
+    /// without a subquery is evaluated in the window's own scan (one pass). One with a subquery
+    /// is counted by a second statement with the predicate in `WHERE`, as the batches write it:
+    /// in a select list PostgreSQL runs the subquery once per row and cannot join, so an
+    /// unindexed one (a self-join that finds duplicates) read the whole table for every key
+    /// (14.5 s for a 20,000-row plan).
+    fn count_statements(&self) -> CountSql {
+        let cases = |f: &dyn Fn(bool) -> String| [f(false), f(true)];
+        if !crate::fragment::has_subquery(self.predicate) {
+            return CountSql {
+                window: cases(&|c| self.count_sql(c)),
+                matching: None,
+            };
+        }
+        let matching = |has_cursor| {
+            let (range, _) = self.keyset.range(None, has_cursor);
+            format!(
+                "SELECT count(*) FROM {} WHERE {range} AND ({})",
+                self.target.quoted, self.predicate
+            )
+        };
+        CountSql {
+            window: cases(&|c| self.keyset.window_sql(c)),
+            matching: Some(cases(&matching)),
+        }
+    }
+
     /// One window after `cursor` of up to `size` keys: its keys, its matching rows and its last
-    /// key; `None` past the end of the range. A predicate without a subquery is evaluated in the
-    /// window's own scan (one pass). One with a subquery is counted by a second statement with
-    /// the predicate in `WHERE`, as the batches write it: in a select list PostgreSQL runs the
-    /// subquery once per row and cannot join, so an unindexed one (a self-join that finds
-    /// duplicates) read the whole table for every key (14.5 s for a 20,000-row plan).
+    /// key; `None` past the end of the range.
     async fn count_window(
         &self,
+        sql: &CountSql,
         cursor: Option<&Key>,
         size: i64,
     ) -> Result<Option<(i64, i64, Key)>, JobError> {
-        let has_cursor = cursor.is_some();
-        let split = crate::fragment::has_subquery(self.predicate);
-        let sql = if split {
-            self.keyset.window_sql(has_cursor)
-        } else {
-            self.count_sql(has_cursor)
-        };
+        let which = usize::from(cursor.is_some());
         let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(crate::sql::query(&sql), &bounds)
+        let row = bind_keys(crate::sql::query(&sql.window[which]), &bounds)
             .bind(size)
             .fetch_optional(self.pool)
             .await
@@ -234,30 +261,19 @@ impl Counter<'_> {
         if in_window == 0 {
             return Ok(None);
         }
-        let first_key = if split { 1 } else { 2 };
-        let last =
-            Key::from_row(&row, first_key, self.keyset.width()).map_err(self.err("counting"))?;
-        let matching = if split {
-            self.count_in(cursor, &last).await?
-        } else {
-            row.try_get::<i64, _>(1).map_err(self.err("counting"))?
+        let Some(matching_sql) = &sql.matching else {
+            let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+            let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
+            return Ok(Some((in_window, matching, last)));
         };
-        Ok(Some((in_window, matching, last)))
-    }
-
-    /// Rows in `(cursor, last]` the predicate selects, the predicate in `WHERE`.
-    async fn count_in(&self, cursor: Option<&Key>, last: &Key) -> Result<i64, JobError> {
-        let (range, _) = self.keyset.range(None, cursor.is_some());
-        let sql = format!(
-            "SELECT count(*) FROM {} WHERE {range} AND ({})",
-            self.target.quoted, self.predicate
-        );
-        let bounds: Vec<&Key> = cursor.into_iter().chain([last]).collect();
-        let row = bind_keys(crate::sql::query(&sql), &bounds)
+        let last = Key::from_row(&row, 1, self.keyset.width()).map_err(self.err("counting"))?;
+        let bounds: Vec<&Key> = cursor.into_iter().chain([&last]).collect();
+        let counted = bind_keys(crate::sql::query(&matching_sql[which]), &bounds)
             .fetch_one(self.pool)
             .await
             .map_err(self.err("counting matching rows"))?;
-        row.try_get::<i64, _>(0).map_err(self.err("counting"))
+        let matching = counted.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+        Ok(Some((in_window, matching, last)))
     }
 
     /// Tightens a narrowed walk from window ends to its matches: it then starts right before
