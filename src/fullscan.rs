@@ -3,13 +3,11 @@
 //! few thousand rows the planner may prefer to hash the whole other table, in every batch: the
 //! batch then costs that table's size, not its window's, and the controller shrinks batches that
 //! cannot get cheaper (a CSV update of 1M rows took 114 s that way, 27 s with per-row probes).
-//! The plan explains the write of one batch-sized window and names such tables.
+//! The plan explains the write of one batch-sized window (`plan::explain`); this names such tables.
 
 use serde_json::Value;
 
-use crate::change::Change;
 use crate::db::Db;
-use crate::keyset::{Key, Keyset, bind_keys};
 use crate::target::Target;
 
 /// A table the batch's plan scans sequentially.
@@ -22,44 +20,24 @@ struct Scan {
     alias: String,
 }
 
-/// Warnings for tables other than the target (or its partitions) that the write of a window of
-/// `window` keys would read in full, when they hold more than ten times the window and at least
-/// 10,000 rows. Empty when nothing to warn about, or when explaining failed (the plan's own
-/// EXPLAIN reports that).
-pub async fn warnings(
-    pool: &Db,
-    change: &Change,
-    keyset: &Keyset,
-    target: &Target,
-    upper: &Key,
-    window: i64,
-) -> Vec<String> {
-    let result = async {
-        let Some((keys, last)) = first_window(pool, keyset, upper, window).await? else {
-            return Ok(Vec::new());
-        };
-        let sql = format!("EXPLAIN (FORMAT JSON, VERBOSE) {}", change.statement(false));
-        let row = bind_keys(crate::sql::query(&sql), &[&last])
-            .fetch_one(pool)
-            .await?;
-        let plan: Value = sqlx::Row::try_get(&row, 0)?;
-        let mut scans = Vec::new();
-        collect(&plan, &mut scans);
-        let mut out = Vec::new();
-        for s in dedup(scans) {
-            if let Some(rows) = foreign_rows(pool, &s, target).await?
-                && rows >= 10_000
-                && rows > 10 * keys
-            {
-                out.push(message(&s, rows, keys));
+/// Warnings for tables other than the target (or its partitions) that `explain` (the plan's
+/// `EXPLAIN (FORMAT JSON, VERBOSE)` of a window of `keys` keys) reads in full, when they hold
+/// more than ten times the window and at least 10,000 rows. Empty when nothing to warn about,
+/// or when the table sizes cannot be read.
+pub async fn warnings(pool: &Db, explain: &Value, target: &Target, keys: i64) -> Vec<String> {
+    let mut scans = Vec::new();
+    collect(explain, &mut scans);
+    let mut out = Vec::new();
+    for s in dedup(scans) {
+        match foreign_rows(pool, &s, target).await {
+            Ok(Some(rows)) if rows >= 10_000 && rows > 10 * keys => {
+                out.push(message(&s, rows, keys))
             }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "reading a scanned table's size failed"),
         }
-        Ok::<_, sqlx::Error>(out)
-    };
-    result.await.unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "explaining a batch-sized window failed");
-        Vec::new()
-    })
+    }
+    out
 }
 
 fn message(s: &Scan, rows: i64, keys: i64) -> String {
@@ -70,25 +48,6 @@ fn message(s: &Scan, rows: i64, keys: i64) -> String {
          OFFSET 0)`) so PostgreSQL probes instead of hashing the whole table",
         s.schema, s.table
     )
-}
-
-/// The number of keys in the first window and its last key.
-async fn first_window(
-    pool: &Db,
-    keyset: &Keyset,
-    upper: &Key,
-    window: i64,
-) -> sqlx::Result<Option<(i64, Key)>> {
-    let row = bind_keys(crate::sql::query(&keyset.window_sql(false)), &[upper])
-        .bind(window)
-        .fetch_optional(pool)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let keys: i64 = sqlx::Row::try_get(&row, 0)?;
-    if keys == 0 {
-        return Ok(None);
-    }
-    Ok(Some((keys, Key::from_row(&row, 1, keyset.width())?)))
 }
 
 /// Sequential scans anywhere in an `EXPLAIN (FORMAT JSON, VERBOSE)` tree.

@@ -496,10 +496,30 @@ impl Counter<'_> {
     }
 }
 
-/// `EXPLAIN (FORMAT JSON)` of the first batch's write (never executed). Explains the plain
-/// statement, since a dry run creates no archive table.
+/// The first window of up to `size` keys: how many it holds and its last key; `None` for an
+/// empty range.
+pub async fn first_window(
+    pool: &Db,
+    keyset: &Keyset,
+    upper: &Key,
+    size: i64,
+) -> sqlx::Result<Option<(i64, Key)>> {
+    let row = bind_keys(crate::sql::query(&keyset.window_sql(false)), &[upper])
+        .bind(size)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let keys: i64 = row.try_get(0)?;
+    if keys == 0 {
+        return Ok(None);
+    }
+    Ok(Some((keys, Key::from_row(&row, 1, keyset.width())?)))
+}
+
+/// `EXPLAIN (FORMAT JSON, VERBOSE)` of the first batch's write (never executed), the window
+/// ending at `first_hi`. Explains the plain statement, since a dry run creates no archive table.
 pub async fn explain(pool: &Db, change: &Change, first_hi: &Key) -> Value {
-    let sql = format!("EXPLAIN (FORMAT JSON) {}", change.statement(false));
+    let sql = format!("EXPLAIN (FORMAT JSON, VERBOSE) {}", change.statement(false));
     let result = bind_keys(crate::sql::query(&sql), &[first_hi])
         .fetch_one(pool)
         .await

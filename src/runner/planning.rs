@@ -60,9 +60,7 @@ impl Attempt<'_> {
                 )
                 .await?
         };
-        let plain = self.change_for(p, None);
-        let explain = plan::explain(&self.ctx.pool, &plain, upper).await;
-        let warnings = self.full_scans(p, &plain, upper).await;
+        let (explain, warnings) = self.explain(p, upper).await;
         let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -90,18 +88,29 @@ impl Attempt<'_> {
         Ok(Some(plan))
     }
 
-    /// Other tables each batch would read in full (a revert's joins are ours and bounded).
-    async fn full_scans(&self, p: &Prepared, plain: &Change, upper: &Key) -> Vec<String> {
-        if p.source_archive.is_some() {
-            return Vec::new();
-        }
-        let window = p.spec.throttle.initial_size;
-        let found =
-            fullscan::warnings(&self.ctx.pool, plain, &p.keyset, &p.target, upper, window).await;
-        for w in &found {
+    /// The EXPLAIN of the first batch-sized window's write, and the other tables it would read
+    /// in full (`fullscan`; a revert's joins are ours and bounded).
+    async fn explain(&self, p: &Prepared, upper: &Key) -> (serde_json::Value, Vec<String>) {
+        let pool = &self.ctx.pool;
+        let size = p.spec.throttle.initial_size;
+        let window = plan::first_window(pool, &p.keyset, upper, size)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "reading the first window failed");
+                None
+            });
+        let first_hi = window.as_ref().map_or(upper, |(_, hi)| hi);
+        let explain = plan::explain(pool, &self.change_for(p, None), first_hi).await;
+        let warnings = match window {
+            Some((keys, _)) if p.source_archive.is_none() => {
+                fullscan::warnings(pool, &explain, &p.target, keys).await
+            }
+            _ => Vec::new(),
+        };
+        for w in &warnings {
             tracing::warn!(warning = %w, "plan");
         }
-        found
+        (explain, warnings)
     }
 
     /// The checklist's "run it twice" rule, for updates and inserts (a delete or revert cannot
