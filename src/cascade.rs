@@ -1,7 +1,10 @@
-//! Cascade-aware deletes. A delete's archive holds the deleted rows of the target only; foreign
+//! Foreign-key-aware deletes. A delete's archive holds the deleted rows of the target only; foreign
 //! keys that cascade into child tables (`ON DELETE CASCADE`, `SET NULL`, `SET DEFAULT`) change
 //! rows no revert can restore. The plan lists them with the child rows the delete would touch,
-//! and refuses the job unless its row says `allow_cascade = true`.
+//! and refuses the job unless its row says `allow_cascade = true`. Foreign keys that forbid the
+//! delete (`NO ACTION`, `RESTRICT`) would fail the first batch that reaches a referenced row,
+//! possibly deep into the run with earlier batches committed: the plan counts the referencing
+//! rows the delete leaves behind and refuses the job while there are any.
 
 use crate::db::Db;
 use serde::{Deserialize, Serialize};
@@ -11,16 +14,19 @@ use crate::keyset::{Key, Keyset, bind_keys};
 use crate::sql::quote_ident;
 use crate::target::Target;
 
-/// One foreign key that a delete on the target would cascade through.
+/// One foreign key referencing the target: a delete cascades through it or is forbidden by it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cascade {
     pub constraint: String,
     /// `schema.table` of the referencing table, quoted as SQL needs it (`format('%I.%I')`).
     pub child: String,
-    /// `CASCADE`, `SET NULL` or `SET DEFAULT`.
+    /// `CASCADE`, `SET NULL`, `SET DEFAULT`, `NO ACTION` or `RESTRICT`.
     pub on_delete: String,
-    /// Child rows that reference a row the delete selects; `None` when counting failed.
+    /// Child rows that reference a row the delete selects (for a key the target holds on
+    /// itself, those the delete does not remove as well); `None` when counting failed.
     pub child_rows: Option<i64>,
+    #[serde(skip)]
+    self_referencing: bool,
     #[serde(skip)]
     child_columns: Vec<String>,
     #[serde(skip)]
@@ -40,12 +46,29 @@ impl std::fmt::Display for Cascade {
     }
 }
 
-/// Top-level foreign keys referencing `target` whose delete action changes child rows. Columns
-/// come in key order (`conkey`/`confkey` position).
-const CASCADES: &str = "
+impl Cascade {
+    /// Whether a delete of a referenced row changes child rows (rather than failing).
+    pub fn changes_children(&self) -> bool {
+        matches!(
+            self.on_delete.as_str(),
+            "CASCADE" | "SET NULL" | "SET DEFAULT"
+        )
+    }
+
+    /// A key that forbids the delete while the count found referencing rows it leaves behind.
+    fn blocks(&self) -> bool {
+        !self.changes_children() && self.child_rows.is_some_and(|n| n > 0)
+    }
+}
+
+/// Top-level foreign keys referencing `target`. Columns come in key order (`conkey`/`confkey`
+/// position).
+const FOREIGN_KEYS: &str = "
 SELECT c.conname::text,
        format('%I.%I', n.nspname, t.relname),
-       CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' ELSE 'SET DEFAULT' END,
+       CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
+                          WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
+       c.conrelid = c.confrelid,
        ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, pos)
              JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.pos),
        ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, pos)
@@ -53,13 +76,13 @@ SELECT c.conname::text,
 FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
-WHERE c.contype = 'f' AND c.confrelid = $1 AND c.conparentid = 0 AND c.confdeltype IN ('c', 'n', 'd')
+WHERE c.contype = 'f' AND c.confrelid = $1 AND c.conparentid = 0
 ORDER BY 1";
 
-type Row = (String, String, String, Vec<String>, Vec<String>);
+type Row = (String, String, String, bool, Vec<String>, Vec<String>);
 
-/// The cascades a delete of the rows `predicate` selects (keys up to `upper`) would go through,
-/// each with its child-row count.
+/// The foreign keys a delete of the rows `predicate` selects (keys up to `upper`) would cascade
+/// through or be forbidden by, each with its child-row count.
 pub async fn find(
     pool: &Db,
     job: &str,
@@ -68,11 +91,18 @@ pub async fn find(
     predicate: &str,
     upper: &Key,
 ) -> Result<Vec<Cascade>, JobError> {
-    let rows: Vec<Row> = crate::sql::query_as(CASCADES)
+    let rows: Vec<Row> = crate::sql::query_as(FOREIGN_KEYS)
         .bind(sqlx::postgres::types::Oid(target.oid))
         .fetch_all(pool)
         .await
-        .map_err(|e| JobError::sql(job, &target.display(), "listing cascading foreign keys", e))?;
+        .map_err(|e| {
+            JobError::sql(
+                job,
+                &target.display(),
+                "listing referencing foreign keys",
+                e,
+            )
+        })?;
     let mut cascades: Vec<Cascade> = rows.into_iter().map(cascade).collect();
     for c in &mut cascades {
         let sql = count_sql(c, target, keyset, predicate);
@@ -81,25 +111,31 @@ pub async fn find(
             .fetch_one(pool)
             .await;
         c.child_rows = counted.inspect_err(|e| {
-            tracing::warn!(constraint = %c.constraint, error = %e, "could not count cascading child rows");
+            tracing::warn!(constraint = %c.constraint, error = %e, "could not count referencing child rows");
         }).ok();
     }
     Ok(cascades)
 }
 
-fn cascade((constraint, child, on_delete, child_columns, parent_columns): Row) -> Cascade {
+fn cascade(
+    (constraint, child, on_delete, self_referencing, child_columns, parent_columns): Row,
+) -> Cascade {
     Cascade {
         constraint,
         child,
         on_delete,
         child_rows: None,
+        self_referencing,
         child_columns,
         parent_columns,
     }
 }
 
 /// Child rows referencing a row the delete selects. The predicate is the target's: inside the
-/// subquery its bare column names resolve to `_bf_t` first.
+/// subquery its bare column names resolve to `_bf_t` first. A key the target holds on itself (a
+/// tree) counts every referencing row but the row itself: one the delete selects too may still
+/// be there when the batch deleting the row it references checks the key (a later batch, or
+/// another slice), so only a self-reference is sure to go with its row.
 fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> String {
     let on: Vec<String> = c
         .child_columns
@@ -114,17 +150,64 @@ fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> 
         })
         .collect();
     let (range, _) = keyset.range(Some("_bf_t"), false);
+    let other = if c.self_referencing {
+        format!(
+            " AND {} IS DISTINCT FROM {}",
+            keyset.row(Some("_bf_c")),
+            keyset.row(Some("_bf_t"))
+        )
+    } else {
+        String::new()
+    };
     format!(
         "SELECT count(*) FROM {child} AS _bf_c
-         WHERE EXISTS (SELECT 1 FROM {table} AS _bf_t WHERE {on} AND {range} AND ({predicate}))",
+         WHERE EXISTS (SELECT 1 FROM {table} AS _bf_t
+                       WHERE {on} AND {range} AND ({predicate}){other})",
         child = c.child,
         table = target.quoted,
         on = on.join(" AND "),
     )
 }
 
+/// The plan's verdict on a delete's foreign keys: refused while a key that forbids the delete
+/// has referencing rows it would leave behind (no job setting helps: the batch reaching one
+/// fails), or while keys cascade and the job does not allow it. Returns the cascading keys, for
+/// the plan to list.
+pub fn judge(
+    job: &str,
+    target: &Target,
+    found: Vec<Cascade>,
+    allow_cascade: bool,
+) -> Result<Vec<Cascade>, JobError> {
+    let blocking: Vec<String> = found
+        .iter()
+        .filter(|c| c.blocks())
+        .map(Cascade::to_string)
+        .collect();
+    if !blocking.is_empty() {
+        return Err(JobError::invalid(
+            job,
+            format!(
+                "a delete on {} would fail at the first batch reaching a row other rows still \
+                 reference: {}. Delete or re-point those rows first, or leave the referenced \
+                 rows out of the predicate",
+                target.display(),
+                blocking.join("; ")
+            ),
+        ));
+    }
+    let cascading: Vec<Cascade> = found
+        .into_iter()
+        .filter(Cascade::changes_children)
+        .collect();
+    if !cascading.is_empty() && !allow_cascade {
+        return Err(refusal(job, target, &cascading));
+    }
+    Ok(cascading)
+}
+
 /// The plan's refusal of a delete that would cascade.
-pub fn refusal(job: &str, target: &Target, cascades: &[Cascade]) -> JobError {
+fn refusal(job: &str, target: &Target, cascades: &[Cascade]) -> JobError {
     let list: Vec<String> = cascades.iter().map(Cascade::to_string).collect();
     JobError::invalid(
         job,

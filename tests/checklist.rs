@@ -184,6 +184,72 @@ async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(poo
     );
 }
 
+/// A foreign key that forbids the delete (`RESTRICT`, `NO ACTION`) would fail the batch that
+/// reaches a referenced row, after earlier batches committed: the plan refuses while referencing
+/// rows exist (`allow_cascade` does not help), naming the key and the count; a tree's own key
+/// counts every referencing row but a self-reference. Once those rows are gone the delete runs.
+#[sqlx::test]
+async fn a_delete_a_foreign_key_forbids_fails_in_its_plan_not_mid_run(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, kind text NOT NULL);
+         CREATE TABLE kept (id bigint PRIMARY KEY,
+                            parent_id bigint REFERENCES parent (id) ON DELETE RESTRICT);
+         CREATE TABLE node (id bigint PRIMARY KEY, up bigint REFERENCES node (id), gone bool);
+         INSERT INTO parent SELECT g, CASE WHEN g > 900 THEN 'old' ELSE 'new' END
+         FROM generate_series(1, 1000) g;
+         INSERT INTO kept VALUES (1, 950), (2, 990), (3, 10);
+         INSERT INTO node SELECT g, CASE WHEN g > 1 THEN g END, g <= 5 FROM generate_series(1, 5) g;
+         INSERT INTO node SELECT g, g - 5, g <= 8 FROM generate_series(6, 10) g;",
+    )
+    .await;
+    NewJob::new("purge", "parent")
+        .predicate("kind = 'old'")
+        .raw("action", "'delete'")
+        .raw("allow_cascade", "true")
+        .raw("batch_size", "10")
+        .insert(&db)
+        .await;
+    NewJob::new("prune", "node")
+        .predicate("gone")
+        .raw("action", "'delete'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let purge = db.job("purge").await;
+    assert_eq!(purge.state, "failed");
+    let err = purge.last_error.unwrap_or_default();
+    for want in [
+        "job purge",
+        "public.parent",
+        "kept_parent_id_fkey on public.kept (ON DELETE RESTRICT, 2 child rows)",
+        "Delete or re-point those rows first",
+    ] {
+        assert!(err.contains(want), "expected {want:?} in: {err}");
+    }
+    assert_eq!(purge.batches, 0, "refused in the plan, before any batch");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM parent").await, 1000);
+    // Node 2..5 reference themselves (not counted); 6, 7, 8 are selected and reference selected
+    // rows 1..3, 9 and 10 are not selected and reference 4 and 5: all five count.
+    let prune = db.job("prune").await;
+    assert_eq!(prune.state, "failed");
+    let err = prune.last_error.unwrap_or_default();
+    assert!(
+        err.contains("node_up_fkey on public.node (ON DELETE NO ACTION, 5 child rows)"),
+        "{err}"
+    );
+    db.exec("DELETE FROM kept WHERE parent_id > 900").await;
+    NewJob::new("purge_again", "parent")
+        .predicate("kind = 'old'")
+        .raw("action", "'delete'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let again = db.job("purge_again").await;
+    assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
+    assert_eq!(again.rows_changed, 100);
+}
+
 /// `now()` moves with every batch transaction; `backfill.job_started_at(name)` is one instant for
 /// the whole job, across batches and attempts.
 #[sqlx::test]

@@ -135,17 +135,15 @@ impl Attempt<'_> {
     }
 
     /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
-    /// it allows cascades (the archive cannot restore child rows).
+    /// it allows cascades (the archive cannot restore child rows), and always while rows of a
+    /// table whose foreign key forbids the delete still reference rows it selects.
     async fn cascades(&self, p: &Prepared, upper: &Key) -> Result<Vec<Cascade>, JobError> {
         if p.spec.action != Action::Delete {
             return Ok(Vec::new());
         }
         let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
         let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
-        if !found.is_empty() && !p.spec.allow_cascade {
-            return Err(cascade::refusal(&p.spec.name, &p.target, &found));
-        }
-        Ok(found)
+        cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)
     }
 
     /// For updates from a data file: staged keys with no target row.
