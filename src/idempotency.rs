@@ -2,7 +2,9 @@
 //! before any data changes: in a transaction that is always rolled back, the change is applied to
 //! a sample of the rows it selects, and the predicate is evaluated again on the changed rows. A
 //! predicate that still selects them means a second run would change them again. It warns; it
-//! does not block (some changes are meant to be applied once per run, by design of the job).
+//! does not block (some changes are meant to be applied once per run, by design of the job). The
+//! trial is also the first time the change meets real rows: when it fails on them (a constraint,
+//! a bad cast), the error is returned and the plan fails, as every batch reaching them would.
 
 use crate::db::Db;
 use serde::{Deserialize, Serialize};
@@ -35,15 +37,17 @@ impl Verdict {
         self.idempotent == Some(false) || self.failed
     }
 
-    /// The verdict on `(sampled, still selected)`, or on the error that stopped the check.
-    fn from_result(result: sqlx::Result<(i64, i64)>) -> Self {
+    /// The verdict on `(sampled, still selected)`, or on the error that stopped the check; an
+    /// error of the change itself on the sampled data is returned (see [`rejects_data`]).
+    fn from_result(result: sqlx::Result<(i64, i64)>) -> sqlx::Result<Self> {
         match result {
-            Ok((sampled, still)) => Self::measured(sampled, still),
-            Err(e) => Self {
+            Ok((sampled, still)) => Ok(Self::measured(sampled, still)),
+            Err(e) if rejects_data(&e) => Err(e),
+            Err(e) => Ok(Self {
                 summary: format!("could not check: {e}"),
                 failed: true,
                 ..Self::default()
-            },
+            }),
         }
     }
 
@@ -68,8 +72,18 @@ impl Verdict {
     }
 }
 
+/// Whether the trial change failed on the data itself: a data exception or an integrity
+/// violation (SQLSTATE class 22 or 23: a NULL into a NOT NULL column, a CHECK, a duplicate, a bad
+/// cast), which every batch reaching those rows would hit as well. Other errors (a lock or
+/// statement timeout, a privilege) only mean the check could not run.
+fn rejects_data(e: &sqlx::Error) -> bool {
+    let code = e.as_database_error().and_then(|db| db.code());
+    code.is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+}
+
 /// Applies the update to up to `limit` rows the predicate selects (keys up to `upper`) in a
-/// transaction it rolls back, and counts the rows the predicate still selects.
+/// transaction it rolls back, and counts the rows the predicate still selects. `Err` is the
+/// change failing on the sampled data (see [`rejects_data`]).
 pub async fn check(
     pool: &Db,
     target: &Target,
@@ -77,7 +91,7 @@ pub async fn check(
     fragments: &Fragments,
     upper: &Key,
     limit: i64,
-) -> Verdict {
+) -> sqlx::Result<Verdict> {
     let sql = statement(target, keyset, fragments);
     let measured = async {
         let mut tx = pool.begin().await?;
@@ -96,7 +110,8 @@ pub async fn check(
 /// For an insert job: inserts the rows of up to `limit` source rows the predicate selects (keys
 /// up to `upper`) in a transaction it rolls back, then evaluates the predicate again over the same
 /// stretch of source keys. A predicate that still selects them (no `NOT EXISTS`, and no unique
-/// key of the target that the set clause assigns in full) would insert them again.
+/// key of the target that the set clause assigns in full) would insert them again. `Err` is the
+/// insert failing on the sampled data (see [`rejects_data`]).
 pub async fn check_insert(
     pool: &Db,
     source: &Target,
@@ -105,7 +120,7 @@ pub async fn check_insert(
     fragments: &Fragments,
     upper: &Key,
     limit: i64,
-) -> Verdict {
+) -> sqlx::Result<Verdict> {
     let (insert, recount) = insert_statements(source, into, keyset, fragments);
     let measured = async {
         let mut tx = pool.begin().await?;

@@ -184,6 +184,53 @@ async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(poo
     );
 }
 
+/// A change that fails on the rows it selects (a NULL into a NOT NULL column, a CHECK) fails in
+/// the plan, where the idempotency check tries it on a sample and rolls back: a dry run says so
+/// before anyone approves it, and nothing changes.
+#[sqlx::test]
+async fn a_change_that_fails_on_its_rows_fails_in_the_plan(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, note text);
+         INSERT INTO accounts SELECT g, 'n' || g, NULL FROM generate_series(1, 300) g;
+         CREATE TABLE notes (id bigint PRIMARY KEY, account_id bigint UNIQUE NOT NULL,
+                             body text CHECK (body <> ''));",
+    )
+    .await;
+    NewJob::new("blank_names", "accounts")
+        .predicate("note IS NULL")
+        .set("name = NULL, note = 'x'")
+        .raw("mode", "'dry_run'")
+        .insert(&db)
+        .await;
+    NewJob::new("empty_notes", "notes")
+        .raw("action", "'insert'")
+        .raw("source_table", "'accounts'")
+        .predicate("true")
+        .set("id = id, account_id = id, body = ''")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    for (name, table, code) in [
+        ("blank_names", "accounts", "SQLSTATE 23502"),
+        ("empty_notes", "notes", "SQLSTATE 23514"),
+    ] {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name}");
+        assert_eq!(job.batches, 0, "{name}: failed in the plan");
+        let err = job.last_error.unwrap_or_default();
+        for want in [&format!("job {name} on {table}"), "in the plan", code] {
+            assert!(err.contains(want), "expected {want:?} in: {err}");
+        }
+    }
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM accounts WHERE note IS NULL")
+            .await,
+        300
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM notes").await, 0);
+}
+
 /// A foreign key that forbids the delete (`RESTRICT`, `NO ACTION`) would fail the batch that
 /// reaches a referenced row, after earlier batches committed: the plan refuses while referencing
 /// rows exist (`allow_cascade` does not help), naming the key and the count; a tree's own key

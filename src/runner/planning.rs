@@ -9,6 +9,9 @@ use crate::fullscan;
 use crate::idempotency::{self, Verdict};
 use crate::plan::Walk;
 
+/// The step an error of the idempotency check's trial change is reported under.
+const SAMPLE_CHANGE_STEP: &str = "applying the change to a sample of the rows it selects (in the plan, rolled back: nothing changed)";
+
 impl Attempt<'_> {
     pub(super) fn counter<'b>(
         &'b self,
@@ -70,7 +73,7 @@ impl Attempt<'_> {
             count_seconds: started.elapsed().as_secs_f64(),
             boundaries: counted.boundaries,
             matching_windows: counted.matching_windows,
-            idempotency: self.idempotency(p, upper, cfg).await,
+            idempotency: self.idempotency(p, upper, cfg).await?,
             cascades: self.cascades(p, upper).await?,
             unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
             warnings,
@@ -114,8 +117,15 @@ impl Attempt<'_> {
     }
 
     /// The checklist's "run it twice" rule, for updates and inserts (a delete or revert cannot
-    /// select its own result again). Warns when the sampled rows would change again.
-    async fn idempotency(&self, p: &Prepared, upper: &Key, cfg: &Config) -> Option<Verdict> {
+    /// select its own result again). Warns when the sampled rows would change again; fails the
+    /// plan when the change itself fails on the sampled rows (a NOT NULL, CHECK or unique
+    /// violation, a bad cast): the first batch reaching them would fail the same way.
+    async fn idempotency(
+        &self,
+        p: &Prepared,
+        upper: &Key,
+        cfg: &Config,
+    ) -> Result<Option<Verdict>, JobError> {
         let limit = cfg.safety.plan_sample_rows.max(1);
         let pool = &self.ctx.pool;
         let (target, keyset, fragments) = (&p.target, &p.keyset, &p.fragments);
@@ -126,12 +136,13 @@ impl Attempt<'_> {
             (Action::Insert, Some(into)) => {
                 idempotency::check_insert(pool, target, into, keyset, fragments, upper, limit).await
             }
-            _ => return None,
-        };
+            _ => return Ok(None),
+        }
+        .map_err(self.err(SAMPLE_CHANGE_STEP))?;
         if verdict.warns() {
             tracing::warn!(verdict = %verdict.summary, "idempotency check");
         }
-        Some(verdict)
+        Ok(Some(verdict))
     }
 
     /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
