@@ -263,6 +263,13 @@ impl Batcher<'_> {
     ) -> Result<Option<i64>, JobError> {
         let bounds: Vec<&Key> = cursor.into_iter().chain([hi]).collect();
         let has_cursor = cursor.is_some();
+        let failed = |e| {
+            let window = match cursor {
+                Some(c) => format!("keys after {c} up to {hi}"),
+                None => format!("keys up to {hi}"),
+            };
+            self.sql_err("applying the change")(e).at(window)
+        };
         let (sql, optimistic) = match self.change.locked_statement(has_cursor) {
             Some(fallback) if locked => (fallback, false),
             Some(_) => (self.change.statement(has_cursor), true),
@@ -270,17 +277,14 @@ impl Batcher<'_> {
         };
         let query = bind_keys(crate::sql::query(sql), &bounds);
         if !optimistic {
-            let done = query
-                .execute(conn)
-                .await
-                .map_err(self.sql_err("applying the change"))?;
+            let done = query.execute(conn).await.map_err(failed)?;
             return Ok(Some(done.rows_affected() as i64));
         }
         let (captured, changed): (i64, i64) = query
             .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get(0)?, row.try_get(1)?)))
             .fetch_one(conn)
             .await
-            .map_err(self.sql_err("applying the change"))?;
+            .map_err(failed)?;
         Ok((captured == changed).then_some(changed))
     }
 

@@ -97,6 +97,15 @@ impl JobError {
         }
     }
 
+    /// Adds where a statement failed (e.g. a batch's key window) to a refusal by PostgreSQL, so
+    /// the row that broke a constraint can be found; other errors pass unchanged.
+    pub fn at(mut self, place: impl std::fmt::Display) -> Self {
+        if let Self::Sql { message, .. } = &mut self {
+            *message = format!("{message} (at {place})");
+        }
+        self
+    }
+
     pub fn invalid(job: &str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             job: job.into(),

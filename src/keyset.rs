@@ -12,6 +12,14 @@ use crate::target::{KeyColumn, Target};
 #[serde(transparent)]
 pub struct Key(pub Vec<String>);
 
+impl std::fmt::Display for Key {
+    /// `(42)`, `(7, ab)`: the key columns' text forms.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        write!(f, "({})", parts.join(", "))
+    }
+}
+
 impl Key {
     pub fn to_json(&self) -> Value {
         Value::Array(self.0.iter().cloned().map(Value::String).collect())

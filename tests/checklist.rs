@@ -231,6 +231,50 @@ async fn a_change_that_fails_on_its_rows_fails_in_the_plan(pool: PgPool) {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM notes").await, 0);
 }
 
+/// A row deep in the table that the change fails on (the plan's sample passed) fails the job
+/// at its batch, and the error names that batch's key window, so the row can be found; the
+/// batches before it stay committed.
+#[sqlx::test]
+async fn a_batch_that_fails_on_a_row_names_its_key_window(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE ratios (id bigint PRIMARY KEY, d int NOT NULL, r int);
+         INSERT INTO ratios SELECT g, CASE WHEN g = 2300 THEN 0 ELSE 1 END, NULL
+         FROM generate_series(1, 4000) g;
+         ANALYZE ratios;",
+    )
+    .await;
+    NewJob::new("ratio", "ratios")
+        .predicate("r IS NULL")
+        .set("r = 100 / d")
+        .raw("batch_size", "50")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("ratio").await;
+    assert_eq!(job.state, "failed");
+    let err = job.last_error.unwrap_or_default();
+    assert!(err.contains("SQLSTATE 22012"), "{err}");
+    let bound = |after: &str| -> i64 {
+        let rest = &err[err
+            .find(after)
+            .unwrap_or_else(|| panic!("{after:?} in: {err}"))
+            + after.len()..];
+        rest[..rest.find(')').expect("a closing parenthesis")]
+            .parse()
+            .expect("a numeric key")
+    };
+    let (lo, hi) = (bound("at keys after ("), bound(" up to ("));
+    assert!(
+        lo < 2300 && 2300 <= hi,
+        "window ({lo}, {hi}] holds key 2300: {err}"
+    );
+    assert_eq!(
+        job.rows_changed, lo,
+        "every batch before the window committed"
+    );
+}
+
 /// A foreign key that forbids the delete (`RESTRICT`, `NO ACTION`) would fail the batch that
 /// reaches a referenced row, after earlier batches committed: the plan refuses while referencing
 /// rows exist (`allow_cascade` does not help), naming the key and the count; a tree's own key
