@@ -34,5 +34,6 @@ pub mod staging;
 pub mod target;
 pub mod telemetry;
 pub mod throttle;
+pub mod validate;
 
 pub use error::{Error, JobError, Result};

@@ -58,7 +58,7 @@ RETURNING *";
 /// first claim: an unknown action, an insert without `source_table`, values out of range.
 pub async fn enqueue(pool: &Db, names: &Names, cfg: &Config, job: &NewJob) -> Result<JobRow> {
     let mut tx = pool.begin().await?;
-    let row = insert_job(&mut *tx, names, cfg, job).await?;
+    let row = insert_job(&mut tx, names, cfg, job).await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -97,15 +97,16 @@ pub async fn enqueue_from_csv(
         staged_table: Some(staging::staging_name(&job.name)),
         ..job.clone()
     };
-    let row = insert_job(&mut *tx, names, cfg, &staged_job).await?;
+    let row = insert_job(&mut tx, names, cfg, &staged_job).await?;
     tx.commit().await?;
     Ok((row, staged))
 }
 
-/// Inserts the job row and reads its columns as a replica would at its first claim: a job that
-/// would fail there is refused here, and the caller's transaction inserts nothing.
-async fn insert_job<'e>(
-    db: impl sqlx::PgExecutor<'e>,
+/// Inserts the job row and checks it as a replica would at its first claim: its columns, and
+/// then its tables and fragments on the server (`validate`). A job that would fail there is
+/// refused here, and the caller's transaction inserts nothing.
+async fn insert_job(
+    conn: &mut sqlx::PgConnection,
     names: &Names,
     cfg: &Config,
     job: &NewJob,
@@ -133,7 +134,7 @@ async fn insert_job<'e>(
         .bind(&job.staged_table)
         .bind(&job.source_table)
         .bind(job.allow_cascade)
-        .fetch_one(db)
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| match &e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => Error::Refused {
@@ -143,7 +144,14 @@ async fn insert_job<'e>(
             },
             _ => Error::Database(e),
         })?;
-    JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    if spec.action != Action::Revert {
+        let scope = crate::validate::Scope {
+            own_schema: &names.schema,
+            allowed_tables: &cfg.safety.allowed_tables,
+        };
+        crate::validate::job(conn, &spec, scope).await?;
+    }
     Ok(row)
 }
 

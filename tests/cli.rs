@@ -156,8 +156,8 @@ async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
     );
 }
 
-/// Insert and cascading-delete jobs from the command line; a job whose columns would fail its
-/// first claim is refused at enqueue and leaves no row.
+/// Insert and cascading-delete jobs from the command line; a job whose columns, tables or
+/// fragments would fail its first claim is refused at enqueue and leaves no row.
 #[sqlx::test]
 async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -252,6 +252,58 @@ async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPo
             .await,
         0,
         "a refused job leaves no row"
+    );
+    // Typos a replica would fail the job on (a table, a column, a fragment) are refused at
+    // enqueue, named, with nothing inserted.
+    for (name, table, predicate, set, want) in [
+        (
+            "typo_table",
+            "public.userz",
+            "id > 1",
+            "id = id",
+            "table public.userz does not exist",
+        ),
+        (
+            "typo_column",
+            "public.policies",
+            "kynd IS NULL",
+            "kind = 'x'",
+            "kynd",
+        ),
+        (
+            "typo_set",
+            "public.policies",
+            "kind IS NULL",
+            "knd = 'x'",
+            "knd",
+        ),
+    ] {
+        let out = backfilld(
+            &db.url,
+            &[
+                "enqueue",
+                "--name",
+                name,
+                "--table",
+                table,
+                "--predicate",
+                predicate,
+                "--set",
+                set,
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("job {name}")) && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM backfill.jobs WHERE name LIKE 'typo%'")
+            .await,
+        0,
+        "refused jobs leave no row"
     );
     let revert = backfilld(
         &db.url,

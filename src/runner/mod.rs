@@ -17,13 +17,13 @@ use crate::change::{Change, Delete, Insert, Revert, Update};
 use crate::claim::{self, Control, Lease, Release, RowUpdate};
 use crate::config::Config;
 use crate::error::JobError;
-use crate::fragment::{self, Fragments};
+use crate::fragment::Fragments;
 use crate::job::{Action, JobRow, JobSpec, Mode, State, Throttle};
 use crate::keyset::{Key, Keyset};
 use crate::metrics::Metrics;
 use crate::plan::{self, Counter, Plan};
 use crate::sql::Names;
-use crate::target::{Resolve, Target};
+use crate::target::Target;
 use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
 
 mod attempt;

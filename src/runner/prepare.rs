@@ -2,118 +2,54 @@
 //! bound, plan (dry run), check the ceiling, and build the change (with its archive).
 
 use super::*;
-use crate::fragment::ServerCheck;
 
 impl Attempt<'_> {
-    /// Resolves the target and validates fragments; freezes the upper bound on first run.
+    /// Resolves the target and validates fragments (`validate`); freezes the upper bound on
+    /// first run.
     pub(super) async fn prepare(
         &mut self,
         spec: JobSpec,
         cfg: &Config,
     ) -> Result<Prepared, JobError> {
-        if spec.action == Action::Insert {
-            return self.prepare_insert(spec, cfg).await;
-        }
         let mut conn = self.connection().await?;
-        let target = Resolve {
-            job: &spec.name,
-            table_name: &spec.table_name,
-            key_columns: spec.key_columns.as_deref(),
+        let scope = crate::validate::Scope {
             own_schema: &self.ctx.names.schema,
             allowed_tables: &cfg.safety.allowed_tables,
-        }
-        .run(&mut conn)
-        .await
-        .map_err(|e| e.in_column("table_name"))?;
-        let invalid = |e: fragment::FragmentError| {
-            JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
         };
-        let (fragments, source_archive) = if spec.action == Action::Revert {
+        let (validated, source_archive) = if spec.action == Action::Revert {
+            let table = ("table_name", spec.table_name.as_str());
+            let keys = spec.key_columns.as_deref();
+            let target = scope.resolve(&mut conn, &spec.name, table, keys).await?;
             let archive = self.source_archive(&mut conn, &spec, &target).await?;
-            (
-                Fragments {
-                    predicate: "true".into(),
-                    assignments: Vec::new(),
-                },
-                Some(archive),
-            )
+            let fragments = Fragments {
+                predicate: "true".into(),
+                assignments: Vec::new(),
+            };
+            let validated = crate::validate::Validated {
+                target,
+                fragments,
+                into: None,
+            };
+            (validated, Some(archive))
         } else {
-            let f = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
-                .map_err(invalid)?;
-            match fragment::validate_on_server(&mut conn, &target, &f).await {
-                Ok(()) => {}
-                Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
-                Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
-            }
-            (f, None)
+            (crate::validate::job(&mut conn, &spec, scope).await?, None)
         };
         let keyset = match &source_archive {
-            Some(a) => Keyset::new(&archive_as_target(a, &target)),
-            None => Keyset::new(&target),
+            Some(a) => Keyset::new(&archive_as_target(a, &validated.target)),
+            None => Keyset::new(&validated.target),
         };
         let upper = self.upper_bound(&mut conn, &keyset).await?;
         self.hand_back(conn).await?;
+        let (into, written) = validated.into.unzip();
         Ok(Prepared {
             spec,
-            target,
-            fragments,
+            target: validated.target,
+            fragments: validated.fragments,
             keyset,
             upper,
             source_archive,
-            into: None,
-            written: None,
-        })
-    }
-
-    /// An insert walks `source_table` and inserts into `table_name`, which needs a unique key:
-    /// it makes the insert idempotent (`ON CONFLICT DO NOTHING`) and names what a revert deletes.
-    async fn prepare_insert(&mut self, spec: JobSpec, cfg: &Config) -> Result<Prepared, JobError> {
-        let mut conn = self.connection().await?;
-        let resolve = |table_name, key_columns| Resolve {
-            job: &spec.name,
-            table_name,
-            key_columns,
-            own_schema: &self.ctx.names.schema,
-            allowed_tables: &cfg.safety.allowed_tables,
-        };
-        let source_name = spec.source_table.as_deref().unwrap_or_default();
-        let source = resolve(source_name, spec.key_columns.as_deref())
-            .run(&mut conn)
-            .await
-            .map_err(|e| e.in_column("source_table"))?;
-        let into = resolve(&spec.table_name, None)
-            .run(&mut conn)
-            .await
-            .map_err(|e| e.in_column("table_name"))?;
-        let invalid = |e: fragment::FragmentError| {
-            let (from, to) = (source.display(), into.display());
-            JobError::invalid(&spec.name, format!("inserting from {from} into {to}: {e}"))
-        };
-        let set = spec.set_clause.as_deref().unwrap_or_default();
-        let checked = crate::change::checked_insert_fragments(
-            &mut conn,
-            &spec.predicate,
-            set,
-            &source,
-            &into,
-        );
-        let (written, counted) = match checked.await {
-            Ok(both) => both,
-            Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
-            Err(ServerCheck::Transient(e)) => return Err(self.err("validating fragments")(e)),
-        };
-        let keyset = Keyset::new(&source);
-        let upper = self.upper_bound(&mut conn, &keyset).await?;
-        self.hand_back(conn).await?;
-        Ok(Prepared {
-            spec,
-            target: source,
-            fragments: counted,
-            keyset,
-            upper,
-            source_archive: None,
-            into: Some(into),
-            written: Some(written),
+            into,
+            written,
         })
     }
 

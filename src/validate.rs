@@ -1,0 +1,122 @@
+//! A job's tables and fragments checked against the server, as a replica checks them before its
+//! first batch. The runner's preparation and `enqueue` share it, so a job that would fail there
+//! (a typo in a table, column or fragment) is refused when it is enqueued and inserts nothing.
+//! Reverts are not covered: their table and archive are the reverted job's, checked at claim.
+
+use sqlx::PgConnection;
+
+use crate::error::JobError;
+use crate::fragment::{self, Fragments, ServerCheck};
+use crate::job::{Action, JobSpec};
+use crate::target::{Resolve, Target};
+
+/// What the checks established about an update, delete or insert job.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The table whose keys the job walks: `table_name`, or `source_table` for an insert.
+    pub target: Target,
+    /// The fragments the plan, verification and the idempotency check count with (for an
+    /// insert: the predicate narrowed to the source rows still to insert).
+    pub fragments: Fragments,
+    /// An insert's target (`table_name`) and its own fragments, which its batches write with.
+    pub into: Option<(Target, Fragments)>,
+}
+
+/// Where tables may be: never in `own_schema`, and only in `allowed_tables` when it is not empty.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub own_schema: &'a str,
+    pub allowed_tables: &'a [String],
+}
+
+impl Scope<'_> {
+    /// Resolves `table_name` for `job`; errors name the job column it came from.
+    pub async fn resolve(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        (column, table_name): (&str, &str),
+        key_columns: Option<&[String]>,
+    ) -> Result<Target, JobError> {
+        Resolve {
+            job,
+            table_name,
+            key_columns,
+            own_schema: self.own_schema,
+            allowed_tables: self.allowed_tables,
+        }
+        .run(conn)
+        .await
+        .map_err(|e| e.in_column(column))
+    }
+}
+
+/// Resolves the job's tables and has the server plan its fragments (never run them). Not for
+/// reverts.
+pub async fn job(
+    conn: &mut PgConnection,
+    spec: &JobSpec,
+    scope: Scope<'_>,
+) -> Result<Validated, JobError> {
+    if spec.action == Action::Insert {
+        return insert(conn, spec, scope).await;
+    }
+    let keys = spec.key_columns.as_deref();
+    let target = scope
+        .resolve(conn, &spec.name, ("table_name", &spec.table_name), keys)
+        .await?;
+    let invalid = |e: fragment::FragmentError| {
+        JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
+    };
+    let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
+        .map_err(invalid)?;
+    match fragment::validate_on_server(conn, &target, &fragments).await {
+        Ok(()) => {}
+        Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
+        Err(ServerCheck::Transient(e)) => return Err(server(spec, &target, e)),
+    }
+    Ok(Validated {
+        target,
+        fragments,
+        into: None,
+    })
+}
+
+/// An insert walks `source_table` and inserts into `table_name`, which needs a unique key: it
+/// makes the insert idempotent (`ON CONFLICT DO NOTHING`) and names what a revert deletes.
+async fn insert(
+    conn: &mut PgConnection,
+    spec: &JobSpec,
+    scope: Scope<'_>,
+) -> Result<Validated, JobError> {
+    let source_name = spec.source_table.as_deref().unwrap_or_default();
+    let keys = spec.key_columns.as_deref();
+    let source = scope
+        .resolve(conn, &spec.name, ("source_table", source_name), keys)
+        .await?;
+    let into = scope
+        .resolve(conn, &spec.name, ("table_name", &spec.table_name), None)
+        .await?;
+    let set = spec.set_clause.as_deref().unwrap_or_default();
+    let checked =
+        crate::change::checked_insert_fragments(conn, &spec.predicate, set, &source, &into).await;
+    match checked {
+        Ok((written, counted)) => Ok(Validated {
+            target: source,
+            fragments: counted,
+            into: Some((into, written)),
+        }),
+        Err(ServerCheck::Rejected(e)) => {
+            let (from, to) = (source.display(), into.display());
+            Err(JobError::invalid(
+                &spec.name,
+                format!("inserting from {from} into {to}: {e}"),
+            ))
+        }
+        Err(ServerCheck::Transient(e)) => Err(server(spec, &source, e)),
+    }
+}
+
+fn server(spec: &JobSpec, target: &Target, e: sqlx::Error) -> JobError {
+    JobError::sql(&spec.name, &target.display(), "validating fragments", e)
+}
