@@ -1,7 +1,8 @@
 //! Before-image archive tables, one per job, in backfilld's schema: `<job>_<yyyymmdd>_j<id>`.
 //! An update archives the key plus the before- and after-values of the columns it sets; a delete
 //! archives whole rows. Rows are written by the change statement itself (see `change`), so a
-//! batch and its archive commit or roll back together. Expired archives are dropped by the daemon.
+//! batch and its archive commit or roll back together. Expired archives (and the staging tables of
+//! updates from a data file) are dropped by the daemon.
 
 use sqlx::{Executor, PgConnection};
 
@@ -226,21 +227,24 @@ impl ArchiveTable {
 }
 
 const EXPIRED: &str = "
-SELECT j.id, j.name, j.archive_table FROM {jobs} j
-WHERE j.archive_table IS NOT NULL
+SELECT j.id, j.name, j.archive_table, j.staged_table FROM {jobs} j
+WHERE (j.archive_table IS NOT NULL OR j.staged_table IS NOT NULL)
   AND j.state IN {finished}
   AND j.finished_at < now() - make_interval(days => $1)
   AND NOT EXISTS (SELECT 1 FROM {jobs} r
                   WHERE r.reverts = j.name AND r.state NOT IN {finished})
 FOR UPDATE SKIP LOCKED";
 
-/// Drops archive tables of jobs finished more than `days` ago, logging each; returns how many.
+/// Drops the tables backfilld keeps for jobs finished more than `days` ago, logging each: the
+/// before-image archive and, for an update from a data file, its staging table (a revert needs
+/// only the archive, but a job's own verification reads the staging table, so both go at once).
+/// Returns how many jobs' tables were dropped.
 pub async fn drop_expired(pool: &crate::db::Db, names: &Names, days: i64) -> sqlx::Result<usize> {
     if days <= 0 {
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
-    let expired: Vec<(i64, String, String)> = crate::sql::query_as(
+    let expired: Vec<(i64, String, Option<String>, Option<String>)> = crate::sql::query_as(
         &names
             .render(EXPIRED)
             .replace("{finished}", &State::finished_sql()),
@@ -248,18 +252,25 @@ pub async fn drop_expired(pool: &crate::db::Db, names: &Names, days: i64) -> sql
     .bind(i32::try_from(days).unwrap_or(i32::MAX))
     .fetch_all(&mut *tx)
     .await?;
-    for (id, job, table) in &expired {
-        let drop = format!(
-            "DROP TABLE IF EXISTS {}.{}",
-            quote_ident(&names.schema),
-            quote_ident(table)
-        );
-        sqlx::raw_sql(&drop).execute(&mut *tx).await?;
-        crate::sql::query(&names.render("UPDATE {jobs} SET archive_table = NULL WHERE id = $1"))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(job = %job, archive = %table, retention_days = days, "dropped expired archive");
+    for (id, job, archive, staged) in &expired {
+        for (kind, table) in [("archive", archive), ("staging table", staged)] {
+            let Some(table) = table else { continue };
+            let drop = format!(
+                "DROP TABLE IF EXISTS {}.{}",
+                quote_ident(&names.schema),
+                quote_ident(table)
+            );
+            sqlx::raw_sql(&drop).execute(&mut *tx).await?;
+            tracing::info!(job = %job, table = %table, retention_days = days, "dropped expired {kind}");
+        }
+        crate::sql::query(
+            &names.render(
+                "UPDATE {jobs} SET archive_table = NULL, staged_table = NULL WHERE id = $1",
+            ),
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(expired.len())

@@ -684,6 +684,21 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
             .await,
         100
     );
+    // Past the retention, the archive and the staging table go together; not before.
+    let tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'backfill' \
+                  AND tablename IN ('reprice_staged', (SELECT archive_table FROM backfill.jobs \
+                                                       WHERE name = 'reprice'))";
+    assert_eq!(db.scalar_i64(tables).await, 2);
+    let expire = || backfilld::archive::drop_expired(&db.lib, &db.names, 30);
+    assert_eq!(expire().await.unwrap(), 0, "finished today");
+    db.exec(
+        "UPDATE backfill.jobs SET finished_at = now() - interval '31 days' WHERE name = 'reprice'",
+    )
+    .await;
+    assert_eq!(expire().await.unwrap(), 1);
+    assert_eq!(db.scalar_i64(tables).await, 0);
+    let job = db.job("reprice").await;
+    assert_eq!((job.archive_table, job.staged_table), (None, None));
 }
 
 #[sqlx::test]
