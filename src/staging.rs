@@ -45,6 +45,12 @@ pub enum StagingError {
         message: String,
         context: String,
     },
+    #[error(
+        "staging table {table} already exists: a job of this name (or one that maps to the same \
+         table name) staged a file before, or it was made by hand; use another job name, or drop \
+         the table if nothing needs it"
+    )]
+    Exists { table: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -98,7 +104,13 @@ pub async fn stage_csv(
         )
         .as_str(),
     )
-    .await?;
+    .await
+    .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
+        Some(code) if code == "42P07" => StagingError::Exists {
+            table: table.clone(),
+        },
+        _ => StagingError::Database(e),
+    })?;
     let rows = copy_in(conn, &path, &table, &columns, data).await?;
     let unmatched = count_unmatched(conn, &table, target).await?;
     Ok(Staged {

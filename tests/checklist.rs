@@ -653,6 +653,22 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
     .unwrap();
     assert_eq!((staged.rows, staged.unmatched), (51, 1));
     assert_eq!(row.state, "pending");
+    // Another job whose name maps to the same staging table is refused, named, with no row.
+    let clash = backfilld::ops::enqueue_from_csv(
+        &db.lib,
+        &db.names,
+        &cfg,
+        &csv_job("Reprice", "public.prices"),
+        &file,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        clash.contains("job Reprice") && clash.contains("reprice_staged\" already exists"),
+        "{clash}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM backfill.jobs").await, 1);
     db.daemon().until_idle().spawn().wait_ok().await;
     let planned = db.job("reprice").await;
     assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
