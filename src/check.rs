@@ -81,10 +81,26 @@ pub enum Check {
     },
 }
 
+/// A column name as given: bare (`unit_price`, matched exactly) or as SQL writes it
+/// (`"Unit Price"`, quotes removed and doubled quotes undone), so a name needing quotes in SQL can
+/// be given either way.
+fn identifier(given: &str) -> String {
+    let given = given.trim();
+    match given.strip_prefix('"').and_then(|g| g.strip_suffix('"')) {
+        Some(inner) if !inner.is_empty() => inner.replace("\"\"", "\""),
+        _ => given.to_owned(),
+    }
+}
+
 impl Check {
+    /// `--not-null col`.
+    pub fn not_null(given: &str) -> Check {
+        Check::NotNull(identifier(given))
+    }
+
     /// `--unique a,b`.
     pub fn unique(given: &str) -> Result<Check, CheckError> {
-        let columns: Vec<String> = given.split(',').map(|c| c.trim().to_owned()).collect();
+        let columns: Vec<String> = given.split(',').map(identifier).collect();
         if columns.iter().any(String::is_empty) {
             return Err(CheckError::BadUnique {
                 given: given.into(),
@@ -105,9 +121,9 @@ impl Check {
             return Err(bad());
         }
         Ok(Check::Orphans {
-            column: column.into(),
+            column: identifier(column),
             parent: parent.trim().into(),
-            parent_column: parent_column.into(),
+            parent_column: identifier(parent_column),
         })
     }
 }
@@ -686,6 +702,17 @@ mod tests {
         assert_eq!(
             Check::unique("tenant_id, email").ok(),
             Some(Check::Unique(vec!["tenant_id".into(), "email".into()]))
+        );
+        assert_eq!(
+            Check::unique(r#"tenant_id, "E-Mail ""Work""""#).ok(),
+            Some(Check::Unique(vec![
+                "tenant_id".into(),
+                r#"E-Mail "Work""#.into()
+            ]))
+        );
+        assert_eq!(
+            Check::not_null(" \"Unit Price\" "),
+            Check::NotNull("Unit Price".into())
         );
         assert!(Check::unique("a,,b").is_err());
     }

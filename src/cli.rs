@@ -172,7 +172,8 @@ pub struct WaitArgs {
 pub struct CheckArgs {
     /// Table to check, e.g. public.orders.
     pub table: String,
-    /// Count rows where COL IS NULL (what SET NOT NULL would reject). Repeatable.
+    /// Count rows where COL IS NULL (what SET NOT NULL would reject). Repeatable. Column names
+    /// are taken as written, or quoted as in SQL ("Unit Price").
     #[arg(long = "not-null", value_name = "COL")]
     pub not_null: Vec<String>,
     /// Count duplicate groups among rows with no NULL in the columns (what a unique index would
@@ -200,7 +201,7 @@ impl CheckArgs {
                 self.references.len()
             );
         }
-        let mut checks: Vec<Check> = self.not_null.iter().cloned().map(Check::NotNull).collect();
+        let mut checks: Vec<Check> = self.not_null.iter().map(|c| Check::not_null(c)).collect();
         for columns in &self.unique {
             checks.push(Check::unique(columns)?);
         }
