@@ -81,26 +81,15 @@ pub enum Check {
     },
 }
 
-/// A column name as given: bare (`unit_price`, matched exactly) or as SQL writes it
-/// (`"Unit Price"`, quotes removed and doubled quotes undone), so a name needing quotes in SQL can
-/// be given either way.
-fn identifier(given: &str) -> String {
-    let given = given.trim();
-    match given.strip_prefix('"').and_then(|g| g.strip_suffix('"')) {
-        Some(inner) if !inner.is_empty() => inner.replace("\"\"", "\""),
-        _ => given.to_owned(),
-    }
-}
-
 impl Check {
     /// `--not-null col`.
     pub fn not_null(given: &str) -> Check {
-        Check::NotNull(identifier(given))
+        Check::NotNull(crate::sql::unquote_ident(given))
     }
 
     /// `--unique a,b`.
     pub fn unique(given: &str) -> Result<Check, CheckError> {
-        let columns: Vec<String> = given.split(',').map(identifier).collect();
+        let columns: Vec<String> = given.split(',').map(crate::sql::unquote_ident).collect();
         if columns.iter().any(String::is_empty) {
             return Err(CheckError::BadUnique {
                 given: given.into(),
@@ -121,9 +110,9 @@ impl Check {
             return Err(bad());
         }
         Ok(Check::Orphans {
-            column: identifier(column),
+            column: crate::sql::unquote_ident(column),
             parent: parent.trim().into(),
-            parent_column: identifier(parent_column),
+            parent_column: crate::sql::unquote_ident(parent_column),
         })
     }
 }

@@ -242,7 +242,7 @@ pub struct EnqueueArgs {
     /// restore their rows; the plan still lists them).
     #[arg(long)]
     pub allow_cascade: bool,
-    /// Keyset columns (comma-separated); default: the primary key.
+    /// Keyset columns (comma-separated, bare or quoted as in SQL); default: the primary key.
     #[arg(long, visible_alias = "key", value_delimiter = ',')]
     pub key_columns: Option<Vec<String>>,
     /// Change data after planning (default: dry run only).
@@ -522,7 +522,9 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         predicate: a.predicate.unwrap_or_default(),
         action: a.action.map(|a| a.as_str().to_owned()),
         set_clause: a.set_clause,
-        key_columns: a.key_columns,
+        key_columns: a
+            .key_columns
+            .map(|k| k.iter().map(|c| crate::sql::unquote_ident(c)).collect()),
         execute: a.execute,
         batch_size: a.batch_size,
         target_batch_ms: a.target_batch_ms,

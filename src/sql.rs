@@ -28,6 +28,17 @@ pub fn table_name_for(job: &str, suffix: &str) -> String {
     format!("{base}{suffix}")
 }
 
+/// A column name as a person gives it: bare (`unit_price`, matched exactly) or as SQL writes it
+/// (`"Unit Price"`: quotes removed, doubled quotes undone), so a name that needs quotes in SQL can
+/// be given either way.
+pub fn unquote_ident(given: &str) -> String {
+    let given = given.trim();
+    match given.strip_prefix('"').and_then(|g| g.strip_suffix('"')) {
+        Some(inner) if !inner.is_empty() => inner.replace("\"\"", "\""),
+        _ => given.to_owned(),
+    }
+}
+
 /// Quotes a string literal (used only for DDL, where parameters are not allowed).
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
