@@ -157,6 +157,9 @@ pub struct BloatConfig {
     /// `vacuum_cost_delay` of the guard's VACUUM (0 = full speed, as a manual VACUUM).
     #[serde(deserialize_with = "duration")]
     pub vacuum_cost_delay: Duration,
+    /// Every Nth guard VACUUM also cleans the indexes, so the pages earlier runs pruned become
+    /// all-visible and later runs skip them; 0 = only the final VACUUM does.
+    pub index_cleanup_every: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,6 +278,7 @@ impl Default for BloatConfig {
             guard: true,
             vacuum_every_fraction: 0.02,
             vacuum_min_rows: 10_000,
+            index_cleanup_every: 5,
             vacuum_timeout: Duration::from_secs(600),
             vacuum_cost_delay: Duration::ZERO,
         }
