@@ -4,7 +4,8 @@
 //! and refuses the job unless its row says `allow_cascade = true`. Foreign keys that forbid the
 //! delete (`NO ACTION`, `RESTRICT`) would fail the first batch that reaches a referenced row,
 //! possibly deep into the run with earlier batches committed: the plan counts the referencing
-//! rows the delete leaves behind and refuses the job while there are any.
+//! rows the delete leaves behind and refuses the job while there are any, and warns when a
+//! tree's selected rows reference each other (that fails only if batches reach a parent first).
 
 use crate::db::Db;
 use serde::{Deserialize, Serialize};
@@ -23,10 +24,14 @@ pub struct Cascade {
     /// `CASCADE`, `SET NULL`, `SET DEFAULT`, `NO ACTION` or `RESTRICT`.
     pub on_delete: String,
     /// Child rows that reference a row the delete selects (for a key the target holds on
-    /// itself, those the delete does not remove as well); `None` when counting failed.
+    /// itself, those it does not select: see `count_sql`); `None` when counting failed.
     pub child_rows: Option<i64>,
     #[serde(skip)]
     self_referencing: bool,
+    /// For a key the target holds on itself that forbids the delete: rows the delete selects
+    /// that reference another row it selects (see `count_sql`).
+    #[serde(skip)]
+    interlinked: Option<i64>,
     #[serde(skip)]
     child_columns: Vec<String>,
     #[serde(skip)]
@@ -105,16 +110,26 @@ pub async fn find(
         })?;
     let mut cascades: Vec<Cascade> = rows.into_iter().map(cascade).collect();
     for c in &mut cascades {
-        let sql = count_sql(c, target, keyset, predicate);
-        let counted: sqlx::Result<i64> = bind_keys(crate::sql::query(&sql), &[upper])
-            .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
-            .fetch_one(pool)
-            .await;
-        c.child_rows = counted.inspect_err(|e| {
-            tracing::warn!(constraint = %c.constraint, error = %e, "could not count referencing child rows");
-        }).ok();
+        let sql = |linking| count_sql(c, target, keyset, predicate, linking);
+        let (children, interlinked) = (sql(Linking::Children), sql(Linking::Interlinked));
+        c.child_rows = count(pool, c, &children, upper).await;
+        if c.self_referencing && !c.changes_children() {
+            c.interlinked = count(pool, c, &interlinked, upper).await;
+        }
     }
     Ok(cascades)
+}
+
+async fn count(pool: &Db, c: &Cascade, sql: &str, upper: &Key) -> Option<i64> {
+    let counted: sqlx::Result<i64> = bind_keys(crate::sql::query(sql), &[upper])
+        .try_map(|row: sqlx::postgres::PgRow| sqlx::Row::try_get(&row, 0))
+        .fetch_one(pool)
+        .await;
+    counted
+        .inspect_err(|e| {
+            tracing::warn!(constraint = %c.constraint, error = %e, "could not count referencing rows");
+        })
+        .ok()
 }
 
 fn cascade(
@@ -126,17 +141,34 @@ fn cascade(
         on_delete,
         child_rows: None,
         self_referencing,
+        interlinked: None,
         child_columns,
         parent_columns,
     }
 }
 
-/// Child rows referencing a row the delete selects. The predicate is the target's: inside the
-/// subquery its bare column names resolve to `_bf_t` first. A key the target holds on itself (a
-/// tree) counts every referencing row but the row itself: one the delete selects too may still
-/// be there when the batch deleting the row it references checks the key (a later batch, or
-/// another slice), so only a self-reference is sure to go with its row.
-fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> String {
+/// Which referencing rows a count selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linking {
+    /// Rows referencing a row the delete selects; for a key the target holds on itself (a tree),
+    /// only those the delete does not select: they stay, so the delete is sure to fail on them.
+    Children,
+    /// A tree's rows the delete selects that reference another row it selects: the delete
+    /// fails if the batch deleting the referenced row runs before the one deleting the row
+    /// referencing it (a later batch, or another slice), and passes when both share a batch.
+    Interlinked,
+}
+
+/// Counts referencing rows of `c` as `linking` says. The predicate is the target's: inside a
+/// subquery its bare column names resolve to the nearest alias (`_bf_t` for the referenced row,
+/// `_bf_s` for the referencing row itself).
+fn count_sql(
+    c: &Cascade,
+    target: &Target,
+    keyset: &Keyset,
+    predicate: &str,
+    linking: Linking,
+) -> String {
     let on: Vec<String> = c
         .child_columns
         .iter()
@@ -150,19 +182,37 @@ fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> 
         })
         .collect();
     let (range, _) = keyset.range(Some("_bf_t"), false);
-    let other = if c.self_referencing {
+    let tree = c.self_referencing && !c.changes_children();
+    let selected = || {
+        let (own, _) = keyset.range(Some("_bf_s"), false);
+        let same: Vec<String> = target
+            .keys
+            .iter()
+            .map(|k| format!("_bf_s.{0} = _bf_c.{0}", quote_ident(&k.name)))
+            .collect();
         format!(
-            " AND {} IS DISTINCT FROM {}",
-            keyset.row(Some("_bf_c")),
-            keyset.row(Some("_bf_t"))
+            "EXISTS (SELECT 1 FROM {} AS _bf_s WHERE {} AND {own} AND ({predicate}))",
+            target.quoted,
+            same.join(" AND ")
         )
-    } else {
-        String::new()
+    };
+    // `inner` narrows the referenced row (inside its subquery), `outer` the referencing one.
+    let (inner, outer) = match (tree, linking) {
+        (false, _) => (String::new(), String::new()),
+        (true, Linking::Children) => (String::new(), format!(" AND NOT {}", selected())),
+        (true, Linking::Interlinked) => (
+            format!(
+                " AND {} IS DISTINCT FROM {}",
+                keyset.row(Some("_bf_c")),
+                keyset.row(Some("_bf_t"))
+            ),
+            format!(" AND {}", selected()),
+        ),
     };
     format!(
         "SELECT count(*) FROM {child} AS _bf_c
          WHERE EXISTS (SELECT 1 FROM {table} AS _bf_t
-                       WHERE {on} AND {range} AND ({predicate}){other})",
+                       WHERE {on} AND {range} AND ({predicate}){inner}){outer}",
         child = c.child,
         table = target.quoted,
         on = on.join(" AND "),
@@ -172,13 +222,13 @@ fn count_sql(c: &Cascade, target: &Target, keyset: &Keyset, predicate: &str) -> 
 /// The plan's verdict on a delete's foreign keys: refused while a key that forbids the delete
 /// has referencing rows it would leave behind (no job setting helps: the batch reaching one
 /// fails), or while keys cascade and the job does not allow it. Returns the cascading keys, for
-/// the plan to list.
+/// the plan to list, and a warning per tree whose selected rows reference each other.
 pub fn judge(
     job: &str,
     target: &Target,
     found: Vec<Cascade>,
     allow_cascade: bool,
-) -> Result<Vec<Cascade>, JobError> {
+) -> Result<(Vec<Cascade>, Vec<String>), JobError> {
     let blocking: Vec<String> = found
         .iter()
         .filter(|c| c.blocks())
@@ -196,6 +246,19 @@ pub fn judge(
             ),
         ));
     }
+    let warnings = found
+        .iter()
+        .filter_map(|c| c.interlinked.filter(|n| *n > 0).map(|n| (c, n)))
+        .map(|(c, n)| {
+            format!(
+                "{n} rows the delete selects reference other rows it selects through {} (ON \
+                 DELETE {}): a batch deleting a referenced row before the rows referencing it \
+                 fails; keyset batches walk the key in ascending order, so delete the \
+                 referencing rows first (another job) or make the key ON DELETE CASCADE",
+                c.constraint, c.on_delete
+            )
+        })
+        .collect();
     let cascading: Vec<Cascade> = found
         .into_iter()
         .filter(Cascade::changes_children)
@@ -203,7 +266,7 @@ pub fn judge(
     if !cascading.is_empty() && !allow_cascade {
         return Err(refusal(job, target, &cascading));
     }
-    Ok(cascading)
+    Ok((cascading, warnings))
 }
 
 /// The plan's refusal of a delete that would cascade.

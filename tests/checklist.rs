@@ -277,8 +277,8 @@ async fn a_batch_that_fails_on_a_row_names_its_key_window(pool: PgPool) {
 
 /// A foreign key that forbids the delete (`RESTRICT`, `NO ACTION`) would fail the batch that
 /// reaches a referenced row, after earlier batches committed: the plan refuses while referencing
-/// rows exist (`allow_cascade` does not help), naming the key and the count; a tree's own key
-/// counts every referencing row but a self-reference. Once those rows are gone the delete runs.
+/// rows would stay (`allow_cascade` does not help), naming the key and the count, and warns
+/// when a tree's selected rows reference each other. Once those rows are gone the delete runs.
 #[sqlx::test]
 async fn a_delete_a_foreign_key_forbids_fails_in_its_plan_not_mid_run(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -320,15 +320,24 @@ async fn a_delete_a_foreign_key_forbids_fails_in_its_plan_not_mid_run(pool: PgPo
     }
     assert_eq!(purge.batches, 0, "refused in the plan, before any batch");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM parent").await, 1000);
-    // Node 2..5 reference themselves (not counted); 6, 7, 8 are selected and reference selected
-    // rows 1..3, 9 and 10 are not selected and reference 4 and 5: all five count.
+    // Nodes 2..5 reference themselves; 6, 7, 8 are selected and reference selected rows 1..3;
+    // 9 and 10 are not selected and reference 4 and 5: those two would stay, a sure failure.
     let prune = db.job("prune").await;
     assert_eq!(prune.state, "failed");
     let err = prune.last_error.unwrap_or_default();
     assert!(
-        err.contains("node_up_fkey on public.node (ON DELETE NO ACTION, 5 child rows)"),
+        err.contains("node_up_fkey on public.node (ON DELETE NO ACTION, 2 child rows)"),
         "{err}"
     );
+    // Without them the tree goes whole; that 6..8 reference rows it deletes too is a warning
+    // (it fails only when a referenced row's batch comes first), and in one batch it passes.
+    db.exec("DELETE FROM node WHERE id IN (9, 10)").await;
+    NewJob::new("prune_again", "node")
+        .predicate("gone")
+        .raw("action", "'delete'")
+        .raw("batch_size", "100")
+        .insert(&db)
+        .await;
     db.exec("DELETE FROM kept WHERE parent_id > 900").await;
     NewJob::new("purge_again", "parent")
         .predicate("kind = 'old'")
@@ -339,6 +348,16 @@ async fn a_delete_a_foreign_key_forbids_fails_in_its_plan_not_mid_run(pool: PgPo
     let again = db.job("purge_again").await;
     assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
     assert_eq!(again.rows_changed, 100);
+    let tree = db.job("prune_again").await;
+    assert_eq!(tree.state, "succeeded", "{:?}", tree.last_error);
+    assert_eq!(tree.rows_changed, 8);
+    let warnings = tree.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        warnings.contains(
+            "3 rows the delete selects reference other rows it selects through node_up_fkey"
+        ),
+        "{warnings}"
+    );
 }
 
 /// `now()` moves with every batch transaction; `backfill.job_started_at(name)` is one instant for

@@ -63,7 +63,9 @@ impl Attempt<'_> {
                 )
                 .await?
         };
-        let (explain, warnings) = self.explain(p, upper).await;
+        let (explain, mut warnings) = self.explain(p, upper).await;
+        let (cascades, tree_warnings) = self.cascades(p, upper).await?;
+        warnings.extend(tree_warnings);
         let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -74,7 +76,7 @@ impl Attempt<'_> {
             boundaries: counted.boundaries,
             matching_windows: counted.matching_windows,
             idempotency: self.idempotency(p, upper, cfg).await?,
-            cascades: self.cascades(p, upper).await?,
+            cascades,
             unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
             warnings,
             ..Default::default()
@@ -148,13 +150,21 @@ impl Attempt<'_> {
     /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
     /// it allows cascades (the archive cannot restore child rows), and always while rows of a
     /// table whose foreign key forbids the delete still reference rows it selects.
-    async fn cascades(&self, p: &Prepared, upper: &Key) -> Result<Vec<Cascade>, JobError> {
+    async fn cascades(
+        &self,
+        p: &Prepared,
+        upper: &Key,
+    ) -> Result<(Vec<Cascade>, Vec<String>), JobError> {
         if p.spec.action != Action::Delete {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
         let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
-        cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)
+        let judged = cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)?;
+        for w in &judged.1 {
+            tracing::warn!(warning = %w, "plan");
+        }
+        Ok(judged)
     }
 
     /// For updates from a data file: staged keys with no target row.
