@@ -230,18 +230,34 @@ impl Resolve<'_> {
     }
 }
 
-struct UniqueIndex {
-    columns: Vec<String>,
-    types: Vec<String>,
-    not_null: bool,
+/// A valid, non-partial, plain-column unique index.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct UniqueIndex {
+    pub columns: Vec<String>,
+    /// Each column's type name (`pg_type.typname`), as key columns are bound.
+    pub types: Vec<String>,
+    /// Each column's declared type with its modifier (`format_type`, e.g. `numeric(12,2)`), as
+    /// an INSERT casts a value assigned to it.
+    pub declared_types: Vec<String>,
+    /// Every column is NOT NULL.
+    pub not_null: bool,
+    /// `NULLS NOT DISTINCT` (PostgreSQL 15+): NULLs conflict too.
+    pub nulls_not_distinct: bool,
+    /// Not deferrable: checked by each statement, as `ON CONFLICT` needs.
+    pub immediate: bool,
 }
 
-/// Valid, non-partial, plain-column unique indexes; the primary key first, then the narrowest.
-async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
-    let rows: Vec<(Vec<String>, Vec<String>, bool)> = crate::sql::query_as(
-        "SELECT array_agg(a.attname::text ORDER BY k.ord),
-                array_agg(t.typname::text ORDER BY k.ord),
-                bool_and(a.attnotnull)
+/// Valid, non-partial, plain-column unique indexes of `oid`; the primary key first, then the
+/// narrowest.
+pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
+    crate::sql::query_as(
+        "SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
+                array_agg(t.typname::text ORDER BY k.ord) AS types,
+                array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS declared_types,
+                bool_and(a.attnotnull) AS not_null,
+                bool_or(coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false))
+                    AS nulls_not_distinct,
+                bool_and(i.indimmediate) AS immediate
          FROM pg_index i
          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -253,15 +269,7 @@ async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<U
     )
     .bind(sqlx::postgres::types::Oid(oid))
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(columns, types, not_null)| UniqueIndex {
-            columns,
-            types,
-            not_null,
-        })
-        .collect())
+    .await
 }
 
 async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Column>> {

@@ -17,7 +17,7 @@ use crate::archive::ArchiveTable;
 use crate::fragment::{Fragments, ServerCheck, insert_select};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
-use crate::target::Target;
+use crate::target::{Target, UniqueIndex};
 use sqlx::PgConnection;
 
 #[derive(Debug, Clone)]
@@ -61,37 +61,11 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
     )
 }
 
-/// A unique index of the insert's target that `ON CONFLICT DO NOTHING` checks: plain columns, not
-/// partial, not deferrable.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct UniqueKey {
-    pub columns: Vec<String>,
-    /// `format_type` of each column: assigned expressions are cast to it, as the INSERT would.
-    pub types: Vec<String>,
-    /// `NULLS NOT DISTINCT` (PostgreSQL 15+): NULLs conflict too.
-    pub nulls_not_distinct: bool,
-}
-
-const UNIQUE_KEYS: &str = "
-SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
-       array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS types,
-       bool_or(i.nnd) AS nulls_not_distinct
-FROM (SELECT x.indexrelid, x.indrelid, x.indkey, x.indnkeyatts,
-             coalesce((to_jsonb(x) ->> 'indnullsnotdistinct')::boolean, false) AS nnd
-      FROM pg_index x
-      WHERE x.indrelid = $1 AND x.indisunique AND x.indimmediate AND x.indisvalid
-        AND x.indpred IS NULL AND x.indexprs IS NULL) AS i
-CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-WHERE k.ord <= i.indnkeyatts
-GROUP BY i.indexrelid
-ORDER BY i.indexrelid";
-
-async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueKey>> {
-    crate::sql::query_as(UNIQUE_KEYS)
-        .bind(into.oid as i64)
-        .fetch_all(conn)
-        .await
+/// The unique indexes of the insert's target that `ON CONFLICT DO NOTHING` checks: not
+/// deferrable (plain columns and not partial, as every [`UniqueIndex`] is).
+async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueIndex>> {
+    let all = crate::target::unique_indexes(conn, into.oid).await?;
+    Ok(all.into_iter().filter(|k| k.immediate).collect())
 }
 
 /// An insert job's fragments, shape-checked and parsed by the server: `(written, counted)`, the
@@ -147,7 +121,7 @@ async fn pending(
 /// target's columns are renamed inside the subquery (`_bf_u0`, …) so that the assigned
 /// expressions' unqualified names keep meaning the source row's columns. Keys the set clause
 /// leaves to defaults (a serial id) are skipped: their values are new by construction.
-pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueKey]) -> String {
+pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueIndex]) -> String {
     let assigned = |column: &str| f.assignments.iter().find(|a| a.column == column);
     let absent: Vec<String> = keys
         .iter()
@@ -170,7 +144,7 @@ pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueKey]) -> St
             };
             let matches: Vec<String> = exprs
                 .iter()
-                .zip(&key.types)
+                .zip(&key.declared_types)
                 .enumerate()
                 .map(|(i, (a, ty))| format!("_bf_t._bf_u{i} {equal} CAST(({}) AS {ty})", a.expr))
                 .collect();
@@ -197,11 +171,14 @@ mod tests {
     use super::*;
     use crate::fragment::Assignment;
 
-    fn key(columns: &[&str], nulls_not_distinct: bool) -> UniqueKey {
-        UniqueKey {
+    fn key(columns: &[&str], nulls_not_distinct: bool) -> UniqueIndex {
+        UniqueIndex {
             columns: columns.iter().map(|c| c.to_string()).collect(),
-            types: columns.iter().map(|_| "bigint".to_string()).collect(),
+            types: columns.iter().map(|_| "int8".to_string()).collect(),
+            declared_types: columns.iter().map(|_| "bigint".to_string()).collect(),
+            not_null: !nulls_not_distinct,
             nulls_not_distinct,
+            immediate: true,
         }
     }
 
