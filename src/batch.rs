@@ -234,22 +234,10 @@ impl Batcher<'_> {
         } else {
             &self.window.first
         };
-        let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(crate::sql::query(sql), &bounds)
-            .bind(size)
-            .fetch_optional(conn)
+        self.keyset
+            .read_window(conn, sql, (cursor, self.upper), size)
             .await
-            .map_err(self.sql_err("reading the next window"))?;
-        let Some(row) = row else { return Ok(None) };
-        let scanned: i64 = row
-            .try_get(0)
-            .map_err(self.sql_err("reading the next window"))?;
-        if scanned == 0 {
-            return Ok(None);
-        }
-        let last = Key::from_row(&row, 1, self.keyset.width())
-            .map_err(self.sql_err("reading the next window"))?;
-        Ok(Some((scanned, last)))
+            .map_err(self.sql_err("reading the next window"))
     }
 
     /// Applies the change to the window; `None` when an optimistic statement saw a race (the

@@ -168,6 +168,30 @@ impl Keyset {
         self.summarise(&inner, &[])
     }
 
+    /// Runs a window query (`window_sql`, for `cursor` or the range's start) of at most `size`
+    /// keys up to `upper`: the keys in the window and its last key; `None` when the range is
+    /// exhausted.
+    pub async fn read_window<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
+        sql: &str,
+        (cursor, upper): (Option<&Key>, &Key),
+        size: i64,
+    ) -> sqlx::Result<Option<(i64, Key)>> {
+        use sqlx::Row;
+        let bounds: Vec<&Key> = cursor.into_iter().chain([upper]).collect();
+        let row = bind_keys(crate::sql::query(sql), &bounds)
+            .bind(size)
+            .fetch_optional(db)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let keys: i64 = row.try_get(0)?;
+        if keys == 0 {
+            return Ok(None);
+        }
+        Ok(Some((keys, Key::from_row(&row, 1, self.width())?)))
+    }
+
     /// Summarises a key-ordered, limited window query `inner` (selecting the key columns and
     /// whatever `extra` aggregates need) as one row: `count(*)`, the `extra` aggregates, then the
     /// last key as text. Single-column keys take `max()`: one pass, no sort. Composite keys take

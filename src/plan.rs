@@ -250,8 +250,35 @@ impl Counter<'_> {
         size: i64,
     ) -> Result<Option<(i64, i64, Key)>, JobError> {
         let which = usize::from(cursor.is_some());
+        let Some(matching_sql) = &sql.matching else {
+            return self.count_in_window(&sql.window[which], cursor, size).await;
+        };
+        let window = self
+            .keyset
+            .read_window(self.pool, &sql.window[which], (cursor, self.upper), size)
+            .await
+            .map_err(self.err("counting matching rows"))?;
+        let Some((in_window, last)) = window else {
+            return Ok(None);
+        };
+        let bounds: Vec<&Key> = cursor.into_iter().chain([&last]).collect();
+        let counted = bind_keys(crate::sql::query(&matching_sql[which]), &bounds)
+            .fetch_one(self.pool)
+            .await
+            .map_err(self.err("counting matching rows"))?;
+        let matching = counted.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+        Ok(Some((in_window, matching, last)))
+    }
+
+    /// A window counted in one pass (`count_sql`): its keys, its matching rows, its last key.
+    async fn count_in_window(
+        &self,
+        sql: &str,
+        cursor: Option<&Key>,
+        size: i64,
+    ) -> Result<Option<(i64, i64, Key)>, JobError> {
         let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(crate::sql::query(&sql.window[which]), &bounds)
+        let row = bind_keys(crate::sql::query(sql), &bounds)
             .bind(size)
             .fetch_optional(self.pool)
             .await
@@ -261,18 +288,8 @@ impl Counter<'_> {
         if in_window == 0 {
             return Ok(None);
         }
-        let Some(matching_sql) = &sql.matching else {
-            let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
-            let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
-            return Ok(Some((in_window, matching, last)));
-        };
-        let last = Key::from_row(&row, 1, self.keyset.width()).map_err(self.err("counting"))?;
-        let bounds: Vec<&Key> = cursor.into_iter().chain([&last]).collect();
-        let counted = bind_keys(crate::sql::query(&matching_sql[which]), &bounds)
-            .fetch_one(self.pool)
-            .await
-            .map_err(self.err("counting matching rows"))?;
-        let matching = counted.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+        let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
+        let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
         Ok(Some((in_window, matching, last)))
     }
 
@@ -504,16 +521,8 @@ pub async fn first_window(
     upper: &Key,
     size: i64,
 ) -> sqlx::Result<Option<(i64, Key)>> {
-    let row = bind_keys(crate::sql::query(&keyset.window_sql(false)), &[upper])
-        .bind(size)
-        .fetch_optional(pool)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let keys: i64 = row.try_get(0)?;
-    if keys == 0 {
-        return Ok(None);
-    }
-    Ok(Some((keys, Key::from_row(&row, 1, keyset.width())?)))
+    let sql = keyset.window_sql(false);
+    keyset.read_window(pool, &sql, (None, upper), size).await
 }
 
 /// `EXPLAIN (FORMAT JSON, VERBOSE)` of the first batch's write (never executed), the window
