@@ -9,8 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::{Error, JobError, Result, is_transient_sqlstate};
-use crate::fragment;
+use crate::error::{Error, Result, is_transient_sqlstate};
 use crate::job::{Action, JobRow, JobSpec, Requested, State};
 use crate::keyset::{Key, Keyset};
 use crate::plan::Counter;
@@ -150,7 +149,7 @@ async fn insert_job(
             own_schema: &names.schema,
             allowed_tables: &cfg.safety.allowed_tables,
         };
-        crate::validate::job(conn, &spec, scope).await?;
+        crate::validate::job(conn, &spec, scope, crate::validate::Parts::All).await?;
     }
     Ok(row)
 }
@@ -272,17 +271,15 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     let row = get(pool, names, name).await?;
     let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
     let mut conn = pool.acquire().await?;
-    // The table the job walks (an insert's source) and only the predicate: that is what counts.
-    let target = Resolve {
-        job: &spec.name,
-        table_name: spec.source_table.as_deref().unwrap_or(&spec.table_name),
-        key_columns: spec.key_columns.as_deref(),
+    // The table the job walks (an insert's source) and only the predicate: that is what counts
+    // (for an insert, narrowed to the source rows whose target row does not exist yet).
+    let scope = crate::validate::Scope {
         own_schema: &names.schema,
         allowed_tables: &cfg.safety.allowed_tables,
-    }
-    .run(&mut conn)
-    .await?;
-    let fragments = counted_fragments(&mut conn, names, cfg, &spec, &target).await?;
+    };
+    let crate::validate::Validated {
+        target, fragments, ..
+    } = crate::validate::job(&mut conn, &spec, scope, crate::validate::Parts::Predicate).await?;
     conn.finish().await?;
     let keyset = Keyset::new(&target);
     let upper = match row
@@ -306,46 +303,6 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     };
     let remaining = counter.count_matching().await?.unwrap_or_default();
     store_remaining(pool, names, name, remaining).await
-}
-
-/// What `verify` counts with: the predicate, checked by the server; for an insert, narrowed to
-/// the source rows whose target row does not exist yet (`change::checked_insert_fragments`).
-async fn counted_fragments(
-    conn: &mut sqlx::PgConnection,
-    names: &Names,
-    cfg: &Config,
-    spec: &JobSpec,
-    source: &crate::target::Target,
-) -> Result<fragment::Fragments> {
-    let invalid = |e: fragment::FragmentError| JobError::invalid(&spec.name, e.to_string());
-    let rejected = |check: fragment::ServerCheck| -> Error {
-        match check {
-            fragment::ServerCheck::Rejected(e) => invalid(e).into(),
-            fragment::ServerCheck::Transient(e) => e.into(),
-        }
-    };
-    if spec.action != Action::Insert {
-        let fragments = fragment::validate(&spec.predicate, None, source).map_err(invalid)?;
-        fragment::validate_on_server(conn, source, &fragments)
-            .await
-            .map_err(rejected)?;
-        return Ok(fragments);
-    }
-    let into = Resolve {
-        job: &spec.name,
-        table_name: &spec.table_name,
-        key_columns: None,
-        own_schema: &names.schema,
-        allowed_tables: &cfg.safety.allowed_tables,
-    }
-    .run(conn)
-    .await?;
-    let set = spec.set_clause.as_deref().unwrap_or_default();
-    let (_, counted) =
-        crate::change::checked_insert_fragments(conn, &spec.predicate, set, source, &into)
-            .await
-            .map_err(rejected)?;
-    Ok(counted)
 }
 
 async fn store_remaining(pool: &Db, names: &Names, name: &str, remaining: i64) -> Result<i64> {

@@ -51,12 +51,24 @@ impl Scope<'_> {
     }
 }
 
+/// Which of an update's or delete's fragments to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    /// The predicate and the set clause: what the batches run.
+    All,
+    /// The predicate only: what counting the rows still to change needs (`verify`), which
+    /// keeps working after a later migration drops a column the set clause read. An insert's
+    /// set clause is always checked: its pending rows are derived from it.
+    Predicate,
+}
+
 /// Resolves the job's tables and has the server plan its fragments (never run them). Not for
-/// reverts.
+/// running reverts: their table and archive are checked at claim.
 pub async fn job(
     conn: &mut PgConnection,
     spec: &JobSpec,
     scope: Scope<'_>,
+    parts: Parts,
 ) -> Result<Validated, JobError> {
     if spec.action == Action::Insert {
         return insert(conn, spec, scope).await;
@@ -68,8 +80,11 @@ pub async fn job(
     let invalid = |e: fragment::FragmentError| {
         JobError::invalid(&spec.name, format!("on {}: {e}", target.display()))
     };
-    let fragments = fragment::validate(&spec.predicate, spec.set_clause.as_deref(), &target)
-        .map_err(invalid)?;
+    let set = match parts {
+        Parts::All => spec.set_clause.as_deref(),
+        Parts::Predicate => None,
+    };
+    let fragments = fragment::validate(&spec.predicate, set, &target).map_err(invalid)?;
     match fragment::validate_on_server(conn, &target, &fragments).await {
         Ok(()) => {}
         Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),

@@ -32,7 +32,11 @@ impl Attempt<'_> {
             };
             (validated, Some(archive))
         } else {
-            (crate::validate::job(&mut conn, &spec, scope).await?, None)
+            let parts = crate::validate::Parts::All;
+            (
+                crate::validate::job(&mut conn, &spec, scope, parts).await?,
+                None,
+            )
         };
         let keyset = match &source_archive {
             Some(a) => Keyset::new(&archive_as_target(a, &validated.target)),
