@@ -60,6 +60,12 @@ impl Cascade {
         )
     }
 
+    /// A key the target holds on itself that forbids the delete: rows the delete selects may
+    /// reference each other (see `Linking`).
+    fn is_tree(&self) -> bool {
+        self.self_referencing && !self.changes_children()
+    }
+
     /// A key that forbids the delete while the count found referencing rows it leaves behind.
     fn blocks(&self) -> bool {
         !self.changes_children() && self.child_rows.is_some_and(|n| n > 0)
@@ -110,10 +116,10 @@ pub async fn find(
         })?;
     let mut cascades: Vec<Cascade> = rows.into_iter().map(cascade).collect();
     for c in &mut cascades {
-        let sql = |linking| count_sql(c, target, keyset, predicate, linking);
-        let (children, interlinked) = (sql(Linking::Children), sql(Linking::Interlinked));
+        let children = count_sql(c, target, keyset, predicate, Linking::Children);
         c.child_rows = count(pool, c, &children, upper).await;
-        if c.self_referencing && !c.changes_children() {
+        if c.is_tree() {
+            let interlinked = count_sql(c, target, keyset, predicate, Linking::Interlinked);
             c.interlinked = count(pool, c, &interlinked, upper).await;
         }
     }
@@ -182,7 +188,6 @@ fn count_sql(
         })
         .collect();
     let (range, _) = keyset.range(Some("_bf_t"), false);
-    let tree = c.self_referencing && !c.changes_children();
     let selected = || {
         let (own, _) = keyset.range(Some("_bf_s"), false);
         let same: Vec<String> = target
@@ -197,7 +202,7 @@ fn count_sql(
         )
     };
     // `inner` narrows the referenced row (inside its subquery), `outer` the referencing one.
-    let (inner, outer) = match (tree, linking) {
+    let (inner, outer) = match (c.is_tree(), linking) {
         (false, _) => (String::new(), String::new()),
         (true, Linking::Children) => (String::new(), format!(" AND NOT {}", selected())),
         (true, Linking::Interlinked) => (

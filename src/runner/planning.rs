@@ -66,6 +66,9 @@ impl Attempt<'_> {
         let (explain, mut warnings) = self.explain(p, upper).await;
         let (cascades, tree_warnings) = self.cascades(p, upper).await?;
         warnings.extend(tree_warnings);
+        for w in &warnings {
+            tracing::warn!(warning = %w, "plan");
+        }
         let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -112,9 +115,6 @@ impl Attempt<'_> {
             }
             _ => Vec::new(),
         };
-        for w in &warnings {
-            tracing::warn!(warning = %w, "plan");
-        }
         (explain, warnings)
     }
 
@@ -160,11 +160,7 @@ impl Attempt<'_> {
         }
         let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
         let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
-        let judged = cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)?;
-        for w in &judged.1 {
-            tracing::warn!(warning = %w, "plan");
-        }
-        Ok(judged)
+        cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)
     }
 
     /// For updates from a data file: staged keys with no target row.
