@@ -63,12 +63,7 @@ impl Attempt<'_> {
                 )
                 .await?
         };
-        let (explain, mut warnings) = self.explain(p, upper).await;
-        let (cascades, tree_warnings) = self.cascades(p, upper).await?;
-        warnings.extend(tree_warnings);
-        for w in &warnings {
-            tracing::warn!(warning = %w, "plan");
-        }
+        let (explain, cascades, warnings) = self.explain_and_keys(p, upper).await?;
         let mut plan = Plan {
             rows_matching: matching,
             rows_in_range: in_range,
@@ -94,6 +89,22 @@ impl Attempt<'_> {
             plan::estimate(&p.spec.throttle, walk, matching);
         self.store_plan(&plan).await?;
         Ok(Some(plan))
+    }
+
+    /// The EXPLAIN, a delete's cascading foreign keys, and the plan's warnings, logged: other
+    /// tables each batch would read in full, a tree whose selected rows reference each other.
+    async fn explain_and_keys(
+        &self,
+        p: &Prepared,
+        upper: &Key,
+    ) -> Result<(serde_json::Value, Vec<Cascade>, Vec<String>), JobError> {
+        let (explain, mut warnings) = self.explain(p, upper).await;
+        let (cascades, tree_warnings) = self.cascades(p, upper).await?;
+        warnings.extend(tree_warnings);
+        for w in &warnings {
+            tracing::warn!(warning = %w, "plan");
+        }
+        Ok((explain, cascades, warnings))
     }
 
     /// The EXPLAIN of the first batch-sized window's write, and the other tables it would read
