@@ -245,7 +245,7 @@ impl Default for BatchConfig {
             max_size: 50_000,
             target_batch_ms: 20,
             max_batch_ms: 40,
-            sleep_ms: 20,
+            sleep_ms: 25,
             max_rows_per_second: 0,
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
@@ -276,7 +276,7 @@ impl Default for BloatConfig {
     fn default() -> Self {
         Self {
             guard: true,
-            vacuum_every_fraction: 0.02,
+            vacuum_every_fraction: 0.03,
             vacuum_min_rows: 10_000,
             index_cleanup_every: 5,
             vacuum_timeout: Duration::from_secs(600),
