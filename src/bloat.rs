@@ -331,7 +331,10 @@ mod tests {
 
     #[test]
     fn interval_is_a_share_of_the_table_with_a_floor() {
-        let cfg = BloatConfig::default();
+        let cfg = BloatConfig {
+            vacuum_every_fraction: 0.02,
+            ..BloatConfig::default()
+        };
         assert_eq!(interval(&cfg, 5_000_000), 100_000);
         assert_eq!(interval(&cfg, 100_000), cfg.vacuum_min_rows);
     }
