@@ -212,7 +212,10 @@ pub async fn approve(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     .map_err(Error::from)
 }
 
-/// Enqueues a job that restores `name`'s before-images. Returns the revert job.
+/// Enqueues a job that restores `name`'s before-images. Returns the revert job. Refused while
+/// another revert of the job is queued, running, paused or has succeeded (a second one would only
+/// skip every row); after a failed or cancelled revert a new one restores what that one left. The
+/// job's row is locked meanwhile, so two concurrent `revert` commands cannot both enqueue.
 pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     let refuse = |reason: String| Error::Refused {
@@ -230,23 +233,27 @@ pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
             "it has no archive (archive was off, it never ran, or the archive expired)".into(),
         ));
     }
-    let taken: Vec<String> = crate::sql::query_scalar(
-        &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
+    let mut tx = pool.begin().await?;
+    crate::sql::query(&names.render("SELECT 1 FROM {jobs} WHERE name = $1 FOR UPDATE"))
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let earlier: Vec<(String, State)> = crate::sql::query_as(
+        &names.render("SELECT name, state FROM {jobs} WHERE reverts = $1 ORDER BY id"),
     )
     .bind(name)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
-    let revert_name = (1..)
-        .map(|n| {
-            if n == 1 {
-                format!("{name}__revert")
-            } else {
-                format!("{name}__revert{n}")
-            }
-        })
-        .find(|candidate| !taken.contains(candidate))
-        .unwrap_or_default();
-    crate::sql::query_as(&names.render(
+    if let Some((other, state)) = earlier
+        .iter()
+        .find(|(_, s)| !matches!(s, State::Failed | State::Cancelled))
+    {
+        return Err(refuse(match state {
+            State::Succeeded => format!("{other} already reverted it"),
+            _ => format!("{other} is reverting it ({state})"),
+        }));
+    }
+    let row = crate::sql::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
                              parallelism, max_batch_ms, preset)
@@ -259,10 +266,28 @@ pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
          RETURNING *",
     ))
     .bind(name)
-    .bind(&revert_name)
-    .fetch_one(pool)
-    .await
-    .map_err(Error::from)
+    .bind(revert_name(pool, names, name).await?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// `<job>__revert`, or `<job>__revert2`, `3`, … when earlier reverts took the name.
+async fn revert_name(pool: &Db, names: &Names, name: &str) -> Result<String> {
+    let taken: Vec<String> = crate::sql::query_scalar(
+        &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await?;
+    Ok((1..)
+        .map(|n| match n {
+            1 => format!("{name}__revert"),
+            n => format!("{name}__revert{n}"),
+        })
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or_default())
 }
 
 /// Counts rows up to the job's upper bound that still match its predicate (keyset windows, at

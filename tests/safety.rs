@@ -215,6 +215,51 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
     );
 }
 
+/// A second `revert` while one is queued (or after one succeeded) is refused, naming it; after a
+/// cancelled revert a new one runs and restores what is left.
+#[sqlx::test]
+async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 1000).await;
+    NewJob::new("once", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = |e: backfilld::error::Error| e.to_string();
+    let first = backfilld::ops::revert(&db.lib, &db.names, "once")
+        .await
+        .unwrap();
+    assert_eq!(first.name, "once__revert");
+    let again = backfilld::ops::revert(&db.lib, &db.names, "once")
+        .await
+        .map_err(refused)
+        .unwrap_err();
+    assert_eq!(again, "job once: once__revert is reverting it (pending)");
+    db.exec("UPDATE backfill.jobs SET state = 'cancelled' WHERE name = 'once__revert'")
+        .await;
+    let second = backfilld::ops::revert(&db.lib, &db.names, "once")
+        .await
+        .unwrap();
+    assert_eq!(second.name, "once__revert2");
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("once__revert2").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 750);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+            .await,
+        0
+    );
+    let third = backfilld::ops::revert(&db.lib, &db.names, "once")
+        .await
+        .map_err(refused)
+        .unwrap_err();
+    assert_eq!(third, "job once: once__revert2 already reverted it");
+}
+
 #[sqlx::test]
 async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     let db = Db::new(pool).await;
