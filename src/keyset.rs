@@ -175,20 +175,12 @@ impl Keyset {
         &self,
         db: impl sqlx::PgExecutor<'e>,
         sql: &str,
-        (cursor, upper): (Option<&Key>, &Key),
+        bounds: (Option<&Key>, &Key),
         size: i64,
     ) -> sqlx::Result<Option<(i64, Key)>> {
-        use sqlx::Row;
-        let bounds: Vec<&Key> = cursor.into_iter().chain([upper]).collect();
-        let row = bind_keys(crate::sql::query(sql), &bounds)
-            .bind(size)
-            .fetch_optional(db)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let keys: i64 = row.try_get(0)?;
-        if keys == 0 {
+        let Some((keys, row)) = fetch_window(db, sql, bounds, size).await? else {
             return Ok(None);
-        }
+        };
         Ok(Some((keys, Key::from_row(&row, 1, self.width())?)))
     }
 
@@ -218,6 +210,25 @@ impl Keyset {
             desc = self.order(None, true),
         )
     }
+}
+
+/// Runs a summarised window query (see [`Keyset::summarise`]) whose first column counts the
+/// window's keys: that count and the row; `None` when the window is empty.
+pub async fn fetch_window<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: &str,
+    (cursor, upper): (Option<&Key>, &Key),
+    size: i64,
+) -> sqlx::Result<Option<(i64, sqlx::postgres::PgRow)>> {
+    use sqlx::Row;
+    let bounds: Vec<&Key> = cursor.into_iter().chain([upper]).collect();
+    let row = bind_keys(crate::sql::query(sql), &bounds)
+        .bind(size)
+        .fetch_optional(db)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let keys: i64 = row.try_get(0)?;
+    Ok((keys > 0).then_some((keys, row)))
 }
 
 /// Binds key values in order (e.g. cursor, then upper bound) as text parameters.

@@ -277,17 +277,12 @@ impl Counter<'_> {
         cursor: Option<&Key>,
         size: i64,
     ) -> Result<Option<(i64, i64, Key)>, JobError> {
-        let bounds: Vec<&Key> = cursor.into_iter().chain([self.upper]).collect();
-        let row = bind_keys(crate::sql::query(sql), &bounds)
-            .bind(size)
-            .fetch_optional(self.pool)
+        let window = crate::keyset::fetch_window(self.pool, sql, (cursor, self.upper), size)
             .await
             .map_err(self.err("counting matching rows"))?;
-        let Some(row) = row else { return Ok(None) };
-        let in_window = row.try_get::<i64, _>(0).map_err(self.err("counting"))?;
-        if in_window == 0 {
+        let Some((in_window, row)) = window else {
             return Ok(None);
-        }
+        };
         let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
         let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
         Ok(Some((in_window, matching, last)))
