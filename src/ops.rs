@@ -266,7 +266,7 @@ pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
          RETURNING *",
     ))
     .bind(name)
-    .bind(revert_name(pool, names, name).await?)
+    .bind(revert_name(&mut tx, names, name).await?)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -274,12 +274,12 @@ pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
 }
 
 /// `<job>__revert`, or `<job>__revert2`, `3`, … when earlier reverts took the name.
-async fn revert_name(pool: &Db, names: &Names, name: &str) -> Result<String> {
+async fn revert_name(conn: &mut sqlx::PgConnection, names: &Names, name: &str) -> Result<String> {
     let taken: Vec<String> = crate::sql::query_scalar(
         &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
     )
     .bind(name)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok((1..)
         .map(|n| match n {
