@@ -179,8 +179,7 @@ impl BloatGuard {
                 .changed_any
     }
 
-    /// VACUUMs the target, heap-only between batches or in `full` (indexes too) at the end;
-    /// returns how long it took. The caller held its batches meanwhile. When `wake` fires
+    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. The caller held its batches meanwhile. When `wake` fires
     /// (shutdown, pause, cancel) the running VACUUM is cancelled server-side, so a stop never
     /// waits for it.
     pub async fn vacuum(
@@ -188,14 +187,14 @@ impl BloatGuard {
         pool: &Db,
         job: &str,
         target: &Target,
-        full: bool,
+        pass: Pass,
         wake: &CancellationToken,
     ) -> Result<Duration, JobError> {
         let started = Instant::now();
-        let index_cleanup = if full {
-            IndexCleanup::Auto
-        } else {
-            self.next_cleanup()
+        let index_cleanup = match pass {
+            Pass::Between => self.next_cleanup(),
+            Pass::Final => IndexCleanup::Auto,
+            Pass::HeapOnly => IndexCleanup::Off,
         };
         let run = Run {
             pool,
@@ -224,6 +223,17 @@ impl BloatGuard {
         }
         result
     }
+}
+
+/// Which VACUUM the guard runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Between batches: heap-only, the indexes every `index_cleanup_every`-th run.
+    Between,
+    /// After the last batch: indexes too, unless PostgreSQL finds nothing worth it.
+    Final,
+    /// Heap-only, once: frees the dead versions' space for the next writes (before a revert).
+    HeapOnly,
 }
 
 /// `INDEX_CLEANUP` of a guard VACUUM: `Off` between batches, `On` every few runs there, `Auto`

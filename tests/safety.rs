@@ -260,6 +260,48 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
     assert_eq!(third, "job once: once__revert2 already reverted it");
 }
 
+/// A fast-lane job leaves a dead version of every row it changed (no bloat guard); the revert
+/// VACUUMs them away before restoring, so the restored versions take their space instead of
+/// growing the heap again.
+#[sqlx::test]
+async fn a_revert_restores_into_the_space_the_reverted_job_left(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL, v bigint)
+             WITH (autovacuum_enabled = false);
+         INSERT INTO wide (id, payload) SELECT g, repeat('x', 60) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    db.exec("VACUUM ANALYZE wide").await;
+    NewJob::new("fill", "wide")
+        .predicate("v IS NULL")
+        .set("v = id")
+        .text("preset", "fast")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let size = "SELECT pg_table_size('wide')";
+    let after_job = db.scalar_i64(size).await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 20000);
+    let after_revert = db.scalar_i64(size).await;
+    assert!(
+        after_revert <= after_job * 21 / 20,
+        "the restored versions reused the reverted job's dead space: heap {after_job} -> {after_revert} bytes"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM wide WHERE v IS NOT NULL")
+            .await,
+        0
+    );
+}
+
 #[sqlx::test]
 async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     let db = Db::new(pool).await;

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::archive::{ArchiveKind, ArchiveTable};
 use crate::batch::{Batcher, Committed, TxSettings, WindowSql};
-use crate::bloat::{BloatGuard, Standing};
+use crate::bloat::{BloatGuard, Pass, Standing};
 use crate::change::{Change, Delete, Insert, Revert, Update};
 use crate::claim::{self, Control, Lease, Release, RowUpdate};
 use crate::config::Config;

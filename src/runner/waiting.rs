@@ -82,13 +82,13 @@ impl Attempt<'_> {
         &self,
         p: &Prepared,
         guard: &BloatGuard,
-        full: bool,
+        pass: Pass,
         wake: &CancellationToken,
     ) {
         let job = [self.row.name.as_str()];
-        tracing::debug!(full, "bloat guard: vacuuming the target");
+        tracing::debug!(?pass, "bloat guard: vacuuming the target");
         match guard
-            .vacuum(&self.ctx.pool, &self.row.name, &p.target, full, wake)
+            .vacuum(&self.ctx.pool, &self.row.name, &p.target, pass, wake)
             .await
         {
             Ok(took) => {
@@ -96,7 +96,7 @@ impl Attempt<'_> {
                 self.hold_time(Reason::Vacuum, took);
                 tracing::debug!(
                     ms = took.as_millis() as u64,
-                    full,
+                    ?pass,
                     "bloat guard: vacuumed the target"
                 );
             }
