@@ -179,9 +179,9 @@ impl BloatGuard {
                 .changed_any
     }
 
-    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. The caller held its batches meanwhile. When `wake` fires
-    /// (shutdown, pause, cancel) the running VACUUM is cancelled server-side, so a stop never
-    /// waits for it.
+    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. The caller holds
+    /// its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the running VACUUM is
+    /// cancelled server-side, so a stop never waits for it.
     pub async fn vacuum(
         &self,
         pool: &Db,
