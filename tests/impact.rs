@@ -113,18 +113,15 @@ async fn a_session_waiting_on_a_batch_makes_the_next_batches_smaller_and_later(p
 #[sqlx::test]
 async fn waits_of_backfilld_own_sessions_are_not_counted_as_blocked_traffic(pool: PgPool) {
     let db = Db::new(pool).await;
-    let Waited { body, done } = backfill_while_waited_on(&db, "backfilld").await;
+    // Batches halve only for counted blockers, so the counters say it all; the final batch size
+    // also follows how long each 200-key batch took against its 400 ms target (machine speed).
+    let Waited { body, .. } = backfill_while_waited_on(&db, "backfilld").await;
     assert_eq!(
         metric(&body, BLOCKED),
         Some(0.0),
         "no session counted as blocked\n{body}"
     );
     assert_eq!(metric(&body, HELD), Some(0.0), "no blocking pause\n{body}");
-    assert_eq!(
-        done.batch_size_current,
-        Some(200),
-        "no batch halved for blocking"
-    );
 }
 
 /// A table of `rows` narrow rows, settled (vacuumed, all-visible), with autovacuum off so only
