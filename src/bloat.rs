@@ -179,8 +179,8 @@ impl BloatGuard {
                 .changed_any
     }
 
-    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. The caller holds
-    /// its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the running VACUUM is
+    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. Between batches
+    /// the caller holds its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the running VACUUM is
     /// cancelled server-side, so a stop never waits for it.
     pub async fn vacuum(
         &self,
