@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use crate::db::Db;
 
@@ -189,14 +189,7 @@ impl Batcher<'_> {
         locked: bool,
     ) -> Result<Option<Attempted>, JobError> {
         let started = Instant::now();
-        let begin = self
-            .settings
-            .begin_statement(self.change.wants_nested_loop() && !locked);
-        let mut tx = self
-            .pool
-            .begin_with(begin)
-            .await
-            .map_err(self.sql_err("begin"))?;
+        let mut tx = self.begin(locked).await?;
         let Some((scanned, hi)) = self.window(&mut tx, cursor, size).await? else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(None);
@@ -223,6 +216,34 @@ impl Batcher<'_> {
             control,
             impact,
         })))
+    }
+
+    /// Opens a batch transaction with the batch settings (`locked`: for the locking statement).
+    pub async fn begin(&self, locked: bool) -> Result<Transaction<'static, Postgres>, JobError> {
+        let begin = self
+            .settings
+            .begin_statement(self.change.wants_nested_loop() && !locked);
+        self.pool
+            .begin_with(begin)
+            .await
+            .map_err(self.sql_err("begin"))
+    }
+
+    /// The plan's trial of one batch in `tx` (from `begin`), which the caller rolls back: reads
+    /// the window of at most `size` keys after `cursor` and applies the change to it, writing no
+    /// checkpoint. Returns the window's keys and the rows changed (0 when the optimistic
+    /// statement saw a race); `None` when no key follows `cursor`.
+    pub async fn trial(
+        &self,
+        tx: &mut PgConnection,
+        cursor: Option<&Key>,
+        size: i64,
+    ) -> Result<Option<(i64, i64)>, JobError> {
+        let Some((scanned, hi)) = self.window(tx, cursor, size).await? else {
+            return Ok(None);
+        };
+        let changed = self.apply_change(tx, cursor, &hi, false).await?;
+        Ok(Some((scanned, changed.unwrap_or(0))))
     }
 
     /// The number of keys in the next window and its last key.

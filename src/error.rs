@@ -106,6 +106,14 @@ impl JobError {
         self
     }
 
+    /// Renames the step a statement failed in (a plan's trial runs a batch's statements).
+    pub fn in_step(mut self, new: &'static str) -> Self {
+        if let Self::Sql { step, .. } | Self::Connection { step, .. } = &mut self {
+            *step = new;
+        }
+        self
+    }
+
     pub fn invalid(job: &str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             job: job.into(),

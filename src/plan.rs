@@ -1,7 +1,7 @@
 //! Dry-run plans and verification. Both walk the key range up to the frozen upper bound in
 //! keyset windows (never one statement over the whole table), counting the rows the predicate
 //! selects. A plan adds sample rows with before/after values, the EXPLAIN of one batch's write,
-//! and a duration estimate at the job's throttle.
+//! and a duration estimate at the job's throttle from a timed trial of that write.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct Plan {
     pub explain: Value,
     pub estimated_seconds: f64,
     pub estimate_basis: String,
+    /// The timed, rolled-back write of the first window the estimate scales (`None`: not run).
+    pub trial: Option<Trial>,
     pub count_seconds: f64,
     /// `[keys up to here, last key]` per counting window: where parallel slices are cut.
     pub boundaries: Vec<(i64, Value)>,
@@ -534,20 +536,79 @@ pub async fn explain(pool: &Db, change: &Change, first_hi: &Key) -> Value {
     }
 }
 
-/// Time to finish at the job's throttle: the controller grows batches toward `max_size` while
-/// they stay under `target_batch_ms`, so this counts batches of `max_size` keys, each taking the
-/// target duration plus the pause (an upper estimate when batches are fast); or the
-/// rows-per-second cap when that is slower.
-pub fn estimate(t: &Throttle, rows_in_range: i64, rows_matching: i64) -> (f64, String) {
-    let batches = (rows_in_range as f64 / t.max_size as f64).ceil();
-    let per_batch = (t.target_batch_ms + t.sleep_ms) as f64 / 1000.0;
-    let by_batches = batches * per_batch;
-    let basis = format!(
-        "{batches} batches of up to {} keys at target_batch_ms={} plus sleep_ms={}",
-        t.max_size, t.target_batch_ms, t.sleep_ms
-    );
+/// The plan's timed write of one batch-sized window, rolled back (`runner::planning`): this
+/// server's speed for this change, which the estimate scales to the whole walk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Trial {
+    /// Keys in the window the trial wrote.
+    pub keys: i64,
+    /// Rows the change touched in it.
+    pub changed: i64,
+    pub seconds: f64,
+    /// The write reached the batch ceiling (`max_batch_ms`) and was cancelled: `seconds` is a
+    /// lower bound, and so is the estimate.
+    pub timed_out: bool,
+}
+
+/// Time to finish at the job's throttle, `slices` walking at once. With a trial: the controller
+/// sizes batches so each takes `target_batch_ms` (within `min_size`..`max_size`), so the walk
+/// costs its keys at the trial's speed plus one pause per batch. Without one: batches of
+/// `max_size` keys of `target_batch_ms` each, a lower bound. The rows-per-second cap when that
+/// is slower. Neither counts health holds or the bloat guard's VACUUMs.
+pub fn estimate(
+    t: &Throttle,
+    walk: i64,
+    matching: i64,
+    trial: Option<&Trial>,
+    slices: usize,
+) -> (f64, String) {
+    let slices = slices.max(1) as f64;
+    let sleep = t.sleep_ms as f64 / 1000.0;
+    let (by_batches, basis) = match trial.filter(|tr| tr.keys > 0 && tr.seconds > 0.0) {
+        Some(tr) => {
+            let per_key = tr.seconds / tr.keys as f64;
+            let target = t.target_batch_ms as f64 / 1000.0;
+            let size = (target / per_key)
+                .clamp(t.min_size as f64, t.max_size as f64)
+                .round();
+            let batches = (walk as f64 / size).ceil();
+            let basis = format!(
+                "{}a trial write of the first {} keys ({} rows changed{}) took {:.1} ms, rolled \
+                 back: about {batches} batches of {size} keys at target_batch_ms={}, plus \
+                 sleep_ms={} each",
+                if tr.timed_out { "at least: " } else { "" },
+                tr.keys,
+                tr.changed,
+                if tr.timed_out {
+                    ", cancelled at max_batch_ms"
+                } else {
+                    ""
+                },
+                tr.seconds * 1000.0,
+                t.target_batch_ms,
+                t.sleep_ms,
+            );
+            ((walk as f64 * per_key + batches * sleep) / slices, basis)
+        }
+        None => {
+            let batches = (walk as f64 / t.max_size as f64).ceil();
+            let per_batch = t.target_batch_ms as f64 / 1000.0 + sleep;
+            let basis = format!(
+                "at least: no trial write; {batches} batches of up to {} keys at \
+                 target_batch_ms={} plus sleep_ms={}",
+                t.max_size, t.target_batch_ms, t.sleep_ms
+            );
+            (batches * per_batch / slices, basis)
+        }
+    };
+    let basis = if slices > 1.0 {
+        format!("{basis}, in {slices} slices at once")
+    } else {
+        basis
+    };
     if t.max_rows_per_second > 0 {
-        let by_rate = rows_matching as f64 / t.max_rows_per_second as f64;
+        let by_rate = matching as f64 / t.max_rows_per_second as f64;
         if by_rate > by_batches {
             return (
                 by_rate,
@@ -562,9 +623,8 @@ pub fn estimate(t: &Throttle, rows_in_range: i64, rows_matching: i64) -> (f64, S
 mod tests {
     use super::*;
 
-    #[test]
-    fn estimate_takes_the_slower_of_batches_and_rate() {
-        let t = Throttle {
+    fn throttle() -> Throttle {
+        Throttle {
             initial_size: 1000,
             min_size: 100,
             max_size: 10_000,
@@ -573,12 +633,49 @@ mod tests {
             sleep_ms: 100,
             max_rows_per_second: 0,
             preset: crate::job::Preset::Gentle,
-        };
-        assert_eq!(estimate(&t, 100_000, 100_000).0, 5.0);
+        }
+    }
+
+    #[test]
+    fn estimate_takes_the_slower_of_batches_and_rate() {
+        let t = throttle();
+        assert_eq!(estimate(&t, 100_000, 100_000, None, 1).0, 5.0);
         let capped = Throttle {
             max_rows_per_second: 100,
             ..t
         };
-        assert_eq!(estimate(&capped, 100_000, 10_000).0, 100.0);
+        assert_eq!(estimate(&capped, 100_000, 10_000, None, 1).0, 100.0);
+    }
+
+    #[test]
+    fn a_trial_sizes_batches_to_the_target_and_adds_a_pause_per_batch() {
+        let t = throttle();
+        // 1000 keys in 0.1 s: 0.1 ms per key, so 4000-key batches of 400 ms; 100k keys are 10 s
+        // of writing and 25 pauses of 100 ms.
+        let trial = Trial {
+            keys: 1000,
+            changed: 1000,
+            seconds: 0.1,
+            timed_out: false,
+        };
+        let (secs, basis) = estimate(&t, 100_000, 100_000, Some(&trial), 1);
+        assert!((secs - 12.5).abs() < 1e-9, "{secs}");
+        assert!(basis.contains("25 batches of 4000 keys"), "{basis}");
+        // Two slices share the walk.
+        assert!((estimate(&t, 100_000, 100_000, Some(&trial), 2).0 - 6.25).abs() < 1e-9);
+        // Fast writes: batches stop at max_size (10 pauses); slow ones at min_size (1000 pauses).
+        let fast = Trial {
+            seconds: 0.001,
+            ..trial.clone()
+        };
+        assert!((estimate(&t, 100_000, 100_000, Some(&fast), 1).0 - 1.1).abs() < 1e-9);
+        let slow = Trial {
+            seconds: 10.0,
+            timed_out: true,
+            ..trial
+        };
+        let (secs, basis) = estimate(&t, 100_000, 100_000, Some(&slow), 1);
+        assert!((secs - 1100.0).abs() < 1e-9, "{secs}");
+        assert!(basis.starts_with("at least"), "{basis}");
     }
 }

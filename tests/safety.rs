@@ -69,6 +69,77 @@ async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_m
 }
 
 #[sqlx::test]
+async fn the_estimate_scales_a_rolled_back_trial_of_the_first_window(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    // Every row written costs at least 2 ms, and leaves a row in `calls` that only a commit keeps.
+    db.exec(
+        "CREATE TABLE calls (id bigint);
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.002); INSERT INTO calls VALUES (NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .await;
+    let before = db.checksum("orders", "id", "false").await;
+    NewJob::new("trial", "orders")
+        .raw("mode", "DEFAULT")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("batch_size", "20")
+        .raw("target_batch_ms", "200")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    // The same change where the first window cannot finish within the batch ceiling (40 ms);
+    // planned after the first, whose trial would hold the same rows.
+    NewJob::new("trial_slow", "orders")
+        .raw("mode", "DEFAULT")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("batch_size", "100")
+        .raw("target_batch_ms", "20")
+        .raw("max_batch_ms", "40")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+
+    let planned = db.job("trial").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    let plan = planned.plan.expect("plan");
+    // Keys 1..20, of which 15 have no status (every 4th is paid).
+    assert_eq!(plan["trial"]["keys"], 20, "{}", plan["trial"]);
+    assert_eq!(plan["trial"]["changed"], 15);
+    assert_eq!(plan["trial"]["timed_out"], false);
+    // 1,500 rows to change at over 2 ms each: over 3 s. Batches of max_size keys at the target
+    // (the estimate without a trial) would say 0.2 s.
+    let secs = plan["estimated_seconds"].as_f64().unwrap();
+    let basis = plan["estimate_basis"].as_str().unwrap();
+    assert!((3.0..120.0).contains(&secs), "{secs} s: {basis}");
+    assert!(
+        basis.contains("trial write of the first 20 keys"),
+        "{basis}"
+    );
+
+    let slow = db.job("trial_slow").await;
+    assert_eq!(slow.state, "planned", "{:?}", slow.last_error);
+    let plan = slow.plan.expect("plan");
+    assert_eq!(plan["trial"]["timed_out"], true, "{}", plan["trial"]);
+    let basis = plan["estimate_basis"].as_str().unwrap();
+    assert!(basis.starts_with("at least"), "{basis}");
+
+    // Nothing changed and nothing was left behind: rows, the trigger's writes, archive tables.
+    assert_eq!(db.checksum("orders", "id", "false").await, before);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM calls").await, 0);
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'backfill' AND tablename LIKE 'trial%'"
+        )
+        .await,
+        0
+    );
+}
+
+#[sqlx::test]
 async fn a_plan_over_the_ceiling_fails_before_any_change(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
@@ -907,15 +978,21 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
          INSERT INTO acct SELECT g FROM generate_series(1, 1000) g;",
     )
     .await;
-    // The application holds row 50 mid-update while the first batch runs.
-    let app = db.hold("UPDATE acct SET n = n + 100 WHERE id = 50").await;
+    // Planned first: the plan's trial write would otherwise be the statement that meets the lock.
     NewJob::new("raced", "acct")
+        .raw("mode", "DEFAULT")
         .predicate("true")
         .set("n = n + 1")
         .raw("archive", "true")
         .raw("batch_size", "500")
         .insert(&db)
         .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    // The application holds row 50 mid-update while the first batch runs.
+    let app = db.hold("UPDATE acct SET n = n + 100 WHERE id = 50").await;
+    backfilld::ops::approve(&db.lib, &db.names, "raced")
+        .await
+        .unwrap();
     let mut daemon = db
         .daemon()
         .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "20s")

@@ -134,7 +134,7 @@ impl Attempt<'_> {
     }
 
     /// The batch runner of one slice, with this run's settings.
-    fn batcher<'b>(
+    pub(super) fn batcher<'b>(
         &'b self,
         p: &'b Prepared,
         change: &'b Change,

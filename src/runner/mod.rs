@@ -155,6 +155,14 @@ struct Prepared {
     written: Option<Fragments>,
 }
 
+impl Prepared {
+    /// The table whose keys the archive records: the target, or for an insert the table it
+    /// inserts into.
+    fn archive_keyed(&self) -> &Target {
+        self.into.as_ref().unwrap_or(&self.target)
+    }
+}
+
 struct Attempt<'a> {
     ctx: &'a Context,
     row: JobRow,

@@ -11,6 +11,9 @@ use crate::plan::Walk;
 
 /// The step an error of the idempotency check's trial change is reported under.
 const SAMPLE_CHANGE_STEP: &str = "applying the change to a sample of the rows it selects (in the plan, rolled back: nothing changed)";
+/// The step an error of the estimate's trial write is reported under.
+const TRIAL_STEP: &str =
+    "the trial write of the first window (in the plan, rolled back: nothing changed)";
 
 impl Attempt<'_> {
     pub(super) fn counter<'b>(
@@ -85,8 +88,15 @@ impl Attempt<'_> {
             Walk::Nothing => 0,
         };
         plan.keys_to_walk = Some(walk);
-        (plan.estimated_seconds, plan.estimate_basis) =
-            plan::estimate(&p.spec.throttle, walk, matching);
+        plan.trial = self.trial(p, &plan, upper, cfg).await?;
+        let slices = p.spec.parallelism.min(plan.boundaries.len().max(1));
+        (plan.estimated_seconds, plan.estimate_basis) = plan::estimate(
+            &p.spec.throttle,
+            walk,
+            matching,
+            plan.trial.as_ref(),
+            slices,
+        );
         self.store_plan(&plan).await?;
         Ok(Some(plan))
     }
@@ -127,6 +137,66 @@ impl Attempt<'_> {
             _ => Vec::new(),
         };
         (explain, warnings)
+    }
+
+    /// Times the write of the walk's first batch-sized window at the job's batch settings, in a
+    /// transaction it rolls back: this server's speed for this change, which the estimate
+    /// scales. When the job archives, the archive table is created inside that transaction (and
+    /// is gone with it), so the trial writes the before-images too. Not run for an insert (a
+    /// rolled-back insert still takes a sequence value per row), for a delete that cascades into
+    /// child tables, or when nothing matches. A trial cancelled at the batch ceiling is kept as a
+    /// lower bound; one that waited too long for a row lock says nothing about speed and is
+    /// dropped. Any other error fails the plan, as the first batch would fail.
+    async fn trial(
+        &self,
+        p: &Prepared,
+        plan: &Plan,
+        upper: &Key,
+        cfg: &Config,
+    ) -> Result<Option<plan::Trial>, JobError> {
+        let from = match plan.walk(p.keyset.width()) {
+            Walk::Nothing => return Ok(None),
+            Walk::Whole => None,
+            Walk::Part { from, .. } => from,
+        };
+        if p.into.is_some() || !plan.cascades.is_empty() {
+            return Ok(None);
+        }
+        let archive = self.planned_archive(p);
+        let change = self.change_for(p, archive.as_ref());
+        let slice = Slice {
+            slot: None,
+            cursor: None,
+            upper: upper.clone(),
+        };
+        let table = p.target.display();
+        let batcher = self.batcher(p, &change, &slice, &table, cfg);
+        let mut tx = batcher.begin(false).await?;
+        if let Some(a) = &archive {
+            let keyed = p.archive_keyed();
+            let created = a.create(&mut tx, keyed, &p.spec.name).await;
+            created.map_err(self.err(TRIAL_STEP))?;
+        }
+        let size = p.spec.throttle.initial_size;
+        let started = Instant::now();
+        let tried = batcher.trial(&mut tx, from.as_ref(), size).await;
+        let seconds = started.elapsed().as_secs_f64();
+        tx.rollback().await.map_err(self.err(TRIAL_STEP))?;
+        let trial = |keys, changed, timed_out| plan::Trial {
+            keys,
+            changed,
+            seconds,
+            timed_out,
+        };
+        match tried {
+            Ok(found) => Ok(found.map(|(keys, changed)| trial(keys, changed, false))),
+            Err(e) if e.sqlstate() == Some("57014") => Ok(Some(trial(size, 0, true))),
+            Err(e) if e.sqlstate() == Some("55P03") => {
+                tracing::info!(error = %e, "plan: the trial write waited for a row lock; estimating without it");
+                Ok(None)
+            }
+            Err(e) => Err(e.in_step(TRIAL_STEP)),
+        }
     }
 
     /// The checklist's "run it twice" rule, for updates and inserts (a delete or revert cannot

@@ -198,8 +198,30 @@ impl Attempt<'_> {
 
     /// The change statement, creating the archive table first when the job archives.
     pub(super) async fn build_change(&mut self, p: &Prepared) -> Result<Change, JobError> {
-        if !p.spec.archive || p.spec.action == Action::Revert {
+        let Some(archive) = self.planned_archive(p) else {
             return Ok(self.change_for(p, None));
+        };
+        let mut conn = self.connection().await?;
+        archive
+            .create(&mut conn, p.archive_keyed(), &p.spec.name)
+            .await
+            .map_err(self.err("creating the archive table"))?;
+        self.hand_back(conn).await?;
+        if self.row.archive_table.is_none() {
+            self.store(RowUpdate {
+                archive_table: Some(archive.name.clone()),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(self.change_for(p, Some(&archive)))
+    }
+
+    /// The archive table the job writes (named, not created), or `None` when it archives
+    /// nothing (archive off, or a revert).
+    pub(super) fn planned_archive(&self, p: &Prepared) -> Option<ArchiveTable> {
+        if !p.spec.archive || p.spec.action == Action::Revert {
+            return None;
         }
         let name = self.row.archive_table.clone().unwrap_or_else(|| {
             ArchiveTable::name_for(&p.spec.name, p.spec.id, chrono::Utc::now().date_naive())
@@ -216,23 +238,12 @@ impl Attempt<'_> {
                     .collect(),
             },
         };
-        // An insert archives keys of the table it inserts into.
-        let keyed = p.into.as_ref().unwrap_or(&p.target);
-        let archive = ArchiveTable::new(&self.ctx.names, name.clone(), keyed, kind);
-        let mut conn = self.connection().await?;
-        archive
-            .create(&mut conn, keyed, &p.spec.name)
-            .await
-            .map_err(self.err("creating the archive table"))?;
-        self.hand_back(conn).await?;
-        if self.row.archive_table.is_none() {
-            self.store(RowUpdate {
-                archive_table: Some(name),
-                ..Default::default()
-            })
-            .await?;
-        }
-        Ok(self.change_for(p, Some(&archive)))
+        Some(ArchiveTable::new(
+            &self.ctx.names,
+            name,
+            p.archive_keyed(),
+            kind,
+        ))
     }
 }
 
