@@ -272,6 +272,7 @@ impl Attempt<'_> {
             rows_in_range = plan.rows_in_range,
             keys_to_walk = plan.keys_to_walk,
             seconds = plan.count_seconds,
+            estimated_seconds = plan.estimated_seconds.round(),
             "planned"
         );
         Ok(())
