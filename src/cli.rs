@@ -673,12 +673,25 @@ fn print_detail(r: &JobRow) {
     }
 }
 
+/// An estimate's duration at the precision it has: `42s`, `12m 05s`, `3h 20m`.
+fn rough_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 /// The plan's counts, the checklist's verdicts (run twice, cascades, unmatched staged keys) and
 /// the sample rows.
 fn print_plan(plan: &Plan) {
     println!(
-        "plan           {} rows would change of {} in range; estimated {:.0}s ({})",
-        plan.rows_matching, plan.rows_in_range, plan.estimated_seconds, plan.estimate_basis
+        "plan           {} rows would change of {} in range; estimated {} ({})",
+        plan.rows_matching,
+        plan.rows_in_range,
+        rough_duration(plan.estimated_seconds),
+        plan.estimate_basis
     );
     if let Some(v) = &plan.idempotency {
         println!("  run twice    {}", v.summary);
@@ -698,5 +711,15 @@ fn print_plan(plan: &Plan) {
     }
     for s in &plan.samples {
         println!("  sample       {s}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn estimates_read_at_their_precision() {
+        assert_eq!(super::rough_duration(4.4), "4s");
+        assert_eq!(super::rough_duration(725.0), "12m 05s");
+        assert_eq!(super::rough_duration(12_000.0), "3h 20m");
     }
 }
