@@ -563,49 +563,16 @@ pub fn estimate(
     trial: Option<&Trial>,
     slices: usize,
 ) -> (f64, String) {
-    let slices = slices.max(1) as f64;
-    let sleep = t.sleep_ms as f64 / 1000.0;
-    let (by_batches, basis) = match trial.filter(|tr| tr.keys > 0 && tr.seconds > 0.0) {
-        Some(tr) => {
-            let per_key = tr.seconds / tr.keys as f64;
-            let target = t.target_batch_ms as f64 / 1000.0;
-            let size = (target / per_key)
-                .clamp(t.min_size as f64, t.max_size as f64)
-                .round();
-            let batches = (walk as f64 / size).ceil();
-            let basis = format!(
-                "{}a trial write of the first {} keys ({} rows changed{}) took {:.1} ms, rolled \
-                 back: about {batches} batches of {size} keys at target_batch_ms={}, plus \
-                 sleep_ms={} each",
-                if tr.timed_out { "at least: " } else { "" },
-                tr.keys,
-                tr.changed,
-                if tr.timed_out {
-                    ", cancelled at max_batch_ms"
-                } else {
-                    ""
-                },
-                tr.seconds * 1000.0,
-                t.target_batch_ms,
-                t.sleep_ms,
-            );
-            ((walk as f64 * per_key + batches * sleep) / slices, basis)
-        }
-        None => {
-            let batches = (walk as f64 / t.max_size as f64).ceil();
-            let per_batch = t.target_batch_ms as f64 / 1000.0 + sleep;
-            let basis = format!(
-                "at least: no trial write; {batches} batches of up to {} keys at \
-                 target_batch_ms={} plus sleep_ms={}",
-                t.max_size, t.target_batch_ms, t.sleep_ms
-            );
-            (batches * per_batch / slices, basis)
-        }
+    let (seconds, basis) = match trial.filter(|tr| tr.keys > 0 && tr.seconds > 0.0) {
+        Some(tr) => by_trial(t, walk, tr),
+        None => by_formula(t, walk),
     };
-    let basis = if slices > 1.0 {
-        format!("{basis}, in {slices} slices at once")
-    } else {
-        basis
+    let (by_batches, basis) = match slices {
+        0 | 1 => (seconds, basis),
+        n => (
+            seconds / n as f64,
+            format!("{basis}, in {n} slices at once"),
+        ),
     };
     if t.max_rows_per_second > 0 {
         let by_rate = matching as f64 / t.max_rows_per_second as f64;
@@ -617,6 +584,45 @@ pub fn estimate(
         }
     }
     (by_batches, basis)
+}
+
+/// The walk's keys at the trial's speed, in batches sized to the target, plus their pauses.
+fn by_trial(t: &Throttle, walk: i64, tr: &Trial) -> (f64, String) {
+    let per_key = tr.seconds / tr.keys as f64;
+    let target = t.target_batch_ms as f64 / 1000.0;
+    let size = (target / per_key)
+        .clamp(t.min_size as f64, t.max_size as f64)
+        .round();
+    let batches = (walk as f64 / size).ceil();
+    let basis = format!(
+        "{}a trial write of the first {} keys ({} rows changed{}) took {:.1} ms, rolled back: \
+         about {batches} batches of {size} keys at target_batch_ms={}, plus sleep_ms={} each",
+        if tr.timed_out { "at least: " } else { "" },
+        tr.keys,
+        tr.changed,
+        if tr.timed_out {
+            ", cancelled at max_batch_ms"
+        } else {
+            ""
+        },
+        tr.seconds * 1000.0,
+        t.target_batch_ms,
+        t.sleep_ms,
+    );
+    let sleep = t.sleep_ms as f64 / 1000.0;
+    (walk as f64 * per_key + batches * sleep, basis)
+}
+
+/// Without a trial: batches of `max_size` keys taking the target each, a lower bound.
+fn by_formula(t: &Throttle, walk: i64) -> (f64, String) {
+    let batches = (walk as f64 / t.max_size as f64).ceil();
+    let per_batch = (t.target_batch_ms + t.sleep_ms) as f64 / 1000.0;
+    let basis = format!(
+        "at least: no trial write; {batches} batches of up to {} keys at target_batch_ms={} plus \
+         sleep_ms={}",
+        t.max_size, t.target_batch_ms, t.sleep_ms
+    );
+    (batches * per_batch, basis)
 }
 
 #[cfg(test)]

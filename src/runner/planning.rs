@@ -82,23 +82,35 @@ impl Attempt<'_> {
             warnings,
             ..Default::default()
         };
+        self.estimate(p, &mut plan, upper, cfg).await?;
+        self.store_plan(&plan).await?;
+        Ok(Some(plan))
+    }
+
+    /// The keys the batches will walk, the trial write, and the estimate from them.
+    async fn estimate(
+        &self,
+        p: &Prepared,
+        plan: &mut Plan,
+        upper: &Key,
+        cfg: &Config,
+    ) -> Result<(), JobError> {
         let walk = match plan.walk(p.keyset.width()) {
-            Walk::Whole => in_range,
+            Walk::Whole => plan.rows_in_range,
             Walk::Part { keys, .. } => keys.1 - keys.0,
             Walk::Nothing => 0,
         };
         plan.keys_to_walk = Some(walk);
-        plan.trial = self.trial(p, &plan, upper, cfg).await?;
+        plan.trial = self.trial(p, plan, upper, cfg).await?;
         let slices = p.spec.parallelism.min(plan.boundaries.len().max(1));
         (plan.estimated_seconds, plan.estimate_basis) = plan::estimate(
             &p.spec.throttle,
             walk,
-            matching,
+            plan.rows_matching,
             plan.trial.as_ref(),
             slices,
         );
-        self.store_plan(&plan).await?;
-        Ok(Some(plan))
+        Ok(())
     }
 
     /// The EXPLAIN, a delete's cascading foreign keys, and the plan's warnings, logged: other
