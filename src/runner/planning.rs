@@ -154,9 +154,9 @@ impl Attempt<'_> {
     /// Times the write of the walk's first batch-sized window at the job's batch settings, in a
     /// transaction it rolls back: this server's speed for this change, which the estimate
     /// scales. When the job archives, the archive table is created inside that transaction (and
-    /// is gone with it), so the trial writes the before-images too. Not run for an insert (a
-    /// rolled-back insert still takes a sequence value per row), for a delete that cascades into
-    /// child tables, or when nothing matches. A trial cancelled at the batch ceiling is kept as a
+    /// is gone with it), so the trial writes the before-images too. Not run for an insert or a
+    /// set clause that may call `nextval` (a rolled-back row still takes its sequence value),
+    /// for a delete that cascades into child tables, or when nothing matches. A trial cancelled at the batch ceiling is kept as a
     /// lower bound; one that waited too long for a row lock says nothing about speed and is
     /// dropped. Any other error fails the plan, as the first batch would fail.
     async fn trial(
@@ -171,7 +171,7 @@ impl Attempt<'_> {
             Walk::Whole => None,
             Walk::Part { from, .. } => from,
         };
-        if p.into.is_some() || !plan.cascades.is_empty() {
+        if p.into.is_some() || !plan.cascades.is_empty() || takes_sequence_values(&p.fragments) {
             return Ok(None);
         }
         let archive = self.planned_archive(p);
@@ -304,5 +304,45 @@ impl Attempt<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// A set clause that may draw from a sequence: `nextval(…)`, or `DEFAULT`, whose column default
+/// may. A word match on the source text (a string literal can trigger it; that only skips the
+/// trial).
+fn takes_sequence_values(fragments: &Fragments) -> bool {
+    fragments.assignments.iter().any(|a| {
+        let expr = a.expr.to_ascii_lowercase();
+        expr.contains("nextval")
+            || expr
+                .split(|c: char| !c.is_alphanumeric() && c != '_')
+                .any(|w| w == "default")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fragment::Assignment;
+
+    fn set(expr: &str) -> Fragments {
+        Fragments {
+            predicate: "true".into(),
+            assignments: vec![Assignment {
+                column: "c".into(),
+                expr: expr.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_set_clause_that_may_take_sequence_values_skips_the_trial() {
+        assert!(takes_sequence_values(&set("nextval('s')")));
+        assert!(takes_sequence_values(&set("DEFAULT")));
+        assert!(takes_sequence_values(&set(
+            "coalesce(c, NEXTVAL('public.s'))"
+        )));
+        assert!(!takes_sequence_values(&set("abalance * 100")));
+        assert!(!takes_sequence_values(&set("default_rate * 2")));
     }
 }
