@@ -180,8 +180,8 @@ impl BloatGuard {
     }
 
     /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. Between batches
-    /// the caller holds its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the running VACUUM is
-    /// cancelled server-side, so a stop never waits for it.
+    /// the caller holds its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the
+    /// running VACUUM is cancelled server-side, so a stop never waits for it.
     pub async fn vacuum(
         &self,
         pool: &Db,

@@ -197,7 +197,7 @@ impl Attempt<'_> {
             }
         }
         if guard.record(done.changed) {
-            self.vacuum(p, guard, Pass::Between, stop).await;
+            self.vacuum_held(p, guard, Pass::Between, stop).await;
         }
         self.interrupted()
     }

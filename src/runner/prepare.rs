@@ -93,7 +93,7 @@ impl Attempt<'_> {
         let timeout = self.ctx.config().bloat.vacuum_timeout;
         let (prepared, ()) = tokio::join!(
             archive.prepare_revert(&self.ctx.pool, timeout),
-            self.vacuum_before_revert(&spec.name, target),
+            self.vacuum_before_revert(target),
         );
         prepared.map_err(self.err("indexing and vacuuming the archive"))?;
         Ok(archive)
@@ -106,7 +106,8 @@ impl Attempt<'_> {
     /// that is what the restoring batches need; the index entries of the dead versions wait for
     /// the next index-cleaning VACUUM. Skipped where the bloat guard could not run
     /// (`bloat.guard = false`, no VACUUM privilege, no session); a failure is logged, not fatal.
-    async fn vacuum_before_revert(&self, job: &str, target: &Target) {
+    /// It overlaps the archive's preparation, so it is not counted as time held.
+    async fn vacuum_before_revert(&self, target: &Target) {
         let pool = &self.ctx.pool;
         let cfg = self.ctx.config();
         let guard = match BloatGuard::new(pool, &cfg.bloat, true, target, 0).await {
@@ -120,20 +121,10 @@ impl Attempt<'_> {
                 return;
             }
         };
-        match guard
-            .vacuum(pool, job, target, Pass::HeapOnly, &self.interrupt)
-            .await
-        {
-            Ok(took) => {
-                self.ctx.metrics.vacuums.with_label_values(&[job]).inc();
-                tracing::info!(
-                    ms = took.as_millis() as u64,
-                    "revert: vacuumed the target before restoring"
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "revert: VACUUM of the target failed; restoring anyway")
-            }
+        let pass = Pass::HeapOnly;
+        if let Some(took) = self.vacuum(target, &guard, pass, &self.interrupt).await {
+            let ms = took.as_millis() as u64;
+            tracing::info!(ms, "revert: vacuumed the target before restoring");
         }
     }
 

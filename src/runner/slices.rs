@@ -39,7 +39,8 @@ impl Attempt<'_> {
         });
         let ended = merge(futures_util::future::join_all(runs).await)?;
         if ended.is_none() && guard.wants_final() {
-            self.vacuum(p, &guard, Pass::Final, &self.interrupt).await;
+            self.vacuum_held(p, &guard, Pass::Final, &self.interrupt)
+                .await;
         }
         Ok(ended)
     }

@@ -76,36 +76,53 @@ impl Attempt<'_> {
         impact
     }
 
-    /// The bloat guard's VACUUM; batches of this slice hold meanwhile. A failed VACUUM is logged
-    /// and skipped: reclaiming space is worth a retry at the next interval, not a failed job.
+    /// The bloat guard's VACUUM of `target`, counted in the vacuums metric; `None` when it
+    /// failed. A failure is logged and skipped: reclaiming space is worth a retry at the next
+    /// interval (or a revert restoring without it), not a failed job.
     pub(super) async fn vacuum(
+        &self,
+        target: &Target,
+        guard: &BloatGuard,
+        pass: Pass,
+        wake: &CancellationToken,
+    ) -> Option<Duration> {
+        let job = [self.row.name.as_str()];
+        tracing::debug!(?pass, "bloat guard: vacuuming the target");
+        match guard
+            .vacuum(&self.ctx.pool, &self.row.name, target, pass, wake)
+            .await
+        {
+            Ok(took) => {
+                self.ctx.metrics.vacuums.with_label_values(&job).inc();
+                tracing::debug!(
+                    ms = took.as_millis() as u64,
+                    ?pass,
+                    "bloat guard: vacuumed the target"
+                );
+                Some(took)
+            }
+            Err(e) if wake.is_cancelled() => {
+                tracing::info!(error = %e, "bloat guard: VACUUM cancelled: the attempt is stopping");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?pass, "bloat guard: VACUUM failed; going on without it");
+                None
+            }
+        }
+    }
+
+    /// The guard's VACUUM that the job waits for (between batches, or the final one), counted as
+    /// time held for it.
+    pub(super) async fn vacuum_held(
         &self,
         p: &Prepared,
         guard: &BloatGuard,
         pass: Pass,
         wake: &CancellationToken,
     ) {
-        let job = [self.row.name.as_str()];
-        tracing::debug!(?pass, "bloat guard: vacuuming the target");
-        match guard
-            .vacuum(&self.ctx.pool, &self.row.name, &p.target, pass, wake)
-            .await
-        {
-            Ok(took) => {
-                self.ctx.metrics.vacuums.with_label_values(&job).inc();
-                self.hold_time(Reason::Vacuum, took);
-                tracing::debug!(
-                    ms = took.as_millis() as u64,
-                    ?pass,
-                    "bloat guard: vacuumed the target"
-                );
-            }
-            Err(e) if wake.is_cancelled() => {
-                tracing::info!(error = %e, "bloat guard: VACUUM cancelled: the attempt is stopping")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "bloat guard: VACUUM failed; trying again at the next interval")
-            }
+        if let Some(took) = self.vacuum(&p.target, guard, pass, wake).await {
+            self.hold_time(Reason::Vacuum, took);
         }
     }
 
