@@ -95,13 +95,17 @@ impl Attempt<'_> {
         upper: &Key,
         cfg: &Config,
     ) -> Result<(), JobError> {
-        let walk = match plan.walk(p.keyset.width()) {
-            Walk::Whole => plan.rows_in_range,
-            Walk::Part { keys, .. } => keys.1 - keys.0,
-            Walk::Nothing => 0,
+        // Keys to walk, and where the walk starts (`None`: nothing to walk).
+        let (walk, from) = match plan.walk(p.keyset.width()) {
+            Walk::Whole => (plan.rows_in_range, Some(None)),
+            Walk::Part { keys, from, .. } => (keys.1 - keys.0, Some(from)),
+            Walk::Nothing => (0, None),
         };
         plan.keys_to_walk = Some(walk);
-        plan.trial = self.trial(p, plan, upper, cfg).await?;
+        plan.trial = match from {
+            Some(from) => self.trial(p, plan, from.as_ref(), upper, cfg).await?,
+            None => None,
+        };
         let slices = p.spec.parallelism.min(plan.boundaries.len().max(1));
         (plan.estimated_seconds, plan.estimate_basis) = plan::estimate(
             &p.spec.throttle,
@@ -151,26 +155,23 @@ impl Attempt<'_> {
         (explain, warnings)
     }
 
-    /// Times the write of the walk's first batch-sized window at the job's batch settings, in a
-    /// transaction it rolls back: this server's speed for this change, which the estimate
-    /// scales. When the job archives, the archive table is created inside that transaction (and
-    /// is gone with it), so the trial writes the before-images too. Not run for an insert or a
-    /// set clause that may call `nextval` (a rolled-back row still takes its sequence value),
-    /// for a delete that cascades into child tables, or when nothing matches. A trial cancelled at the batch ceiling is kept as a
-    /// lower bound; one that waited too long for a row lock says nothing about speed and is
-    /// dropped. Any other error fails the plan, as the first batch would fail.
+    /// Times the write of the first batch-sized window after `from` (where the walk starts) at
+    /// the job's batch settings, in a transaction it rolls back: this server's speed for this
+    /// change, which the estimate scales. When the job archives, the archive table is created
+    /// inside that transaction (and is gone with it), so the trial writes the before-images too.
+    /// Not run for an insert or a set clause that may call `nextval` (a rolled-back row still
+    /// takes its sequence value), or for a delete that cascades into child tables. A trial
+    /// cancelled at the batch ceiling is kept as a lower bound; one that waited too long for a
+    /// row lock says nothing about speed and is dropped. Any other error fails the plan, as the
+    /// first batch would fail.
     async fn trial(
         &self,
         p: &Prepared,
         plan: &Plan,
+        from: Option<&Key>,
         upper: &Key,
         cfg: &Config,
     ) -> Result<Option<plan::Trial>, JobError> {
-        let from = match plan.walk(p.keyset.width()) {
-            Walk::Nothing => return Ok(None),
-            Walk::Whole => None,
-            Walk::Part { from, .. } => from,
-        };
         if p.into.is_some() || !plan.cascades.is_empty() || takes_sequence_values(&p.fragments) {
             return Ok(None);
         }
@@ -191,7 +192,7 @@ impl Attempt<'_> {
         }
         let size = p.spec.throttle.initial_size;
         let started = Instant::now();
-        let tried = batcher.trial(&mut tx, from.as_ref(), size).await;
+        let tried = batcher.trial(&mut tx, from, size).await;
         let seconds = started.elapsed().as_secs_f64();
         tx.rollback().await.map_err(self.err(TRIAL_STEP))?;
         let trial = |keys, changed, timed_out| plan::Trial {
