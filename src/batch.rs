@@ -28,22 +28,27 @@ pub struct TxSettings {
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub synchronous_commit: String,
+    /// `idle_in_transaction_session_timeout`: the lease's TTL (see `Db::connect`).
+    pub idle_timeout: Duration,
 }
 
 impl TxSettings {
     /// The configured timeouts capped by the job's ceiling on a batch. A lock wait may take half
     /// of it: a batch that waited that long is better retried, and a lock wait then reports as
-    /// one (55P03) rather than as the statement timeout racing it.
+    /// one (55P03) rather than as the statement timeout racing it. A transaction left idle for
+    /// `lease_ttl` (a replica frozen between two statements of a batch) is ended by the server.
     pub fn capped(
         lock_timeout: Duration,
         statement_timeout: Duration,
         max_batch: Duration,
         synchronous_commit: String,
+        lease_ttl: Duration,
     ) -> Self {
         Self {
             lock_timeout: lock_timeout.min(max_batch / 2),
             statement_timeout: statement_timeout.min(max_batch),
             synchronous_commit,
+            idle_timeout: lease_ttl,
         }
     }
 
@@ -63,6 +68,7 @@ impl TxSettings {
              SET LOCAL lock_timeout = '{}ms'; \
              SET LOCAL statement_timeout = '{}ms'; \
              SET LOCAL synchronous_commit = '{}'; \
+             SET LOCAL idle_in_transaction_session_timeout = '{}ms'; \
              SET LOCAL plan_cache_mode = 'force_custom_plan'; \
              SET LOCAL jit = off; \
              SET LOCAL enable_hashjoin = '{joins}'; \
@@ -70,6 +76,7 @@ impl TxSettings {
             self.lock_timeout.as_millis(),
             self.statement_timeout.as_millis(),
             self.synchronous_commit,
+            self.idle_timeout.as_millis(),
         )
     }
 }

@@ -56,7 +56,12 @@ impl Db {
 
     /// Opens the pool. Every connection carries `application_name` (so DBAs can see who we are)
     /// and the batch `lock_timeout`/`statement_timeout` as defaults: no statement backfilld runs
-    /// (validation, planning, bookkeeping) may wait forever behind a lock. Directly these are
+    /// (validation, planning, bookkeeping) may wait forever behind a lock. And
+    /// `idle_in_transaction_session_timeout` = `worker.lease_ttl`: a replica frozen inside a
+    /// transaction (SIGSTOP, a hung host) would otherwise keep its row locks, the job row's
+    /// among them, and no other replica could ever claim the job (`FOR UPDATE SKIP LOCKED`
+    /// skips a locked row); the server ends such a session once its lease could have expired
+    /// anyway. Batch transactions set the same (`TxSettings`). Directly these are
     /// start-up options; through a transaction pooler, which refuses start-up options and would
     /// leak session settings to other clients, they are `SET LOCAL` in every transaction.
     pub async fn connect(cfg: &Config) -> sqlx::Result<Self> {
@@ -64,6 +69,7 @@ impl Db {
         let timeouts = [
             ("lock_timeout", cfg.batch.lock_timeout),
             ("statement_timeout", cfg.batch.statement_timeout),
+            ("idle_in_transaction_session_timeout", cfg.worker.lease_ttl),
         ];
         let options: PgConnectOptions = db.url.parse()?;
         let options = quiet_slow_statements(options.application_name(&db.application_name));

@@ -193,6 +193,46 @@ async fn a_stalled_replica_cannot_commit_after_its_lease_was_taken(pool: PgPool)
     assert_exactly_once(&db, "fenced", 10_000).await;
 }
 
+/// A replica frozen between two statements of a batch (the stall above can land there) keeps no
+/// lock past its lease: the server ends its idle transaction, so the job row its checkpoint may
+/// have locked is claimable again and the window's rows are free.
+#[sqlx::test]
+async fn a_batch_transaction_left_idle_past_the_lease_ttl_is_ended_by_the_server(pool: PgPool) {
+    use sqlx::Executor;
+    let db = Db::new(pool).await;
+    counter_table(&db, 10).await;
+    let settings = backfilld::batch::TxSettings::capped(
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+        "off".into(),
+        Duration::from_millis(300),
+    );
+    let mut frozen = db.pool.acquire().await.unwrap();
+    frozen
+        .execute(settings.begin_statement(false).as_str())
+        .await
+        .unwrap();
+    frozen
+        .execute("UPDATE counters SET n = n + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Panics if the row is still locked after 100 ms.
+    db.exec("BEGIN; SET LOCAL lock_timeout = '100ms'; UPDATE counters SET n = n + 10 WHERE id = 1; COMMIT;")
+        .await;
+    assert!(
+        frozen.execute("SELECT 1").await.is_err(),
+        "the idle session was ended"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT n::bigint FROM counters WHERE id = 1")
+            .await,
+        10,
+        "the frozen batch's change was rolled back"
+    );
+}
+
 #[sqlx::test]
 async fn parallel_slices_change_every_row_exactly_once_across_a_kill(pool: PgPool) {
     let db = Db::new(pool).await;

@@ -156,6 +156,7 @@ impl Attempt<'_> {
                 cfg.batch.statement_timeout,
                 max_batch,
                 cfg.batch.synchronous_commit.clone(),
+                cfg.worker.lease_ttl,
             ),
             lease_ttl: cfg.worker.lease_ttl,
             max_affected: p.spec.max_affected,
