@@ -237,20 +237,27 @@ impl Batcher<'_> {
     }
 
     /// The plan's trial of one batch in `tx` (from `begin`), which the caller rolls back: reads
-    /// the window of at most `size` keys after `cursor` and applies the change to it, writing no
-    /// checkpoint. Returns the window's keys and the rows changed (0 when the optimistic
-    /// statement saw a race); `None` when no key follows `cursor`.
+    /// the window of at most `size` keys after `cursor`, applies the change to it and writes the
+    /// checkpoint, as a batch does (all of it undone with the rollback; the ceiling is the plan's
+    /// to check). Returns the window's keys, the rows changed (0 when the optimistic statement
+    /// saw a race) and the window's last key; `None` when no key follows `cursor`.
     pub async fn trial(
         &self,
         tx: &mut PgConnection,
         cursor: Option<&Key>,
         size: i64,
-    ) -> Result<Option<(i64, i64)>, JobError> {
+    ) -> Result<Option<(i64, i64, Key)>, JobError> {
         let Some((scanned, hi)) = self.window(tx, cursor, size).await? else {
             return Ok(None);
         };
-        let changed = self.apply_change(tx, cursor, &hi, false).await?;
-        Ok(Some((scanned, changed.unwrap_or(0))))
+        let changed = self
+            .apply_change(tx, cursor, &hi, false)
+            .await?
+            .unwrap_or(0);
+        match self.checkpoint(tx, &hi, scanned, changed, 0, size).await {
+            Ok(_) | Err(JobError::Ceiling { .. }) => Ok(Some((scanned, changed, hi))),
+            Err(e) => Err(e),
+        }
     }
 
     /// The number of keys in the next window and its last key.

@@ -536,19 +536,42 @@ pub async fn explain(pool: &Db, change: &Change, first_hi: &Key) -> Value {
     }
 }
 
-/// The plan's timed write of one batch-sized window, rolled back (`runner::planning`): this
+/// The plan's timed write of the walk's first windows, rolled back (`runner::planning`): this
 /// server's speed for this change, which the estimate scales to the whole walk.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Trial {
-    /// Keys in the window the trial wrote.
+    /// Keys in the windows the trial wrote.
     pub keys: i64,
-    /// Rows the change touched in it.
+    /// Rows the change touched in them.
     pub changed: i64,
     pub seconds: f64,
-    /// The write reached the batch ceiling (`max_batch_ms`) and was cancelled: `seconds` is a
+    /// A write reached the batch ceiling (`max_batch_ms`) and was cancelled: `seconds` is a
     /// lower bound, and so is the estimate.
     pub timed_out: bool,
+    /// Each window written, in walk order (each larger than the one before). Empty in plans
+    /// written before windows were recorded.
+    pub windows: Vec<TrialWindow>,
+}
+
+/// One window of a trial: its keys and how long reading and writing it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrialWindow {
+    pub keys: i64,
+    pub seconds: f64,
+}
+
+impl Trial {
+    /// Seconds per key of the last window: the trial grows its windows towards a batch's
+    /// duration, so the last one carries a batch's fixed part (window read, statement start-up,
+    /// checkpoint) in about the proportion the batches will, and none of the first statements'
+    /// warm-up. Plans written before windows were recorded: all keys over all seconds.
+    pub fn per_key(&self) -> f64 {
+        match self.windows.last() {
+            Some(w) if w.keys > 0 => w.seconds / w.keys as f64,
+            _ => self.seconds / self.keys.max(1) as f64,
+        }
+    }
 }
 
 /// Time to finish at the job's throttle, `slices` walking at once. With a trial: the controller
@@ -588,15 +611,25 @@ pub fn estimate(
 
 /// The walk's keys at the trial's speed, in batches sized to the target, plus their pauses.
 fn by_trial(t: &Throttle, walk: i64, tr: &Trial) -> (f64, String) {
-    let per_key = tr.seconds / tr.keys as f64;
+    let per_key = tr.per_key();
     let target = t.target_batch_ms as f64 / 1000.0;
-    let size = (target / per_key)
+    let size = (target / per_key.max(f64::MIN_POSITIVE))
         .clamp(t.min_size as f64, t.max_size as f64)
         .round();
     let batches = (walk as f64 / size).ceil();
+    let last = match tr.windows.as_slice() {
+        [_, .., w] => format!(
+            " in {} windows, the last of {} keys in {:.1} ms",
+            tr.windows.len(),
+            w.keys,
+            w.seconds * 1000.0
+        ),
+        _ => String::new(),
+    };
     let basis = format!(
-        "{}a trial write of the first {} keys ({} rows changed{}) took {:.1} ms, rolled back: \
-         about {batches} batches of {size} keys at target_batch_ms={}, plus sleep_ms={} each",
+        "{}a trial write of the walk's first {} keys{last} ({} rows changed{}) took {:.1} ms, \
+         rolled back: about {batches} batches of {size} keys at target_batch_ms={}, plus \
+         sleep_ms={} each",
         if tr.timed_out { "at least: " } else { "" },
         tr.keys,
         tr.changed,
@@ -662,7 +695,7 @@ mod tests {
             keys: 1000,
             changed: 1000,
             seconds: 0.1,
-            timed_out: false,
+            ..Default::default()
         };
         let (secs, basis) = estimate(&t, 100_000, 100_000, Some(&trial), 1);
         assert!((secs - 12.5).abs() < 1e-9, "{secs}");
@@ -683,5 +716,27 @@ mod tests {
         let (secs, basis) = estimate(&t, 100_000, 100_000, Some(&slow), 1);
         assert!((secs - 1100.0).abs() < 1e-9, "{secs}");
         assert!(basis.starts_with("at least"), "{basis}");
+    }
+
+    #[test]
+    fn the_last_window_sets_the_speed() {
+        let t = throttle();
+        // A first window slowed by the first statements' start-up (1000 keys in 30 ms), then
+        // 4000 keys in 40 ms: 10 µs per key, so 40,000-key batches, capped at 10,000.
+        let window = |keys, seconds| TrialWindow { keys, seconds };
+        let trial = Trial {
+            keys: 5000,
+            changed: 5000,
+            seconds: 0.07,
+            timed_out: false,
+            windows: vec![window(1000, 0.03), window(4000, 0.04)],
+        };
+        assert!((trial.per_key() - 1e-5).abs() < 1e-12);
+        let (secs, basis) = estimate(&t, 100_000, 100_000, Some(&trial), 1);
+        assert!((secs - 2.0).abs() < 1e-9, "{secs}");
+        assert!(
+            basis.contains("first 5000 keys in 2 windows, the last of 4000 keys in 40.0 ms"),
+            "{basis}"
+        );
     }
 }

@@ -106,17 +106,37 @@ async fn the_estimate_scales_a_rolled_back_trial_of_the_first_window(pool: PgPoo
     let planned = db.job("trial").await;
     assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
     let plan = planned.plan.expect("plan");
-    // Keys 1..20, of which 15 have no status (every 4th is paid).
-    assert_eq!(plan["trial"]["keys"], 20, "{}", plan["trial"]);
-    assert_eq!(plan["trial"]["changed"], 15);
-    assert_eq!(plan["trial"]["timed_out"], false);
+    // Keys 1..20 first, of which 15 have no status (every 4th is paid): over 30 ms, so more
+    // windows follow, each sized from the last one's speed (at most 8 times as many keys) until
+    // one takes half the 200 ms target: the walk's first keys, three of four changed.
+    let trial = &plan["trial"];
+    let windows: Vec<i64> = trial["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|w| w["keys"].as_i64().unwrap())
+        .collect();
+    assert!((2..=4).contains(&windows.len()), "{trial}");
+    assert_eq!(windows[0], 20, "{trial}");
+    assert!(
+        windows.windows(2).all(|w| w[1] >= w[0] && w[1] <= 8 * w[0]),
+        "{trial}"
+    );
+    let keys: i64 = windows.iter().sum();
+    assert_eq!(trial["keys"].as_i64(), Some(keys), "{trial}");
+    let changed = trial["changed"].as_i64().unwrap();
+    assert_eq!(changed, keys - keys / 4, "{trial}");
+    assert_eq!(trial["timed_out"], false);
     // 1,500 rows to change at over 2 ms each: over 3 s. Batches of max_size keys at the target
     // (the estimate without a trial) would say 0.2 s.
     let secs = plan["estimated_seconds"].as_f64().unwrap();
     let basis = plan["estimate_basis"].as_str().unwrap();
     assert!((3.0..120.0).contains(&secs), "{secs} s: {basis}");
     assert!(
-        basis.contains("trial write of the first 20 keys"),
+        basis.contains(&format!(
+            "trial write of the walk's first {keys} keys in {} windows",
+            windows.len()
+        )),
         "{basis}"
     );
 

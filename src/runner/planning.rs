@@ -155,14 +155,15 @@ impl Attempt<'_> {
         (explain, warnings)
     }
 
-    /// Times the write of the first batch-sized window after `from` (where the walk starts) at
-    /// the job's batch settings, in a transaction it rolls back: this server's speed for this
-    /// change, which the estimate scales. When the job archives, the archive table is created
+    /// Times the write of the first windows after `from` (where the walk starts), growing from
+    /// the initial batch size towards a batch's duration (`Tried::windows`), at the job's batch
+    /// settings, in a transaction
+    /// it rolls back: this server's speed for this change, which the estimate scales. When the job archives, the archive table is created
     /// inside that transaction (and is gone with it), so the trial writes the before-images too.
     /// Not run for an insert or a set clause that may call `nextval` (a rolled-back row still
     /// takes its sequence value), or for a delete that cascades into child tables. A trial
-    /// cancelled at the batch ceiling is kept as a lower bound; one that waited too long for a
-    /// row lock says nothing about speed and is dropped. Any other error fails the plan, as the
+    /// cancelled at the batch ceiling is kept as a lower bound; one whose first window waited too
+    /// long for a row lock says nothing about speed and is dropped. Any other error fails the plan, as the
     /// first batch would fail.
     async fn trial(
         &self,
@@ -190,25 +191,20 @@ impl Attempt<'_> {
             let created = a.create(&mut tx, keyed, &p.spec.name).await;
             created.map_err(self.err(TRIAL_STEP))?;
         }
-        let size = p.spec.throttle.initial_size;
-        let started = Instant::now();
-        let tried = batcher.trial(&mut tx, from, size).await;
-        let seconds = started.elapsed().as_secs_f64();
+        let mut tried = Tried::default();
+        let ended = tried
+            .windows(&batcher, &mut tx, from, &p.spec.throttle)
+            .await;
         tx.rollback().await.map_err(self.err(TRIAL_STEP))?;
-        let trial = |keys, changed, timed_out| plan::Trial {
-            keys,
-            changed,
-            seconds,
-            timed_out,
-        };
-        match tried {
-            Ok(found) => Ok(found.map(|(keys, changed)| trial(keys, changed, false))),
-            Err(e) if e.sqlstate() == Some("57014") => Ok(Some(trial(size, 0, true))),
-            Err(e) if e.sqlstate() == Some("55P03") => {
+        match ended {
+            Err(e) if e.sqlstate() == Some("55P03") && tried.0.windows.is_empty() => {
                 tracing::info!(error = %e, "plan: the trial write waited for a row lock; estimating without it");
                 Ok(None)
             }
-            Err(e) => Err(e.in_step(TRIAL_STEP)),
+            Err(e) if e.sqlstate() != Some("57014") && e.sqlstate() != Some("55P03") => {
+                Err(e.in_step(TRIAL_STEP))
+            }
+            _ => Ok((tried.0.keys > 0).then_some(tried.0)),
         }
     }
 
@@ -286,6 +282,7 @@ impl Attempt<'_> {
             keys_to_walk = plan.keys_to_walk,
             seconds = plan.count_seconds,
             estimated_seconds = plan.estimated_seconds.round(),
+            estimate_basis = %plan.estimate_basis,
             "planned"
         );
         Ok(())
@@ -345,5 +342,64 @@ mod tests {
         )));
         assert!(!takes_sequence_values(&set("abalance * 100")));
         assert!(!takes_sequence_values(&set("default_rate * 2")));
+    }
+}
+
+/// Windows of a trial write, at most.
+const TRIAL_WINDOWS: usize = 4;
+
+/// A trial in progress.
+#[derive(Default)]
+struct Tried(plan::Trial);
+
+impl Tried {
+    /// Writes the walk's first windows in `tx`: the job's initial batch size, then windows sized
+    /// from the last one's speed to take three quarters of `target_batch_ms` (at most eight
+    /// times as many keys), until one after the first takes half the target, the windows
+    /// together take the target, a window reaches `max_size` or ends the walk. The first window
+    /// pays the statements' start-up; the last is about a batch. Row locks are held until the
+    /// caller rolls back: about two targets' worth at most (the default `max_batch_ms`), each
+    /// statement under the batch's timeouts. A window cancelled at the ceiling is counted as a
+    /// lower bound; the caller decides what an error means.
+    async fn windows(
+        &mut self,
+        batcher: &crate::batch::Batcher<'_>,
+        tx: &mut sqlx::PgConnection,
+        from: Option<&Key>,
+        throttle: &Throttle,
+    ) -> Result<(), JobError> {
+        let target = throttle.target_batch_ms as f64 / 1000.0;
+        let (mut cursor, mut size) = (from.cloned(), throttle.initial_size);
+        for n in 1..=TRIAL_WINDOWS {
+            let started = Instant::now();
+            let tried = batcher.trial(tx, cursor.as_ref(), size).await;
+            let seconds = started.elapsed().as_secs_f64();
+            let (keys, changed, last) = match tried {
+                Ok(Some(found)) => found,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if e.sqlstate() == Some("57014") {
+                        self.add(size, 0, seconds);
+                        self.0.timed_out = true;
+                    }
+                    return Err(e);
+                }
+            };
+            self.add(keys, changed, seconds);
+            let enough = n > 1 && seconds >= target / 2.0;
+            if enough || keys < size || size >= throttle.max_size || self.0.seconds >= target {
+                return Ok(());
+            }
+            let aim = keys as f64 * 0.75 * target / seconds.max(1e-6);
+            size = (aim as i64).clamp(keys, keys * 8).min(throttle.max_size);
+            cursor = Some(last);
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, keys: i64, changed: i64, seconds: f64) {
+        let t = &mut self.0;
+        (t.keys, t.changed, t.seconds) = (t.keys + keys, t.changed + changed, t.seconds + seconds);
+        t.windows.push(plan::TrialWindow { keys, seconds });
     }
 }
