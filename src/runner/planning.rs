@@ -163,8 +163,8 @@ impl Attempt<'_> {
     /// Not run for an insert or a set clause that may call `nextval` (a rolled-back row still
     /// takes its sequence value), or for a delete that cascades into child tables. A trial
     /// cancelled at the batch ceiling is kept as a lower bound; one whose first window waited too
-    /// long for a row lock says nothing about speed and is dropped. Any other error fails the plan, as the
-    /// first batch would fail.
+    /// long for a row lock says nothing about speed and is dropped. Any other error in the first
+    /// window fails the plan, as the first batch would fail; in a later one it ends the trial.
     async fn trial(
         &self,
         p: &Prepared,
@@ -196,13 +196,20 @@ impl Attempt<'_> {
             .windows(&batcher, &mut tx, from, &p.spec.throttle)
             .await;
         tx.rollback().await.map_err(self.err(TRIAL_STEP))?;
+        let first = tried.0.windows.is_empty();
         match ended {
-            Err(e) if e.sqlstate() == Some("55P03") && tried.0.windows.is_empty() => {
+            Err(e) if e.sqlstate() == Some("55P03") && first => {
                 tracing::info!(error = %e, "plan: the trial write waited for a row lock; estimating without it");
                 Ok(None)
             }
-            Err(e) if e.sqlstate() != Some("57014") && e.sqlstate() != Some("55P03") => {
+            Err(e) if e.sqlstate() != Some("57014") && e.sqlstate() != Some("55P03") && first => {
                 Err(e.in_step(TRIAL_STEP))
+            }
+            // Past the first window, the batch that reaches the row fails the same way, naming
+            // its window, after the batches before it commit, as without a trial.
+            Err(e) if e.sqlstate() != Some("57014") => {
+                tracing::info!(error = %e, "plan: a later trial window failed; estimating from the windows before it");
+                Ok(Some(tried.0))
             }
             _ => Ok((tried.0.keys > 0).then_some(tried.0)),
         }
