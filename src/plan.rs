@@ -549,7 +549,7 @@ pub struct Trial {
     /// A write reached the batch ceiling (`max_batch_ms`) and was cancelled: `seconds` is a
     /// lower bound, and so is the estimate.
     pub timed_out: bool,
-    /// Each window written, in walk order (each larger than the one before). Empty in plans
+    /// Each window written, in walk order (none smaller than the one before). Empty in plans
     /// written before windows were recorded.
     pub windows: Vec<TrialWindow>,
 }

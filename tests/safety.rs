@@ -69,7 +69,7 @@ async fn dry_run_plans_without_changing_rows_then_execute_changes_exactly_that_m
 }
 
 #[sqlx::test]
-async fn the_estimate_scales_a_rolled_back_trial_of_the_first_window(pool: PgPool) {
+async fn the_estimate_scales_a_rolled_back_trial_of_the_first_windows(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
     // Every row written costs at least 2 ms, and leaves a row in `calls` that only a commit keeps.

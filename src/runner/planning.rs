@@ -157,14 +157,14 @@ impl Attempt<'_> {
 
     /// Times the write of the first windows after `from` (where the walk starts), growing from
     /// the initial batch size towards a batch's duration (`Tried::windows`), at the job's batch
-    /// settings, in a transaction
-    /// it rolls back: this server's speed for this change, which the estimate scales. When the job archives, the archive table is created
-    /// inside that transaction (and is gone with it), so the trial writes the before-images too.
-    /// Not run for an insert or a set clause that may call `nextval` (a rolled-back row still
-    /// takes its sequence value), or for a delete that cascades into child tables. A trial
-    /// cancelled at the batch ceiling is kept as a lower bound; one whose first window waited too
-    /// long for a row lock says nothing about speed and is dropped. Any other error in the first
-    /// window fails the plan, as the first batch would fail; in a later one it ends the trial.
+    /// settings, in a transaction it rolls back: this server's speed for this change, which the
+    /// estimate scales. When the job archives, the archive table is created inside that
+    /// transaction (and is gone with it), so the trial writes the before-images too. Not run for
+    /// an insert or a set clause that may call `nextval` (a rolled-back row still takes its
+    /// sequence value), or for a delete that cascades into child tables. A trial cancelled at the
+    /// batch ceiling is kept as a lower bound; one whose first window waited too long for a row
+    /// lock says nothing about speed and is dropped. Any other error in the first window fails
+    /// the plan, as the first batch would fail; in a later one it ends the trial.
     async fn trial(
         &self,
         p: &Prepared,
@@ -196,22 +196,24 @@ impl Attempt<'_> {
             .windows(&batcher, &mut tx, from, &p.spec.throttle)
             .await;
         tx.rollback().await.map_err(self.err(TRIAL_STEP))?;
+        let Err(e) = ended else {
+            return Ok((tried.0.keys > 0).then_some(tried.0));
+        };
+        // A window cancelled at the ceiling is already counted, as a lower bound.
         let first = tried.0.windows.is_empty();
-        match ended {
-            Err(e) if e.sqlstate() == Some("55P03") && first => {
-                tracing::info!(error = %e, "plan: the trial write waited for a row lock; estimating without it");
-                Ok(None)
-            }
-            Err(e) if e.sqlstate() != Some("57014") && e.sqlstate() != Some("55P03") && first => {
-                Err(e.in_step(TRIAL_STEP))
-            }
+        match e.sqlstate() {
+            Some("57014") => Ok(Some(tried.0)),
             // Past the first window, the batch that reaches the row fails the same way, naming
             // its window, after the batches before it commit, as without a trial.
-            Err(e) if e.sqlstate() != Some("57014") => {
+            _ if !first => {
                 tracing::info!(error = %e, "plan: a later trial window failed; estimating from the windows before it");
                 Ok(Some(tried.0))
             }
-            _ => Ok((tried.0.keys > 0).then_some(tried.0)),
+            Some("55P03") => {
+                tracing::info!(error = %e, "plan: the trial write waited for a row lock; estimating without it");
+                Ok(None)
+            }
+            _ => Err(e.in_step(TRIAL_STEP)),
         }
     }
 
@@ -325,33 +327,6 @@ fn takes_sequence_values(fragments: &Fragments) -> bool {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fragment::Assignment;
-
-    fn set(expr: &str) -> Fragments {
-        Fragments {
-            predicate: "true".into(),
-            assignments: vec![Assignment {
-                column: "c".into(),
-                expr: expr.into(),
-            }],
-        }
-    }
-
-    #[test]
-    fn a_set_clause_that_may_take_sequence_values_skips_the_trial() {
-        assert!(takes_sequence_values(&set("nextval('s')")));
-        assert!(takes_sequence_values(&set("DEFAULT")));
-        assert!(takes_sequence_values(&set(
-            "coalesce(c, NEXTVAL('public.s'))"
-        )));
-        assert!(!takes_sequence_values(&set("abalance * 100")));
-        assert!(!takes_sequence_values(&set("default_rate * 2")));
-    }
-}
-
 /// Windows of a trial write, at most.
 const TRIAL_WINDOWS: usize = 4;
 
@@ -408,5 +383,32 @@ impl Tried {
         let t = &mut self.0;
         (t.keys, t.changed, t.seconds) = (t.keys + keys, t.changed + changed, t.seconds + seconds);
         t.windows.push(plan::TrialWindow { keys, seconds });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fragment::Assignment;
+
+    fn set(expr: &str) -> Fragments {
+        Fragments {
+            predicate: "true".into(),
+            assignments: vec![Assignment {
+                column: "c".into(),
+                expr: expr.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_set_clause_that_may_take_sequence_values_skips_the_trial() {
+        assert!(takes_sequence_values(&set("nextval('s')")));
+        assert!(takes_sequence_values(&set("DEFAULT")));
+        assert!(takes_sequence_values(&set(
+            "coalesce(c, NEXTVAL('public.s'))"
+        )));
+        assert!(!takes_sequence_values(&set("abalance * 100")));
+        assert!(!takes_sequence_values(&set("default_rate * 2")));
     }
 }
