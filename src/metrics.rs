@@ -32,6 +32,7 @@ pub struct Metrics {
     pub bloat_guard_allowed: IntGaugeVec,
     pub listen_connected: IntGauge,
     pub listen_reconnects: IntCounter,
+    pub stats_visible: IntGauge,
     /// Jobs whose attempt ended finished (or planned), and when: their series expire.
     finished: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -43,6 +44,8 @@ const BLOCKED: &str = "Sessions found waiting on a batch's row locks just before
 const VACUUMS: &str = "VACUUMs of the target run by the bloat guard";
 const LISTENING: &str = "1 while this replica LISTENs for new jobs, 0 while it only polls (connection lost, or a \
      transaction pooler without database.direct_url)";
+const STATS_VISIBLE: &str = "1 when this replica's role may read other sessions' statistics (pg_read_all_stats), \
+     0 when the health signals that need them see only its own sessions";
 const ALLOWED: &str =
     "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum";
 
@@ -116,6 +119,10 @@ impl Metrics {
             vacuums: per_job(IntCounterVec::new, "vacuums_total", VACUUMS),
             bloat_guard_allowed: per_job(IntGaugeVec::new, "bloat_guard_vacuum_allowed", ALLOWED),
             listen_connected: must(IntGauge::with_opts(opts("listen_connected", LISTENING))),
+            stats_visible: must(IntGauge::with_opts(opts(
+                "health_signals_visible",
+                STATS_VISIBLE,
+            ))),
             listen_reconnects: counter(
                 "listen_reconnects_total",
                 "LISTEN connections re-established after a loss",
@@ -231,6 +238,7 @@ impl Metrics {
             Box::new(self.bloat_guard_allowed.clone()),
             Box::new(self.listen_connected.clone()),
             Box::new(self.listen_reconnects.clone()),
+            Box::new(self.stats_visible.clone()),
         ];
         for c in collectors {
             must(self.registry.register(c));

@@ -307,6 +307,36 @@ SELECT
     (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal
 FROM (SELECT) AS one LEFT JOIN pg_stat_all_tables t ON t.relid = $1";
 
+/// Whether this role may read other sessions' statistics, and its name. PostgreSQL shows the
+/// replicas' lag, other roles' transaction starts and snapshots, their wait events and
+/// autovacuum's progress only to superusers and members of `pg_read_all_stats` (which
+/// `pg_monitor` includes); to anyone else those columns are NULL, so the replica-lag,
+/// long-transaction, lock-wait and autovacuum signals would stay quiet whatever the server does.
+pub async fn stats_visibility(pool: &Db) -> sqlx::Result<(String, bool)> {
+    crate::sql::query_as("SELECT current_user::text, pg_has_role('pg_read_all_stats', 'USAGE')")
+        .fetch_one(pool)
+        .await
+}
+
+/// The signals that read other sessions' statistics and are turned on.
+pub fn signals_needing_stats(cfg: &ThrottleConfig) -> Vec<&'static str> {
+    [
+        ("throttle.max_replica_lag", !cfg.max_replica_lag.is_zero()),
+        (
+            "throttle.max_transaction_age",
+            !cfg.max_transaction_age.is_zero(),
+        ),
+        ("throttle.max_lock_waiters", cfg.max_lock_waiters > 0),
+        (
+            "throttle.pause_during_autovacuum",
+            cfg.pause_during_autovacuum,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect()
+}
+
 /// Dead tuples below this never hold a job, whatever the ratio: small tables vacuum quickly.
 const DEAD_TUPLES_FLOOR: i64 = 10_000;
 

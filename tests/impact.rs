@@ -243,6 +243,20 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
         Some(0.0),
         "{body}"
     );
+    // Nor may it read other sessions' statistics: the signals that need them are named once.
+    let blind = log
+        .matches("may not read other sessions' statistics")
+        .count();
+    assert_eq!(
+        blind, 1,
+        "one warning about the blind health signals\n{log}"
+    );
+    assert!(log.contains("throttle.max_replica_lag"), "{log}");
+    assert_eq!(
+        metric(&body, "backfilld_health_signals_visible"),
+        Some(0.0),
+        "{body}"
+    );
     db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
 }
