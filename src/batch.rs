@@ -127,7 +127,10 @@ pub struct Committed {
     pub changed: i64,
     pub skipped: i64,
     pub last: Key,
+    /// From `BEGIN` to `COMMIT`.
     pub elapsed: Duration,
+    /// The change statement alone: what the rows cost, without the batch's fixed round trips.
+    pub writing: Duration,
     pub control: Control,
     /// Sessions waiting on this batch's row locks just before it committed.
     pub impact: Impact,
@@ -201,10 +204,12 @@ impl Batcher<'_> {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(None);
         };
+        let writing = Instant::now();
         let Some(changed) = self.apply_change(&mut tx, cursor, &hi, locked).await? else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(Some(Attempted::Raced));
         };
+        let writing = writing.elapsed();
         let skipped = if self.change.counts_skipped() {
             scanned - changed
         } else {
@@ -220,6 +225,7 @@ impl Batcher<'_> {
             skipped,
             last: hi,
             elapsed: started.elapsed(),
+            writing,
             control,
             impact,
         })))

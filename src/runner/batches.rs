@@ -178,7 +178,7 @@ impl Attempt<'_> {
         let cfg = self.ctx.config();
         let throttle = self.throttle(p);
         let impact = self.note_impact(done.impact, &cfg, pacing.controller);
-        let load = pacing.load.observe(done.elapsed, done.scanned);
+        let load = pacing.load.observe(done.writing, done.scanned);
         // The fast preset does not yield to a busier server.
         let max_load = if throttle.preset.is_gentle() {
             cfg.throttle.max_load_factor
