@@ -66,7 +66,7 @@ pub async fn run_daemon(
         reason: format!("cannot install signal handlers: {e}"),
     })?;
     let metrics = Metrics::new();
-    report_stats_visibility(&pool, &cfg, &metrics).await;
+    crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible, true).await;
     let readiness = Arc::new(Readiness::default());
     let server = match cfg.metrics.listen.as_str() {
         "" => None,
@@ -110,29 +110,6 @@ pub async fn run_daemon(
     }
     pool.close().await;
     Ok(())
-}
-
-/// Says once, in the log and in `backfilld_health_signals_visible`, when the role cannot read
-/// other sessions' statistics, so the health signals that need them cannot hold a job.
-async fn report_stats_visibility(pool: &Db, cfg: &Config, metrics: &Metrics) {
-    let (role, visible) = match crate::throttle::stats_visibility(pool).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot check whether the health signals see other sessions");
-            return;
-        }
-    };
-    metrics.stats_visible.set(i64::from(visible));
-    let blind = crate::throttle::signals_needing_stats(&cfg.throttle);
-    if !visible && !blind.is_empty() {
-        tracing::warn!(
-            role = %role,
-            signals = %blind.join(", "),
-            "health signals: this role may not read other sessions' statistics, so replica lag, \
-             other roles' long transactions and lock waits and autovacuum's progress read as \
-             quiet and never hold a job; GRANT pg_read_all_stats (or pg_monitor) TO the role"
-        );
-    }
 }
 
 /// On SIGHUP: reload and validate; apply what can change at run time, keep the rest.

@@ -45,7 +45,7 @@ const VACUUMS: &str = "VACUUMs of the target run by the bloat guard";
 const LISTENING: &str = "1 while this replica LISTENs for new jobs, 0 while it only polls (connection lost, or a \
      transaction pooler without database.direct_url)";
 const STATS_VISIBLE: &str = "1 when this replica's role may read other sessions' statistics (pg_read_all_stats), \
-     0 when the health signals that need them see only its own sessions";
+     0 when the health signals that need them see only its own sessions, -1 until checked";
 const ALLOWED: &str =
     "1 when the bloat guard may VACUUM the job's target, 0 when it relies on autovacuum";
 
@@ -130,6 +130,7 @@ impl Metrics {
             registry: Registry::new(),
             finished: Default::default(),
         };
+        m.stats_visible.set(-1);
         m.register_all();
         m.register_build_info();
         m

@@ -322,6 +322,44 @@ pub async fn stats_visibility(pool: &Db) -> sqlx::Result<(String, bool)> {
         .await
 }
 
+/// Says in the log and in `gauge` (`backfilld_health_signals_visible`) whether the health
+/// signals can see other sessions: at start (a warning when they cannot), then at each job's
+/// claim, which logs only a change (a role granted `pg_read_all_stats`, or losing it, without a
+/// restart; the gauge is -1 until a check succeeds). A failed check is logged and changes nothing.
+pub async fn report_visibility(
+    pool: &Db,
+    cfg: &ThrottleConfig,
+    gauge: &prometheus::IntGauge,
+    at_start: bool,
+) {
+    let (role, visible) = match stats_visibility(pool).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check whether the health signals see other sessions");
+            return;
+        }
+    };
+    let changed = gauge.get() != i64::from(visible);
+    gauge.set(i64::from(visible));
+    let blind = signals_needing_stats(cfg);
+    if blind.is_empty() || !(at_start || changed) {
+        return;
+    }
+    if visible {
+        if !at_start {
+            tracing::info!(role = %role, "health signals: this role may now read other sessions' statistics");
+        }
+    } else {
+        tracing::warn!(
+            role = %role,
+            signals = %blind.join(", "),
+            "health signals: this role may not read other sessions' statistics, so replica lag, \
+             other roles' long transactions and lock waits and autovacuum's progress read as \
+             quiet and never hold a job; GRANT pg_read_all_stats (or pg_monitor) TO the role"
+        );
+    }
+}
+
 /// The signals that read other sessions' statistics and are turned on.
 pub fn signals_needing_stats(cfg: &ThrottleConfig) -> Vec<&'static str> {
     [

@@ -228,10 +228,8 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
         .spawn();
     let done = db.wait_state("nv", "succeeded").await;
     let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
-    assert_eq!(done.rows_changed, 8000);
     let log = daemon.log();
+    assert_eq!(done.rows_changed, 8000);
     let warnings = log.matches("may not VACUUM").count();
     assert_eq!(warnings, 1, "one clear warning\n{log}");
     assert!(
@@ -256,6 +254,29 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
         metric(&body, "backfilld_health_signals_visible"),
         Some(0.0),
         "{body}"
+    );
+    // Granted while the daemon runs: the next job's claim sees it, without a restart.
+    db.exec(&format!("GRANT pg_read_all_stats TO {role}")).await;
+    NewJob::new("nv2", "nv")
+        .predicate("v = 7")
+        .set("v = 8")
+        .insert(&db)
+        .await;
+    db.wait_state("nv2", "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    assert_eq!(
+        metric(&body, "backfilld_health_signals_visible"),
+        Some(1.0),
+        "{body}"
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("may now read other sessions' statistics")
+            .count(),
+        1,
+        "{log}"
     );
     db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
