@@ -138,6 +138,9 @@ pub struct ThrottleConfig {
     pub pause_during_autovacuum: bool,
     /// Pause while WAL is generated faster than this many bytes per second; 0 disables.
     pub max_wal_bytes_per_second: i64,
+    /// Pause while any replication slot holds back more WAL than this many bytes (a logical
+    /// decoding consumer or a standby behind, or a slot nobody reads); 0 disables.
+    pub max_slot_wal_bytes: i64,
 }
 
 /// The bloat guard: VACUUM the target while a job runs, so the space its rewritten rows free is
@@ -268,6 +271,7 @@ impl Default for ThrottleConfig {
             max_load_factor: 4.0,
             pause_during_autovacuum: true,
             max_wal_bytes_per_second: 0,
+            max_slot_wal_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -494,6 +498,7 @@ impl ThrottleConfig {
             "throttle.max_wal_bytes_per_second",
             self.max_wal_bytes_per_second,
         )?;
+        non_negative("throttle.max_slot_wal_bytes", self.max_slot_wal_bytes)?;
         fraction(
             "throttle.max_dead_tuple_ratio",
             self.max_dead_tuple_ratio,
@@ -635,6 +640,10 @@ mod tests {
                 Box::new(|c| c.batch.synchronous_commit = "maybe".into()),
             ),
             ("batch.max_batch_ms", Box::new(|c| c.batch.max_batch_ms = 0)),
+            (
+                "throttle.max_slot_wal_bytes",
+                Box::new(|c| c.throttle.max_slot_wal_bytes = -1),
+            ),
             (
                 "throttle.max_dead_tuple_ratio",
                 Box::new(|c| c.throttle.max_dead_tuple_ratio = -1.0),

@@ -111,6 +111,8 @@ pub enum Reason {
     Autovacuum,
     DeadTuples,
     WalRate,
+    /// A replication slot holds back more WAL than `max_slot_wal_bytes`.
+    ReplicationSlot,
     Backoff,
     /// The last batch made other sessions wait on its row locks.
     Blocking,
@@ -121,10 +123,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Sleep,
         Reason::RateLimit,
         Reason::ReplicaLag,
+        Reason::ReplicationSlot,
         Reason::LongTransaction,
         Reason::LockWaits,
         Reason::Autovacuum,
@@ -146,6 +149,7 @@ impl Reason {
             Reason::Autovacuum => "autovacuum",
             Reason::DeadTuples => "dead_tuples",
             Reason::WalRate => "wal_rate",
+            Reason::ReplicationSlot => "replication_slot",
             Reason::Backoff => "backoff",
             Reason::Blocking => "blocking",
             Reason::ServerLoad => "server_load",
@@ -287,6 +291,8 @@ struct Sample {
     /// on dead tuples can end without us.
     autovacuum_on: bool,
     wal: f64,
+    /// The most WAL any replication slot holds back, in bytes (0 without slots).
+    slot_wal: f64,
 }
 
 const SAMPLE: &str = "
@@ -308,7 +314,9 @@ SELECT
     (current_setting('autovacuum')::bool AND coalesce(
         (SELECT option_value::bool FROM pg_class c, pg_options_to_table(c.reloptions)
           WHERE c.oid = $1 AND option_name = 'autovacuum_enabled'), true)) AS autovacuum_on,
-    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal
+    (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal,
+    (SELECT coalesce(max(pg_current_wal_lsn() - restart_lsn), 0)::float8 FROM pg_replication_slots)
+        AS slot_wal
 FROM (SELECT) AS one LEFT JOIN pg_stat_all_tables t ON t.relid = $1";
 
 /// Whether this role may read other sessions' statistics, and its name. PostgreSQL shows the
@@ -430,6 +438,8 @@ impl Health {
         let over = |limit: Duration, value: f64| !limit.is_zero() && value > limit.as_secs_f64();
         if over(cfg.max_replica_lag, s.replica_lag) {
             Some(Reason::ReplicaLag)
+        } else if cfg.max_slot_wal_bytes > 0 && s.slot_wal > cfg.max_slot_wal_bytes as f64 {
+            Some(Reason::ReplicationSlot)
         } else if over(cfg.max_transaction_age, s.xact_age) {
             Some(Reason::LongTransaction)
         } else if cfg.max_lock_waiters > 0 && s.lock_waiters > cfg.max_lock_waiters {
@@ -478,6 +488,7 @@ fn any_enabled(cfg: &ThrottleConfig) -> bool {
         || cfg.max_dead_tuples > 0
         || cfg.max_dead_tuple_ratio > 0.0
         || cfg.max_wal_bytes_per_second > 0
+        || cfg.max_slot_wal_bytes > 0
 }
 
 #[cfg(test)]
@@ -572,6 +583,15 @@ mod tests {
             h.judge(&cfg, &with(|s| s.replica_lag = 30.0)),
             Some(Reason::ReplicaLag)
         );
+        assert_eq!(
+            h.judge(
+                &cfg,
+                &with(|s| s.slot_wal = 11.0 * 1024.0 * 1024.0 * 1024.0)
+            ),
+            Some(Reason::ReplicationSlot),
+            "a slot holding back over 10 GiB of WAL holds batches by default"
+        );
+        assert_eq!(h.judge(&cfg, &with(|s| s.slot_wal = 1e9)), None);
         assert_eq!(
             h.judge(&cfg, &with(|s| s.xact_age = 999.0)),
             Some(Reason::LongTransaction),

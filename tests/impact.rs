@@ -372,3 +372,57 @@ async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgP
     let series = "backfilld_throttle_seconds_total{job=\"lt\",reason=\"long_transaction\"}";
     assert!(metric(&body, series).is_some_and(|s| s > 0.0), "{body}");
 }
+
+/// A replication slot holding back WAL (a logical decoding consumer or a standby behind, or a slot
+/// nobody reads) holds batches while over `max_slot_wal_bytes`: a backfill would add to the WAL it
+/// keeps on the primary's disk.
+#[sqlx::test]
+async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let database = db.scalar_text("SELECT current_database()").await;
+    // Slots are cluster-wide: one per test database.
+    let suffix: String = database
+        .chars()
+        .rev()
+        .filter(char::is_ascii_alphanumeric)
+        .take(20)
+        .collect();
+    let slot = format!("bf_slot_{}", suffix.to_ascii_lowercase());
+    db.exec(&format!(
+        "SELECT pg_create_physical_replication_slot('{slot}', true);
+         CREATE TABLE rs (id bigint PRIMARY KEY, v int);
+         INSERT INTO rs (id) SELECT g FROM generate_series(1, 2000) g;"
+    ))
+    .await;
+    NewJob::new("rs", "rs")
+        .predicate("v IS NULL")
+        .set("v = 1")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_THROTTLE__MAX_SLOT_WAL_BYTES", "1024")
+        .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
+        .spawn();
+    common::wait_until(
+        "batches held for the slot",
+        || daemon.log(),
+        async || daemon.log().contains("reason=\"replication_slot\""),
+    )
+    .await;
+    assert_eq!(
+        db.job("rs").await.batches,
+        0,
+        "no batch while the slot holds WAL"
+    );
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    db.wait_state("rs", "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let series = "backfilld_throttle_seconds_total{job=\"rs\",reason=\"replication_slot\"}";
+    assert!(metric(&body, series).is_some_and(|s| s > 0.0), "{body}");
+}
