@@ -269,6 +269,10 @@ pub struct Health {
     last_check: Option<Instant>,
     last_wal: Option<(Instant, f64)>,
     verdict: Option<Reason>,
+    /// The verdict's figure, for the log ("a slot holds 11.2 GiB of WAL").
+    reading: String,
+    /// The WAL rate of the last sample, bytes per second.
+    wal_rate: Option<f64>,
     /// Hold on `max_dead_tuple_ratio`: only while autovacuum alone reclaims the job's dead
     /// tuples (no bloat guard), so the hold waits for it. With the guard on, our dead tuples are
     /// reclaimed as we go and everyone else's are autovacuum's business.
@@ -396,6 +400,8 @@ impl Health {
             last_check: None,
             last_wal: None,
             verdict: None,
+            reading: String::new(),
+            wal_rate: None,
             dead_ratio,
         }
     }
@@ -430,7 +436,16 @@ impl Health {
             }
         };
         self.verdict = self.judge(cfg, &sample);
+        self.reading = self
+            .verdict
+            .map(|r| reading(r, &sample, self.wal_rate))
+            .unwrap_or_default();
         self.verdict
+    }
+
+    /// What the signal holding batches read at the last sample, or "" when none does.
+    pub fn reading(&self) -> &str {
+        &self.reading
     }
 
     fn judge(&mut self, cfg: &ThrottleConfig, s: &Sample) -> Option<Reason> {
@@ -464,7 +479,37 @@ impl Health {
             (secs > 0.0).then(|| (wal - prev) / secs)
         });
         self.last_wal = Some((now, wal));
+        self.wal_rate = rate;
         rate
+    }
+}
+
+/// The figure behind a health verdict, as the log states it.
+fn reading(reason: Reason, s: &Sample, wal_rate: Option<f64>) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    match reason {
+        Reason::ReplicaLag => format!("a replica replays {:.1} s behind", s.replica_lag),
+        Reason::ReplicationSlot => format!(
+            "a replication slot holds back {:.1} GiB of WAL",
+            s.slot_wal / (MIB * 1024.0)
+        ),
+        Reason::LongTransaction => {
+            format!(
+                "a transaction holding back vacuum is {:.0} s old",
+                s.xact_age
+            )
+        }
+        Reason::LockWaits => format!("{} sessions wait on locks", s.lock_waiters),
+        Reason::Autovacuum => "autovacuum is working on the target".into(),
+        Reason::DeadTuples => format!(
+            "the target has {} dead tuples to {} live",
+            s.dead_tuples, s.live_tuples
+        ),
+        Reason::WalRate => format!(
+            "the server writes {:.1} MiB of WAL per second",
+            wal_rate.unwrap_or(0.0) / MIB
+        ),
+        _ => String::new(),
     }
 }
 
@@ -592,6 +637,14 @@ mod tests {
             "a slot holding back over 10 GiB of WAL holds batches by default"
         );
         assert_eq!(h.judge(&cfg, &with(|s| s.slot_wal = 1e9)), None);
+        assert_eq!(
+            reading(
+                Reason::ReplicationSlot,
+                &with(|s| s.slot_wal = 11.0 * 1024.0 * 1024.0 * 1024.0),
+                None
+            ),
+            "a replication slot holds back 11.0 GiB of WAL"
+        );
         assert_eq!(
             h.judge(&cfg, &with(|s| s.xact_age = 999.0)),
             Some(Reason::LongTransaction),

@@ -412,6 +412,11 @@ async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(p
         async || daemon.log().contains("reason=\"replication_slot\""),
     )
     .await;
+    assert!(
+        daemon.log().contains("a replication slot holds back"),
+        "the hold names its figure\n{}",
+        daemon.log()
+    );
     assert_eq!(
         db.job("rs").await.batches,
         0,

@@ -157,6 +157,7 @@ impl Attempt<'_> {
                 .await?;
             tracing::info!(
                 reason = reason.as_str(),
+                reading = health.reading(),
                 "holding batches: database health signal over its limit"
             );
             if let Some(outcome) = self.pause(cfg.throttle.check_interval, reason, stop).await {
