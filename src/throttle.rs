@@ -271,8 +271,6 @@ pub struct Health {
     verdict: Option<Reason>,
     /// The verdict's figure, for the log ("a slot holds 11.2 GiB of WAL").
     reading: String,
-    /// The WAL rate of the last sample, bytes per second.
-    wal_rate: Option<f64>,
     /// Hold on `max_dead_tuple_ratio`: only while autovacuum alone reclaims the job's dead
     /// tuples (no bloat guard), so the hold waits for it. With the guard on, our dead tuples are
     /// reclaimed as we go and everyone else's are autovacuum's business.
@@ -297,6 +295,9 @@ struct Sample {
     wal: f64,
     /// The most WAL any replication slot holds back, in bytes (0 without slots).
     slot_wal: f64,
+    /// Bytes of WAL per second since the previous sample (`None` on the first).
+    #[sqlx(skip)]
+    wal_rate: Option<f64>,
 }
 
 const SAMPLE: &str = "
@@ -401,7 +402,6 @@ impl Health {
             last_wal: None,
             verdict: None,
             reading: String::new(),
-            wal_rate: None,
             dead_ratio,
         }
     }
@@ -424,7 +424,7 @@ impl Health {
             return self.verdict;
         }
         self.last_check = Some(Instant::now());
-        let sample: Sample = match crate::sql::query_as(SAMPLE)
+        let mut sample: Sample = match crate::sql::query_as(SAMPLE)
             .bind(sqlx::postgres::types::Oid(table_oid))
             .fetch_one(pool)
             .await
@@ -435,10 +435,11 @@ impl Health {
                 return None;
             }
         };
+        sample.wal_rate = self.wal_rate(sample.wal);
         self.verdict = self.judge(cfg, &sample);
         self.reading = self
             .verdict
-            .map(|r| reading(r, &sample, self.wal_rate))
+            .map(|r| reading(r, &sample))
             .unwrap_or_default();
         self.verdict
     }
@@ -448,8 +449,7 @@ impl Health {
         &self.reading
     }
 
-    fn judge(&mut self, cfg: &ThrottleConfig, s: &Sample) -> Option<Reason> {
-        let wal_rate = self.wal_rate(s.wal);
+    fn judge(&self, cfg: &ThrottleConfig, s: &Sample) -> Option<Reason> {
         let over = |limit: Duration, value: f64| !limit.is_zero() && value > limit.as_secs_f64();
         if over(cfg.max_replica_lag, s.replica_lag) {
             Some(Reason::ReplicaLag)
@@ -464,7 +464,8 @@ impl Health {
         } else if too_many_dead(cfg, s, self.dead_ratio) {
             Some(Reason::DeadTuples)
         } else if cfg.max_wal_bytes_per_second > 0
-            && wal_rate.is_some_and(|r| r > cfg.max_wal_bytes_per_second as f64)
+            && s.wal_rate
+                .is_some_and(|r| r > cfg.max_wal_bytes_per_second as f64)
         {
             Some(Reason::WalRate)
         } else {
@@ -479,13 +480,12 @@ impl Health {
             (secs > 0.0).then(|| (wal - prev) / secs)
         });
         self.last_wal = Some((now, wal));
-        self.wal_rate = rate;
         rate
     }
 }
 
 /// The figure behind a health verdict, as the log states it.
-fn reading(reason: Reason, s: &Sample, wal_rate: Option<f64>) -> String {
+fn reading(reason: Reason, s: &Sample) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
     match reason {
         Reason::ReplicaLag => format!("a replica replays {:.1} s behind", s.replica_lag),
@@ -507,7 +507,7 @@ fn reading(reason: Reason, s: &Sample, wal_rate: Option<f64>) -> String {
         ),
         Reason::WalRate => format!(
             "the server writes {:.1} MiB of WAL per second",
-            wal_rate.unwrap_or(0.0) / MIB
+            s.wal_rate.unwrap_or(0.0) / MIB
         ),
         _ => String::new(),
     }
@@ -612,7 +612,7 @@ mod tests {
     #[test]
     fn health_verdicts_follow_limits() {
         let mut cfg = ThrottleConfig::default();
-        let mut h = Health::new(true);
+        let h = Health::new(true);
         let quiet = Sample {
             autovacuum_on: true,
             live_tuples: 1_000_000,
@@ -640,8 +640,7 @@ mod tests {
         assert_eq!(
             reading(
                 Reason::ReplicationSlot,
-                &with(|s| s.slot_wal = 11.0 * 1024.0 * 1024.0 * 1024.0),
-                None
+                &with(|s| s.slot_wal = 11.0 * 1024.0 * 1024.0 * 1024.0)
             ),
             "a replication slot holds back 11.0 GiB of WAL"
         );
