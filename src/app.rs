@@ -66,7 +66,7 @@ pub async fn run_daemon(
         reason: format!("cannot install signal handlers: {e}"),
     })?;
     let metrics = Metrics::new();
-    crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible, true).await;
+    crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible).await;
     let readiness = Arc::new(Readiness::default());
     let server = match cfg.metrics.listen.as_str() {
         "" => None,

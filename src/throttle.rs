@@ -335,16 +335,12 @@ pub async fn stats_visibility(pool: &Db) -> sqlx::Result<(String, bool)> {
         .await
 }
 
-/// Says in the log and in `gauge` (`backfilld_health_signals_visible`) whether the health
-/// signals can see other sessions: at start (a warning when they cannot), then at each job's
-/// claim, which logs only a change (a role granted `pg_read_all_stats`, or losing it, without a
-/// restart; the gauge is -1 until a check succeeds). A failed check is logged and changes nothing.
-pub async fn report_visibility(
-    pool: &Db,
-    cfg: &ThrottleConfig,
-    gauge: &prometheus::IntGauge,
-    at_start: bool,
-) {
+/// Says in the log and in `gauge` (`backfilld_health_signals_visible`, -1 until a check
+/// succeeds) whether the health signals can see other sessions. Run at start and at each job's
+/// claim: the first successful check warns when they cannot; later ones log only a change (a
+/// role granted `pg_read_all_stats`, or losing it, without a restart). A failed check is logged
+/// and changes nothing.
+pub async fn report_visibility(pool: &Db, cfg: &ThrottleConfig, gauge: &prometheus::IntGauge) {
     let (role, visible) = match stats_visibility(pool).await {
         Ok(v) => v,
         Err(e) => {
@@ -352,17 +348,12 @@ pub async fn report_visibility(
             return;
         }
     };
-    let changed = gauge.get() != i64::from(visible);
-    gauge.set(i64::from(visible));
+    let before = swap_visible(gauge, visible);
     let blind = signals_needing_stats(cfg);
-    if blind.is_empty() || !(at_start || changed) {
+    if blind.is_empty() || before == Some(visible) {
         return;
     }
-    if visible {
-        if !at_start {
-            tracing::info!(role = %role, "health signals: this role may now read other sessions' statistics");
-        }
-    } else {
+    if !visible {
         tracing::warn!(
             role = %role,
             signals = %blind.join(", "),
@@ -370,7 +361,20 @@ pub async fn report_visibility(
              other roles' long transactions and lock waits and autovacuum's progress read as \
              quiet and never hold a job; GRANT pg_read_all_stats (or pg_monitor) TO the role"
         );
+    } else if before.is_some() {
+        tracing::info!(role = %role, "health signals: this role may now read other sessions' statistics");
     }
+}
+
+/// Sets the visibility gauge to `visible`; returns what it said before (`None`: -1, never
+/// checked).
+fn swap_visible(gauge: &prometheus::IntGauge, visible: bool) -> Option<bool> {
+    let before = match gauge.get() {
+        -1 => None,
+        v => Some(v == 1),
+    };
+    gauge.set(i64::from(visible));
+    before
 }
 
 /// The signals that read other sessions' statistics and are turned on.

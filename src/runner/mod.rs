@@ -90,7 +90,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
         let interrupt = interrupt_on_control(&shutdown, control.clone());
         tracing::info!("job claimed");
         let gauge = &ctx.metrics.stats_visible;
-        crate::throttle::report_visibility(&ctx.pool, &cfg.throttle, gauge, false).await;
+        crate::throttle::report_visibility(&ctx.pool, &cfg.throttle, gauge).await;
         ctx.metrics.job_started(&row.name);
         let mut attempt = Attempt {
             ctx: &ctx,
