@@ -27,6 +27,19 @@ async fn slow_table(db: &Db, name: &str, rows: i64) {
     .await;
 }
 
+/// A name for a cluster-wide object (a role, a replication slot) unique to this test's database:
+/// `prefix` and the database name's last 20 letters and digits, lower case.
+async fn cluster_unique(db: &Db, prefix: &str) -> String {
+    let database = db.scalar_text("SELECT current_database()").await;
+    let suffix: String = database
+        .chars()
+        .rev()
+        .filter(char::is_ascii_alphanumeric)
+        .take(20)
+        .collect();
+    format!("{prefix}_{}", suffix.to_ascii_lowercase())
+}
+
 /// What a job over the slow table `w` saw while an application session kept waiting on the row
 /// its current batch writes: the metrics at the end, and the job row.
 struct Waited {
@@ -192,15 +205,7 @@ async fn the_bloat_guard_keeps_a_full_table_backfill_within_its_heap_budget(pool
 #[sqlx::test]
 async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgPool) {
     let db = Db::new(pool).await;
-    let database = db.scalar_text("SELECT current_database()").await;
-    // Roles are cluster-wide: one per test database, folded to a short lower-case identifier.
-    let suffix: String = database
-        .chars()
-        .rev()
-        .filter(char::is_ascii_alphanumeric)
-        .take(20)
-        .collect();
-    let role = format!("bf_novac_{}", suffix.to_ascii_lowercase());
+    let role = cluster_unique(&db, "bf_novac").await;
     db.exec(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'novac';
          GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
@@ -327,16 +332,65 @@ async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
     assert_eq!(job.attempt, 0, "a graceful stop burns no attempt");
 }
 
+/// A job over a fresh 2,000-row table `name`, run by a daemon with `env` and health checks every
+/// 200 ms, once its log shows batches held for `reason` (with `figure` in the line): no batch
+/// has run. The caller then ends the cause and calls `released`.
+async fn held_for(
+    db: &Db,
+    name: &str,
+    env: (&str, &str),
+    reason: &str,
+    figure: &str,
+) -> (common::Daemon, u16) {
+    db.exec(&format!(
+        "CREATE TABLE {name} (id bigint PRIMARY KEY, v int);
+         INSERT INTO {name} (id) SELECT g FROM generate_series(1, 2000) g;"
+    ))
+    .await;
+    NewJob::new(name, name)
+        .predicate("v IS NULL")
+        .set("v = 1")
+        .insert(db)
+        .await;
+    let port = free_port();
+    let daemon = db
+        .daemon()
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env(env.0, env.1)
+        .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
+        .spawn();
+    let held = format!("reason=\"{reason}\"");
+    common::wait_until(
+        &format!("batches held for {reason}"),
+        || daemon.log(),
+        async || daemon.log().contains(&held),
+    )
+    .await;
+    assert!(
+        daemon.log().contains(figure),
+        "the hold names its figure\n{}",
+        daemon.log()
+    );
+    assert_eq!(db.job(name).await.batches, 0, "no batch while held");
+    (daemon, port)
+}
+
+/// After the cause of `held_for` ended: the job finishes, and the time held counts under
+/// `reason`.
+async fn released(db: &Db, name: &str, (mut daemon, port): (common::Daemon, u16), reason: &str) {
+    db.wait_state(name, "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let series = format!("backfilld_throttle_seconds_total{{job=\"{name}\",reason=\"{reason}\"}}");
+    assert!(metric(&body, &series).is_some_and(|s| s > 0.0), "{body}");
+}
+
 #[sqlx::test]
 async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgPool) {
     let db = Db::new(pool).await;
-    db.exec(
-        "CREATE TABLE lt (id bigint PRIMARY KEY, v int);
-         INSERT INTO lt (id) SELECT g FROM generate_series(1, 2000) g;",
-    )
-    .await;
     // An open transaction with an xid: nothing rewritten after it started can be reclaimed.
-    let held = db.hold("SELECT txid_current()").await;
+    let open = db.hold("SELECT txid_current()").await;
     let old = "SELECT count(*) FROM pg_stat_activity
                WHERE backend_xid IS NOT NULL AND now() - xact_start > interval '1 second'";
     common::wait_until(
@@ -345,32 +399,18 @@ async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgP
         async || db.scalar_i64(old).await > 0,
     )
     .await;
-    NewJob::new("lt", "lt")
-        .predicate("v IS NULL")
-        .set("v = 1")
-        .insert(&db)
-        .await;
-    let port = free_port();
-    let mut daemon = db
-        .daemon()
-        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
-        .env("BACKFILLD_THROTTLE__MAX_TRANSACTION_AGE", "1s")
-        .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
-        .spawn();
-    common::wait_until(
-        "batches held for the old transaction",
-        || daemon.log(),
-        async || daemon.log().contains("reason=\"long_transaction\""),
+    let age = ("BACKFILLD_THROTTLE__MAX_TRANSACTION_AGE", "1s");
+    let reason = "long_transaction";
+    let daemon = held_for(
+        &db,
+        "lt",
+        age,
+        reason,
+        "a transaction holding back vacuum is",
     )
     .await;
-    assert_eq!(db.job("lt").await.batches, 0, "no batch while it is open");
-    held.commit().await;
-    db.wait_state("lt", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
-    let series = "backfilld_throttle_seconds_total{job=\"lt\",reason=\"long_transaction\"}";
-    assert!(metric(&body, series).is_some_and(|s| s > 0.0), "{body}");
+    open.commit().await;
+    released(&db, "lt", daemon, reason).await;
 }
 
 /// A replication slot holding back WAL (a logical decoding consumer or a standby behind, or a slot
@@ -379,55 +419,15 @@ async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgP
 #[sqlx::test]
 async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(pool: PgPool) {
     let db = Db::new(pool).await;
-    let database = db.scalar_text("SELECT current_database()").await;
-    // Slots are cluster-wide: one per test database.
-    let suffix: String = database
-        .chars()
-        .rev()
-        .filter(char::is_ascii_alphanumeric)
-        .take(20)
-        .collect();
-    let slot = format!("bf_slot_{}", suffix.to_ascii_lowercase());
+    let slot = cluster_unique(&db, "bf_slot").await;
     db.exec(&format!(
-        "SELECT pg_create_physical_replication_slot('{slot}', true);
-         CREATE TABLE rs (id bigint PRIMARY KEY, v int);
-         INSERT INTO rs (id) SELECT g FROM generate_series(1, 2000) g;"
+        "SELECT pg_create_physical_replication_slot('{slot}', true)"
     ))
     .await;
-    NewJob::new("rs", "rs")
-        .predicate("v IS NULL")
-        .set("v = 1")
-        .insert(&db)
-        .await;
-    let port = free_port();
-    let mut daemon = db
-        .daemon()
-        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
-        .env("BACKFILLD_THROTTLE__MAX_SLOT_WAL_BYTES", "1024")
-        .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
-        .spawn();
-    common::wait_until(
-        "batches held for the slot",
-        || daemon.log(),
-        async || daemon.log().contains("reason=\"replication_slot\""),
-    )
-    .await;
-    assert!(
-        daemon.log().contains("a replication slot holds back"),
-        "the hold names its figure\n{}",
-        daemon.log()
-    );
-    assert_eq!(
-        db.job("rs").await.batches,
-        0,
-        "no batch while the slot holds WAL"
-    );
+    let limit = ("BACKFILLD_THROTTLE__MAX_SLOT_WAL_BYTES", "1024");
+    let reason = "replication_slot";
+    let daemon = held_for(&db, "rs", limit, reason, "a replication slot holds back").await;
     db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
-    db.wait_state("rs", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
-    let series = "backfilld_throttle_seconds_total{job=\"rs\",reason=\"replication_slot\"}";
-    assert!(metric(&body, series).is_some_and(|s| s > 0.0), "{body}");
+    released(&db, "rs", daemon, reason).await;
 }
