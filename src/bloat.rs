@@ -41,13 +41,16 @@ SELECT pg_has_role(c.relowner, 'USAGE')
     OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
     OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
     OR CASE WHEN current_setting('server_version_num')::int >= 170000
-            THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END
+            THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END,
+       current_user::text
 FROM pg_class c WHERE c.oid = $1";
 
 /// One job's guard, shared by its slices.
 #[derive(Debug)]
 pub struct BloatGuard {
     standing: Standing,
+    /// The role the VACUUMs run as (checked on their connection), for the log.
+    role: Option<String>,
     state: Mutex<GuardState>,
     timeout: Duration,
     cost_delay: Duration,
@@ -91,6 +94,7 @@ impl BloatGuard {
     fn with(standing: Standing, cfg: &BloatConfig) -> Self {
         Self {
             standing,
+            role: None,
             state: Mutex::new(GuardState::default()),
             timeout: cfg.vacuum_timeout,
             cost_delay: cfg.vacuum_cost_delay,
@@ -100,6 +104,11 @@ impl BloatGuard {
 
     pub fn standing(&self) -> Standing {
         self.standing
+    }
+
+    /// The role the VACUUMs run as, when it was checked.
+    pub fn role(&self) -> &str {
+        self.role.as_deref().unwrap_or("?")
     }
 
     /// Whether batches should wait for autovacuum when dead tuples pile up: a gentle job whose
@@ -116,25 +125,32 @@ impl BloatGuard {
         target: &Target,
         rows: i64,
     ) -> Result<Self, sqlx::Error> {
+        let mut role = None;
         let standing = if !wanted {
             Standing::Off
         } else if !cfg.guard {
             Standing::Disabled
-        } else if !pool.has_session() {
-            Standing::NoSession
-        } else {
-            let permitted: Option<bool> = crate::sql::query_scalar(MAY_VACUUM)
+        } else if let Some(mut session) = pool.session().await? {
+            // Asked on the connection the VACUUMs run on: with `database.direct_url` that may
+            // be another role than the pool's, and a VACUUM the role may not run only warns.
+            let permitted: Option<(bool, String)> = crate::sql::query_as(MAY_VACUUM)
                 .bind(sqlx::postgres::types::Oid(target.oid))
-                .fetch_optional(pool)
+                .fetch_optional(&mut *session)
                 .await?;
+            role = permitted.as_ref().map(|(_, r)| r.clone());
             match permitted {
-                Some(true) => Standing::Active {
+                Some((true, _)) => Standing::Active {
                     every: interval(cfg, rows),
                 },
                 _ => Standing::NotPermitted,
             }
+        } else {
+            Standing::NoSession
         };
-        Ok(Self::with(standing, cfg))
+        Ok(Self {
+            role,
+            ..Self::with(standing, cfg)
+        })
     }
 
     /// Counts changed rows; `true` when this caller should VACUUM now (it then owns the run

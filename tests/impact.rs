@@ -287,6 +287,65 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
         .await;
 }
 
+/// Through a transaction pooler the VACUUMs run on `database.direct_url`, which may log in as
+/// another role than the pool's: the guard asks that connection, not the pool. (Asked on the
+/// pool's superuser, it would stand active while every VACUUM only warned and reclaimed nothing.)
+#[sqlx::test]
+async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let role = cluster_unique(&db, "bf_direct").await;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'direct';
+         CREATE TABLE dv (id bigint PRIMARY KEY, v int);
+         INSERT INTO dv (id) SELECT g FROM generate_series(1, 4000) g;"
+    ))
+    .await;
+    NewJob::new("dv", "dv")
+        .predicate("v IS NULL")
+        .set("v = 7")
+        .raw("batch_size", "500")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_DATABASE__POOL_MODE", "transaction")
+        .env(
+            "BACKFILLD_DATABASE__DIRECT_URL",
+            &db.url_as(&role, "direct"),
+        )
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
+        .spawn();
+    let done = db.wait_state("dv", "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert_eq!(done.rows_changed, 4000);
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("may not VACUUM"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one clear warning\n{log}");
+    assert!(
+        warnings[0].contains(&role),
+        "the warning names the role: {}",
+        warnings[0]
+    );
+    assert!(
+        !log.contains("vacuumed the target"),
+        "no VACUUM was attempted\n{log}"
+    );
+    assert_eq!(
+        metric(&body, "backfilld_bloat_guard_vacuum_allowed{job=\"dv\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await;
+}
+
 #[sqlx::test]
 async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
     let db = Db::new(pool).await;

@@ -26,6 +26,7 @@ impl Attempt<'_> {
                 allowed.set(0);
                 tracing::warn!(
                     table = %p.target.display(),
+                    role = guard.role(),
                     "bloat guard: this role may not VACUUM the target (it needs to own the table, \
                      or MAINTAIN on PostgreSQL 17+); relying on autovacuum, batches hold while \
                      dead tuples exceed throttle.max_dead_tuple_ratio"
