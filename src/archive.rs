@@ -59,6 +59,32 @@ impl ArchiveTable {
         crate::sql::table_name_for(job, &suffix)
     }
 
+    /// The revert's index on an archive: `<archive>_key`, shortened in the middle when too long,
+    /// so the archive's unique `_<date>_j<id>` tail stays (two long job names that share their
+    /// start must not share an index name: the second revert would find "its" index on the other
+    /// archive, skip the build, and read its own unindexed archive).
+    pub fn index_name(archive: &str) -> String {
+        const MAX: usize = 63 - "_key".len();
+        const TAIL: usize = 30; // `_20261121_j` and a 19-digit job id
+        let chars: Vec<char> = archive.chars().collect();
+        let short: String = if archive.len() <= MAX {
+            archive.to_owned()
+        } else {
+            let tail = &chars[chars.len().saturating_sub(TAIL)..];
+            let head_bytes = MAX - tail.iter().map(|c| c.len_utf8()).sum::<usize>();
+            let mut head = String::new();
+            for c in &chars {
+                if head.len() + c.len_utf8() > head_bytes {
+                    break;
+                }
+                head.push(*c);
+            }
+            head.extend(tail);
+            head
+        };
+        format!("{short}_key")
+    }
+
     pub fn after_column(i: usize) -> String {
         format!("{AFTER_PREFIX}{i}")
     }
@@ -192,7 +218,7 @@ impl ArchiveTable {
         let timeout = format!("{}ms", timeout.as_millis());
         let index = format!(
             "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
-            quote_ident(&format!("{}_key", &self.name[..self.name.len().min(58)])),
+            quote_ident(&Self::index_name(&self.name)),
             self.quoted,
             column_list(self.keys.iter().map(String::as_str))
         );
@@ -290,5 +316,29 @@ mod tests {
         let long = ArchiveTable::name_for(&"x".repeat(200), 7, d);
         assert_eq!(long.len(), 63);
         assert!(long.ends_with("_20261121_j7"));
+    }
+
+    #[test]
+    fn index_names_keep_the_archive_names_unique_tail() {
+        let d = chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap();
+        let job = "backfill_orders_status_from_the_legacy_system_part_";
+        let one = ArchiveTable::name_for(&format!("{job}1"), 8, d);
+        let two = ArchiveTable::name_for(&format!("{job}2"), 9, d);
+        let (i1, i2) = (
+            ArchiveTable::index_name(&one),
+            ArchiveTable::index_name(&two),
+        );
+        assert_ne!(i1, i2);
+        assert!(i1.len() <= 63 && i2.len() <= 63, "{i1} {i2}");
+        assert!(i1.ends_with("_20261121_j8_key"), "{i1}");
+        assert_eq!(
+            ArchiveTable::index_name("short_20261121_j1"),
+            "short_20261121_j1_key"
+        );
+        let huge = ArchiveTable::index_name(&format!("{}_20261121_j{}", "x".repeat(40), i64::MAX));
+        assert!(
+            huge.len() <= 63 && huge.ends_with(&format!("_j{}_key", i64::MAX)),
+            "{huge}"
+        );
     }
 }
