@@ -85,6 +85,22 @@ impl ArchiveTable {
         format!("{short}_key")
     }
 
+    /// `("a", "b") IN (SELECT _bf_a."a", _bf_a."b" FROM archive AS _bf_a)`: a predicate on the
+    /// target's bare key columns selecting the rows whose keys the archive holds.
+    pub fn keys_archived(&self) -> String {
+        let keys = column_list(self.keys.iter().map(String::as_str));
+        let archived: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| format!("_bf_a.{}", quote_ident(k)))
+            .collect();
+        format!(
+            "({keys}) IN (SELECT {} FROM {} AS _bf_a)",
+            archived.join(", "),
+            self.quoted
+        )
+    }
+
     pub fn after_column(i: usize) -> String {
         format!("{AFTER_PREFIX}{i}")
     }

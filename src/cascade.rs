@@ -281,7 +281,8 @@ fn refusal(job: &str, target: &Target, cascades: &[Cascade]) -> JobError {
         job,
         format!(
             "a delete on {} would change rows of other tables through foreign keys: {}; the archive \
-             cannot restore them. Set allow_cascade = true on the job to run it anyway",
+             cannot restore them. Set allow_cascade = true on the job to run it anyway \
+             (`backfilld enqueue --allow-cascade`; for a revert, `backfilld revert --allow-cascade`)",
             target.display(),
             list.join("; ")
         ),

@@ -109,6 +109,10 @@ pub enum Command {
     /// Enqueue a job restoring the before-images archived by NAME.
     Revert {
         name: String,
+        /// Run although deleting the rows an insert job added cascades through foreign keys
+        /// into child tables (their rows cannot be restored; the plan lists them).
+        #[arg(long)]
+        allow_cascade: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -362,8 +366,12 @@ async fn operate(
             ops::approve(pool, names, &name).await?,
             "approved for execution",
         ),
-        Command::Revert { name, output } => {
-            let row = ops::revert(pool, names, &name).await?;
+        Command::Revert {
+            name,
+            allow_cascade,
+            output,
+        } => {
+            let row = ops::revert(pool, names, &name, allow_cascade).await?;
             print_jobs(&[row], output, true);
         }
         Command::Verify { name, output } => {

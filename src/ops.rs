@@ -216,7 +216,9 @@ pub async fn approve(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
 /// another revert of the job is queued, running, paused or has succeeded (a second one would only
 /// skip every row); after a failed or cancelled revert a new one restores what that one left. The
 /// job's row is locked meanwhile, so two concurrent `revert` commands cannot both enqueue.
-pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
+/// Enqueues the revert of job `name`, in execute mode. `allow_cascade`: the revert of an insert
+/// may delete rows whose child rows foreign keys then cascade into.
+pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
     let refuse = |reason: String| Error::Refused {
         job: name.into(),
@@ -256,17 +258,18 @@ pub async fn revert(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     let row = crate::sql::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
-                             parallelism, max_batch_ms, preset)
+                             parallelism, max_batch_ms, preset, allow_cascade)
          SELECT $2, table_name, 'true', 'revert',
                 -- an insert's key_columns name its source's keys; its archive has the target's
                 CASE WHEN action = 'insert' THEN NULL ELSE key_columns END, 'execute', false, name,
                 batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism,
-                max_batch_ms, preset
+                max_batch_ms, preset, $3
          FROM {jobs} WHERE name = $1
          RETURNING *",
     ))
     .bind(name)
     .bind(revert_name(&mut tx, names, name).await?)
+    .bind(allow_cascade)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

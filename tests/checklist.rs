@@ -475,7 +475,7 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
     // The application edits one inserted policy; the revert must leave it (and its own 1,000).
     db.exec("UPDATE policies SET kind = 'custom' WHERE user_id = 5000")
         .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "policies_for_all")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "policies_for_all", false)
         .await
         .unwrap();
     db.daemon()
@@ -494,6 +494,65 @@ async fn an_insert_job_is_idempotent_and_its_revert_deletes_exactly_its_rows(poo
             .await,
         1,
         "only the edited row the backfill inserted remains"
+    );
+}
+
+/// Reverting an insert deletes rows, so it gets a delete's foreign-key check: child rows the
+/// application has since attached through `ON DELETE CASCADE` would go with them, unarchived. The
+/// revert is refused, naming the key, until it is asked for with `allow_cascade`.
+#[sqlx::test]
+async fn the_revert_of_an_insert_refuses_to_cascade_into_child_rows_unless_allowed(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE acct_src (id bigint PRIMARY KEY);
+         CREATE TABLE acct (id bigint PRIMARY KEY);
+         CREATE TABLE orders (id bigint PRIMARY KEY,
+                              acct_id bigint NOT NULL REFERENCES acct ON DELETE CASCADE);
+         INSERT INTO acct_src SELECT generate_series(1, 100);",
+    )
+    .await;
+    NewJob::new("acct_copy", "acct")
+        .raw("action", "'insert'")
+        .text("source_table", "public.acct_src")
+        .predicate("true")
+        .set("id = id")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("acct_copy").await.rows_changed, 100);
+    // The application attaches orders to ten of the copied accounts.
+    db.exec("INSERT INTO orders SELECT g, g FROM generate_series(1, 10) g")
+        .await;
+
+    let refused = backfilld::ops::revert(&db.lib, &db.names, "acct_copy", false)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = db.job(&refused.name).await;
+    assert_eq!(refused.state, "failed");
+    let error = refused.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("orders")
+            && error.contains("10 child rows")
+            && error.contains("allow-cascade"),
+        "{error}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM acct").await, 100);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 10);
+
+    let allowed = backfilld::ops::revert(&db.lib, &db.names, "acct_copy", true)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let allowed = db.job(&allowed.name).await;
+    assert_eq!(allowed.state, "succeeded", "{:?}", allowed.last_error);
+    assert_eq!(allowed.rows_changed, 100);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM acct").await, 0);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders").await,
+        0,
+        "cascaded, as allowed"
     );
 }
 
@@ -709,7 +768,7 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
         .await,
         50
     );
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "reprice")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "reprice", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;

@@ -278,7 +278,7 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
     // The application changes three backfilled rows again before the revert.
     db.exec("UPDATE orders SET status = 'shipped' WHERE id IN (7, 11); UPDATE orders SET note = 'edited' WHERE id = 13").await;
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "upd")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "upd", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -320,18 +320,18 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     let refused = |e: backfilld::error::Error| e.to_string();
-    let first = backfilld::ops::revert(&db.lib, &db.names, "once")
+    let first = backfilld::ops::revert(&db.lib, &db.names, "once", false)
         .await
         .unwrap();
     assert_eq!(first.name, "once__revert");
-    let again = backfilld::ops::revert(&db.lib, &db.names, "once")
+    let again = backfilld::ops::revert(&db.lib, &db.names, "once", false)
         .await
         .map_err(refused)
         .unwrap_err();
     assert_eq!(again, "job once: once__revert is reverting it (pending)");
     db.exec("UPDATE backfill.jobs SET state = 'cancelled' WHERE name = 'once__revert'")
         .await;
-    let second = backfilld::ops::revert(&db.lib, &db.names, "once")
+    let second = backfilld::ops::revert(&db.lib, &db.names, "once", false)
         .await
         .unwrap();
     assert_eq!(second.name, "once__revert2");
@@ -344,7 +344,7 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
             .await,
         0
     );
-    let third = backfilld::ops::revert(&db.lib, &db.names, "once")
+    let third = backfilld::ops::revert(&db.lib, &db.names, "once", false)
         .await
         .map_err(refused)
         .unwrap_err();
@@ -374,7 +374,7 @@ async fn a_revert_restores_into_the_space_the_reverted_job_left(pool: PgPool) {
     db.daemon().until_idle().spawn().wait_ok().await;
     let size = "SELECT pg_table_size('wide')";
     let after_job = db.scalar_i64(size).await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -417,7 +417,7 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     // A row with a deleted key comes back before the revert: it must be left as it is.
     db.exec("INSERT INTO orders (id, status, amount, note) VALUES (8, 'new', 1, 'reborn')")
         .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "purge")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "purge", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -968,7 +968,7 @@ async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
         "every row gets the backfill's +1 exactly once, on top of the app's writes"
     );
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "bump")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "bump", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -1045,7 +1045,7 @@ async fn a_race_inside_the_window_redoes_the_batch_with_row_locks(pool: PgPool) 
         before, 100,
         "the before-image is the version the backfill overwrote"
     );
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "raced")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "raced", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -1103,7 +1103,7 @@ async fn archived_images_stay_with_their_own_partition(pool: PgPool) {
         .await;
     assert_eq!(distinct, 2000, "every changed row has its own image");
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "parted")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "parted", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -1174,7 +1174,7 @@ async fn an_is_null_backfill_stays_exact_under_concurrent_writes(pool: PgPool) {
         .scalar_i64("SELECT count(*) FROM fill WHERE v = -1")
         .await;
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;
@@ -1214,7 +1214,7 @@ async fn a_composite_column_is_null_is_captured_not_assumed(pool: PgPool) {
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     assert_eq!(db.job("pairs").await.rows_changed, 1000);
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "pairs")
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "pairs", false)
         .await
         .unwrap();
     db.daemon().until_idle().spawn().wait_ok().await;

@@ -4,6 +4,7 @@
 
 use super::prepare::archive_as_target;
 use super::*;
+use crate::archive::ArchiveKind;
 use crate::cascade::{self, Cascade};
 use crate::fullscan;
 use crate::idempotency::{self, Verdict};
@@ -246,19 +247,25 @@ impl Attempt<'_> {
         Ok(Some(verdict))
     }
 
-    /// For deletes: the foreign keys that would cascade into child tables. Refuses the job unless
-    /// it allows cascades (the archive cannot restore child rows), and always while rows of a
-    /// table whose foreign key forbids the delete still reference rows it selects.
+    /// For jobs that delete (a delete, or the revert of an insert): the foreign keys that would
+    /// cascade into child tables. Refuses the job unless it allows cascades (no archive restores
+    /// child rows), and always while rows of a table whose foreign key forbids the delete still
+    /// reference rows it selects.
     async fn cascades(
         &self,
         p: &Prepared,
         upper: &Key,
     ) -> Result<(Vec<Cascade>, Vec<String>), JobError> {
-        if p.spec.action != Action::Delete {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let (pool, pred) = (&self.ctx.pool, &p.fragments.predicate);
-        let found = cascade::find(pool, &p.spec.name, &p.target, &p.keyset, pred, upper).await?;
+        let predicate = match (&p.spec.action, &p.source_archive) {
+            (Action::Delete, _) => p.fragments.predicate.clone(),
+            // The rows the revert may delete: those whose keys the insert archived (rows
+            // changed since stay, so this counts at most what it deletes).
+            (Action::Revert, Some(a)) if matches!(a.kind, ArchiveKind::Insert) => a.keys_archived(),
+            _ => return Ok((Vec::new(), Vec::new())),
+        };
+        let pool = &self.ctx.pool;
+        let found =
+            cascade::find(pool, &p.spec.name, &p.target, &p.keyset, &predicate, upper).await?;
         cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)
     }
 
