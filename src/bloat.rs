@@ -45,6 +45,18 @@ SELECT pg_has_role(c.relowner, 'USAGE')
        current_user::text
 FROM pg_class c WHERE c.oid = $1";
 
+/// Whether the role of `conn` may VACUUM the table `oid`, and that role's name; `None` when no
+/// such table exists.
+pub async fn may_vacuum(
+    conn: &mut sqlx::PgConnection,
+    oid: u32,
+) -> sqlx::Result<Option<(bool, String)>> {
+    crate::sql::query_as(MAY_VACUUM)
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_optional(conn)
+        .await
+}
+
 /// One job's guard, shared by its slices.
 #[derive(Debug)]
 pub struct BloatGuard {
@@ -133,10 +145,7 @@ impl BloatGuard {
         } else if let Some(mut session) = pool.session().await? {
             // Asked on the connection the VACUUMs run on: with `database.direct_url` that may
             // be another role than the pool's, and a VACUUM the role may not run only warns.
-            let permitted: Option<(bool, String)> = crate::sql::query_as(MAY_VACUUM)
-                .bind(sqlx::postgres::types::Oid(target.oid))
-                .fetch_optional(&mut *session)
-                .await?;
+            let permitted = may_vacuum(&mut session, target.oid).await?;
             role = permitted.as_ref().map(|(_, r)| r.clone());
             match permitted {
                 Some((true, _)) => Standing::Active {
@@ -195,9 +204,11 @@ impl BloatGuard {
                 .changed_any
     }
 
-    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took. Between batches
-    /// the caller holds its batches meanwhile. When `wake` fires (shutdown, pause, cancel) the
-    /// running VACUUM is cancelled server-side, so a stop never waits for it.
+    /// VACUUMs the target for `pass` (see [`Pass`]); returns how long it took, `None` when
+    /// PostgreSQL skipped it (another session held a lock that conflicts: autovacuum, ANALYZE,
+    /// an index build); the rows it was due for are then due again after half an interval.
+    /// Between batches the caller holds its batches meanwhile. When `wake` fires (shutdown,
+    /// pause, cancel) the running VACUUM is cancelled server-side, so a stop never waits for it.
     pub async fn vacuum(
         &self,
         pool: &Db,
@@ -205,7 +216,7 @@ impl BloatGuard {
         target: &Target,
         pass: Pass,
         wake: &CancellationToken,
-    ) -> Result<Duration, JobError> {
+    ) -> Result<Option<Duration>, JobError> {
         let started = Instant::now();
         let index_cleanup = match pass {
             Pass::Between => self.next_cleanup(),
@@ -219,18 +230,25 @@ impl BloatGuard {
             wake,
         };
         let result = self.run_vacuum(&run).await;
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        let ran = matches!(result, Ok(true));
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.running = false;
+            if let (false, Standing::Active { every }) = (ran, self.standing) {
+                s.since_vacuum = s.since_vacuum.max(every / 2);
+            }
+        }
         let step = "vacuuming the target (bloat guard)";
-        result.map_err(|e| JobError::sql(job, &target.display(), step, e))?;
-        Ok(started.elapsed())
+        let ran = result.map_err(|e| JobError::sql(job, &target.display(), step, e))?;
+        Ok(ran.then(|| started.elapsed()))
     }
 
-    async fn run_vacuum(&self, run: &Run<'_>) -> Result<(), sqlx::Error> {
+    async fn run_vacuum(&self, run: &Run<'_>) -> Result<bool, sqlx::Error> {
         // Session settings (VACUUM cannot run inside a transaction block, so no SET LOCAL),
         // reset before the connection goes back to the pool; if anything fails on the way the
         // connection is closed instead, so they can never leak.
         let Some(mut pooled) = run.pool.session().await? else {
-            return Ok(()); // never: the guard stands `NoSession` without sessions
+            return Ok(false); // never: the guard stands `NoSession` without sessions
         };
         let settings = (self.timeout, self.cost_delay);
         let result = run.on(&mut pooled, settings).await;
@@ -280,11 +298,12 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Runs the VACUUM on `conn`; `false` when PostgreSQL skipped it.
     async fn on(
         &self,
         conn: &mut PgConnection,
         (timeout, cost_delay): (Duration, Duration),
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let pid: i32 = crate::sql::query_scalar(
             "SELECT pg_backend_pid() FROM (SELECT set_config('statement_timeout', $1, false),
                                                   set_config('vacuum_cost_delay', $2, false)) s",
@@ -298,19 +317,50 @@ impl Run<'_> {
             self.index_cleanup.as_sql(),
             self.target.quoted
         );
-        let running = crate::sql::query(&vacuum).execute(&mut *conn);
-        tokio::pin!(running);
-        tokio::select! {
-            done = &mut running => done.map(|_| ()),
-            _ = self.wake.cancelled() => {
-                // The statement ends with 57014 at its next interrupt check.
-                let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
-                if let Err(e) = cancel.execute(self.pool).await {
-                    tracing::warn!(error = %e, "bloat guard: could not cancel the VACUUM");
+        let before = self.vacuum_count(conn).await?;
+        {
+            let running = crate::sql::query(&vacuum).execute(&mut *conn);
+            tokio::pin!(running);
+            tokio::select! {
+                done = &mut running => done.map(|_| ()),
+                _ = self.wake.cancelled() => {
+                    // The statement ends with 57014 at its next interrupt check.
+                    if let Err(e) = cancel(self.pool, pid).await {
+                        tracing::warn!(error = %e, "bloat guard: could not cancel the VACUUM");
+                    }
+                    running.await.map(|_| ())
                 }
-                running.await.map(|_| ())
-            }
+            }?;
         }
+        Ok(before.is_none() || self.vacuum_count(conn).await? != before)
+    }
+
+    /// How many VACUUMs of the target the statistics have counted; `None` for a partitioned
+    /// parent (its partitions are counted, not it). `SKIP_LOCKED` (and a role that may not)
+    /// make PostgreSQL skip the VACUUM with a warning instead of an error: the count tells.
+    async fn vacuum_count(&self, conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+        if self.target.partitioned {
+            return Ok(None);
+        }
+        // Without `track_counts` nothing is counted: unknown, taken as run.
+        crate::sql::query_scalar(
+            "SELECT CASE WHEN current_setting('track_counts')::bool
+                         THEN pg_stat_get_vacuum_count($1) END",
+        )
+        .bind(sqlx::postgres::types::Oid(self.target.oid))
+        .fetch_one(conn)
+        .await
+    }
+}
+
+/// Cancels the VACUUM running as backend `pid`, from a connection of the role it runs as (a
+/// session, i.e. `database.direct_url` behind a pooler): a role may cancel only its own
+/// statements (or those of roles it is a member of), and the pool's role may be another one.
+async fn cancel(pool: &Db, pid: i32) -> Result<(), sqlx::Error> {
+    let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
+    match pool.session().await? {
+        Some(mut conn) => cancel.execute(&mut *conn).await.map(drop),
+        None => cancel.execute(pool).await.map(drop),
     }
 }
 

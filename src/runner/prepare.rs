@@ -21,6 +21,12 @@ impl Attempt<'_> {
             let keys = spec.key_columns.as_deref();
             let target = scope.resolve(&mut conn, &spec.name, table, keys).await?;
             let archive = self.source_archive(&mut conn, &spec, &target).await?;
+            // The archive's index build and the VACUUMs take minutes on a large table: not
+            // inside this connection's transaction (behind a transaction pooler it is one, and
+            // `idle_in_transaction_session_timeout` would end it), so it is handed back first.
+            self.hand_back(conn).await?;
+            self.ready_for_revert(&archive, &target).await?;
+            conn = self.connection().await?;
             let fragments = Fragments {
                 predicate: "true".into(),
                 assignments: Vec::new(),
@@ -57,7 +63,7 @@ impl Attempt<'_> {
         })
     }
 
-    /// The archive of the job a revert undoes, indexed and vacuumed for keyset walking.
+    /// The archive of the job a revert undoes (`ready_for_revert` indexes and vacuums it).
     async fn source_archive(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -90,13 +96,21 @@ impl Attempt<'_> {
                     format!("archive table {name} of job {original} is gone"),
                 )
             })?;
+        Ok(archive)
+    }
+
+    /// Indexes the archive for keyset walking (and vacuums it), beside the target's VACUUM.
+    async fn ready_for_revert(
+        &self,
+        archive: &ArchiveTable,
+        target: &Target,
+    ) -> Result<(), JobError> {
         let timeout = self.ctx.config().bloat.vacuum_timeout;
         let (prepared, ()) = tokio::join!(
             archive.prepare_revert(&self.ctx.pool, timeout),
             self.vacuum_before_revert(target),
         );
-        prepared.map_err(self.err("indexing and vacuuming the archive"))?;
-        Ok(archive)
+        prepared.map_err(self.err("indexing and vacuuming the archive"))
     }
 
     /// VACUUMs the target, heap-only, while the archive is being indexed (two tables, no lock

@@ -93,7 +93,7 @@ impl Attempt<'_> {
             .vacuum(&self.ctx.pool, &self.row.name, target, pass, wake)
             .await
         {
-            Ok(took) => {
+            Ok(Some(took)) => {
                 self.ctx.metrics.vacuums.with_label_values(&job).inc();
                 tracing::debug!(
                     ms = took.as_millis() as u64,
@@ -101,6 +101,16 @@ impl Attempt<'_> {
                     "bloat guard: vacuumed the target"
                 );
                 Some(took)
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    ?pass,
+                    table = %target.display(),
+                    "bloat guard: PostgreSQL skipped the VACUUM (another session holds a \
+                     conflicting lock on the table: autovacuum, ANALYZE, an index build); \
+                     trying again after half an interval"
+                );
+                None
             }
             Err(e) if wake.is_cancelled() => {
                 tracing::info!(error = %e, "bloat guard: VACUUM cancelled: the attempt is stopping");
