@@ -30,6 +30,9 @@ pub struct ArchiveTable {
     pub quoted: String,
     pub keys: Vec<String>,
     pub kind: ArchiveKind,
+    /// The archive's own columns, as `open` found them (empty for one this run creates): the
+    /// target may have gained, lost or renamed columns since.
+    pub columns: Vec<String>,
 }
 
 /// Prefix of the columns holding an update's after-values.
@@ -50,6 +53,7 @@ impl ArchiveTable {
             name,
             keys: target.keys.iter().map(|k| k.name.clone()).collect(),
             kind,
+            columns: Vec::new(),
         }
     }
 
@@ -99,6 +103,19 @@ impl ArchiveTable {
             archived.join(", "),
             self.quoted
         )
+    }
+
+    /// For a delete's archive: the archived columns `target` no longer has (dropped or renamed
+    /// since), whose values a revert cannot put back.
+    pub fn lost_columns(&self, target: &Target) -> Vec<String> {
+        if !matches!(self.kind, ArchiveKind::Delete) {
+            return Vec::new();
+        }
+        self.columns
+            .iter()
+            .filter(|a| !target.columns.iter().any(|c| &c.name == *a))
+            .cloned()
+            .collect()
     }
 
     pub fn after_column(i: usize) -> String {
@@ -209,6 +226,7 @@ impl ArchiveTable {
             return Ok(None);
         }
         let keys: Vec<String> = target.keys.iter().map(|k| k.name.clone()).collect();
+        let found = columns.clone();
         let kind = if columns.iter().any(|c| c == ROW_COLUMN) {
             ArchiveKind::Insert
         } else if columns.iter().any(|c| c.starts_with(AFTER_PREFIX)) {
@@ -220,7 +238,10 @@ impl ArchiveTable {
         } else {
             ArchiveKind::Delete
         };
-        Ok(Some(Self::new(names, name.to_owned(), target, kind)))
+        Ok(Some(Self {
+            columns: found,
+            ..Self::new(names, name.to_owned(), target, kind)
+        }))
     }
 
     /// Readies the archive for a revert: a unique index on the keys (built now, not during the

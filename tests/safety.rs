@@ -436,6 +436,50 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     );
 }
 
+/// The schema moves on after a delete: the next deploy adds a column and drops one. The revert
+/// still puts the rows back: the new column takes its default, the dropped one is named in the
+/// log (its values cannot go back), every other column is restored.
+#[sqlx::test]
+async fn a_delete_is_reverted_after_the_table_gained_and_lost_columns(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 1000).await;
+    NewJob::new("purge_then_migrate", "orders")
+        .raw("action", "'delete'")
+        .predicate("status = 'paid'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("purge_then_migrate").await.rows_changed, 250);
+    db.exec(
+        "ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';
+         ALTER TABLE orders DROP COLUMN note;",
+    )
+    .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "purge_then_migrate", false)
+        .await
+        .unwrap();
+    let mut daemon = db.daemon().until_idle().spawn();
+    daemon.wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 250);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 1000);
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM orders WHERE id % 4 = 0
+             AND status = 'paid' AND amount = id * 1.25 AND region = 'eu'"
+        )
+        .await,
+        250
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("no longer has these archived columns") && log.contains("note"),
+        "{log}"
+    );
+}
+
 /// A job row the daemon must reject: it fails with `error_words` in its `last_error` and
 /// changes nothing.
 struct Hostile {

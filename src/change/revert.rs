@@ -102,13 +102,21 @@ fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> Stri
     )
 }
 
-fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
-    let cols: Vec<&str> = target
+/// The target's columns a re-insert writes: not generated ones, and only those the archive has
+/// (a column added since takes its default; one dropped or renamed since is not restored:
+/// `ArchiveTable::lost_columns` lists those for the log).
+fn reinserted<'a>(target: &'a Target, archive: &ArchiveTable) -> Vec<&'a str> {
+    target
         .columns
         .iter()
         .filter(|c| !c.generated)
+        .filter(|c| archive.columns.is_empty() || archive.columns.contains(&c.name))
         .map(|c| c.name.as_str())
-        .collect();
+        .collect()
+}
+
+fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
+    let cols = reinserted(target, archive);
     let list = crate::target::column_list(cols.iter().copied());
     let select: Vec<String> = cols
         .iter()

@@ -96,6 +96,15 @@ impl Attempt<'_> {
                     format!("archive table {name} of job {original} is gone"),
                 )
             })?;
+        let lost = archive.lost_columns(target);
+        if !lost.is_empty() {
+            tracing::warn!(
+                archive = %archive.quoted,
+                columns = ?lost,
+                "revert: the target no longer has these archived columns (dropped or renamed \
+                 since the delete); the re-inserted rows get the target's columns only"
+            );
+        }
         Ok(archive)
     }
 
