@@ -277,22 +277,25 @@ fn key_join(alias: &str, target: &Target) -> String {
 /// every statement of the job can use for the row it is on.
 fn predicate(staging: &str, target: &Target, values: &[String]) -> String {
     let row = quote_ident(&target.table);
-    let staged: Vec<String> = values
+    // Text forms, column by column (as the revert compares): `=` calls values equal that the
+    // file changes (citext 'Alice' and 'alice', numeric 1.0 and 1.00), and json has no `=`.
+    // `COLLATE "C"` compares bytes even where the column's collation is case-insensitive.
+    let differs: Vec<String> = values
         .iter()
-        .map(|c| format!("_bf_staged.{}", quote_ident(c)))
-        .collect();
-    let current: Vec<String> = values
-        .iter()
-        .map(|c| format!("{row}.{}", quote_ident(c)))
+        .map(|c| {
+            format!(
+                "_bf_staged.{c}::text COLLATE \"C\" IS DISTINCT FROM {row}.{c}::text COLLATE \"C\"",
+                c = quote_ident(c)
+            )
+        })
         .collect();
     // `OFFSET 0` keeps the EXISTS a per-row probe of the staging table's key: as a semi-join the
     // planner hashed the whole staging table for every batch (a 1M-row file: 1,073 batches of
     // ~80 ms, 114 s), so a batch cost the file's size instead of its window's.
     format!(
-        "EXISTS (SELECT 1 FROM {staging} AS _bf_staged WHERE {} AND ROW({}) IS DISTINCT FROM ROW({}) OFFSET 0)",
+        "EXISTS (SELECT 1 FROM {staging} AS _bf_staged WHERE {} AND ({}) OFFSET 0)",
         key_join(&row, target),
-        staged.join(", "),
-        current.join(", ")
+        differs.join(" OR "),
     )
 }
 

@@ -795,6 +795,43 @@ async fn a_csv_file_updates_rows_by_key_and_reverts(pool: PgPool) {
     assert_eq!((job.archive_table, job.staged_table), (None, None));
 }
 
+/// A file row changes a row when any value's text differs: numeric 1.00 against a stored 1.0
+/// (`=` calls them equal) and json, which has no `=` at all. A row equal in every text is left.
+#[sqlx::test]
+async fn a_csv_file_compares_values_by_their_text(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        r#"CREATE TABLE docs (id bigint PRIMARY KEY, price numeric NOT NULL, doc json);
+           INSERT INTO docs VALUES (1, 1.0, '{"a":1}'), (2, 2, '{"a":2}'), (3, 3, '{"a": 3}');"#,
+    )
+    .await;
+    let file = csv(
+        "docs",
+        "id,price,doc\n1,1.00,\"{\"\"a\"\":1}\"\n2,2,\"{\"\"a\"\":2}\"\n3,3,\"{\"\"a\"\":3}\"\n",
+    );
+    let cfg = backfilld::config::Config::default();
+    let job = backfilld::ops::NewJob {
+        execute: true,
+        ..csv_job("docs_fix", "public.docs")
+    };
+    backfilld::ops::enqueue_from_csv(&db.lib, &db.names, &cfg, &job, &file)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("docs_fix").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(
+        done.rows_changed, 2,
+        "rows 1 and 3 differ in text, row 2 does not"
+    );
+    assert_eq!(done.remaining, Some(0));
+    assert_eq!(
+        db.scalar_text("SELECT price::text || ' ' || (SELECT doc::text FROM docs WHERE id = 3) FROM docs WHERE id = 1")
+            .await,
+        r#"1.00 {"a":3}"#
+    );
+}
+
 #[sqlx::test]
 async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
     let db = Db::new(pool).await;
