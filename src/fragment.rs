@@ -653,7 +653,8 @@ pub async fn validate_insert_on_server(
 }
 
 /// `INSERT INTO into (columns) SELECT (expressions) FROM source WHERE <condition> AND
-/// (<predicate>) ON CONFLICT DO NOTHING`: the one shape of an insert job's write.
+/// (<predicate>) ON CONFLICT DO NOTHING`: the one shape of an insert job's write (the conflict
+/// names `into`'s keys where deferrable constraints forbid the bare form: `Target::on_conflict`).
 pub fn insert_select(source: &Target, into: &Target, f: &Fragments, condition: &str) -> String {
     let columns: Vec<String> = f
         .assignments
@@ -676,8 +677,9 @@ pub fn insert_select(source: &Target, into: &Target, f: &Fragments, condition: &
     };
     format!(
         "INSERT INTO {into} ({columns}){overriding} SELECT {values} FROM {source}
-         WHERE {condition} AND ({pred}) ON CONFLICT DO NOTHING",
+         WHERE {condition} AND ({pred}) {on_conflict}",
         into = into.quoted,
+        on_conflict = into.on_conflict(),
         columns = columns.join(", "),
         values = values.join(", "),
         source = source.quoted,

@@ -262,6 +262,7 @@ mod tests {
                 .collect(),
             columns: Vec::<Column>::new(),
             partitioned: false,
+            conflicts: Default::default(),
         }
     }
 

@@ -342,6 +342,7 @@ mod tests {
                 })
                 .collect(),
             partitioned: false,
+            conflicts: Default::default(),
         };
         let header = ["ID", "NAME", "name", "x"].map(String::from).to_vec();
         assert_eq!(

@@ -49,9 +49,36 @@ pub struct Target {
     pub columns: Vec<Column>,
     /// A partitioned parent has no blocks of its own (no TID range scans over it).
     pub partitioned: bool,
+    /// Which conflicts an `INSERT … ON CONFLICT DO NOTHING` into it may name (see `on_conflict`).
+    pub conflicts: Conflicts,
+}
+
+/// What `ON CONFLICT DO NOTHING` may arbitrate on a table. PostgreSQL refuses a bare `ON CONFLICT
+/// DO NOTHING` (55000) on a table with any deferrable unique, primary-key or exclusion
+/// constraint; naming a non-deferrable unique index instead still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Conflicts {
+    /// No deferrable constraint: a conflict on any unique key is skipped.
+    #[default]
+    Any,
+    /// Deferrable constraints exist, the keys' own unique index is not deferrable: only a
+    /// conflict on the keys is skipped (one on another unique key fails the statement).
+    Keys,
 }
 
 impl Target {
+    /// `ON CONFLICT DO NOTHING`, or `ON CONFLICT ("k") DO NOTHING` where deferrable
+    /// constraints forbid the bare form (see [`Conflicts`]).
+    pub fn on_conflict(&self) -> String {
+        match self.conflicts {
+            Conflicts::Any => "ON CONFLICT DO NOTHING".into(),
+            Conflicts::Keys => format!(
+                "ON CONFLICT ({}) DO NOTHING",
+                column_list(self.keys.iter().map(|k| k.name.as_str()))
+            ),
+        }
+    }
+
     /// `schema.table` for messages and metrics.
     pub fn display(&self) -> String {
         format!("{}.{}", self.schema, self.table)
@@ -94,7 +121,7 @@ impl Resolve<'_> {
         let columns = load_columns(conn, oid)
             .await
             .map_err(|e| JobError::sql(self.job, &display, "reading columns", e))?;
-        let keys = self.find_keys(conn, oid, &display, &columns).await?;
+        let (keys, conflicts) = self.find_keys(conn, oid, &display, &columns).await?;
         Ok(Target {
             oid,
             quoted: qualified(&schema, &table),
@@ -103,6 +130,7 @@ impl Resolve<'_> {
             keys,
             columns,
             partitioned,
+            conflicts,
         })
     }
 
@@ -151,7 +179,7 @@ impl Resolve<'_> {
         oid: u32,
         display: &str,
         columns: &[Column],
-    ) -> Result<Vec<KeyColumn>, JobError> {
+    ) -> Result<(Vec<KeyColumn>, Conflicts), JobError> {
         let indexes = unique_indexes(conn, oid)
             .await
             .map_err(|e| JobError::sql(self.job, display, "reading indexes", e))?;
@@ -164,12 +192,28 @@ impl Resolve<'_> {
                 ))
             })?,
         };
-        chosen
+        let keys = chosen
             .columns
             .iter()
             .zip(&chosen.types)
             .map(|(name, typ)| self.key_column(display, name, typ, columns))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let deferrable: bool = crate::sql::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_constraint
+                            WHERE conrelid = $1 AND contype IN ('p', 'u', 'x') AND condeferrable)",
+        )
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_one(conn)
+        .await
+        .map_err(|e| JobError::sql(self.job, display, "reading constraints", e))?;
+        let conflicts = match (deferrable, chosen.immediate) {
+            (false, _) => Conflicts::Any,
+            // The keys' own constraint is deferrable: no arbiter exists, and PostgreSQL's own
+            // error says so if a statement needs one.
+            (true, false) => Conflicts::Any,
+            (true, true) => Conflicts::Keys,
+        };
+        Ok((keys, conflicts))
     }
 
     fn explicit_key<'i>(

@@ -480,6 +480,50 @@ async fn a_delete_is_reverted_after_the_table_gained_and_lost_columns(pool: PgPo
     );
 }
 
+/// A table with a deferrable unique constraint refuses a bare `ON CONFLICT DO NOTHING` (55000):
+/// the revert of a delete names its keys' (not deferrable) index as the arbiter instead, and an
+/// insert job into such a table does the same.
+#[sqlx::test]
+async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE df (id bigint PRIMARY KEY, code int UNIQUE DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO df SELECT g, g FROM generate_series(1, 200) g;
+         CREATE TABLE dfsrc (id bigint PRIMARY KEY);
+         INSERT INTO dfsrc SELECT generate_series(150, 300);",
+    )
+    .await;
+    NewJob::new("df_purge", "df")
+        .raw("action", "'delete'")
+        .predicate("id % 2 = 0")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("df_purge").await.rows_changed, 100);
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "df_purge", false)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 100);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 200);
+
+    NewJob::new("df_copy", "df")
+        .raw("action", "'insert'")
+        .text("source_table", "public.dfsrc")
+        .predicate("true")
+        .set("id = id, code = id + 1000")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let copied = db.job("df_copy").await;
+    assert_eq!(copied.state, "succeeded", "{:?}", copied.last_error);
+    assert_eq!(copied.rows_changed, 100, "ids 201..300; 150..200 exist");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 300);
+}
+
 /// A job row the daemon must reject: it fails with `error_words` in its `last_error` and
 /// changes nothing.
 struct Hostile {

@@ -192,6 +192,7 @@ mod tests {
             keys: Vec::new(),
             columns: Vec::new(),
             partitioned: false,
+            conflicts: Default::default(),
         };
         let f = Fragments {
             predicate: "true".into(),

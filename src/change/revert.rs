@@ -130,8 +130,9 @@ fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
     format!(
         "INSERT INTO {table} ({list}){overriding}
          SELECT {select} FROM {archive} AS _bf_a WHERE {range}
-         ON CONFLICT DO NOTHING",
+         {on_conflict}",
         table = target.quoted,
+        on_conflict = target.on_conflict(),
         select = select.join(", "),
         archive = archive.quoted,
     )

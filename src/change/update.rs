@@ -256,6 +256,7 @@ mod tests {
             }],
             columns: vec![column("id", true), column("v", scalar), column("w", true)],
             partitioned: false,
+            conflicts: Default::default(),
         };
         let fragments = crate::fragment::validate(predicate, Some(set), &target).unwrap();
         let touched = fragments

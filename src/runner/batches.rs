@@ -25,7 +25,11 @@ impl Attempt<'_> {
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
         let cfg = self.ctx.config();
-        let table = p.target.display();
+        // An insert's errors name the table it writes, as well as the one it walks.
+        let table = match &p.into {
+            Some(into) => format!("{} (from {})", into.display(), p.target.display()),
+            None => p.target.display(),
+        };
         let batcher = self.batcher(p, change, slice, &table, &cfg);
         let mut walk = Walk {
             cursor: slice.cursor.clone(),
