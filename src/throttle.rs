@@ -307,7 +307,10 @@ SELECT
     (SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8
        FROM pg_stat_activity
       WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-        AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)) AS xact_age,
+        AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+        -- A lazy VACUUM (the bloat guard's, or anyone's) shows a transaction and an xmin but
+        -- holds back no one's horizon: PostgreSQL leaves it out of the oldest xmin.
+        AND pid NOT IN (SELECT pid FROM pg_stat_progress_vacuum)) AS xact_age,
     (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock') AS lock_waiters,
     (SELECT count(*) FROM pg_stat_progress_vacuum v
       WHERE v.relid = $1

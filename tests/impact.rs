@@ -544,6 +544,59 @@ async fn a_transaction_holding_back_vacuum_holds_batches_until_it_ends(pool: PgP
     released(&db, "lt", daemon, reason).await;
 }
 
+/// A lazy VACUUM shows a transaction start and an xmin in `pg_stat_activity`, but PostgreSQL
+/// leaves it out of the oldest xmin: one running longer than `max_transaction_age` (the guard's
+/// own on a large table, or a DBA's) must not hold batches as a long transaction.
+#[sqlx::test]
+async fn a_long_lazy_vacuum_is_not_a_long_transaction(pool: PgPool) {
+    let db = Db::new(pool).await;
+    settled_table(&db, "slowvac", 20_000).await;
+    db.exec("UPDATE slowvac SET v = 1").await;
+    // Every page costs the VACUUM a 100 ms nap: it runs for minutes, until cancelled below.
+    let mut vacuum_conn = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("SET vacuum_cost_limit = 1; SET vacuum_cost_delay = 100")
+        .execute(&mut *vacuum_conn)
+        .await
+        .unwrap();
+    let vacuum = sqlx::raw_sql("VACUUM slowvac").execute(&mut *vacuum_conn);
+    let job = async {
+        let old =
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_progress_vacuum v USING (pid)
+                   WHERE now() - a.xact_start > interval '1 second' AND a.backend_xmin IS NOT NULL";
+        common::wait_until("a VACUUM older than the limit", String::new, async || {
+            db.scalar_i64(old).await > 0
+        })
+        .await;
+        db.exec(
+            "CREATE TABLE lv (id bigint PRIMARY KEY, v int);
+             INSERT INTO lv (id) SELECT g FROM generate_series(1, 2000) g;",
+        )
+        .await;
+        NewJob::new("lv", "lv")
+            .predicate("v IS NULL")
+            .set("v = 1")
+            .insert(&db)
+            .await;
+        let mut daemon = db
+            .daemon()
+            .env("BACKFILLD_THROTTLE__MAX_TRANSACTION_AGE", "1s")
+            .env("BACKFILLD_THROTTLE__CHECK_INTERVAL", "200ms")
+            .spawn();
+        db.wait_state("lv", "succeeded").await;
+        daemon.signal("TERM");
+        daemon.wait(Duration::from_secs(30)).await;
+        db.exec(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_progress_vacuum
+             WHERE datname = current_database()",
+        )
+        .await;
+        daemon.log()
+    };
+    let (vacuumed, log) = tokio::join!(vacuum, job);
+    assert!(vacuumed.is_err(), "the VACUUM ran until cancelled");
+    assert!(!log.contains("long_transaction"), "{log}");
+}
+
 /// A replication slot holding back WAL (a logical decoding consumer or a standby behind, or a slot
 /// nobody reads) holds batches while over `max_slot_wal_bytes`: a backfill would add to the WAL it
 /// keeps on the primary's disk.
