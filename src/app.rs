@@ -112,6 +112,19 @@ pub async fn run_daemon(
     Ok(())
 }
 
+/// The settings that differ between `old` and `new` but are fixed when the daemon starts: the
+/// whole `[database]` section (pools, `pool_mode`, `direct_url`, start-up options) and
+/// `metrics.listen`. (Batches set their timeouts from the current configuration.)
+fn fixed_at_start(old: &Config, new: &Config) -> Vec<&'static str> {
+    [
+        ("database", old.database != new.database),
+        ("metrics.listen", old.metrics.listen != new.metrics.listen),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 /// On SIGHUP: reload and validate; apply what can change at run time, keep the rest.
 async fn reload_on_hup(
     mut reloads: tokio::sync::mpsc::Receiver<()>,
@@ -128,17 +141,35 @@ async fn reload_on_hup(
             }
         };
         let old = config.borrow().clone();
-        if new.database.url != old.database.url
-            || new.database.max_connections != old.database.max_connections
-            || new.database.schema != old.database.schema
-            || new.metrics.listen != old.metrics.listen
-        {
+        let fixed = fixed_at_start(&old, &new);
+        if !fixed.is_empty() {
             tracing::warn!(
-                "SIGHUP: database and metrics.listen settings need a restart; other changes apply now"
+                settings = ?fixed,
+                "SIGHUP: these settings changed but take effect only at a restart (connections \
+                 and the metrics listener keep them); other changes apply now"
             );
         }
         set_level(&new.log.level);
         config.send_replace(Arc::new(new));
         tracing::info!("SIGHUP: configuration reloaded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_the_settings_that_wait_for_a_restart() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.batch.sleep_ms = old.batch.sleep_ms + 1;
+        assert!(
+            fixed_at_start(&old, &new).is_empty(),
+            "batch settings apply now"
+        );
+        new.database.direct_url = "postgres://elsewhere/db".into();
+        new.metrics.listen = "127.0.0.1:1".into();
+        assert_eq!(fixed_at_start(&old, &new), ["database", "metrics.listen"]);
     }
 }

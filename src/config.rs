@@ -35,7 +35,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Connection URL; `DATABASE_URL` in the environment wins.

@@ -97,7 +97,9 @@ impl Db {
                 let o = session(quiet_slow_statements(
                     o.application_name(&db.application_name),
                 ));
-                Some(pool_options().max_connections(4).connect_lazy_with(o))
+                // As many as the pool: each running job may hold one (a guard VACUUM, a revert's
+                // archive and target VACUUMs at once), and LISTEN keeps one.
+                Some(pool_options().connect_lazy_with(o))
             }
         };
         let set = timeouts.map(|(k, v)| format!("; SET LOCAL {k} = '{}ms'", v.as_millis()));
