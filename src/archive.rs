@@ -18,7 +18,8 @@ pub enum ArchiveKind {
         touched: Vec<String>,
     },
     Delete,
-    /// The inserted rows' keys and each whole row as text (`_bf_row`): what a revert deletes.
+    /// The inserted rows' keys and each whole row as JSON text (`_bf_row`; archives written before
+    /// hold `ROW(…)::text`): what a revert deletes.
     Insert,
 }
 

@@ -556,6 +556,80 @@ async fn the_revert_of_an_insert_refuses_to_cascade_into_child_rows_unless_allow
     );
 }
 
+/// The schema moves on between an insert job and its revert: a column is added, another
+/// dropped. Rows the application has not touched still go (compared on the columns both versions
+/// have), an edited one stays.
+#[sqlx::test]
+async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE copy (id bigint PRIMARY KEY, price numeric, note text, old text);
+         INSERT INTO src SELECT generate_series(1, 30);",
+    )
+    .await;
+    NewJob::new("copy_in", "copy")
+        .raw("action", "'insert'")
+        .text("source_table", "public.src")
+        .predicate("true")
+        .set("id = id, price = 1.50, note = 'n' || id, old = 'x'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("copy_in").await.rows_changed, 30);
+    db.exec(
+        "ALTER TABLE copy ADD COLUMN region text DEFAULT 'eu';
+         ALTER TABLE copy DROP COLUMN old;
+         UPDATE copy SET price = 1.5 WHERE id = 7;",
+    )
+    .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "copy_in", false)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 29);
+    assert_eq!(reverted.rows_skipped, 1, "1.50 became 1.5: changed since");
+    assert_eq!(db.scalar_i64("SELECT id FROM copy").await, 7);
+}
+
+/// An archive written by an earlier release holds each inserted row as `ROW(…)::text`: its revert
+/// still compares whole rows that way.
+#[sqlx::test]
+async fn an_insert_archived_as_row_text_by_an_earlier_release_still_reverts(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE copy (id bigint PRIMARY KEY, note text);
+         INSERT INTO src SELECT generate_series(1, 20);",
+    )
+    .await;
+    NewJob::new("copy_old", "copy")
+        .raw("action", "'insert'")
+        .text("source_table", "public.src")
+        .predicate("true")
+        .set("id = id, note = 'n' || id")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let archive = db.job("copy_old").await.archive_table.expect("an archive");
+    db.exec(&format!(
+        "UPDATE backfill.\"{archive}\" a SET _bf_row = (SELECT ROW(c.*)::text FROM copy c WHERE c.id = a.id);
+         UPDATE copy SET note = 'edited' WHERE id = 3;"
+    ))
+    .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "copy_old", false)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (19, 1));
+}
+
 /// A copy into a new table with predicate `true` relies on `ON CONFLICT DO NOTHING`: rows whose
 /// target row exists (copied by someone else, or by the job) are not pending, so the plan counts
 /// only the rest, the verdict says a second run inserts nothing, and `wait` passes. A target whose

@@ -52,7 +52,7 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
         .map(|k| format!("{}.{}", into.quoted, quote_ident(&k.name)))
         .collect();
     format!(
-        "WITH _bf_new AS ({insert} RETURNING {keys}, ROW({into}.*)::text)
+        "WITH _bf_new AS ({insert} RETURNING {keys}, to_jsonb({into}.*)::text)
          INSERT INTO {archive} ({cols}) SELECT * FROM _bf_new",
         keys = keys.join(", "),
         into = into.quoted,

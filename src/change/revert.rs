@@ -83,22 +83,39 @@ fn restore_update(
 }
 
 /// Deletes the rows an insert job added, unless they changed since (or the key holds a row
-/// someone else inserted after ours was deleted): only a row whose text is still the archived
-/// one goes.
+/// someone else inserted after ours was deleted): only a row still holding the archived values
+/// goes. The archive holds each row as JSON (`to_jsonb`), compared on the columns the archived
+/// row and the current one both have, in their JSON text (numeric scale, string bytes): a
+/// column added or dropped since does not make every row look changed. Archives written before
+/// hold the row's text (`ROW(…)::text`, starting with `(`), compared whole as before.
 fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> String {
     let join: Vec<String> = target
         .keys
         .iter()
         .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
         .collect();
+    let row = format!("_bf_a.{}", quote_ident(crate::archive::ROW_COLUMN));
+    let common = |of: &str, other: &str| {
+        format!(
+            "(SELECT jsonb_object_agg(key, value) FROM jsonb_each({of}) WHERE {other} ? key)::text \
+             COLLATE \"C\""
+        )
+    };
+    let (now, then) = (
+        format!("to_jsonb({}.*)", target.quoted),
+        format!("{row}::jsonb"),
+    );
     format!(
         "DELETE FROM {table} USING {archive} AS _bf_a
          WHERE {join} AND {range}
-           AND ROW({table}.*)::text COLLATE \"C\" = _bf_a.{row} COLLATE \"C\"",
+           AND CASE WHEN left({row}, 1) = '{{'
+                    THEN {current} = {archived}
+                    ELSE ROW({table}.*)::text COLLATE \"C\" = {row} COLLATE \"C\" END",
         table = target.quoted,
         archive = archive.quoted,
         join = join.join(" AND "),
-        row = quote_ident(crate::archive::ROW_COLUMN),
+        current = common(&now, &then),
+        archived = common(&then, &now),
     )
 }
 
