@@ -144,9 +144,9 @@ impl ArchiveTable {
     }
 
     /// Creates the archive table if missing (a retried attempt finds it already there), with
-    /// autovacuum off: see [`NO_AUTOVACUUM`].
+    /// autovacuum off: see [`NO_AUTOVACUUM`]; then reads its columns back (`columns`).
     pub async fn create(
-        &self,
+        &mut self,
         conn: &mut PgConnection,
         target: &Target,
         job: &str,
@@ -201,6 +201,7 @@ impl ArchiveTable {
         // Simple-protocol execution: two statements, no parameters (DDL takes none).
         conn.execute(format!("{create}; {comment}").as_str())
             .await?;
+        self.columns = columns_of(conn, &self.quoted).await?;
         Ok(())
     }
 
@@ -212,17 +213,8 @@ impl ArchiveTable {
         name: &str,
         target: &Target,
     ) -> sqlx::Result<Option<Self>> {
-        let columns: Vec<String> = crate::sql::query_scalar(
-            "SELECT attname::text FROM pg_attribute
-             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        )
-        .bind(format!(
-            "{}.{}",
-            quote_ident(&names.schema),
-            quote_ident(name)
-        ))
-        .fetch_all(conn)
-        .await?;
+        let quoted = format!("{}.{}", quote_ident(&names.schema), quote_ident(name));
+        let columns = columns_of(conn, &quoted).await?;
         if columns.is_empty() {
             return Ok(None);
         }
@@ -331,6 +323,17 @@ impl ArchiveTable {
             tracing::warn!(archive = %self.quoted, error = %e, "revert: VACUUM of the archive failed; the revert goes on, reading its heap");
         }
     }
+}
+
+/// The columns of table `quoted` (`"schema"."name"`), in order; none when it does not exist.
+async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<String>> {
+    crate::sql::query_scalar(
+        "SELECT attname::text FROM pg_attribute
+         WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .bind(quoted)
+    .fetch_all(conn)
+    .await
 }
 
 const EXPIRED: &str = "

@@ -480,6 +480,40 @@ async fn a_delete_is_reverted_after_the_table_gained_and_lost_columns(pool: PgPo
     );
 }
 
+/// A migration adds a column while an archived delete runs: the archive keeps the columns it
+/// was made with, and the job goes on (it archived `RETURNING *` before, which then no longer fit).
+#[sqlx::test]
+async fn an_archived_delete_goes_on_when_a_column_is_added_mid_run(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    NewJob::new("purge_live", "orders")
+        .raw("action", "'delete'")
+        .predicate("status = 'paid'")
+        .raw("archive", "true")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "50")
+        .insert(&db)
+        .await;
+    let mut daemon = db.daemon().until_idle().spawn();
+    common::wait_until("a few batches", String::new, async || {
+        db.job("purge_live").await.batches >= 2
+    })
+    .await;
+    db.exec("ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu'")
+        .await;
+    daemon.wait_ok().await;
+    let job = db.job("purge_live").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 500);
+    assert!(job.batches > 2, "the column came mid-run");
+    let archive = job.archive_table.expect("an archive");
+    assert_eq!(
+        db.scalar_i64(&format!("SELECT count(*) FROM backfill.\"{archive}\""))
+            .await,
+        500
+    );
+}
+
 /// A table with a deferrable unique constraint refuses a bare `ON CONFLICT DO NOTHING` (55000):
 /// the revert of a delete names its keys' (not deferrable) index as the arbiter instead, and an
 /// insert job into such a table does the same.

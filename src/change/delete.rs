@@ -4,6 +4,7 @@
 use super::Statements;
 use crate::archive::ArchiveTable;
 use crate::keyset::Keyset;
+use crate::sql::quote_ident;
 use crate::target::Target;
 
 #[derive(Debug, Clone)]
@@ -25,12 +26,27 @@ impl Delete {
             );
             match archive {
                 None => delete,
-                Some(a) => format!(
-                    "WITH _bf_gone AS ({delete} RETURNING {table}.*)
-                     INSERT INTO {archive} SELECT * FROM _bf_gone",
-                    table = target.quoted,
-                    archive = a.quoted,
-                ),
+                Some(a) => {
+                    // Named columns, not `*`: a column added to the table while the job runs
+                    // (or since the archive was made, for a later attempt) is not the archive's.
+                    let cols: Vec<&str> = target
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .filter(|c| a.columns.is_empty() || a.columns.iter().any(|k| k == c))
+                        .collect();
+                    let returned: Vec<String> = cols
+                        .iter()
+                        .map(|c| format!("{}.{}", target.quoted, quote_ident(c)))
+                        .collect();
+                    format!(
+                        "WITH _bf_gone AS ({delete} RETURNING {returned})
+                         INSERT INTO {archive} ({cols}) SELECT * FROM _bf_gone",
+                        returned = returned.join(", "),
+                        archive = a.quoted,
+                        cols = crate::target::column_list(cols.iter().copied()),
+                    )
+                }
             }
         });
         Self { statements }

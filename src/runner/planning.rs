@@ -177,7 +177,7 @@ impl Attempt<'_> {
         if p.into.is_some() || !plan.cascades.is_empty() || takes_sequence_values(&p.fragments) {
             return Ok(None);
         }
-        let archive = self.planned_archive(p);
+        let mut archive = self.planned_archive(p);
         let change = self.change_for(p, archive.as_ref());
         let slice = Slice {
             slot: None,
@@ -187,7 +187,7 @@ impl Attempt<'_> {
         let table = p.target.display();
         let batcher = self.batcher(p, &change, &slice, &table, cfg);
         let mut tx = batcher.begin(false).await?;
-        if let Some(a) = &archive {
+        if let Some(a) = &mut archive {
             let keyed = p.archive_keyed();
             let created = a.create(&mut tx, keyed, &p.spec.name).await;
             created.map_err(self.err(TRIAL_STEP))?;

@@ -212,7 +212,7 @@ impl Attempt<'_> {
 
     /// The change statement, creating the archive table first when the job archives.
     pub(super) async fn build_change(&mut self, p: &Prepared) -> Result<Change, JobError> {
-        let Some(archive) = self.planned_archive(p) else {
+        let Some(mut archive) = self.planned_archive(p) else {
             return Ok(self.change_for(p, None));
         };
         let mut conn = self.connection().await?;
