@@ -447,6 +447,20 @@ impl DatabaseConfig {
                 "only used with database.pool_mode = \"transaction\" (database.url is direct already)",
             ));
         }
+        for (key, url) in [
+            ("database.url", &self.url),
+            ("database.direct_url", &self.direct_url),
+        ] {
+            if let (false, Err(e)) = (
+                url.is_empty(),
+                url.parse::<sqlx::postgres::PgConnectOptions>(),
+            ) {
+                return Err(invalid(
+                    key,
+                    format!("not a PostgreSQL connection URL ({e})"),
+                ));
+            }
+        }
         if !is_plain_identifier(&self.schema) {
             return Err(invalid(
                 "database.schema",
@@ -614,6 +628,17 @@ mod tests {
             (
                 "database.direct_url",
                 Box::new(|c| c.database.direct_url = "postgres://db:5432/app".into()),
+            ),
+            (
+                "database.direct_url",
+                Box::new(|c| {
+                    c.database.pool_mode = PoolMode::Transaction;
+                    c.database.direct_url = "postgres://db:notaport/app".into();
+                }),
+            ),
+            (
+                "database.url",
+                Box::new(|c| c.database.url = "postgres://db:5432x/app".into()),
             ),
             (
                 "database.schema",
