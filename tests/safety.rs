@@ -480,6 +480,52 @@ async fn a_delete_is_reverted_after_the_table_gained_and_lost_columns(pool: PgPo
     );
 }
 
+/// A deleted row whose parent (through a foreign key) was deleted since cannot come back: the
+/// revert skips and counts it, and restores the rest (the insert failed the batch with 23503
+/// before, and every later revert at the same row).
+#[sqlx::test]
+async fn the_revert_of_a_delete_skips_rows_whose_parent_is_gone(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE team (id bigint PRIMARY KEY);
+         CREATE TABLE member (id bigint PRIMARY KEY, team_id bigint REFERENCES team, note text);
+         INSERT INTO team SELECT generate_series(1, 10);
+         INSERT INTO member SELECT g, g % 10 + 1, 'm' || g FROM generate_series(1, 1000) g;
+         UPDATE member SET team_id = NULL WHERE id % 100 = 0;",
+    )
+    .await;
+    NewJob::new("drop_members", "member")
+        .raw("action", "'delete'")
+        .predicate("id % 2 = 0")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("drop_members").await.rows_changed, 500);
+    // Team 3's remaining members (odd ids) go first, then the team itself.
+    db.exec("DELETE FROM member WHERE team_id = 3; DELETE FROM team WHERE id = 3;")
+        .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "drop_members", false)
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    // The deleted (even) members of team 3 are the ids ending in 2: 100 of them, skipped. The
+    // ten with no team (ids ending in 00) come back with the other 390.
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (400, 100));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM member WHERE id % 2 = 0 AND team_id IS NULL")
+            .await,
+        10
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM member WHERE id % 2 = 0")
+            .await,
+        400
+    );
+}
+
 /// A migration adds a column while an archived delete runs: the archive keeps the columns it
 /// was made with, and the job goes on (it archived `RETURNING *` before, which then no longer fit).
 #[sqlx::test]

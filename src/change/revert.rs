@@ -146,8 +146,13 @@ fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
     };
     format!(
         "INSERT INTO {table} ({list}){overriding}
-         SELECT {select} FROM {archive} AS _bf_a WHERE {range}
+         SELECT {select} FROM {archive} AS _bf_a WHERE {range}{parents}
          {on_conflict}",
+        parents = archive
+            .parents
+            .iter()
+            .map(|c| format!(" AND {c}"))
+            .collect::<String>(),
         table = target.quoted,
         on_conflict = target.on_conflict(),
         select = select.join(", "),

@@ -96,6 +96,11 @@ impl Attempt<'_> {
                     format!("archive table {name} of job {original} is gone"),
                 )
             })?;
+        let mut archive = archive;
+        archive
+            .parent_checks(conn, target)
+            .await
+            .map_err(self.err("reading the target's foreign keys"))?;
         let lost = archive.lost_columns(target);
         if !lost.is_empty() {
             tracing::warn!(
