@@ -372,17 +372,18 @@ impl ArchiveTable {
 
 /// Foreign keys of a table to other tables: the referenced table (quoted), the referencing and
 /// the referenced columns in key order.
-const PARENT_KEYS: &str = "
+const PARENT_KEYS: &str = concat!(
+    "
 SELECT format('%I.%I', n.nspname, p.relname),
-       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, pos)
-             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.pos),
-       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, pos)
-             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.pos)
+       ",
+    crate::cascade::key_columns!(),
+    "
 FROM pg_constraint c
 JOIN pg_class p ON p.oid = c.confrelid
 JOIN pg_namespace n ON n.oid = p.relnamespace
 WHERE c.contype = 'f' AND c.conrelid = $1 AND c.confrelid <> c.conrelid AND c.conparentid = 0
-ORDER BY c.conname";
+ORDER BY c.conname"
+);
 
 /// The columns of table `quoted` (`"schema"."name"`), in order; none when it does not exist.
 async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<String>> {

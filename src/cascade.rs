@@ -72,23 +72,35 @@ impl Cascade {
     }
 }
 
-/// Top-level foreign keys referencing `target`. Columns come in key order (`conkey`/`confkey`
-/// position).
-const FOREIGN_KEYS: &str = "
+/// The referencing and the referenced columns of the foreign key `c` (a `pg_constraint` row), in
+/// key order (`conkey`/`confkey` position): two SQL select-list items.
+macro_rules! key_columns {
+    () => {
+        "ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, pos)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.pos),
+       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, pos)
+             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.pos)"
+    };
+}
+pub(crate) use key_columns;
+
+/// Top-level foreign keys referencing `target`.
+const FOREIGN_KEYS: &str = concat!(
+    "
 SELECT c.conname::text,
        format('%I.%I', n.nspname, t.relname),
        CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
                           WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
        c.conrelid = c.confrelid,
-       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, pos)
-             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.pos),
-       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, pos)
-             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.pos)
+       ",
+    key_columns!(),
+    "
 FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
 WHERE c.contype = 'f' AND c.confrelid = $1 AND c.conparentid = 0
-ORDER BY 1";
+ORDER BY 1"
+);
 
 type Row = (String, String, String, bool, Vec<String>, Vec<String>);
 

@@ -525,11 +525,7 @@ async fn the_revert_of_an_insert_refuses_to_cascade_into_child_rows_unless_allow
     db.exec("INSERT INTO orders SELECT g, g FROM generate_series(1, 10) g")
         .await;
 
-    let refused = backfilld::ops::revert(&db.lib, &db.names, "acct_copy", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let refused = db.job(&refused.name).await;
+    let refused = db.revert("acct_copy").await;
     assert_eq!(refused.state, "failed");
     let error = refused.last_error.clone().unwrap_or_default();
     assert!(
@@ -584,11 +580,7 @@ async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool
          UPDATE copy SET price = 1.5 WHERE id = 7;",
     )
     .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "copy_in", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("copy_in").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 29);
     assert_eq!(reverted.rows_skipped, 1, "1.50 became 1.5: changed since");
@@ -621,11 +613,7 @@ async fn an_insert_archived_as_row_text_by_an_earlier_release_still_reverts(pool
          UPDATE copy SET note = 'edited' WHERE id = 3;"
     ))
     .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "copy_old", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("copy_old").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!((reverted.rows_changed, reverted.rows_skipped), (19, 1));
 }

@@ -278,11 +278,7 @@ async fn archive_and_revert_restore_an_update_except_rows_changed_since(pool: Pg
     // The application changes three backfilled rows again before the revert.
     db.exec("UPDATE orders SET status = 'shipped' WHERE id IN (7, 11); UPDATE orders SET note = 'edited' WHERE id = 13").await;
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "upd", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("upd").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 3747);
     assert_eq!(
@@ -374,11 +370,7 @@ async fn a_revert_restores_into_the_space_the_reverted_job_left(pool: PgPool) {
     db.daemon().until_idle().spawn().wait_ok().await;
     let size = "SELECT pg_table_size('wide')";
     let after_job = db.scalar_i64(size).await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("fill").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 20000);
     let after_revert = db.scalar_i64(size).await;
@@ -417,11 +409,7 @@ async fn archive_and_revert_restore_a_delete(pool: PgPool) {
     // A row with a deleted key comes back before the revert: it must be left as it is.
     db.exec("INSERT INTO orders (id, status, amount, note) VALUES (8, 'new', 1, 'reborn')")
         .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "purge", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("purge").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 749);
     assert_eq!(reverted.rows_skipped, 1);
@@ -505,11 +493,7 @@ async fn the_revert_of_a_delete_skips_rows_whose_parent_is_gone(pool: PgPool) {
     // Team 3's remaining members (odd ids) go first, then the team itself.
     db.exec("DELETE FROM member WHERE team_id = 3; DELETE FROM team WHERE id = 3;")
         .await;
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "drop_members", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("drop_members").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     // The deleted (even) members of team 3 are the ids ending in 2: 100 of them, skipped. The
     // ten with no team (ids ending in 00) come back with the other 390.
@@ -581,11 +565,7 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     assert_eq!(db.job("df_purge").await.rows_changed, 100);
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "df_purge", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("df_purge").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 100);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 200);
@@ -1136,11 +1116,7 @@ async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
         "every row gets the backfill's +1 exactly once, on top of the app's writes"
     );
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "bump", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("bump").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     // Restored rows are back to exactly the app's value; rows the app changed after the backfill
     // keep their value (skipped). A stale before-image would show up as lost app increments.
@@ -1342,11 +1318,7 @@ async fn an_is_null_backfill_stays_exact_under_concurrent_writes(pool: PgPool) {
         .scalar_i64("SELECT count(*) FROM fill WHERE v = -1")
         .await;
 
-    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill", false)
-        .await
-        .unwrap();
-    db.daemon().until_idle().spawn().wait_ok().await;
-    let reverted = db.job(&revert.name).await;
+    let reverted = db.revert("fill").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM fill WHERE v = id * 2")

@@ -76,6 +76,16 @@ impl Db {
             .expect("job")
     }
 
+    /// Enqueues the revert of job `name` (no cascades allowed), runs a daemon until idle, and
+    /// returns the revert's row.
+    pub async fn revert(&self, name: &str) -> JobRow {
+        let revert = backfilld::ops::revert(&self.lib, &self.names, name, false)
+            .await
+            .expect("revert");
+        self.daemon().until_idle().spawn().wait_ok().await;
+        self.job(&revert.name).await
+    }
+
     pub async fn set_requested(&self, name: &str, state: &str) {
         sqlx::query("UPDATE backfill.jobs SET requested_state = $2 WHERE name = $1")
             .bind(name)
