@@ -10,6 +10,7 @@ use crate::db::Db;
 use crate::job::State;
 use crate::sql::{Names, quote_ident, quote_literal};
 use crate::target::{Target, column_list};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArchiveKind {
@@ -286,7 +287,14 @@ impl ArchiveTable {
     /// backfill, where it would slow every archived batch) so the revert can walk it by keyset,
     /// and fresh statistics, so the planner does not guess its row counts. Both under `timeout`
     /// instead of the batch `statement_timeout`. Then `vacuum_for_revert`.
-    pub async fn prepare_revert(&self, db: &Db, timeout: std::time::Duration) -> sqlx::Result<()> {
+    /// When `wake` fires (shutdown, pause, cancel) the index build is cancelled server-side (on a
+    /// large archive it takes minutes), so a stop does not wait for it.
+    pub async fn prepare_revert(
+        &self,
+        db: &Db,
+        timeout: std::time::Duration,
+        wake: &CancellationToken,
+    ) -> sqlx::Result<()> {
         let timeout = format!("{}ms", timeout.as_millis());
         let index = format!(
             "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
@@ -295,11 +303,27 @@ impl ArchiveTable {
             column_list(self.keys.iter().map(String::as_str))
         );
         let mut tx = db.begin().await?;
-        crate::sql::query("SELECT set_config('statement_timeout', $1, true)")
-            .bind(&timeout)
-            .execute(&mut *tx)
-            .await?;
-        tx.execute(index.as_str()).await?;
+        let pid: i32 = crate::sql::query_scalar(
+            "SELECT pg_backend_pid() FROM (SELECT set_config('statement_timeout', $1, true)) s",
+        )
+        .bind(&timeout)
+        .fetch_one(&mut *tx)
+        .await?;
+        {
+            let build = tx.execute(index.as_str());
+            tokio::pin!(build);
+            tokio::select! {
+                done = &mut build => done.map(drop)?,
+                _ = wake.cancelled() => {
+                    // The build ends with 57014 at its next interrupt check.
+                    let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
+                    if let Err(e) = cancel.execute(db).await {
+                        tracing::warn!(error = %e, "revert: could not cancel the archive's index build");
+                    }
+                    build.await.map(drop)?
+                }
+            }
+        }
         tx.execute(format!("ANALYZE {}", self.quoted).as_str())
             .await?;
         tx.commit().await?;

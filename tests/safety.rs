@@ -6,6 +6,7 @@ mod common;
 
 use common::{Db, NewJob};
 use sqlx::PgPool;
+use std::time::Duration;
 
 async fn orders(db: &Db, rows: i64) {
     db.exec(&format!(
@@ -508,6 +509,53 @@ async fn the_revert_of_a_delete_skips_rows_whose_parent_is_gone(pool: PgPool) {
             .await,
         400
     );
+}
+
+/// SIGTERM while a revert builds its archive's index (minutes on a large archive; here it waits
+/// on a lock): the build is cancelled server-side and the job handed back at once, not after it.
+#[sqlx::test]
+async fn sigterm_cancels_a_reverts_index_build(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 1000).await;
+    NewJob::new("fill_notes", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'none'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let archive = db
+        .job("fill_notes")
+        .await
+        .archive_table
+        .expect("an archive");
+    let _blocker = db
+        .hold(&format!(
+            "LOCK TABLE backfill.\"{archive}\" IN ROW EXCLUSIVE MODE"
+        ))
+        .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "fill_notes", false)
+        .await
+        .unwrap();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "60s")
+        .spawn();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE query LIKE 'CREATE UNIQUE INDEX%' AND wait_event_type = 'Lock'";
+    common::wait_until(
+        "the index build waiting",
+        || daemon.log(),
+        async || db.scalar_i64(waiting).await > 0,
+    )
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "{}", daemon.log());
+    let job = db.job(&revert.name).await;
+    assert_eq!(job.state, "pending", "handed back for another replica");
+    assert_eq!(job.attempt, 0, "a graceful stop burns no attempt");
+    assert_eq!(db.scalar_i64(waiting).await, 0, "no build left waiting");
 }
 
 /// A migration adds a column while an archived delete runs: the archive keeps the columns it

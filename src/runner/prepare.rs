@@ -121,7 +121,7 @@ impl Attempt<'_> {
     ) -> Result<(), JobError> {
         let timeout = self.ctx.config().bloat.vacuum_timeout;
         let (prepared, ()) = tokio::join!(
-            archive.prepare_revert(&self.ctx.pool, timeout),
+            archive.prepare_revert(&self.ctx.pool, timeout, &self.interrupt),
             self.vacuum_before_revert(target),
         );
         prepared.map_err(self.err("indexing and vacuuming the archive"))
