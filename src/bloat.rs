@@ -35,15 +35,20 @@ use crate::config::BloatConfig;
 use crate::error::JobError;
 use crate::target::Target;
 
-/// Whether the connected role may VACUUM the table (without it PostgreSQL only warns and skips).
+/// Whether the connected role may VACUUM the table (without it PostgreSQL only warns and skips),
+/// and that role's name. A partitioned table's VACUUM covers its partitions, each checked on its
+/// own: the role must be allowed on every one (PostgreSQL skips the others with a warning).
 const MAY_VACUUM: &str = "
-SELECT pg_has_role(c.relowner, 'USAGE')
-    OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
-    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-    OR CASE WHEN current_setting('server_version_num')::int >= 170000
-            THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END,
+SELECT bool_and(
+           pg_has_role(c.relowner, 'USAGE')
+        OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+        OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+        OR CASE WHEN current_setting('server_version_num')::int >= 170000
+                THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END),
        current_user::text
-FROM pg_class c WHERE c.oid = $1";
+FROM pg_class c
+WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))
+HAVING count(*) > 0";
 
 /// Whether the role of `conn` may VACUUM the table `oid`, and that role's name; `None` when no
 /// such table exists.

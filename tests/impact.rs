@@ -371,6 +371,58 @@ async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
         .await;
 }
 
+/// A partitioned target's VACUUM covers its partitions, and PostgreSQL checks each: a role that
+/// owns the parent but not every partition would have its VACUUMs skip those with a warning. The
+/// guard checks every partition and stands down, saying so once.
+#[sqlx::test]
+async fn the_guard_checks_every_partition_of_a_partitioned_target(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let role = cluster_unique(&db, "bf_parts").await;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'parts';
+         GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
+         GRANT pg_read_all_stats TO {role};
+         CREATE TABLE pt (id bigint PRIMARY KEY, v int) PARTITION BY RANGE (id);
+         CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (1) TO (2001);
+         CREATE TABLE pt2 PARTITION OF pt FOR VALUES FROM (2001) TO (4001);
+         INSERT INTO pt (id) SELECT g FROM generate_series(1, 4000) g;
+         ALTER TABLE pt OWNER TO {role};
+         ALTER TABLE pt1 OWNER TO {role};
+         GRANT SELECT, UPDATE ON pt2 TO {role};"
+    ))
+    .await;
+    NewJob::new("pt", "pt")
+        .predicate("v IS NULL")
+        .set("v = 7")
+        .raw("batch_size", "500")
+        .insert(&db)
+        .await;
+    let port = free_port();
+    let mut daemon = db
+        .daemon()
+        .database_url(&db.url_as(&role, "parts"))
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
+        .spawn();
+    let done = db.wait_state("pt", "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert_eq!(done.rows_changed, 4000);
+    assert_eq!(log.matches("may not VACUUM").count(), 1, "{log}");
+    assert!(!log.contains("vacuumed the target"), "{log}");
+    assert_eq!(
+        metric(&body, "backfilld_bloat_guard_vacuum_allowed{job=\"pt\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await;
+}
+
 /// `VACUUM (SKIP_LOCKED)` skips a table another session holds a conflicting lock on (here as an
 /// index build, ANALYZE or autovacuum would) with a warning, not an error: the guard must not
 /// count such a run as done.
