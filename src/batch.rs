@@ -65,6 +65,7 @@ impl TxSettings {
         let joins = if nested_loop { "off" } else { "on" };
         format!(
             "BEGIN; \
+             SET LOCAL standard_conforming_strings = on; \
              SET LOCAL lock_timeout = '{}ms'; \
              SET LOCAL statement_timeout = '{}ms'; \
              SET LOCAL synchronous_commit = '{}'; \

@@ -78,8 +78,12 @@ impl Db {
                 .max_connections(db.max_connections)
                 .acquire_timeout(db.connect_timeout)
         };
+        // `standard_conforming_strings = on` (the default since 9.1, but a database or role may
+        // say otherwise): fragments are checked by a lexer that reads `'\'` as PostgreSQL does
+        // with it on; with it off, a backslash would end a string the check thought still open.
         let session = |o: PgConnectOptions| {
             o.options(timeouts.map(|(k, v)| (k, format!("{}ms", v.as_millis()))))
+                .options([("standard_conforming_strings", "on")])
         };
         if db.pool_mode == PoolMode::Session {
             let options = session(options);
@@ -106,7 +110,10 @@ impl Db {
         Ok(Self {
             pool,
             mode: PoolMode::Transaction,
-            begin: format!("BEGIN{}", set.concat()),
+            begin: format!(
+                "BEGIN{}; SET LOCAL standard_conforming_strings = on",
+                set.concat()
+            ),
             direct,
         })
     }

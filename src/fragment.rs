@@ -165,7 +165,7 @@ impl Lexer {
     }
 
     fn next(&mut self) -> Result<Option<Token>, FragmentError> {
-        while self.peek(0).is_some_and(char::is_whitespace) {
+        while self.peek(0).is_some_and(is_space) {
             self.pos += 1;
         }
         let Some(c) = self.peek(0) else {
@@ -187,7 +187,7 @@ impl Lexer {
             {
                 self.number()
             }
-            c if c.is_alphabetic() || c == '_' => self.word()?,
+            c if ident_start(c) => self.word()?,
             _ => self.operator(),
         };
         Ok(Some(tok))
@@ -256,7 +256,7 @@ impl Lexer {
                 }
                 Some('"') => {
                     self.pos += 1;
-                    return Ok(Token::Quoted(name));
+                    return Ok(Token::Quoted(truncate_identifier(name)));
                 }
                 Some(c) => {
                     name.push(c);
@@ -277,10 +277,11 @@ impl Lexer {
     fn dollar_string(&mut self) -> Result<Token, FragmentError> {
         let start = self.pos;
         let mut end = self.pos + 1;
+        // A tag starts like an identifier and has no `$` (`$1` is a parameter, lexed before).
         while self
             .chars
             .get(end)
-            .is_some_and(|c| c.is_alphanumeric() || *c == '_')
+            .is_some_and(|c| ident_start(*c) || c.is_ascii_digit())
         {
             end += 1;
         }
@@ -318,7 +319,7 @@ impl Lexer {
         let start = self.pos;
         while self
             .peek(0)
-            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$')
+            .is_some_and(|c| ident_start(c) || c.is_ascii_digit() || c == '$')
         {
             self.pos += 1;
         }
@@ -344,7 +345,7 @@ impl Lexer {
                 _ => {}
             }
         }
-        Ok(Token::Word(word.to_lowercase()))
+        Ok(Token::Word(truncate_identifier(word.to_ascii_lowercase())))
     }
 
     fn operator(&mut self) -> Token {
@@ -369,6 +370,35 @@ impl Lexer {
     }
 }
 
+/// PostgreSQL's whitespace (`scan.l`: space, tab, newline, carriage return, form feed). Anything
+/// else, a no-break space included, is part of a token for the server, so it must be for us.
+fn is_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0c')
+}
+
+/// PostgreSQL's identifier start (`scan.l`: `[A-Za-z\200-\377_]`): every non-ASCII character
+/// (each of its UTF-8 bytes is in `\200-\377`) continues or starts an identifier, and a dollar
+/// quote's tag. Unicode's own classes (`char::is_alphabetic`) disagree on symbols such as `€`:
+/// a lexer using them would see a dollar quote the server does not, and could be steered past
+/// every shape check.
+fn ident_start(c: char) -> bool {
+    c.is_ascii_alphabetic() || c == '_' || !c.is_ascii()
+}
+
+/// An identifier as PostgreSQL keeps it: at most 63 bytes (`NAMEDATALEN - 1`), cut on a character
+/// boundary. Checks on column names must see the name the server will use.
+fn truncate_identifier(mut name: String) -> String {
+    const MAX: usize = 63;
+    if name.len() > MAX {
+        let mut cut = MAX;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    name
+}
+
 /// Shape checks common to both fragment kinds.
 fn check_shape(tokens: &[Token], part: Part) -> Result<(), FragmentError> {
     if tokens.is_empty() {
@@ -387,7 +417,8 @@ fn check_shape(tokens: &[Token], part: Part) -> Result<(), FragmentError> {
                     return Err(FragmentError::NeverOpened(part));
                 }
             }
-            Token::Word(w) if FORBIDDEN_FUNCTIONS.contains(&w.as_str()) => {
+            // Quoted too: `"pg_sleep"(1)` calls the same function.
+            Token::Word(w) | Token::Quoted(w) if FORBIDDEN_FUNCTIONS.contains(&w.as_str()) => {
                 if matches!(tokens.get(i + 1), Some(Token::Open)) {
                     return Err(FragmentError::ForbiddenCall {
                         part,
@@ -549,10 +580,20 @@ fn assignment(part: &str) -> Result<Assignment, FragmentError> {
     if tokens.len() < 3 {
         return Err(bad("has no expression"));
     }
-    let eq = part.find('=').unwrap_or(0);
+    // The expression starts after the `=` token, found by lexing past the column (whose quoted
+    // name may itself hold a `=`).
+    let mut lexer = Lexer {
+        chars: part.chars().collect(),
+        pos: 0,
+    };
+    lexer.next()?;
+    while lexer.peek(0).is_some_and(is_space) {
+        lexer.pos += 1;
+    }
+    let expr: String = lexer.chars[lexer.pos + 1..].iter().collect();
     Ok(Assignment {
         column,
-        expr: part[eq + 1..].trim().to_owned(),
+        expr: expr.trim().to_owned(),
     })
 }
 
@@ -734,6 +775,60 @@ async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Characters the server lexes differently from Unicode's classes: `€` and a no-break space
+    /// are identifier characters for PostgreSQL, so `a€$q$` is one identifier, not `a`, `€` and
+    /// a dollar quote that would hide what follows from the shape checks.
+    #[test]
+    fn non_ascii_characters_lex_as_the_server_lexes_them() {
+        let escape = "id = -1 AND EXISTS (SELECT 1 a€$q$) ) OR ( EXISTS (SELECT 1 b€$q$)";
+        assert!(matches!(
+            predicate(escape),
+            Err(FragmentError::NeverOpened(_))
+        ));
+        let nbsp = "id = -1 AND EXISTS (SELECT 1 a\u{a0}$q$) ) OR ( EXISTS (SELECT 1 b\u{a0}$q$)";
+        assert!(predicate(nbsp).is_err(), "{:?}", predicate(nbsp));
+        // `$€$` opens a dollar quote for the server: its contents are a literal.
+        assert!(predicate("note = $€$ ) OR true OR ( $€$").is_ok());
+        assert_eq!(
+            tokenize("Äpfel").unwrap(),
+            [Token::Word("Äpfel".into())],
+            "only ASCII letters fold to lower case"
+        );
+        assert_eq!(tokenize("ÄPFEL").unwrap(), [Token::Word("Äpfel".into())]);
+    }
+
+    #[test]
+    fn identifiers_are_cut_to_63_bytes_as_the_server_cuts_them() {
+        let long = "k".repeat(63);
+        let given = format!("{long}zzz = {long} + 1000");
+        let parsed = set_clause(&given).unwrap();
+        assert_eq!(parsed[0].column, long);
+        let quoted = format!("\"{}é\"", "x".repeat(62));
+        assert_eq!(tokenize(&quoted).unwrap(), [Token::Quoted("x".repeat(62))]);
+    }
+
+    #[test]
+    fn quoted_calls_of_forbidden_functions_are_refused() {
+        for p in [
+            "\"pg_sleep\"(1) IS NOT NULL",
+            "\"pg_catalog\".\"set_config\"('a', 'b', false) = 'b'",
+        ] {
+            assert!(
+                matches!(predicate(p), Err(FragmentError::ForbiddenCall { .. })),
+                "{p}: {:?}",
+                predicate(p)
+            );
+        }
+    }
+
+    #[test]
+    fn a_quoted_column_may_hold_an_equals_sign() {
+        let parsed = set_clause("\"a=b\" = 'z', c = 1").unwrap();
+        assert_eq!(parsed[0].column, "a=b");
+        assert_eq!(parsed[0].expr, "'z'");
+        assert_eq!(parsed[1].expr, "1");
+    }
 
     #[test]
     fn subqueries_are_told_from_words_in_literals_and_identifiers() {

@@ -650,6 +650,36 @@ struct Hostile {
 }
 
 const HOSTILE: &[Hostile] = &[
+    // `€` is an identifier character for PostgreSQL: `a€$q$` is one name, not `a`, `€` and a
+    // dollar quote hiding `) OR (` from the shape check.
+    Hostile {
+        name: "non_ascii_fake_dollar_quote",
+        table: "victim",
+        predicate: Some("id = -1 AND EXISTS (SELECT 1 a€$q$) ) OR ( EXISTS (SELECT 1 b€$q$)"),
+        set_clause: Some("n = 9"),
+        extra_columns: &[],
+        error_words: &["never opened"],
+    },
+    // With `standard_conforming_strings = off` on the database (set by the test), the server
+    // would read `'\'"'` as one string; the daemon's sessions turn it on, as its lexer reads.
+    Hostile {
+        name: "backslash_escaped_quote",
+        table: "victim",
+        predicate: Some("s = '\\'\"' ) OR true OR ( '\"\\'' = s"),
+        set_clause: Some("n = 9"),
+        extra_columns: &[],
+        error_words: &["victim"],
+    },
+    Hostile {
+        name: "quoted_forbidden_call",
+        table: "victim",
+        predicate: Some(
+            "\"pg_catalog\".\"set_config\"('application_name', 'pwned', false) = 'pwned'",
+        ),
+        set_clause: Some("n = 9"),
+        extra_columns: &[],
+        error_words: &["set_config"],
+    },
     Hostile {
         name: "insert_from_our_jobs",
         table: "victim",
@@ -1044,7 +1074,11 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
          CREATE TABLE keyless (a int, s text); INSERT INTO keyless VALUES (1, NULL);
          CREATE TABLE bystander (id int PRIMARY KEY, s text); INSERT INTO bystander VALUES (1, NULL);
          CREATE TABLE good (id int PRIMARY KEY, s text); INSERT INTO good SELECT g, NULL FROM generate_series(1, 50) g;
-         CREATE VIEW victim_view AS SELECT * FROM victim;",
+         CREATE VIEW victim_view AS SELECT * FROM victim;
+         DO $$ BEGIN
+             EXECUTE format('ALTER DATABASE %I SET standard_conforming_strings = off',
+                            current_database());
+         END $$;",
     )
     .await;
     assert!(HOSTILE.len() >= 30);
