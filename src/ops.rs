@@ -298,6 +298,16 @@ async fn revert_name(conn: &mut sqlx::PgConnection, names: &Names, name: &str) -
 pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Result<i64> {
     let row = get(pool, names, name).await?;
     let spec = JobSpec::from_row(&row, &cfg.batch, &cfg.safety)?;
+    if spec.action == Action::Revert {
+        // Its predicate is `true`: every row would count as remaining. The revert's own run
+        // reports what it restored and what it skipped.
+        return Err(Error::Refused {
+            job: name.into(),
+            reason: "a revert has no predicate to verify; its rows_changed and rows_skipped say \
+                     what it restored and what changed since"
+                .into(),
+        });
+    }
     let mut conn = pool.acquire().await?;
     // The table the job walks (an insert's source) and only the predicate: that is what counts
     // (for an insert, narrowed to the source rows whose target row does not exist yet).

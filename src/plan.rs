@@ -452,7 +452,7 @@ impl Counter<'_> {
                 let after = pairs(
                     assignments
                         .iter()
-                        .map(|a| (a.column.clone(), format!("({})", a.expr)))
+                        .map(|a| (a.column.clone(), sample_value(&a.expr)))
                         .collect(),
                 );
                 format!(
@@ -463,7 +463,7 @@ impl Counter<'_> {
                 let row = pairs(
                     assignments
                         .iter()
-                        .map(|a| (a.column.clone(), format!("({})", a.expr)))
+                        .map(|a| (a.column.clone(), sample_value(&a.expr)))
                         .collect(),
                 );
                 format!("'key', {key}, 'insert', jsonb_build_object({row})")
@@ -498,15 +498,30 @@ impl Counter<'_> {
             predicate = self.predicate,
             order = self.keyset.order(None, false),
         );
+        // The after-values evaluate the set clause, which may call functions that write (an
+        // audit insert): in a transaction that is rolled back, so a dry run commits nothing.
+        // (Sequence values it draws stay drawn, as in any rolled-back transaction.)
+        let mut tx = self.pool.begin().await.map_err(self.err("sampling rows"))?;
         let rows = bind_keys(crate::sql::query(&sql), &[self.upper])
             .bind(limit)
-            .fetch_all(self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(self.err("sampling rows"))?;
+        tx.rollback().await.map_err(self.err("sampling rows"))?;
         rows.iter()
             .map(|r| r.try_get::<Value, _>(0))
             .collect::<sqlx::Result<Vec<_>>>()
             .map_err(self.err("sampling rows"))
+    }
+}
+
+/// An assigned expression as a sample shows it: evaluated, except `DEFAULT`, which only an
+/// INSERT or UPDATE may say (shown as the word).
+fn sample_value(expr: &str) -> String {
+    if expr.trim().eq_ignore_ascii_case("default") {
+        "'DEFAULT'::text".into()
+    } else {
+        format!("({expr})")
     }
 }
 

@@ -558,6 +558,33 @@ async fn sigterm_cancels_a_reverts_index_build(pool: PgPool) {
     assert_eq!(db.scalar_i64(waiting).await, 0, "no build left waiting");
 }
 
+/// A dry run changes nothing, even when its set clause calls a function that writes: the plan's
+/// samples evaluate it (for the after-values) in a transaction that is rolled back.
+#[sqlx::test]
+async fn a_dry_run_commits_nothing_a_set_clause_function_writes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 200).await;
+    db.exec(
+        "CREATE TABLE audit (id bigint);
+         CREATE FUNCTION stamp(i bigint) RETURNS text LANGUAGE plpgsql AS
+         $$ BEGIN INSERT INTO audit VALUES (i); RETURN 'stamped'; END $$;",
+    )
+    .await;
+    NewJob::new("stamp_notes", "orders")
+        .predicate("status IS NULL")
+        .set("note = stamp(id), amount = DEFAULT")
+        .raw("mode", "'dry_run'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("stamp_notes").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    let sample = &planned.plan.clone().expect("a plan")["samples"][0];
+    assert!(sample.to_string().contains("stamped"), "{sample}");
+    assert_eq!(sample["after"]["amount"], "DEFAULT", "{sample}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM audit").await, 0);
+}
+
 /// A migration adds a column while an archived delete runs: the archive keeps the columns it
 /// was made with, and the job goes on (it archived `RETURNING *` before, which then no longer fit).
 #[sqlx::test]
@@ -617,6 +644,17 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(reverted.rows_changed, 100);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 200);
+    let verified = backfilld::ops::verify(
+        &db.lib,
+        &db.names,
+        &backfilld::config::Config::default(),
+        &reverted.name,
+    )
+    .await;
+    assert!(
+        verified.is_err_and(|e| e.to_string().contains("no predicate to verify")),
+        "verify refuses a revert"
+    );
 
     NewJob::new("df_copy", "df")
         .raw("action", "'insert'")
