@@ -61,13 +61,7 @@ impl Control {
 const CLAIM: &str = "
 WITH next AS (
     SELECT id FROM {jobs}
-    WHERE run_at <= now()
-      AND (   (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
-                                 AND requested_state IS DISTINCT FROM 'cancelled')
-           OR (state = 'paused'  AND requested_state = 'running')
-           OR (state = 'planned' AND mode = 'execute'
-                                 AND requested_state IS DISTINCT FROM 'paused'
-                                 AND requested_state IS DISTINCT FROM 'cancelled'))
+    WHERE run_at <= now() AND {claimable}
     ORDER BY priority DESC, run_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -91,7 +85,7 @@ pub async fn claim<'e>(
     ttl: Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<JobRow>> {
-    crate::sql::query_as(&names.render(CLAIM))
+    crate::sql::query_as(&names.render(&CLAIM.replace("{claimable}", CLAIMABLE)))
         .bind(limit)
         .bind(owner)
         .bind(ttl.as_secs_f64())
@@ -183,7 +177,8 @@ SET state = CASE
         WHEN $4 = 'retry' AND attempt >= $7 THEN 'failed'
         WHEN $4 = 'retry' THEN 'pending'
         ELSE $4 END,
-    attempt = CASE WHEN $4 IN ('pending', 'paused') THEN attempt - 1 ELSE attempt END,
+    -- A graceful end burns no attempt: handed back, paused, or a dry run that planned.
+    attempt = CASE WHEN $4 IN ('pending', 'paused', 'planned') THEN attempt - 1 ELSE attempt END,
     run_at = CASE WHEN $4 = 'retry' THEN now() + make_interval(secs => $6) ELSE run_at END,
     last_error = coalesce($5, CASE WHEN $4 IN ('succeeded', 'planned') THEN NULL ELSE last_error END),
     finished_at = CASE
@@ -274,20 +269,26 @@ pub async fn apply_requests<'e>(
         .await
 }
 
+/// Which job rows a claim takes (when their `run_at` has come): one definition, for the claim
+/// and for `--until-idle`'s count, which must agree (a count that includes a row no claim takes
+/// never reaches zero).
+const CLAIMABLE: &str = "
+    (   (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
+                           AND requested_state IS DISTINCT FROM 'cancelled')
+     OR (state = 'paused'  AND requested_state = 'running')
+     OR (state = 'planned' AND mode = 'execute'
+                           AND requested_state IS DISTINCT FROM 'paused'
+                           AND requested_state IS DISTINCT FROM 'cancelled'))";
+
 const RUNNABLE: &str = "
 SELECT count(*) FROM {jobs}
-WHERE (run_at <= now() AND (
-           (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
-                              AND requested_state IS DISTINCT FROM 'cancelled')
-        OR (state = 'paused' AND requested_state = 'running')
-        OR (state = 'planned' AND mode = 'execute'
-                              AND requested_state IS DISTINCT FROM 'cancelled')))
+WHERE (run_at <= now() AND {claimable})
    OR state = 'running'";
 
 /// Jobs that are runnable now or running anywhere. A running job counts because its lease may
 /// expire (its replica died) and make it runnable again: `--until-idle` drains the queue.
 pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
-    crate::sql::query_scalar(&names.render(RUNNABLE))
+    crate::sql::query_scalar(&names.render(&RUNNABLE.replace("{claimable}", CLAIMABLE)))
         .fetch_one(db)
         .await
 }

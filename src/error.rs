@@ -176,11 +176,18 @@ impl JobError {
 /// Transient conditions: lock not available, deadlock, serialization failure, statement timeout
 /// (query_canceled), operator intervention (admin/crash shutdown, cannot connect now), connection
 /// exceptions and too many connections.
+/// Errors a later try can get past: lock and statement timeouts, deadlocks, serialization
+/// failures, lost or ended connections (an admin's or the server's shutdown, a session ended for
+/// sitting idle in a transaction while this replica was frozen), insufficient resources (disk
+/// full, out of memory, too many connections), and writes reaching a server that turned
+/// read-only (a failover in progress).
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(
         code,
-        "55P03" | "40P01" | "40001" | "57014" | "57P01" | "57P02" | "57P03" | "53300" | "53400"
-    ) || code.starts_with("08")
+        "55P03" | "40P01" | "40001" | "57014" | "25P03" | "25006"
+    ) || code.starts_with("57P")
+        || code.starts_with("53")
+        || code.starts_with("08")
 }
 
 fn sqlstate_kind(code: &str) -> &'static str {
@@ -190,6 +197,7 @@ fn sqlstate_kind(code: &str) -> &'static str {
         "40001" => "serialization",
         "57014" => "statement_timeout",
         c if c.starts_with("57P") || c.starts_with("08") || c.starts_with("53") => "connection",
+        "25P03" | "25006" => "connection",
         _ => "permanent",
     }
 }
@@ -211,6 +219,10 @@ mod tests {
             ("42601", false, "permanent"),
             ("23505", false, "permanent"),
             ("22012", false, "permanent"),
+            ("25P03", true, "connection"),
+            ("25006", true, "connection"),
+            ("53100", true, "connection"),
+            ("57P05", true, "connection"),
         ];
         for (code, transient, kind) in cases {
             assert_eq!(is_transient_sqlstate(code), transient, "{code}");

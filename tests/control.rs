@@ -24,6 +24,38 @@ async fn slow_job(db: &Db, name: &str, rows: i64) {
         .await;
 }
 
+/// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
+/// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
+#[sqlx::test]
+async fn an_approved_dry_run_held_paused_lets_until_idle_exit(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "dr", 300).await;
+    db.exec("UPDATE backfill.jobs SET mode = 'dry_run' WHERE name = 'dr'")
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("dr").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    assert_eq!(planned.attempt, 0, "a dry run burns no attempt");
+    db.set_requested("dr", "paused").await;
+    backfilld::ops::approve(&db.lib, &db.names, "dr")
+        .await
+        .unwrap();
+    let mut idle = db.daemon().until_idle().spawn();
+    let status = idle.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "{}", idle.log());
+    assert_eq!(db.job("dr").await.state, "planned", "held by the pause");
+    db.set_requested("dr", "running").await;
+    db.daemon()
+        .max_batch(100)
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let done = db.job("dr").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.attempt, 1);
+}
+
 #[sqlx::test]
 async fn pause_holds_batches_and_resume_completes(pool: PgPool) {
     let db = Db::new(pool).await;

@@ -79,6 +79,9 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             owner: ctx.owner.clone(),
         };
         let stop_heartbeat = CancellationToken::new();
+        // Stops the heartbeat however this future ends: a panic unwinding through it must let
+        // the lease expire (for another replica to rescue), not keep renewing it forever.
+        let _heartbeat = stop_heartbeat.clone().drop_guard();
         let control = claim::spawn_heartbeat(
             ctx.pool.clone(),
             ctx.names.clone(),

@@ -202,7 +202,10 @@ impl Attempt<'_> {
             _ = tokio::time::sleep(duration) => {}
         }
         self.hold_time(reason, started.elapsed());
+        // `wake` may be a slice's own stop (a sibling ended) rather than the attempt's
+        // interrupt: a caller that loops on holds must see it, or it spins without pausing.
         self.interrupted()
+            .or_else(|| wake.is_cancelled().then_some(Outcome::Stopped))
     }
 
     /// Counts time held back (paused, vacuuming) under its reason: the metric and this
