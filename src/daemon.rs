@@ -88,6 +88,28 @@ impl Daemon {
         Ok(())
     }
 
+    /// Marks finished the jobs with series here that finished elsewhere (on another replica
+    /// after a hand-back, or cancelled while idle), so their series expire like the others.
+    async fn settle_metrics(&self) {
+        let unsettled = self.ctx.metrics.unsettled();
+        if unsettled.is_empty() {
+            return;
+        }
+        let sql = crate::claim::fenced(
+            &self.ctx.names,
+            "SELECT name FROM {jobs} WHERE name = ANY($1)
+               AND (state IN {finished} OR state = 'planned')",
+        );
+        match crate::sql::query_scalar::<String>(&sql)
+            .bind(&unsettled)
+            .fetch_all(&self.ctx.pool)
+            .await
+        {
+            Ok(done) => done.iter().for_each(|j| self.ctx.metrics.job_finished(j)),
+            Err(e) => tracing::debug!(error = %e, "could not read which jobs finished elsewhere"),
+        }
+    }
+
     /// Housekeeping and claiming; returns how many jobs were claimed.
     async fn tick(
         &self,
@@ -104,6 +126,7 @@ impl Daemon {
                 tracing::warn!(error = %e, "dropping expired archives failed");
             }
         }
+        self.settle_metrics().await;
         let expired = self
             .ctx
             .metrics

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub stats_visible: IntGauge,
     /// Jobs whose attempt ended finished (or planned), and when: their series expire.
     finished: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Jobs with series here that are not marked finished: a job may finish on another replica
+    /// (handed back, then run there) or by a request while idle (`unsettled`).
+    started: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
@@ -129,6 +132,7 @@ impl Metrics {
             ),
             registry: Registry::new(),
             finished: Default::default(),
+            started: Default::default(),
         };
         m.stats_visible.set(-1);
         m.register_all();
@@ -140,6 +144,7 @@ impl Metrics {
     /// first error or throttle second is a visible increase to `rate()` and `increase()`.
     pub fn job_started(&self, job: &str) {
         self.finished_jobs().remove(job);
+        self.started_jobs().insert(job.to_owned());
         for counter in [
             &self.rows_changed,
             &self.rows_scanned,
@@ -160,7 +165,19 @@ impl Metrics {
 
     /// `job` ended succeeded, failed, cancelled or planned: its series expire after the TTL.
     pub fn job_finished(&self, job: &str) {
+        self.started_jobs().remove(job);
         self.finished_jobs().insert(job.to_owned(), Instant::now());
+    }
+
+    /// Jobs with series here not yet marked finished; the daemon asks the database which of
+    /// them finished elsewhere (`job_finished` then starts their time to live).
+    pub fn unsettled(&self) -> Vec<String> {
+        self.started_jobs().iter().cloned().collect()
+    }
+
+    fn started_jobs(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A poisoned lock only means a panic mid-update of a plain set.
+        self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Drops every series of the jobs that finished more than `ttl` ago; returns how many jobs.

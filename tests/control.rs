@@ -24,6 +24,41 @@ async fn slow_job(db: &Db, name: &str, rows: i64) {
         .await;
 }
 
+/// A job that finishes without this replica's runner (paused here, then cancelled while idle)
+/// still has its metric series dropped after `finished_job_ttl`: the daemon asks the database.
+#[sqlx::test]
+async fn series_of_a_job_finished_elsewhere_expire(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "pj", 5000).await;
+    let port = common::free_port();
+    let mut daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_METRICS__FINISHED_JOB_TTL", "1s")
+        .env("BACKFILLD_WORKER__POLL_INTERVAL", "200ms")
+        .spawn();
+    db.wait_for("pj", "batches", |r| r.batches >= 2).await;
+    db.set_requested("pj", "paused").await;
+    db.wait_state("pj", "paused").await;
+    let series = "rows_changed_total{job=\"pj\"}";
+    let body = common::http_get(port, "/metrics").await.expect("metrics").1;
+    assert!(body.contains(series), "{body}");
+    db.set_requested("pj", "cancelled").await;
+    db.wait_state("pj", "cancelled").await;
+    common::wait_until(
+        "the series dropped",
+        || daemon.log(),
+        async || {
+            let body = common::http_get(port, "/metrics").await.expect("metrics").1;
+            !body.contains(series)
+        },
+    )
+    .await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]
