@@ -68,6 +68,9 @@ pub async fn run_daemon(
     let metrics = Metrics::new();
     crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible).await;
     let readiness = Arc::new(Readiness::default());
+    // The listener outlives the drain: /readyz answers 503 ("stopping") while jobs hand back,
+    // and /metrics stays scrapable, instead of refusing connections.
+    let server_stop = CancellationToken::new();
     let server = match cfg.metrics.listen.as_str() {
         "" => None,
         listen => Some(
@@ -76,7 +79,7 @@ pub async fn run_daemon(
                 metrics.clone(),
                 readiness.clone(),
                 cfg.worker.poll_interval,
-                shutdown.clone(),
+                server_stop.clone(),
             )
             .await?,
         ),
@@ -104,6 +107,7 @@ pub async fn run_daemon(
     .run()
     .await?;
     shutdown.cancel();
+    server_stop.cancel();
     reloader.abort();
     if let Some(server) = server {
         let _ = server.await;

@@ -59,6 +59,39 @@ async fn series_of_a_job_finished_elsewhere_expire(pool: PgPool) {
     daemon.wait(Duration::from_secs(30)).await;
 }
 
+/// While a stopping replica drains (here its batch waits on a row lock), /readyz answers 503
+/// instead of the listener refusing connections.
+#[sqlx::test]
+async fn readyz_says_stopping_during_the_drain(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "dn", 1000).await;
+    let holder = db.hold("SELECT * FROM dn WHERE id = 50 FOR UPDATE").await;
+    let port = common::free_port();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "20s")
+        .spawn();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE application_name = 'backfilld' AND wait_event_type = 'Lock'";
+    common::wait_until(
+        "a batch waiting on the row lock",
+        || daemon.log(),
+        async || db.scalar_i64(waiting).await > 0,
+    )
+    .await;
+    daemon.signal("TERM");
+    common::wait_until(
+        "/readyz saying stopping",
+        || daemon.log(),
+        async || matches!(common::http_get(port, "/readyz").await, Some((503, _))),
+    )
+    .await;
+    holder.commit().await;
+    let status = daemon.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "{}", daemon.log());
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]
