@@ -283,10 +283,14 @@ const CLAIMABLE: &str = "
 const RUNNABLE: &str = "
 SELECT count(*) FROM {jobs}
 WHERE (run_at <= now() AND {claimable})
-   OR state = 'running'";
+   OR state = 'running'
+   -- A retry the daemon scheduled (a failed attempt, run_at in the backoff): it will run.
+   OR (state = 'pending' AND attempt > 0 AND {claimable})";
 
-/// Jobs that are runnable now or running anywhere. A running job counts because its lease may
-/// expire (its replica died) and make it runnable again: `--until-idle` drains the queue.
+/// Jobs that are runnable now, running anywhere, or waiting out a retry's backoff. A running job
+/// counts because its lease may expire (its replica died) and make it runnable again, a retry
+/// because it will run: `--until-idle` drains the queue. (A job a person scheduled for later,
+/// never attempted, does not hold it.)
 pub async fn runnable_count<'e>(db: impl PgExecutor<'e>, names: &Names) -> sqlx::Result<i64> {
     crate::sql::query_scalar(&names.render(&RUNNABLE.replace("{claimable}", CLAIMABLE)))
         .fetch_one(db)

@@ -80,7 +80,7 @@ pub enum Command {
         after_help = "Example:\n  DATABASE_URL=postgres://backfilld@db/app backfilld run --until-idle"
     )]
     Run {
-        /// Exit 0 once no runnable job is left.
+        /// Exit 0 once no job is runnable, running anywhere, or waiting out a scheduled retry.
         #[arg(long)]
         until_idle: bool,
     },

@@ -92,6 +92,31 @@ async fn readyz_says_stopping_during_the_drain(pool: PgPool) {
     assert!(status.success(), "{}", daemon.log());
 }
 
+/// `--until-idle` waits for a retry the daemon scheduled (an attempt that ran out of batch
+/// retries on a locked row): the job will run, so the queue is not drained yet.
+#[sqlx::test]
+async fn until_idle_waits_for_a_scheduled_retry(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "rt", 500).await;
+    let holder = db.hold("SELECT * FROM rt WHERE id = 50 FOR UPDATE").await;
+    let mut daemon = db
+        .daemon()
+        .until_idle()
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "200ms")
+        .env("BACKFILLD_WORKER__MAX_BATCH_RETRIES", "1")
+        .env("BACKFILLD_WORKER__POLL_INTERVAL", "200ms")
+        .spawn();
+    db.wait_for("rt", "a scheduled retry", |r| {
+        r.state == "pending" && r.attempt == 1
+    })
+    .await;
+    holder.commit().await;
+    daemon.wait_ok().await;
+    let job = db.job("rt").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.attempt, 2);
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]
