@@ -202,16 +202,43 @@ async fn the_bloat_guard_keeps_a_full_table_backfill_within_its_heap_budget(pool
     );
 }
 
+/// A login role (unique in the cluster, `password`) that may use backfilld's schema, as a
+/// daemon's role needs, and nothing else yet.
+async fn backfill_role(db: &Db, prefix: &str, password: &str) -> String {
+    let role = cluster_unique(db, prefix).await;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+         GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};"
+    ))
+    .await;
+    role
+}
+
+/// The bloat guard stood down for `job`: one warning that the role may not VACUUM (returned),
+/// no VACUUM run, and the allowed gauge at 0.
+fn assert_guard_stood_down<'l>(log: &'l str, body: &str, job: &str) -> &'l str {
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("may not VACUUM"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one clear warning\n{log}");
+    assert!(
+        !log.contains("vacuumed the target") && !log.contains("VACUUM failed"),
+        "no VACUUM was attempted\n{log}"
+    );
+    let gauge = format!("backfilld_bloat_guard_vacuum_allowed{{job=\"{job}\"}}");
+    assert_eq!(metric(body, &gauge), Some(0.0), "{body}");
+    warnings[0]
+}
+
 #[sqlx::test]
 async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgPool) {
     let db = Db::new(pool).await;
-    let role = cluster_unique(&db, "bf_novac").await;
+    let role = backfill_role(&db, "bf_novac", "novac").await;
     db.exec(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'novac';
-         GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
-         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
-         CREATE TABLE nv (id bigint PRIMARY KEY, v int);
+        "CREATE TABLE nv (id bigint PRIMARY KEY, v int);
          INSERT INTO nv (id) SELECT g FROM generate_series(1, 8000) g;
          GRANT SELECT, UPDATE ON nv TO {role};"
     ))
@@ -235,17 +262,7 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
     let body = metrics(port).await;
     let log = daemon.log();
     assert_eq!(done.rows_changed, 8000);
-    let warnings = log.matches("may not VACUUM").count();
-    assert_eq!(warnings, 1, "one clear warning\n{log}");
-    assert!(
-        !log.contains("vacuumed the target") && !log.contains("VACUUM failed"),
-        "no VACUUM was attempted\n{log}"
-    );
-    assert_eq!(
-        metric(&body, "backfilld_bloat_guard_vacuum_allowed{job=\"nv\"}"),
-        Some(0.0),
-        "{body}"
-    );
+    assert_guard_stood_down(&log, &body, "nv");
     // Nor may it read other sessions' statistics: the signals that need them are named once.
     let blind = log
         .matches("may not read other sessions' statistics")
@@ -324,24 +341,10 @@ async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
     daemon.wait(Duration::from_secs(30)).await;
     let log = daemon.log();
     assert_eq!(done.rows_changed, 4000);
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("may not VACUUM"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "one clear warning\n{log}");
+    let warning = assert_guard_stood_down(&log, &body, "dv");
     assert!(
-        warnings[0].contains(&role),
-        "the warning names the role: {}",
-        warnings[0]
-    );
-    assert!(
-        !log.contains("vacuumed the target"),
-        "no VACUUM was attempted\n{log}"
-    );
-    assert_eq!(
-        metric(&body, "backfilld_bloat_guard_vacuum_allowed{job=\"dv\"}"),
-        Some(0.0),
-        "{body}"
+        warning.contains(&role),
+        "the warning names the role: {warning}"
     );
     // The revert VACUUMs its archive on that connection too; the role may not even look into
     // the archive's schema. Only a speed-up: the revert warns and restores every row.
@@ -377,13 +380,9 @@ async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
 #[sqlx::test]
 async fn the_guard_checks_every_partition_of_a_partitioned_target(pool: PgPool) {
     let db = Db::new(pool).await;
-    let role = cluster_unique(&db, "bf_parts").await;
+    let role = backfill_role(&db, "bf_parts", "parts").await;
     db.exec(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'parts';
-         GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
-         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
-         GRANT pg_read_all_stats TO {role};
+        "GRANT pg_read_all_stats TO {role};
          CREATE TABLE pt (id bigint PRIMARY KEY, v int) PARTITION BY RANGE (id);
          CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (1) TO (2001);
          CREATE TABLE pt2 PARTITION OF pt FOR VALUES FROM (2001) TO (4001);
@@ -412,13 +411,7 @@ async fn the_guard_checks_every_partition_of_a_partitioned_target(pool: PgPool) 
     daemon.wait(Duration::from_secs(30)).await;
     let log = daemon.log();
     assert_eq!(done.rows_changed, 4000);
-    assert_eq!(log.matches("may not VACUUM").count(), 1, "{log}");
-    assert!(!log.contains("vacuumed the target"), "{log}");
-    assert_eq!(
-        metric(&body, "backfilld_bloat_guard_vacuum_allowed{job=\"pt\"}"),
-        Some(0.0),
-        "{body}"
-    );
+    assert_guard_stood_down(&log, &body, "pt");
     db.exec(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await;
 }
