@@ -109,6 +109,10 @@ pub enum FragmentError {
     ForbiddenCall { part: Part, function: String },
     #[error("{0} must be a single expression, found a top-level ','")]
     TopLevelComma(Part),
+    #[error(
+        "{0} locks rows (FOR UPDATE / FOR SHARE): a subquery's row locks would be held by every batch, and by a dry run"
+    )]
+    RowLock(Part),
     #[error("set_clause part {part:?} {problem}")]
     Assignment { part: String, problem: &'static str },
     #[error("set_clause assigns generated column {0:?}")]
@@ -416,6 +420,18 @@ fn check_shape(tokens: &[Token], part: Part) -> Result<(), FragmentError> {
                 if depth < 0 {
                     return Err(FragmentError::NeverOpened(part));
                 }
+            }
+            // `FOR UPDATE`, `FOR NO KEY UPDATE`, `FOR SHARE`, `FOR KEY SHARE` in a subquery
+            // lock another table's rows (a dry run's too). `FOR` before anything else is a
+            // function argument (`substring(s FOR 3)`).
+            Token::Word(w)
+                if w == "for"
+                    && matches!(
+                        tokens.get(i + 1),
+                        Some(Token::Word(n)) if matches!(n.as_str(), "update" | "share" | "no" | "key")
+                    ) =>
+            {
+                return Err(FragmentError::RowLock(part));
             }
             // Quoted too: `"pg_sleep"(1)` calls the same function.
             Token::Word(w) | Token::Quoted(w) if FORBIDDEN_FUNCTIONS.contains(&w.as_str()) => {
@@ -820,6 +836,23 @@ mod tests {
                 predicate(p)
             );
         }
+    }
+
+    #[test]
+    fn row_locking_subqueries_are_refused() {
+        for p in [
+            "id IN (SELECT id FROM other FOR UPDATE)",
+            "EXISTS (SELECT 1 FROM o WHERE o.id = t.id FOR NO KEY UPDATE)",
+            "id IN (SELECT id FROM other FOR SHARE)",
+            "id IN (SELECT id FROM other for key share)",
+        ] {
+            assert!(
+                matches!(predicate(p), Err(FragmentError::RowLock(_))),
+                "{p}"
+            );
+        }
+        assert!(predicate("substring(note FOR 3) = 'abc'").is_ok());
+        assert!(predicate("note = 'for update'").is_ok());
     }
 
     #[test]

@@ -709,6 +709,14 @@ const HOSTILE: &[Hostile] = &[
         error_words: &["victim"],
     },
     Hostile {
+        name: "row_locking_subquery",
+        table: "victim",
+        predicate: Some("id IN (SELECT id FROM canary FOR UPDATE)"),
+        set_clause: Some("n = 9"),
+        extra_columns: &[],
+        error_words: &["FOR UPDATE"],
+    },
+    Hostile {
         name: "quoted_forbidden_call",
         table: "victim",
         predicate: Some(
