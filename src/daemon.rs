@@ -95,11 +95,11 @@ impl Daemon {
         if unsettled.is_empty() {
             return;
         }
-        let sql = crate::claim::fenced(
-            &self.ctx.names,
-            "SELECT name FROM {jobs} WHERE name = ANY($1)
-               AND (state IN {finished} OR state = 'planned')",
-        );
+        let sql = self
+            .ctx
+            .names
+            .render("SELECT name FROM {jobs} WHERE name = ANY($1) AND (state IN {finished} OR state = 'planned')")
+            .replace("{finished}", &crate::job::State::finished_sql());
         match crate::sql::query_scalar::<String>(&sql)
             .bind(&unsettled)
             .fetch_all(&self.ctx.pool)
