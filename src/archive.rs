@@ -83,7 +83,7 @@ impl ArchiveTable {
             .await?;
         self.parents = keys
             .into_iter()
-            .filter(|(_, child, _)| child.iter().all(|c| self.columns.contains(c)))
+            .filter(|(_, child, _)| child.iter().all(|c| self.holds(c)))
             .map(|(parent, child, referenced)| {
                 let nulls: Vec<String> = child
                     .iter()
@@ -117,23 +117,13 @@ impl ArchiveTable {
     pub fn index_name(archive: &str) -> String {
         const MAX: usize = 63 - "_key".len();
         const TAIL: usize = 30; // `_20261121_j` and a 19-digit job id
+        if archive.len() <= MAX {
+            return format!("{archive}_key");
+        }
         let chars: Vec<char> = archive.chars().collect();
-        let short: String = if archive.len() <= MAX {
-            archive.to_owned()
-        } else {
-            let tail = &chars[chars.len().saturating_sub(TAIL)..];
-            let head_bytes = MAX - tail.iter().map(|c| c.len_utf8()).sum::<usize>();
-            let mut head = String::new();
-            for c in &chars {
-                if head.len() + c.len_utf8() > head_bytes {
-                    break;
-                }
-                head.push(*c);
-            }
-            head.extend(tail);
-            head
-        };
-        format!("{short}_key")
+        let tail: String = chars[chars.len().saturating_sub(TAIL)..].iter().collect();
+        let head = crate::sql::clip_bytes(archive, MAX - tail.len());
+        format!("{head}{tail}_key")
     }
 
     /// `("a", "b") IN (SELECT _bf_a."a", _bf_a."b" FROM archive AS _bf_a)`: a predicate on the
@@ -150,6 +140,11 @@ impl ArchiveTable {
             archived.join(", "),
             self.quoted
         )
+    }
+
+    /// Whether the archive has column `name` (every column when its layout was not read back).
+    pub fn holds(&self, name: &str) -> bool {
+        self.columns.is_empty() || self.columns.iter().any(|c| c == name)
     }
 
     /// For a delete's archive: the archived columns `target` no longer has (dropped or renamed
@@ -309,21 +304,9 @@ impl ArchiveTable {
         .bind(&timeout)
         .fetch_one(&mut *tx)
         .await?;
-        {
-            let build = tx.execute(index.as_str());
-            tokio::pin!(build);
-            tokio::select! {
-                done = &mut build => done.map(drop)?,
-                _ = wake.cancelled() => {
-                    // The build ends with 57014 at its next interrupt check.
-                    let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
-                    if let Err(e) = cancel.execute(db).await {
-                        tracing::warn!(error = %e, "revert: could not cancel the archive's index build");
-                    }
-                    build.await.map(drop)?
-                }
-            }
-        }
+        // Cancelled from the pool, whose role runs the build.
+        let cancel = db.cancel_backend(pid, false);
+        crate::db::cancellable(tx.execute(index.as_str()), wake, cancel).await?;
         tx.execute(format!("ANALYZE {}", self.quoted).as_str())
             .await?;
         tx.commit().await?;
@@ -346,18 +329,7 @@ impl ArchiveTable {
                 return;
             }
         };
-        let checked = async {
-            let oid: Option<sqlx::postgres::types::Oid> =
-                crate::sql::query_scalar("SELECT to_regclass($1)::oid")
-                    .bind(&self.quoted)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            match oid {
-                Some(oid) => crate::bloat::may_vacuum(&mut conn, oid.0).await,
-                None => Ok(None),
-            }
-        };
-        match checked.await {
+        match crate::bloat::may_vacuum(&mut conn, &self.quoted).await {
             Ok(Some((true, _))) => {}
             Ok(Some((false, role))) => {
                 tracing::warn!(

@@ -47,17 +47,17 @@ SELECT bool_and(
                 THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END),
        current_user::text
 FROM pg_class c
-WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))
+WHERE c.oid = to_regclass($1) OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)))
 HAVING count(*) > 0";
 
-/// Whether the role of `conn` may VACUUM the table `oid`, and that role's name; `None` when no
-/// such table exists.
+/// Whether the role of `conn` may VACUUM the table `quoted` (`"schema"."name"`), and that role's
+/// name; `None` when no such table exists.
 pub async fn may_vacuum(
     conn: &mut sqlx::PgConnection,
-    oid: u32,
+    quoted: &str,
 ) -> sqlx::Result<Option<(bool, String)>> {
     crate::sql::query_as(MAY_VACUUM)
-        .bind(sqlx::postgres::types::Oid(oid))
+        .bind(quoted)
         .fetch_optional(conn)
         .await
 }
@@ -150,7 +150,7 @@ impl BloatGuard {
         } else if let Some(mut session) = pool.session().await? {
             // Asked on the connection the VACUUMs run on: with `database.direct_url` that may
             // be another role than the pool's, and a VACUUM the role may not run only warns.
-            let permitted = may_vacuum(&mut session, target.oid).await?;
+            let permitted = may_vacuum(&mut session, &target.quoted).await?;
             role = permitted.as_ref().map(|(_, r)| r.clone());
             match permitted {
                 Some((true, _)) => Standing::Active {
@@ -323,20 +323,9 @@ impl Run<'_> {
             self.target.quoted
         );
         let before = self.vacuum_count(conn).await?;
-        {
-            let running = crate::sql::query(&vacuum).execute(&mut *conn);
-            tokio::pin!(running);
-            tokio::select! {
-                done = &mut running => done.map(|_| ()),
-                _ = self.wake.cancelled() => {
-                    // The statement ends with 57014 at its next interrupt check.
-                    if let Err(e) = cancel(self.pool, pid).await {
-                        tracing::warn!(error = %e, "bloat guard: could not cancel the VACUUM");
-                    }
-                    running.await.map(|_| ())
-                }
-            }?;
-        }
+        let running = crate::sql::query(&vacuum).execute(&mut *conn);
+        let cancel = self.pool.cancel_backend(pid, true);
+        crate::db::cancellable(running, self.wake, cancel).await?;
         Ok(before.is_none() || self.vacuum_count(conn).await? != before)
     }
 
@@ -355,17 +344,6 @@ impl Run<'_> {
         .bind(sqlx::postgres::types::Oid(self.target.oid))
         .fetch_one(conn)
         .await
-    }
-}
-
-/// Cancels the VACUUM running as backend `pid`, from a connection of the role it runs as (a
-/// session, i.e. `database.direct_url` behind a pooler): a role may cancel only its own
-/// statements (or those of roles it is a member of), and the pool's role may be another one.
-async fn cancel(pool: &Db, pid: i32) -> Result<(), sqlx::Error> {
-    let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
-    match pool.session().await? {
-        Some(mut conn) => cancel.execute(&mut *conn).await.map(drop),
-        None => cancel.execute(pool).await.map(drop),
     }
 }
 

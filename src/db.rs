@@ -170,6 +170,20 @@ impl Db {
         }
     }
 
+    /// Cancels the statement backend `pid` runs, from a connection of its role (a role may
+    /// cancel only its own statements): a session connection (`direct_url` behind a pooler)
+    /// when `on_session`, where VACUUMs run, else the pool.
+    pub async fn cancel_backend(&self, pid: i32, on_session: bool) -> sqlx::Result<()> {
+        let cancel = crate::sql::query("SELECT pg_cancel_backend($1)").bind(pid);
+        match on_session.then(|| self.session()) {
+            Some(session) => match session.await? {
+                Some(mut conn) => cancel.execute(&mut *conn).await.map(drop),
+                None => cancel.execute(self).await.map(drop),
+            },
+            None => cancel.execute(self).await.map(drop),
+        }
+    }
+
     /// Whether `session` can return a connection.
     pub fn has_session(&self) -> bool {
         self.sessions().is_some()
@@ -304,5 +318,26 @@ impl<'c> Executor<'c> for &'c Db {
         'c: 'e,
     {
         self.pool.describe(sql)
+    }
+}
+
+/// Runs `statement` to its end. When `wake` fires first, runs `cancel` (a lazy future, e.g.
+/// [`Db::cancel_backend`] of the statement's backend) and waits for the statement to end, with
+/// 57014 at its next interrupt check: a stop never waits out a long VACUUM or index build, and
+/// the connection is left idle, not mid-statement.
+pub async fn cancellable<T>(
+    statement: impl std::future::Future<Output = sqlx::Result<T>>,
+    wake: &tokio_util::sync::CancellationToken,
+    cancel: impl std::future::Future<Output = sqlx::Result<()>>,
+) -> sqlx::Result<T> {
+    tokio::pin!(statement);
+    tokio::select! {
+        done = &mut statement => done,
+        _ = wake.cancelled() => {
+            if let Err(e) = cancel.await {
+                tracing::warn!(error = %e, "could not cancel a statement on stopping");
+            }
+            statement.await
+        }
     }
 }

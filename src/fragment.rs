@@ -392,14 +392,8 @@ fn ident_start(c: char) -> bool {
 /// An identifier as PostgreSQL keeps it: at most 63 bytes (`NAMEDATALEN - 1`), cut on a character
 /// boundary. Checks on column names must see the name the server will use.
 fn truncate_identifier(mut name: String) -> String {
-    const MAX: usize = 63;
-    if name.len() > MAX {
-        let mut cut = MAX;
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        name.truncate(cut);
-    }
+    let keep = crate::sql::clip_bytes(&name, 63).len();
+    name.truncate(keep);
     name
 }
 

@@ -28,6 +28,16 @@ pub fn table_name_for(job: &str, suffix: &str) -> String {
     format!("{base}{suffix}")
 }
 
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary (as
+/// PostgreSQL cuts an identifier to 63 bytes).
+pub fn clip_bytes(s: &str, max: usize) -> &str {
+    let mut cut = max.min(s.len());
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
+}
+
 /// A column name as a person gives it: bare (`unit_price`, matched exactly) or as SQL writes it
 /// (`"Unit Price"`: quotes removed, doubled quotes undone), so a name that needs quotes in SQL can
 /// be given either way.

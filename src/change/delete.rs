@@ -33,7 +33,7 @@ impl Delete {
                         .columns
                         .iter()
                         .map(|c| c.name.as_str())
-                        .filter(|c| a.columns.is_empty() || a.columns.iter().any(|k| k == c))
+                        .filter(|c| a.holds(c))
                         .collect();
                     let returned: Vec<String> = cols
                         .iter()

@@ -127,7 +127,7 @@ fn reinserted<'a>(target: &'a Target, archive: &ArchiveTable) -> Vec<&'a str> {
         .columns
         .iter()
         .filter(|c| !c.generated)
-        .filter(|c| archive.columns.is_empty() || archive.columns.contains(&c.name))
+        .filter(|c| archive.holds(&c.name))
         .map(|c| c.name.as_str())
         .collect()
 }
