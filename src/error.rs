@@ -140,7 +140,6 @@ impl JobError {
         }
     }
 
-    /// The `kind` label of `backfilld_batch_errors_total`.
     /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
     pub const KINDS: [&'static str; 9] = [
         "invalid",

@@ -117,6 +117,38 @@ async fn until_idle_waits_for_a_scheduled_retry(pool: PgPool) {
     assert_eq!(job.attempt, 2);
 }
 
+/// A batch that runs out of its retries ends the attempt, and the job is retried (or, at its last
+/// attempt, failed) as a whole. The attempt used to retry it in place as well, up to
+/// `max_batch_retries` times more: with the defaults, 81 tries (and minutes of backoff) per
+/// attempt instead of 9.
+#[sqlx::test]
+async fn a_batch_out_of_retries_ends_the_attempt(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "gu", 500).await;
+    let holder = db.hold("SELECT * FROM gu WHERE id = 50 FOR UPDATE").await;
+    let mut daemon = db
+        .daemon()
+        .until_idle()
+        .env("BACKFILLD_BATCH__LOCK_TIMEOUT", "200ms")
+        .env("BACKFILLD_WORKER__MAX_BATCH_RETRIES", "2")
+        .env("BACKFILLD_WORKER__MAX_ATTEMPTS", "1")
+        .spawn();
+    daemon.wait(Duration::from_secs(60)).await;
+    holder.commit().await;
+    let log = daemon.log();
+    let job = db.job("gu").await;
+    assert_eq!(job.state, "failed", "{log}");
+    let error = job.last_error.unwrap_or_default();
+    assert!(error.contains("55P03") && error.contains("gu"), "{error}");
+    assert!(log.contains("transient batch error; retrying error=job gu on public.gu: applying the change failed: SQLSTATE 55P03") && log.contains("retry=2"), "{log}");
+    assert!(!log.contains("retry=3"), "{log}");
+    assert!(
+        !log.contains("transient error; retrying"),
+        "retried in place: {log}"
+    );
+    assert_eq!(log.matches("attempt gave up").count(), 1, "{log}");
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]

@@ -14,12 +14,19 @@ impl Attempt<'_> {
     }
 
     /// Retries transient errors outside batches (validation, planning, bookkeeping) in place,
-    /// re-reading the job row each time; batches retry on their own.
+    /// re-reading the job row each time. Batches retry on their own: one that ran out of its
+    /// retries ends the attempt (`batches_gave_up`), and the job is retried as a new attempt.
     pub(super) async fn execute_with_retries(&mut self, max: u32) -> Result<Outcome, JobError> {
         let mut retries = 0;
         loop {
             match self.execute().await {
-                Err(e) if e.is_retryable() && retries < max => {
+                Err(e)
+                    if e.is_retryable()
+                        && retries < max
+                        && !self
+                            .batches_gave_up
+                            .load(std::sync::atomic::Ordering::Relaxed) =>
+                {
                     retries += 1;
                     tracing::warn!(error = %e, retry = retries, "transient error; retrying");
                     let wake = &self.interrupt;

@@ -2,6 +2,7 @@
 //! and the checkpointed cursor it resumes from.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
 
 use super::*;
 
@@ -55,7 +56,12 @@ impl Attempt<'_> {
                 Err(e) if e.is_retryable() && walk.retries < cfg.worker.max_batch_retries => {
                     self.retry(p, &e, slice, &mut walk, stop).await?
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if e.is_retryable() {
+                        self.batches_gave_up.store(true, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
             };
             if let ControlFlow::Break(end) = next {
                 return Ok(end);

@@ -104,6 +104,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             interrupt,
             held: Default::default(),
             longest_wait: Default::default(),
+            batches_gave_up: Default::default(),
         };
         let result = attempt
             .execute_with_retries(cfg.worker.max_batch_retries)
@@ -179,4 +180,8 @@ struct Attempt<'a> {
     held: std::sync::Mutex<std::collections::BTreeMap<&'static str, f64>>,
     /// The longest any session had waited on a batch's row locks when that batch committed.
     longest_wait: std::sync::Mutex<Duration>,
+    /// A slice's batch loop ran out of its retries on a transient error. The attempt then ends
+    /// (a later attempt retries the job) instead of retrying in place: batches have had their
+    /// retries, and retrying them again here would multiply the two limits.
+    batches_gave_up: std::sync::atomic::AtomicBool,
 }
