@@ -366,8 +366,11 @@ impl ArchiveTable {
     }
 }
 
-/// Foreign keys of a table to other tables: the referenced table (quoted), the referencing and
-/// the referenced columns in key order.
+/// Foreign keys of a table to other tables (not to itself nor, for a partition, to a table it is
+/// part of): the referenced table (quoted), the referencing and the referenced columns in key
+/// order. One row per key: a key to a partitioned table also has a
+/// row per referenced partition (its parent constraint is on the same table), left out; a
+/// partition's own copy of its parent's key is kept.
 const PARENT_KEYS: &str = concat!(
     "
 SELECT format('%I.%I', n.nspname, p.relname),
@@ -377,7 +380,10 @@ SELECT format('%I.%I', n.nspname, p.relname),
 FROM pg_constraint c
 JOIN pg_class p ON p.oid = c.confrelid
 JOIN pg_namespace n ON n.oid = p.relnamespace
-WHERE c.contype = 'f' AND c.conrelid = $1 AND c.confrelid <> c.conrelid AND c.conparentid = 0
+WHERE c.contype = 'f' AND c.conrelid = $1 AND c.confrelid <> c.conrelid
+  AND c.confrelid NOT IN (SELECT relid FROM pg_partition_ancestors(c.conrelid))
+  AND NOT EXISTS (SELECT FROM pg_constraint pc
+                  WHERE pc.oid = c.conparentid AND pc.conrelid = c.conrelid)
 ORDER BY c.conname"
 );
 

@@ -84,21 +84,29 @@ macro_rules! key_columns {
 }
 pub(crate) use key_columns;
 
-/// Top-level foreign keys referencing `target`.
+/// Foreign keys referencing `target`, one row each. A key involving partitioned tables has a
+/// `pg_constraint` row per partition on each side: those of the referencing side's partitions
+/// (whose parent constraint references the same table) are left out, so a referenced partitioned
+/// table lists its key once; those of the referenced side's partitions are kept, so a single
+/// partition as the target finds the keys that reference it (`conparentid <> 0`).
 const FOREIGN_KEYS: &str = concat!(
     "
 SELECT c.conname::text,
        format('%I.%I', n.nspname, t.relname),
        CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
                           WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
-       c.conrelid = c.confrelid,
+       -- A key on the table itself, or (the target a partition) on a table it is part of.
+       c.conrelid = c.confrelid
+         OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
        ",
     key_columns!(),
     "
 FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
-WHERE c.contype = 'f' AND c.confrelid = $1 AND c.conparentid = 0
+WHERE c.contype = 'f' AND c.confrelid = $1
+  AND NOT EXISTS (SELECT FROM pg_constraint pc
+                  WHERE pc.oid = c.conparentid AND pc.confrelid = c.confrelid)
 ORDER BY 1"
 );
 

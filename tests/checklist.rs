@@ -184,6 +184,67 @@ async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(poo
     );
 }
 
+/// A delete aimed at one partition (purging an old partition at a time) finds the foreign keys
+/// that reference the partitioned table: PostgreSQL gives each partition its own copy of such a
+/// key, which the plan used to skip, so the delete cascaded into child rows archived nowhere.
+#[sqlx::test]
+async fn a_delete_on_one_partition_sees_the_keys_that_reference_its_table(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE orders (id bigint, created date, status text,
+                              PRIMARY KEY (id, created)) PARTITION BY RANGE (created);
+         CREATE TABLE orders_2019 PARTITION OF orders
+             FOR VALUES FROM ('2019-01-01') TO ('2020-01-01');
+         CREATE TABLE orders_2020 PARTITION OF orders
+             FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+         CREATE TABLE order_items (id bigserial PRIMARY KEY, order_id bigint NOT NULL,
+                                   order_created date NOT NULL,
+                                   FOREIGN KEY (order_id, order_created) REFERENCES orders
+                                   ON DELETE CASCADE);
+         CREATE TABLE refunds (id bigserial PRIMARY KEY, order_id bigint NOT NULL,
+                               order_created date NOT NULL,
+                               FOREIGN KEY (order_id, order_created) REFERENCES orders);
+         INSERT INTO orders SELECT g, '2019-01-01'::date + (g % 700),
+                                   CASE WHEN g % 5 = 0 THEN 'cancelled' ELSE 'done' END
+         FROM generate_series(1, 1000) g;
+         INSERT INTO order_items (order_id, order_created) SELECT id, created FROM orders;
+         INSERT INTO refunds (order_id, order_created)
+         SELECT id, created FROM orders WHERE id IN (16, 516);",
+    )
+    .await;
+    for (name, predicate) in [
+        ("cascading", "status = 'cancelled'"),
+        ("refunded", "id = 16"),
+    ] {
+        NewJob::new(name, "orders_2019")
+            .predicate(predicate)
+            .raw("action", "'delete'")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let cascading = db.job("cascading").await;
+    assert_eq!(cascading.state, "failed");
+    let err = cascading.last_error.unwrap_or_default();
+    assert!(
+        err.contains("public.orders_2019")
+            && err.contains("on public.order_items (ON DELETE CASCADE"),
+        "{err}"
+    );
+    let refunded = db.job("refunded").await;
+    assert_eq!(refunded.state, "failed");
+    let err = refunded.last_error.unwrap_or_default();
+    assert!(
+        err.contains("on public.refunds (ON DELETE NO ACTION, 1 child rows)"),
+        "{err}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 1000);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM order_items").await,
+        1000
+    );
+}
+
 /// A change that fails on the rows it selects (a NULL into a NOT NULL column, a CHECK) fails in
 /// the plan, where the idempotency check tries it on a sample and rolls back: a dry run says so
 /// before anyone approves it, and nothing changes.
