@@ -50,6 +50,12 @@ pub struct DatabaseConfig {
     pub pool_mode: PoolMode,
     /// With `pool_mode = "transaction"`: a URL past the pooler for LISTEN and VACUUM (optional).
     pub direct_url: String,
+    /// `TimeZone` that job fragments and data files are read in; empty: the database's and the
+    /// role's setting, as psql would get it (see `db::DateSettings`).
+    pub timezone: String,
+    /// Date field order (`DMY`, `MDY` or `YMD`, or a whole `DateStyle` such as `ISO, DMY`) for
+    /// dates typed without a year first; empty: the database's and the role's, as for `timezone`.
+    pub datestyle: String,
 }
 
 /// What kind of connection `database.url` gives (see `db`).
@@ -222,6 +228,8 @@ impl Default for DatabaseConfig {
             connect_timeout: Duration::from_secs(10),
             pool_mode: PoolMode::Session,
             direct_url: String::new(),
+            timezone: String::new(),
+            datestyle: String::new(),
         }
     }
 }
@@ -460,6 +468,12 @@ impl DatabaseConfig {
                     format!("not a PostgreSQL connection URL ({e})"),
                 ));
             }
+        }
+        if !self.datestyle.is_empty() && crate::db::date_order(&self.datestyle).is_none() {
+            return Err(invalid(
+                "database.datestyle",
+                "no date field order in it (DMY, MDY or YMD, as in \"ISO, DMY\")",
+            ));
         }
         if !is_plain_identifier(&self.schema) {
             return Err(invalid(

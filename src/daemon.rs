@@ -63,7 +63,15 @@ impl Daemon {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut wakeups = Wakeups::start(self.ctx.pool.clone(), self.ctx.metrics.clone()).await;
         let mut last_sweep: Option<Instant> = None;
-        tracing::info!(owner = %self.ctx.owner, until_idle = self.until_idle, "daemon started");
+        let dates = self.ctx.pool.dates();
+        tracing::info!(
+            owner = %self.ctx.owner,
+            until_idle = self.until_idle,
+            timezone = dates.map(|d| d.timezone.as_str()),
+            datestyle = dates.map(|d| d.datestyle.as_str()),
+            dates_from = dates.map(|d| d.from),
+            "daemon started"
+        );
         loop {
             self.readiness.mark(&self.readiness.last_tick);
             let claimed = match self.tick(&mut tasks, &mut last_sweep).await {

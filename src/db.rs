@@ -39,6 +39,11 @@ pub struct Db {
     mode: PoolMode,
     /// `BEGIN` with the session defaults as `SET LOCAL` (transaction pooling only).
     begin: String,
+    /// The date settings as `SET LOCAL`s, appended to every `begin_with` statement (transaction
+    /// pooling only; sessions get them on connecting).
+    set_dates: String,
+    /// The date settings every connection reads with (`None` for a pool from elsewhere).
+    dates: Option<DateSettings>,
     /// Connections past the pooler (`database.direct_url`) for LISTEN and VACUUM.
     direct: Option<PgPool>,
 }
@@ -50,6 +55,8 @@ impl Db {
             pool,
             mode: PoolMode::Session,
             begin: "BEGIN".into(),
+            set_dates: String::new(),
+            dates: None,
             direct: None,
         }
     }
@@ -73,10 +80,22 @@ impl Db {
         ];
         let options: PgConnectOptions = db.url.parse()?;
         let options = quiet_slow_statements(options.application_name(&db.application_name));
+        let options = match db.pool_mode {
+            PoolMode::Session => options,
+            // PgBouncer accepts only the start-up parameters it tracks.
+            PoolMode::Transaction => options.extra_float_digits(None),
+        };
+        let dates = DateSettings::resolve(&options, db).await?;
+        let set_dates = dates.statement("SET");
         let pool_options = || {
+            let set_dates = set_dates.clone();
             PgPoolOptions::new()
                 .max_connections(db.max_connections)
                 .acquire_timeout(db.connect_timeout)
+                .after_connect(move |conn, _| {
+                    let set_dates = set_dates.clone();
+                    Box::pin(async move { conn.execute(set_dates.as_str()).await.map(drop) })
+                })
         };
         // `standard_conforming_strings = on` (the default since 9.1, but a database or role may
         // say otherwise): fragments are checked by a lexer that reads `'\'` as PostgreSQL does
@@ -88,12 +107,18 @@ impl Db {
         if db.pool_mode == PoolMode::Session {
             let options = session(options);
             probe(&options, db.connect_timeout).await?;
-            return Ok(Self::direct(pool_options().connect_lazy_with(options)));
+            let pool = pool_options().connect_lazy_with(options);
+            return Ok(Self {
+                dates: Some(dates),
+                ..Self::direct(pool)
+            });
         }
-        // PgBouncer accepts only the start-up parameters it tracks.
-        let options = options.extra_float_digits(None);
-        probe(&options, db.connect_timeout).await?;
-        let pool = pool_options().connect_lazy_with(options);
+        // Through a transaction pooler a session setting would reach other clients: the date
+        // settings are `SET LOCAL` in every transaction instead, as the timeouts are.
+        let pool = PgPoolOptions::new()
+            .max_connections(db.max_connections)
+            .acquire_timeout(db.connect_timeout)
+            .connect_lazy_with(options);
         let direct = match db.direct_url.as_str() {
             "" => None,
             url => {
@@ -107,15 +132,23 @@ impl Db {
             }
         };
         let set = timeouts.map(|(k, v)| format!("; SET LOCAL {k} = '{}ms'", v.as_millis()));
+        let set_dates = format!("; {}", dates.statement("SET LOCAL"));
         Ok(Self {
             pool,
             mode: PoolMode::Transaction,
             begin: format!(
-                "BEGIN{}; SET LOCAL standard_conforming_strings = on",
+                "BEGIN{}; SET LOCAL standard_conforming_strings = on{set_dates}",
                 set.concat()
             ),
+            set_dates,
+            dates: Some(dates),
             direct,
         })
+    }
+
+    /// The date settings connections read with (see `DateSettings`).
+    pub fn dates(&self) -> Option<&DateSettings> {
+        self.dates.as_ref()
     }
 
     pub fn mode(&self) -> PoolMode {
@@ -135,12 +168,13 @@ impl Db {
         }
     }
 
-    /// A transaction opened by `statement` (a `BEGIN` with its own `SET LOCAL`s).
+    /// A transaction opened by `statement` (a `BEGIN` with its own `SET LOCAL`s), and the date
+    /// settings.
     pub async fn begin_with(
         &self,
         statement: String,
     ) -> sqlx::Result<Transaction<'static, Postgres>> {
-        self.pool.begin_with(statement).await
+        self.pool.begin_with(statement + &self.set_dates).await
     }
 
     /// A connection for a few statements in a row. Through a transaction pooler it is inside a
@@ -203,6 +237,137 @@ impl Db {
             direct.close().await;
         }
     }
+}
+
+/// How job fragments and data files read dates and times: the `TimeZone` and the date field
+/// order a psql session of the same role in the same database gets. sqlx sends `TimeZone=UTC` and
+/// `DateStyle=ISO, MDY` as start-up parameters on every connection, which override the
+/// database's and the role's settings: without this, `created_at < '02/01/2024'` or
+/// `day = created_at::date` would select or write other rows than the same SQL in psql. The
+/// output style stays ISO (keys are read back from their text for cursors and checks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DateSettings {
+    pub timezone: String,
+    /// `ISO, DMY`, `ISO, MDY` or `ISO, YMD`.
+    pub datestyle: String,
+    /// Where they came from, for the log.
+    pub from: &'static str,
+}
+
+/// The settings `ALTER DATABASE/ROLE … SET` gave this login, most specific first (database and
+/// role, role, database, all): `(TimeZone, DateStyle)`, each NULL when none says.
+const ROLE_SETTINGS: &str = "
+SELECT (array_agg(v ORDER BY rank DESC) FILTER (WHERE k = 'timezone'))[1],
+       (array_agg(v ORDER BY rank DESC) FILTER (WHERE k = 'datestyle'))[1]
+FROM (SELECT lower(split_part(c, '=', 1)) AS k, substr(c, strpos(c, '=') + 1) AS v,
+             (s.setrole <> 0)::int * 2 + (s.setdatabase <> 0)::int AS rank
+      FROM pg_db_role_setting s, unnest(s.setconfig) c
+      WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+        AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))) o";
+
+/// The server configuration's values (`postgresql.conf`, `ALTER SYSTEM`), where the role may read
+/// them (superuser or `pg_read_all_settings`).
+const FILE_SETTINGS: &str = "
+SELECT (array_agg(setting ORDER BY seqno DESC) FILTER (WHERE name = 'timezone'))[1],
+       (array_agg(setting ORDER BY seqno DESC) FILTER (WHERE name = 'datestyle'))[1]
+FROM pg_file_settings WHERE applied";
+
+impl DateSettings {
+    /// `database.timezone`/`datestyle` when set; else the role's and database's settings; else
+    /// the server configuration's; else `log_timezone` (which the server configuration sets
+    /// to the same zone as `timezone`, and a client cannot change) and PostgreSQL's default
+    /// field order, MDY.
+    async fn resolve(
+        options: &PgConnectOptions,
+        cfg: &crate::config::DatabaseConfig,
+    ) -> sqlx::Result<Self> {
+        use sqlx::Connection;
+        let mut conn =
+            tokio::time::timeout(cfg.connect_timeout, PgConnection::connect_with(options))
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        // In a transaction: through a transaction pooler a lone statement may change servers.
+        let mut tx = conn.begin().await?;
+        let (mut zone, mut style): (Option<String>, Option<String>) =
+            crate::sql::query_as(ROLE_SETTINGS)
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut from = "database and role settings";
+        if zone.is_none() || style.is_none() {
+            let readable: bool = crate::sql::query_scalar(
+                "SELECT has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if readable {
+                let (z, d): (Option<String>, Option<String>) = crate::sql::query_as(FILE_SETTINGS)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                zone = zone.or(z);
+                style = style.or(d);
+                from = "database and role settings, server configuration";
+            }
+        }
+        if zone.is_none() {
+            zone = crate::sql::query_scalar("SELECT current_setting('log_timezone')")
+                .fetch_optional(&mut *tx)
+                .await?;
+            from = "database and role settings, log_timezone";
+        }
+        let configured = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+        if configured(&cfg.timezone).is_some() || configured(&cfg.datestyle).is_some() {
+            from = "backfilld configuration (database.timezone, database.datestyle)";
+        }
+        let zone = configured(&cfg.timezone)
+            .or(zone)
+            .unwrap_or_else(|| "UTC".into());
+        let order = configured(&cfg.datestyle)
+            .or(style)
+            .and_then(|s| date_order(&s))
+            .unwrap_or("MDY");
+        let dates = Self {
+            timezone: zone,
+            datestyle: format!("ISO, {order}"),
+            from,
+        };
+        // A zone the server does not know fails here, naming where it came from, rather than
+        // every connection later.
+        if let Err(e) = tx.execute(dates.statement("SET LOCAL").as_str()).await {
+            return Err(sqlx::Error::Configuration(
+                format!("TimeZone {:?} (from {from}): {e}", dates.timezone).into(),
+            ));
+        }
+        tx.commit().await?;
+        conn.close().await?;
+        Ok(dates)
+    }
+
+    /// `SET TimeZone = …; SET DateStyle = …` with `set` as the verb (`SET` or `SET LOCAL`).
+    fn statement(&self, set: &str) -> String {
+        format!(
+            "{set} TimeZone = {}; {set} DateStyle = {}",
+            crate::sql::quote_literal(&self.timezone),
+            crate::sql::quote_literal(&self.datestyle)
+        )
+    }
+}
+
+/// The date field order a `DateStyle` value sets, as PostgreSQL reads it: `DMY`, `MDY` or
+/// `YMD` (or their old names `European`, `NonEuropean`/`US`), `German` alone meaning DMY; `None`
+/// when it names none.
+pub fn date_order(datestyle: &str) -> Option<&'static str> {
+    let mut order = None;
+    let mut german = false;
+    for word in datestyle.split([',', ' ']).filter(|w| !w.is_empty()) {
+        match word.to_ascii_lowercase().as_str() {
+            "dmy" | "euro" | "european" => order = Some("DMY"),
+            "mdy" | "us" | "noneuro" | "noneuropean" => order = Some("MDY"),
+            "ymd" => order = Some("YMD"),
+            "german" => german = true,
+            _ => {}
+        }
+    }
+    order.or(german.then_some("DMY"))
 }
 
 /// Statements over a second are expected here (the bloat guard's VACUUM of a large table, a
@@ -338,6 +503,29 @@ pub async fn cancellable<T>(
                 tracing::warn!(error = %e, "could not cancel a statement on stopping");
             }
             statement.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::date_order;
+
+    #[test]
+    fn date_order_reads_datestyle_as_postgresql_does() {
+        for (style, order) in [
+            ("ISO, MDY", Some("MDY")),
+            ("SQL, DMY", Some("DMY")),
+            ("dmy", Some("DMY")),
+            ("Postgres,YMD", Some("YMD")),
+            ("German", Some("DMY")),
+            ("German, MDY", Some("MDY")),
+            ("European", Some("DMY")),
+            ("US", Some("MDY")),
+            ("ISO", None),
+            ("", None),
+        ] {
+            assert_eq!(date_order(style), order, "{style}");
         }
     }
 }

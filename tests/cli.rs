@@ -158,6 +158,88 @@ async fn enqueue_status_execute_verify_from_the_command_line(pool: PgPool) {
 
 /// Insert and cascading-delete jobs from the command line; a job whose columns, tables or
 /// fragments would fail its first claim is refused at enqueue and leaves no row.
+/// Dates and times in a job, and in a file `enqueue --from-csv` reads, mean what they mean in
+/// psql in that database: its TimeZone and date field order (here New York and DMY, set with
+/// ALTER DATABASE). sqlx's start-up parameters (UTC, MDY) had overridden both, so the purge
+/// read '02/01/2024' as the 1st of February in UTC and deleted every row.
+#[sqlx::test]
+async fn dates_in_jobs_and_files_read_as_the_database_reads_them(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, day date);
+         INSERT INTO ev SELECT g, '2024-01-01 00:00+00'::timestamptz + g * interval '1 hour', NULL
+         FROM generate_series(1, 96) g;
+         CREATE TABLE old_ev (LIKE ev INCLUDING ALL);
+         INSERT INTO old_ev SELECT * FROM ev;
+         CREATE TABLE due (id bigint PRIMARY KEY, at timestamptz, on_day date);
+         INSERT INTO due VALUES (1, NULL, NULL);
+         DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'America/New_York');
+           EXECUTE format('ALTER DATABASE %I SET datestyle = %L', current_database(), 'SQL, DMY');
+         END $$;",
+    )
+    .await;
+    NewJob::new("days", "ev")
+        .predicate("day IS NULL")
+        .set("day = created_at::date")
+        .insert(&db)
+        .await;
+    NewJob::new("purge", "old_ev")
+        .predicate("created_at < '02/01/2024'")
+        .raw("action", "'delete'")
+        .insert(&db)
+        .await;
+    db.exec("UPDATE backfill.jobs SET mode = 'execute'").await;
+    let file = std::env::temp_dir().join(format!("due-{}.csv", std::process::id()));
+    std::fs::write(&file, "id,at,on_day\n1,2024-07-01 09:00,03/04/2024\n").unwrap();
+    let csv = backfilld(
+        &db.url,
+        &[
+            "enqueue",
+            "--name",
+            "due_fix",
+            "--table",
+            "public.due",
+            "--from-csv",
+            file.to_str().unwrap(),
+            "--execute",
+        ],
+    );
+    let _ = std::fs::remove_file(&file);
+    assert!(csv.status.success(), "{}", stderr(&csv));
+    let mut daemon = db.daemon().until_idle().spawn();
+    daemon.wait_ok().await;
+    // New York is UTC-5 in January: hours 1-4 fall on the 31st of December there.
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM ev WHERE day = '2023-12-31'")
+            .await,
+        4
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM ev WHERE day = '2024-01-01'")
+            .await,
+        24
+    );
+    // The 2nd of January, midnight in New York, is 05:00 UTC: hours 1-28 are before it.
+    assert_eq!(db.job("purge").await.rows_changed, 28);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM old_ev").await, 68);
+    assert_eq!(
+        db.scalar_text(
+            "SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || on_day::text
+             FROM due"
+        )
+        .await,
+        "2024-07-01 13:00 2024-04-03"
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("timezone=\"America/New_York\" datestyle=\"ISO, DMY\""),
+        "{}",
+        daemon.log()
+    );
+}
+
 #[sqlx::test]
 async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPool) {
     let db = Db::new(pool).await;
