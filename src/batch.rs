@@ -150,6 +150,13 @@ SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
     heartbeat_at = now(),
     lease_expires_at = now() + make_interval(secs => $9)
 WHERE {fence}
+  -- Compare-and-set: the checkpoint is where this replica's previous batch left it ($12 false
+  -- only for the plan's trial). A batch this replica saw commit can still be lost, with its
+  -- checkpoint, to a crash or failover before the asynchronous commit reached disk; going on
+  -- from the cursor in memory would skip its rows for good.
+  AND (NOT $12 OR (CASE WHEN $10::int IS NULL THEN cursor
+                        ELSE NULLIF(slices -> $10::int -> 'cursor', 'null') END)
+                  IS NOT DISTINCT FROM $11::jsonb)
 RETURNING requested_state, rows_changed, (
     -- Sessions this transaction blocks right now, and how long the longest has waited. Functions,
     -- not the pg_locks and pg_stat_activity views: a batch plans this statement every time, and
@@ -216,8 +223,9 @@ impl Batcher<'_> {
         } else {
             0
         };
+        let counts = (scanned, changed, skipped);
         let (control, impact) = self
-            .checkpoint(&mut tx, &hi, scanned, changed, skipped, size)
+            .checkpoint(&mut tx, (Some(cursor), &hi), counts, size)
             .await?;
         tx.commit().await.map_err(self.sql_err("commit"))?;
         Ok(Some(Attempted::Committed(Committed {
@@ -261,7 +269,10 @@ impl Batcher<'_> {
             .apply_change(tx, cursor, &hi, false)
             .await?
             .unwrap_or(0);
-        match self.checkpoint(tx, &hi, scanned, changed, 0, size).await {
+        match self
+            .checkpoint(tx, (None, &hi), (scanned, changed, 0), size)
+            .await
+        {
             Ok(_) | Err(JobError::Ceiling { .. }) => Ok(Some((scanned, changed, hi))),
             Err(e) => Err(e),
         }
@@ -321,14 +332,15 @@ impl Batcher<'_> {
         Ok((captured == changed).then_some(changed))
     }
 
-    /// Writes the cursor and counters, fenced by the lease; enforces the ceiling.
+    /// Moves the checkpoint from `from` to `hi` and adds the counts (scanned, changed, skipped),
+    /// fenced by the lease; enforces the ceiling. `from` is `Some(cursor)` for a batch, the
+    /// cursor it expects to find stored (`CheckpointMoved` otherwise), and `None` for the plan's
+    /// trial, which is rolled back whatever it finds.
     async fn checkpoint(
         &self,
         conn: &mut PgConnection,
-        hi: &Key,
-        scanned: i64,
-        changed: i64,
-        skipped: i64,
+        (from, hi): (Option<Option<&Key>>, &Key),
+        (scanned, changed, skipped): (i64, i64, i64),
         size: i64,
     ) -> Result<(Control, Impact), JobError> {
         let row: Option<(Option<String>, i64, Vec<f64>)> =
@@ -343,14 +355,13 @@ impl Batcher<'_> {
                 .bind(i32::try_from(size).unwrap_or(i32::MAX))
                 .bind(self.lease_ttl.as_secs_f64())
                 .bind(self.slot.map(|s| s as i32))
-                .fetch_optional(conn)
+                .bind(from.flatten().map(Key::to_json))
+                .bind(from.is_some())
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(self.sql_err("writing the checkpoint"))?;
         let Some((requested, total_changed, waiters)) = row else {
-            return Err(JobError::LeaseLost {
-                job: self.lease.job.clone(),
-                attempt: self.lease.attempt,
-            });
+            return Err(self.checkpoint_refused(conn, from.flatten()).await);
         };
         if let Some(max) = self.max_affected.filter(|m| total_changed > *m) {
             return Err(JobError::Ceiling {
@@ -368,5 +379,28 @@ impl Batcher<'_> {
             _ => Impact::default(),
         };
         Ok((Control::from_requested(requested.as_deref()), impact))
+    }
+
+    /// Why the checkpoint matched no row: the lease is lost, or (the fence still matching) the
+    /// stored cursor is not `expected`.
+    async fn checkpoint_refused(
+        &self,
+        conn: &mut PgConnection,
+        expected: Option<&Key>,
+    ) -> JobError {
+        let stored = claim::stored_cursor(&mut *conn, self.names, self.lease, self.slot).await;
+        match stored {
+            Ok(Some(stored)) => JobError::CheckpointMoved {
+                job: self.lease.job.clone(),
+                table: self.table.to_owned(),
+                stored: stored.map_or("the start".into(), |v| v.to_string()),
+                expected: expected.map_or("the start".into(), |k| k.to_json().to_string()),
+            },
+            Ok(None) => JobError::LeaseLost {
+                job: self.lease.job.clone(),
+                attempt: self.lease.attempt,
+            },
+            Err(e) => self.sql_err("re-reading the checkpoint")(e),
+        }
     }
 }

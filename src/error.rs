@@ -61,6 +61,20 @@ pub enum JobError {
     /// The fenced checkpoint matched no row: another replica owns the job now.
     #[error("job {job}: lease lost (attempt {attempt}); another replica owns the job now")]
     LeaseLost { job: String, attempt: i32 },
+    /// The checkpoint is not where this replica's last batch committed it: that commit was lost
+    /// (a server crash or a failover before an asynchronous commit reached disk). Retried from
+    /// the stored checkpoint, so the lost batch runs again.
+    #[error(
+        "job {job} on {table}: the checkpoint is at {stored}, not at {expected} where this \
+         replica's last batch left it: that batch's commit was lost (a server crash or failover \
+         before it reached disk); resuming from the checkpoint"
+    )]
+    CheckpointMoved {
+        job: String,
+        table: String,
+        stored: String,
+        expected: String,
+    },
     /// The job would change more rows than its ceiling allows.
     #[error(
         "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is {max_affected}"
@@ -136,15 +150,17 @@ impl JobError {
         match self {
             Self::Sql { retryable, .. } => *retryable,
             Self::Connection { source, .. } => !matches!(source, sqlx::Error::Configuration(_)),
+            Self::CheckpointMoved { .. } => true,
             _ => false,
         }
     }
 
     /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "invalid",
         "connection",
         "lease_lost",
+        "lost_commit",
         "ceiling",
         "lock_timeout",
         "deadlock",
@@ -159,6 +175,7 @@ impl JobError {
             Self::Sql { code, .. } => sqlstate_kind(code),
             Self::Connection { .. } => "connection",
             Self::LeaseLost { .. } => "lease_lost",
+            Self::CheckpointMoved { .. } => "lost_commit",
             Self::Ceiling { .. } => "ceiling",
         }
     }
