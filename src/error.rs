@@ -196,14 +196,18 @@ impl JobError {
 /// failures, lost or ended connections (an admin's or the server's shutdown, a session ended for
 /// sitting idle in a transaction while this replica was frozen), insufficient resources (disk
 /// full, out of memory, too many connections), and writes reaching a server that turned
-/// read-only (a failover in progress).
+/// read-only (a failover in progress). Also a connection refused at log-in (class 28, or the
+/// database not there, 3D000): a password rotation, an expiring token or a failover's `pg_hba`
+/// reload refuses new sessions for a moment; a lasting refusal still fails the job once its
+/// attempts are used up.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(
         code,
-        "55P03" | "40P01" | "40001" | "57014" | "25P03" | "25006"
+        "55P03" | "40P01" | "40001" | "57014" | "25P03" | "25006" | "3D000"
     ) || code.starts_with("57P")
         || code.starts_with("53")
         || code.starts_with("08")
+        || code.starts_with("28")
 }
 
 fn sqlstate_kind(code: &str) -> &'static str {
@@ -213,7 +217,8 @@ fn sqlstate_kind(code: &str) -> &'static str {
         "40001" => "serialization",
         "57014" => "statement_timeout",
         c if c.starts_with("57P") || c.starts_with("08") || c.starts_with("53") => "connection",
-        "25P03" | "25006" => "connection",
+        "25P03" | "25006" | "3D000" => "connection",
+        c if c.starts_with("28") => "connection",
         _ => "permanent",
     }
 }
@@ -236,6 +241,9 @@ mod tests {
             ("23505", false, "permanent"),
             ("22012", false, "permanent"),
             ("25P03", true, "connection"),
+            ("28P01", true, "connection"),
+            ("28000", true, "connection"),
+            ("3D000", true, "connection"),
             ("25006", true, "connection"),
             ("53100", true, "connection"),
             ("57P05", true, "connection"),
