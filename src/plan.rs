@@ -190,10 +190,13 @@ impl Counter<'_> {
         let sql = self.count_statements();
         loop {
             let started = Instant::now();
-            let Some((in_window, matching, last)) = self
+            let window = self
                 .count_window(&sql, cursor.as_ref(), controller.size())
-                .await?
-            else {
+                .await;
+            if window.is_err() && self.cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let Some((in_window, matching, last)) = window? else {
                 return Ok(Some(counted));
             };
             counted.keys += in_window;
@@ -244,49 +247,78 @@ impl Counter<'_> {
     }
 
     /// One window after `cursor` of up to `size` keys: its keys, its matching rows and its last
-    /// key; `None` past the end of the range.
+    /// key; `None` past the end of the range. A stop cancels its statements server-side (a
+    /// window of an unindexed predicate can run for seconds).
     async fn count_window(
         &self,
         sql: &CountSql,
         cursor: Option<&Key>,
         size: i64,
     ) -> Result<Option<(i64, i64, Key)>, JobError> {
+        let step = "counting matching rows";
+        let (mut conn, pid) = self.counting_connection().await?;
+        let counting = self.count_window_on(&mut conn, sql, cursor, size);
+        let cancel = self.pool.cancel_backend(pid, false);
+        let counted = crate::db::cancellable(counting, self.cancel, cancel)
+            .await
+            .map_err(self.err(step))?;
+        conn.finish().await.map_err(self.err(step))?;
+        Ok(counted)
+    }
+
+    /// A pooled connection for one counting statement, and its backend's pid (to cancel it).
+    async fn counting_connection(&self) -> Result<(crate::db::Conn, i32), JobError> {
+        let step = "counting matching rows";
+        let mut conn = self.pool.acquire().await.map_err(self.err(step))?;
+        let pid = crate::sql::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(self.err(step))?;
+        Ok((conn, pid))
+    }
+
+    async fn count_window_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        sql: &CountSql,
+        cursor: Option<&Key>,
+        size: i64,
+    ) -> sqlx::Result<Option<(i64, i64, Key)>> {
         let which = usize::from(cursor.is_some());
         let Some(matching_sql) = &sql.matching else {
-            return self.count_in_window(&sql.window[which], cursor, size).await;
+            return self
+                .count_in_window(conn, &sql.window[which], cursor, size)
+                .await;
         };
         let window = self
             .keyset
-            .read_window(self.pool, &sql.window[which], (cursor, self.upper), size)
-            .await
-            .map_err(self.err("counting matching rows"))?;
+            .read_window(&mut *conn, &sql.window[which], (cursor, self.upper), size)
+            .await?;
         let Some((in_window, last)) = window else {
             return Ok(None);
         };
         let bounds: Vec<&Key> = cursor.into_iter().chain([&last]).collect();
         let counted = bind_keys(crate::sql::query(&matching_sql[which]), &bounds)
-            .fetch_one(self.pool)
-            .await
-            .map_err(self.err("counting matching rows"))?;
-        let matching = counted.try_get::<i64, _>(0).map_err(self.err("counting"))?;
+            .fetch_one(&mut *conn)
+            .await?;
+        let matching = counted.try_get::<i64, _>(0)?;
         Ok(Some((in_window, matching, last)))
     }
 
     /// A window counted in one pass (`count_sql`): its keys, its matching rows, its last key.
     async fn count_in_window(
         &self,
+        conn: &mut sqlx::PgConnection,
         sql: &str,
         cursor: Option<&Key>,
         size: i64,
-    ) -> Result<Option<(i64, i64, Key)>, JobError> {
-        let window = crate::keyset::fetch_window(self.pool, sql, (cursor, self.upper), size)
-            .await
-            .map_err(self.err("counting matching rows"))?;
+    ) -> sqlx::Result<Option<(i64, i64, Key)>> {
+        let window = crate::keyset::fetch_window(conn, sql, (cursor, self.upper), size).await?;
         let Some((in_window, row)) = window else {
             return Ok(None);
         };
-        let matching = row.try_get::<i64, _>(1).map_err(self.err("counting"))?;
-        let last = Key::from_row(&row, 2, self.keyset.width()).map_err(self.err("counting"))?;
+        let matching = row.try_get::<i64, _>(1)?;
+        let last = Key::from_row(&row, 2, self.keyset.width())?;
         Ok(Some((in_window, matching, last)))
     }
 
@@ -398,13 +430,18 @@ impl Counter<'_> {
         while from < blocks {
             let started = Instant::now();
             let to = from + controller.size();
-            let n: i64 = bind_keys(crate::sql::query(&sql), &[self.upper])
+            let (mut conn, pid) = self.counting_connection().await?;
+            let counting = bind_keys(crate::sql::query(&sql), &[self.upper])
                 .bind(format!("({from},0)"))
                 .bind(format!("({to},0)"))
                 .try_map(|row: sqlx::postgres::PgRow| row.try_get(0))
-                .fetch_one(self.pool)
-                .await
-                .map_err(self.err("verifying"))?;
+                .fetch_one(&mut *conn);
+            let cancel = self.pool.cancel_backend(pid, false);
+            let n: i64 = match crate::db::cancellable(counting, self.cancel, cancel).await {
+                Err(_) if self.cancel.is_cancelled() => return Ok(None),
+                counted => counted.map_err(self.err("verifying"))?,
+            };
+            conn.finish().await.map_err(self.err("verifying"))?;
             matching += n;
             from = to;
             controller.observe(started.elapsed());

@@ -149,6 +149,54 @@ async fn a_batch_out_of_retries_ends_the_attempt(pool: PgPool) {
     assert_eq!(log.matches("attempt gave up").count(), 1, "{log}");
 }
 
+/// SIGTERM while a dry run counts a window of an expensive predicate (an unindexed correlated
+/// subquery: seconds per window): the statement is cancelled server-side and the daemon exits at
+/// once. It used to wait for the statement, up to `statement_timeout`.
+#[sqlx::test]
+async fn sigterm_cancels_a_plans_counting_statement(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE slow (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO slow SELECT g FROM generate_series(1, 5000) g;
+         CREATE TABLE big (v bigint);
+         INSERT INTO big SELECT g FROM generate_series(1, 200000) g;",
+    )
+    .await;
+    NewJob::new("slow_plan", "slow")
+        .predicate("(SELECT count(*) FROM big b WHERE b.v = id) >= 0")
+        .set("n = 1")
+        .insert(&db)
+        .await;
+    db.exec("UPDATE backfill.jobs SET mode = 'dry_run'").await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BATCH__STATEMENT_TIMEOUT", "60s")
+        .spawn();
+    let counting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE state = 'active' AND query LIKE '%FROM big b%'
+                      AND pid <> pg_backend_pid()";
+    common::wait_until(
+        "a counting statement running",
+        || daemon.log(),
+        async || db.scalar_i64(counting).await > 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "{}", daemon.log());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "took {:?} to stop: {}",
+        stopped.elapsed(),
+        daemon.log()
+    );
+    assert_eq!(db.scalar_i64(counting).await, 0, "the count was cancelled");
+    let job = db.job("slow_plan").await;
+    assert_eq!((job.state.as_str(), job.attempt), ("pending", 0));
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]
