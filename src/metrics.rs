@@ -27,6 +27,7 @@ pub struct Metrics {
     pub leases_lost: IntCounter,
     pub leases_rescued: IntCounter,
     pub last_batch: GaugeVec,
+    pub job_running: IntGaugeVec,
     pub sessions_blocked: IntCounterVec,
     pub vacuums: IntCounterVec,
     pub bloat_guard_allowed: IntGaugeVec,
@@ -43,6 +44,8 @@ pub struct Metrics {
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
 /// unit test below, so a failure here is a programming error.
 const LAST_BATCH: &str = "Unix time of the last committed batch";
+const RUNNING: &str =
+    "1 while this replica runs an attempt at the job (planning, batches, verifying), 0 after";
 const BLOCKED: &str = "Sessions found waiting on a batch's row locks just before it committed";
 const VACUUMS: &str = "VACUUMs of the target run by the bloat guard";
 const LISTENING: &str = "1 while this replica LISTENs for new jobs, 0 while it only polls (connection lost, or a \
@@ -118,6 +121,7 @@ impl Metrics {
                 "Expired leases rescued by this replica",
             ),
             last_batch: per_job(GaugeVec::new, "last_batch_timestamp_seconds", LAST_BATCH),
+            job_running: per_job(IntGaugeVec::new, "job_running", RUNNING),
             sessions_blocked: per_job(IntCounterVec::new, "sessions_blocked_total", BLOCKED),
             vacuums: per_job(IntCounterVec::new, "vacuums_total", VACUUMS),
             bloat_guard_allowed: per_job(IntGaugeVec::new, "bloat_guard_vacuum_allowed", ALLOWED),
@@ -156,11 +160,17 @@ impl Metrics {
         for kind in JobError::KINDS {
             self.batch_errors.with_label_values(&[job, kind]).inc_by(0);
         }
+        self.job_running.with_label_values(&[job]).set(1);
         for reason in Reason::ALL {
             self.throttle_seconds
                 .with_label_values(&[job, reason.as_str()])
                 .inc_by(0.0);
         }
+    }
+
+    /// This replica's attempt at `job` ended, however it ended.
+    pub fn attempt_ended(&self, job: &str) {
+        self.job_running.with_label_values(&[job]).set(0);
     }
 
     /// `job` ended succeeded, failed, cancelled or planned: its series expire after the TTL.
@@ -210,6 +220,7 @@ impl Metrics {
         let _ = self.progress.remove_label_values(&one);
         let _ = self.eta.remove_label_values(&one);
         let _ = self.last_batch.remove_label_values(&one);
+        let _ = self.job_running.remove_label_values(&one);
         let _ = self.sessions_blocked.remove_label_values(&one);
         let _ = self.vacuums.remove_label_values(&one);
         let _ = self.bloat_guard_allowed.remove_label_values(&one);
@@ -251,6 +262,7 @@ impl Metrics {
             Box::new(self.leases_lost.clone()),
             Box::new(self.leases_rescued.clone()),
             Box::new(self.last_batch.clone()),
+            Box::new(self.job_running.clone()),
             Box::new(self.sessions_blocked.clone()),
             Box::new(self.vacuums.clone()),
             Box::new(self.bloat_guard_allowed.clone()),
@@ -312,6 +324,7 @@ mod tests {
         m.batch_size.with_label_values(&["j"]).set(10);
         m.rows_scanned.with_label_values(&["j"]).inc();
         m.last_batch.with_label_values(&["j"]).set(1.0);
+        m.job_started("j");
         let text = m.render();
         for name in [
             "backfilld_jobs{state=\"running\"} 0",
@@ -326,6 +339,7 @@ mod tests {
             "backfilld_leases_lost_total 0",
             "backfilld_leases_rescued_total 0",
             "backfilld_last_batch_timestamp_seconds{job=\"j\"} 1",
+            "backfilld_job_running{job=\"j\"} 1",
             "backfilld_build_info{version=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -157,6 +157,14 @@ impl Attempt<'_> {
 
     /// Writes how the attempt ended and updates metrics.
     pub(super) async fn finish(&self, result: Result<Outcome, JobError>) {
+        if let Err(e @ JobError::LeaseLost { .. }) = &result {
+            let job_and_kind = [self.row.name.as_str(), e.kind()];
+            self.ctx
+                .metrics
+                .batch_errors
+                .with_label_values(&job_and_kind)
+                .inc();
+        }
         let Some(release) = self.release_for(result) else {
             self.ctx.metrics.leases_lost.inc();
             tracing::warn!(

@@ -112,6 +112,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
         attempt.interrupt.cancel();
         stop_heartbeat.cancel();
         attempt.finish(result).await;
+        ctx.metrics.attempt_ended(&attempt.row.name);
     }
     .instrument(span)
     .await
