@@ -71,6 +71,7 @@ pub async fn run_daemon(
     // The listener outlives the drain: /readyz answers 503 ("stopping") while jobs hand back,
     // and /metrics stays scrapable, instead of refusing connections.
     let server_stop = CancellationToken::new();
+    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
     let server = match cfg.metrics.listen.as_str() {
         "" => None,
         listen => Some(
@@ -78,13 +79,12 @@ pub async fn run_daemon(
                 listen,
                 metrics.clone(),
                 readiness.clone(),
-                cfg.worker.poll_interval,
+                config_rx.clone(),
                 server_stop.clone(),
             )
             .await?,
         ),
     };
-    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
     let ctx = Arc::new(Context {
         pool: pool.clone(),
         names,
@@ -117,12 +117,45 @@ pub async fn run_daemon(
 }
 
 /// The settings that differ between `old` and `new` but are fixed when the daemon starts: the
-/// whole `[database]` section (pools, `pool_mode`, `direct_url`, start-up options) and
-/// `metrics.listen`. (Batches set their timeouts from the current configuration.)
+/// whole `[database]` section (pools, `pool_mode`, `direct_url`, start-up options),
+/// `metrics.listen`, the log format, the replica's lease owner name and the trace export.
 fn fixed_at_start(old: &Config, new: &Config) -> Vec<&'static str> {
     [
         ("database", old.database != new.database),
         ("metrics.listen", old.metrics.listen != new.metrics.listen),
+        ("log.format", old.log.format != new.log.format),
+        (
+            "worker.replica_id",
+            old.worker.replica_id != new.worker.replica_id,
+        ),
+        (
+            "telemetry",
+            old.telemetry.otlp_endpoint != new.telemetry.otlp_endpoint
+                || old.telemetry.service_name != new.telemetry.service_name,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
+/// Settings that a reload applies to batches (and to jobs claimed from now on) but that every
+/// connection also took as its session default when it opened: statements outside batches
+/// (plans, verification, heartbeats) keep the old values until a restart.
+fn half_applied(old: &Config, new: &Config) -> Vec<&'static str> {
+    [
+        (
+            "batch.lock_timeout",
+            old.batch.lock_timeout != new.batch.lock_timeout,
+        ),
+        (
+            "batch.statement_timeout",
+            old.batch.statement_timeout != new.batch.statement_timeout,
+        ),
+        (
+            "worker.lease_ttl",
+            old.worker.lease_ttl != new.worker.lease_ttl,
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -149,8 +182,18 @@ async fn reload_on_hup(
         if !fixed.is_empty() {
             tracing::warn!(
                 settings = ?fixed,
-                "SIGHUP: these settings changed but take effect only at a restart (connections \
-                 and the metrics listener keep them); other changes apply now"
+                "SIGHUP: these settings changed but take effect only at a restart (connections, \
+                 the metrics listener, the log and trace output and the lease owner keep them); \
+                 other changes apply now"
+            );
+        }
+        let half = half_applied(&old, &new);
+        if !half.is_empty() {
+            tracing::warn!(
+                settings = ?half,
+                "SIGHUP: these settings apply to batches now, but statements outside batches \
+                 (plans, verification, heartbeats) keep their old values as session defaults \
+                 until a restart"
             );
         }
         set_level(&new.log.level);
@@ -175,5 +218,21 @@ mod tests {
         new.database.direct_url = "postgres://elsewhere/db".into();
         new.metrics.listen = "127.0.0.1:1".into();
         assert_eq!(fixed_at_start(&old, &new), ["database", "metrics.listen"]);
+        new.log.format = crate::config::LogFormat::Json;
+        new.worker.replica_id = "r1".into();
+        new.telemetry.otlp_endpoint = "http://127.0.0.1:4317".into();
+        assert_eq!(
+            fixed_at_start(&old, &new),
+            [
+                "database",
+                "metrics.listen",
+                "log.format",
+                "worker.replica_id",
+                "telemetry"
+            ]
+        );
+        assert!(half_applied(&old, &new).is_empty());
+        new.worker.lease_ttl *= 2;
+        assert_eq!(half_applied(&old, &new), ["worker.lease_ttl"]);
     }
 }

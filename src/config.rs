@@ -372,6 +372,7 @@ impl Source {
         if let Some(url) = &self.database_url {
             cfg.database.url = url.clone();
         }
+        cfg.normalise();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -429,16 +430,95 @@ impl Config {
             self.safety.archive_retention_days,
         )?;
         positive("safety.plan_sample_rows", self.safety.plan_sample_rows)?;
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
+        if !self.metrics.listen.is_empty() && !is_host_port(&self.metrics.listen) {
             return Err(invalid(
                 "metrics.listen",
-                format!("{:?} is not host:port", self.metrics.listen),
+                format!(
+                    "{:?} is not host:port (e.g. 127.0.0.1:9187, localhost:9187, [::]:9187)",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("worker.poll_interval", self.worker.poll_interval),
+            ("database.connect_timeout", self.database.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be non-zero"));
+            }
+        }
+        if let Some(bad) = self.safety.allowed_tables.iter().find(|t| !t.contains('.')) {
+            return Err(invalid(
+                "safety.allowed_tables",
+                format!("{bad:?} is not schema-qualified (schema.table, e.g. public.orders)"),
+            ));
+        }
+        check_log_level(&self.log.level)?;
+        let otlp = &self.telemetry.otlp_endpoint;
+        let is_url = otlp.starts_with("http://") || otlp.starts_with("https://");
+        if !otlp.is_empty() && !is_url {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{otlp:?} is not an http:// or https:// URL"),
             ));
         }
         Ok(())
     }
+
+    /// Trims `safety.allowed_tables` entries and drops empty ones: an environment variable
+    /// rendered empty (`BACKFILLD_SAFETY__ALLOWED_TABLES=`) means no list, not a list of "".
+    fn normalise(&mut self) {
+        let tables = std::mem::take(&mut self.safety.allowed_tables);
+        self.safety.allowed_tables = tables
+            .into_iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+    }
+}
+
+/// `host:port` a listener can bind: a port number after the last colon, and a host (a name, an
+/// address, or a bracketed IPv6 address) before it.
+fn is_host_port(listen: &str) -> bool {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match listen.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && !host.contains(':')
+                && !host.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// `log.level` is a tracing filter: comma-separated directives, each a level (`info`) or
+/// `target=level`. A bare word that is not a level is refused: the filter would read it as a
+/// target (`warning` enables only a module named "warning" and silences everything else).
+fn check_log_level(level: &str) -> Result<()> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.contains(&s.trim().to_ascii_lowercase().as_str());
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let ok = match directive.rsplit_once('=') {
+            Some((target, lvl)) => !target.trim().is_empty() && is_level(lvl),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{directive:?} is not a level (trace, debug, info, warn, error, off) nor \
+                     target=level"
+                ),
+            ));
+        }
+    }
+    if level.trim().is_empty() {
+        return Err(invalid("log.level", "must not be empty (e.g. info)"));
+    }
+    Ok(())
 }
 
 impl DatabaseConfig {
@@ -632,6 +712,15 @@ mod tests {
     #[test]
     fn defaults_with_a_url_are_valid() {
         valid().validate().unwrap();
+        let mut c = valid();
+        c.metrics.listen = "localhost:9187".into();
+        c.log.level = "info,backfilld=debug, sqlx=WARN".into();
+        c.telemetry.otlp_endpoint = "http://127.0.0.1:4317".into();
+        c.database.datestyle = "dmy".into();
+        c.safety.allowed_tables = vec![" public.orders ".into(), String::new()];
+        c.normalise();
+        c.validate().unwrap();
+        assert_eq!(c.safety.allowed_tables, ["public.orders"]);
     }
 
     #[test]
@@ -673,6 +762,36 @@ mod tests {
             (
                 "metrics.listen",
                 Box::new(|c| c.metrics.listen = "nowhere".into()),
+            ),
+            (
+                "metrics.listen",
+                Box::new(|c| c.metrics.listen = ":9187".into()),
+            ),
+            (
+                "worker.poll_interval",
+                Box::new(|c| c.worker.poll_interval = Duration::ZERO),
+            ),
+            (
+                "database.connect_timeout",
+                Box::new(|c| c.database.connect_timeout = Duration::ZERO),
+            ),
+            (
+                "safety.allowed_tables",
+                Box::new(|c| c.safety.allowed_tables = vec!["orders".into()]),
+            ),
+            ("log.level", Box::new(|c| c.log.level = "warning".into())),
+            (
+                "log.level",
+                Box::new(|c| c.log.level = "backfilld=inf".into()),
+            ),
+            ("log.level", Box::new(|c| c.log.level = " ".into())),
+            (
+                "telemetry.otlp_endpoint",
+                Box::new(|c| c.telemetry.otlp_endpoint = "not-a-url".into()),
+            ),
+            (
+                "database.datestyle",
+                Box::new(|c| c.database.datestyle = "ISO".into()),
             ),
             (
                 "batch.synchronous_commit",

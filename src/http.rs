@@ -8,8 +8,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -18,7 +20,14 @@ use crate::metrics::Metrics;
 struct AppState {
     metrics: Metrics,
     readiness: Arc<Readiness>,
-    poll_interval: Duration,
+    /// The current configuration (a reload may change `worker.poll_interval`).
+    config: watch::Receiver<Arc<Config>>,
+}
+
+impl AppState {
+    fn poll_interval(&self) -> Duration {
+        self.config.borrow().worker.poll_interval
+    }
 }
 
 /// Binds now (so a bad address fails start-up) and serves until `shutdown`.
@@ -26,7 +35,7 @@ pub async fn serve(
     listen: &str,
     metrics: Metrics,
     readiness: Arc<Readiness>,
-    poll_interval: Duration,
+    config: watch::Receiver<Arc<Config>>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -43,7 +52,7 @@ pub async fn serve(
         .with_state(AppState {
             metrics,
             readiness,
-            poll_interval,
+            config,
         });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -64,7 +73,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Alive while the daemon loop keeps ticking.
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    let window = (s.poll_interval * 10).max(Duration::from_secs(60));
+    let window = (s.poll_interval() * 10).max(Duration::from_secs(60));
     if s.readiness.is_alive(window) {
         (StatusCode::OK, "ok\n")
     } else {
@@ -74,7 +83,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Ready while the loop reaches the database.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    let window = (s.poll_interval * 3).max(Duration::from_secs(10));
+    let window = (s.poll_interval() * 3).max(Duration::from_secs(10));
     if s.readiness.is_ready(window) {
         (StatusCode::OK, "ready\n")
     } else {
