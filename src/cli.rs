@@ -218,8 +218,11 @@ impl CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
-    #[arg(long)]
-    pub name: String,
+    /// The job's name (unique forever). With --from-csv it may be left out: the name is then
+    /// made from the table, the file's name and a digest of its content
+    /// (`csv_orders_prices_3f2a9c1e`), so enqueueing the same file twice is refused.
+    #[arg(long, required_unless_present = "from_csv")]
+    pub name: Option<String>,
     /// Target table, e.g. public.orders.
     #[arg(long)]
     pub table: String,
@@ -503,7 +506,14 @@ async fn enqueue(
     args: EnqueueArgs,
 ) -> anyhow::Result<()> {
     let (output, file) = (args.output, args.from_csv.clone());
-    let job = new_job(args);
+    let derived = match (&args.name, &file) {
+        (None, Some(file)) => Some(csv_job_name(&args.table, file)?),
+        _ => None,
+    };
+    let mut job = new_job(args);
+    if let Some(name) = derived {
+        job.name = name;
+    }
     let row = match file {
         Some(file) => {
             let (row, staged) = ops::enqueue_from_csv(pool, names, cfg, &job, &file).await?;
@@ -523,9 +533,42 @@ async fn enqueue(
     Ok(())
 }
 
+/// `csv_<table>_<file stem>_<digest>`: letters, digits and underscores of the table's and the
+/// file's names (lower case, each cut to 24), and eight hex digits of an FNV-1a digest of the
+/// file's bytes, so the same file on the same table always gets the same name (and runs once).
+fn csv_job_name(table: &str, file: &std::path::Path) -> anyhow::Result<String> {
+    let bytes =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let word = |s: &str| -> String {
+        let w: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(24)
+            .collect();
+        w.trim_matches('_').to_owned()
+    };
+    let table = table.rsplit('.').next().unwrap_or(table);
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
+    Ok(format!(
+        "csv_{}_{}_{:08x}",
+        word(table),
+        word(stem),
+        digest as u32 ^ (digest >> 32) as u32
+    ))
+}
+
 fn new_job(a: EnqueueArgs) -> NewJob {
     NewJob {
-        name: a.name,
+        name: a.name.unwrap_or_default(),
         table_name: a.table,
         predicate: a.predicate.unwrap_or_default(),
         action: a.action.map(|a| a.as_str().to_owned()),

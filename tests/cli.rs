@@ -240,6 +240,48 @@ async fn dates_in_jobs_and_files_read_as_the_database_reads_them(pool: PgPool) {
     );
 }
 
+/// The design's form, `enqueue --from-csv FILE --key COL --table T`, without `--name`: the job is
+/// named from the table, the file and its content, so the same file enqueued twice is refused.
+#[sqlx::test]
+async fn a_csv_job_without_a_name_is_named_from_its_file(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE prices (id bigint PRIMARY KEY, price numeric);
+         INSERT INTO prices VALUES (1, 1), (2, 2);",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("csvname-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("Q4 prices.csv");
+    std::fs::write(&file, "id,price\n1,10\n2,20\n").unwrap();
+    let path = file.to_str().unwrap();
+    let args = [
+        "enqueue",
+        "--from-csv",
+        path,
+        "--key",
+        "id",
+        "--table",
+        "prices",
+        "--output",
+        "json",
+    ];
+    let first = backfilld(&db.url, &args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let row: serde_json::Value = serde_json::from_str(&stdout(&first)).unwrap();
+    let name = row["name"].as_str().unwrap_or_default().to_owned();
+    assert!(name.starts_with("csv_prices_q4_prices_"), "{row}");
+    assert_eq!(name.len(), "csv_prices_q4_prices_".len() + 8, "{name}");
+    let again = backfilld(&db.url, &args);
+    assert!(!again.status.success(), "the same file twice");
+    assert!(stderr(&again).contains(&name), "{}", stderr(&again));
+    std::fs::write(&file, "id,price\n1,11\n2,21\n").unwrap();
+    let changed = backfilld(&db.url, &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM backfill.jobs").await, 2);
+}
+
 #[sqlx::test]
 async fn enqueue_insert_and_cascading_delete_jobs_and_refuse_bad_ones(pool: PgPool) {
     let db = Db::new(pool).await;
