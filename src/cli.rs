@@ -326,6 +326,19 @@ async fn dispatch(
     }
     let names = Names::new(&cfg.database.schema);
     let pool = app::connect(&cfg).await?;
+    if !matches!(command, Command::Migrate | Command::Check(_)) {
+        // The job commands read backfill.jobs: say what to do rather than "relation does not
+        // exist". A schema older or newer than this binary is the daemon's to refuse. (`check`
+        // reads only the target table.)
+        if let Err(crate::schema::SchemaError::Outdated { found: 0, .. }) =
+            crate::schema::check(&pool, &names).await
+        {
+            anyhow::bail!(
+                "schema {} holds no backfilld tables yet: run `backfilld migrate` first",
+                names.schema
+            );
+        }
+    }
     let code = match command {
         Command::Wait(args) => wait(&pool, &names, &args).await?,
         Command::Check(args) => run_check(&pool, &names, &cfg, &args).await?,
@@ -605,12 +618,29 @@ async fn status(
     watch: bool,
     output: Output,
 ) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let mut seen = false;
     loop {
-        let rows = ops::list(pool, names, name).await?;
-        if watch && matches!(output, Output::Text) {
+        let rows = match ops::list(pool, names, name).await {
+            Ok(rows) => rows,
+            // Once watching, a database hiccup is waited out, as `wait` does.
+            Err(e) if watch && seen => {
+                eprintln!("backfilld: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        seen = true;
+        if watch && matches!(output, Output::Text) && std::io::stdout().is_terminal() {
             print!("\x1b[2J\x1b[H");
         }
-        print_jobs(&rows, output, name.is_some());
+        if watch && matches!(output, Output::Json) {
+            // One document per line (NDJSON), so a reader can parse each update.
+            println!("{}", serde_json::Value::Array(json_rows(&rows)));
+        } else {
+            print_jobs(&rows, output, name.is_some());
+        }
         let ended = rows
             .iter()
             .all(|r| r.state.is_finished() || r.state == State::Planned);
@@ -627,14 +657,7 @@ async fn status(
 fn print_jobs(rows: &[JobRow], output: Output, detail: bool) {
     match output {
         Output::Json => {
-            let values: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["progress"] = r.progress().into();
-                    v
-                })
-                .collect();
+            let values = json_rows(rows);
             let text = if detail && values.len() == 1 {
                 serde_json::to_string_pretty(&values[0])
             } else {
@@ -645,6 +668,17 @@ fn print_jobs(rows: &[JobRow], output: Output, detail: bool) {
         Output::Text if detail && rows.len() == 1 => print_detail(&rows[0]),
         Output::Text => print_table(rows),
     }
+}
+
+/// The rows as JSON objects, with their progress.
+fn json_rows(rows: &[JobRow]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["progress"] = r.progress().into();
+            v
+        })
+        .collect()
 }
 
 fn progress_text(r: &JobRow) -> String {

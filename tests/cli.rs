@@ -55,6 +55,28 @@ fn the_example_config_is_valid_and_bad_config_exits_2() {
     assert!(stdout(&help).contains("Examples:"));
 }
 
+/// A job command on a database nobody migrated says to run `backfilld migrate`.
+#[sqlx::test]
+async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let fresh = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("BACKFILLD_DATABASE__SCHEMA", "nowhere")
+        .output()
+        .unwrap();
+    assert_eq!(fresh.status.code(), Some(1));
+    assert!(
+        stderr(&fresh).contains(
+            "schema nowhere holds no backfilld tables yet: run `backfilld migrate` first"
+        ),
+        "{}",
+        stderr(&fresh)
+    );
+}
+
 #[sqlx::test]
 async fn migrate_is_idempotent_and_safe_to_run_concurrently(pool: PgPool) {
     let db = Db::new(pool).await;
