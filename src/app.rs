@@ -58,16 +58,14 @@ pub async fn run_daemon(
     telemetry: &Telemetry,
 ) -> Result<()> {
     let names = Names::new(&cfg.database.schema);
-    let pool = connect(&cfg).await?;
-    schema::check(&pool, &names).await?;
     let shutdown = CancellationToken::new();
     let reloads = shutdown::install(shutdown.clone()).map_err(|e| Error::Refused {
         job: "-".into(),
         reason: format!("cannot install signal handlers: {e}"),
     })?;
     let metrics = Metrics::new();
-    crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible).await;
     let readiness = Arc::new(Readiness::default());
+    readiness.alive();
     // The listener outlives the drain: /readyz answers 503 ("stopping") while jobs hand back,
     // and /metrics stays scrapable, instead of refusing connections.
     let server_stop = CancellationToken::new();
@@ -85,6 +83,19 @@ pub async fn run_daemon(
             .await?,
         ),
     };
+    let waiting = Waiting {
+        until_idle,
+        readiness: &readiness,
+        shutdown: &shutdown,
+    };
+    let Some(pool) = waiting.connect(&cfg, &names).await? else {
+        server_stop.cancel();
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        return Ok(());
+    };
+    crate::throttle::report_visibility(&pool, &cfg.throttle, &metrics.stats_visible).await;
     let ctx = Arc::new(Context {
         pool: pool.clone(),
         names,
@@ -114,6 +125,50 @@ pub async fn run_daemon(
     }
     pool.close().await;
     Ok(())
+}
+
+/// How the daemon waits for its database at start.
+struct Waiting<'a> {
+    until_idle: bool,
+    readiness: &'a Readiness,
+    shutdown: &'a CancellationToken,
+}
+
+impl Waiting<'_> {
+    /// Opens the pool and checks the schema. A daemon (not `--until-idle`, which a script runs
+    /// and wants an answer from) retries a database that is down or refuses it, and a schema
+    /// not migrated yet or too new, with backoff up to 30 s: a sidecar started before its
+    /// database, a migration Job still running, or a rollback waiting for the newer image must
+    /// not crash-loop (and take the application's pod down with it). Meanwhile `/healthz` is
+    /// 200 and `/readyz` 503. `None` when stopped while waiting.
+    async fn connect(&self, cfg: &Config, names: &Names) -> Result<Option<Db>> {
+        let mut delay = std::time::Duration::from_secs(1);
+        loop {
+            let opened = async {
+                let pool = connect(cfg).await?;
+                match schema::check(&pool, names).await {
+                    Ok(()) => Ok(pool),
+                    Err(e) => {
+                        pool.close().await;
+                        Err(Error::from(e))
+                    }
+                }
+            };
+            match opened.await {
+                Ok(pool) => return Ok(Some(pool)),
+                Err(e) if self.until_idle => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "database not usable yet; retrying (/readyz answers 503 meanwhile)");
+                    self.readiness.alive();
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+    }
 }
 
 /// The settings that differ between `old` and `new` but are fixed when the daemon starts: the

@@ -33,6 +33,11 @@ impl Readiness {
         field.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
     }
 
+    /// The process is alive though the loop has not started (waiting for the database).
+    pub fn alive(&self) {
+        self.mark(&self.last_tick);
+    }
+
     /// Ready while the loop reached the database within `window` and is not stopping.
     pub fn is_ready(&self, window: Duration) -> bool {
         !self.stopping.load(Ordering::Relaxed) && age(&self.last_ok) <= window.as_secs() as i64

@@ -197,6 +197,46 @@ async fn sigterm_cancels_a_plans_counting_statement(pool: PgPool) {
     assert_eq!((job.state.as_str(), job.attempt), ("pending", 0));
 }
 
+/// A daemon started before its schema exists (a migration Job still running, a sidecar up
+/// before its database) waits, alive but not ready, and starts once it can: it used to exit 1 at
+/// once, and a sidecar crash-looped.
+#[sqlx::test]
+async fn a_daemon_waits_for_its_schema_alive_but_not_ready(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let port = common::free_port();
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("BACKFILLD_DATABASE__SCHEMA", "later")
+        .spawn();
+    common::wait_until(
+        "/healthz 200 and /readyz 503 while the schema is missing",
+        || daemon.log(),
+        async || {
+            matches!(common::http_get(port, "/healthz").await, Some((200, _)))
+                && matches!(common::http_get(port, "/readyz").await, Some((503, _)))
+                && daemon.log().contains("database not usable yet")
+        },
+    )
+    .await;
+    let migrate = std::process::Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("BACKFILLD_DATABASE__SCHEMA", "later")
+        .output()
+        .unwrap();
+    assert!(migrate.status.success(), "{migrate:?}");
+    common::wait_until(
+        "/readyz 200 once migrated",
+        || daemon.log(),
+        async || matches!(common::http_get(port, "/readyz").await, Some((200, _))),
+    )
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait(Duration::from_secs(20)).await;
+    assert!(status.success(), "{}", daemon.log());
+}
+
 /// A dry run approved while paused is not claimable, so `--until-idle` does not wait for it (its
 /// count and the claim agree); a dry run burns no attempt, so the real run is attempt 1.
 #[sqlx::test]
