@@ -163,14 +163,16 @@ RETURNING requested_state, rows_changed, (
     -- planning the views' joins cost more than running them (0.57 against 0.23 ms under pgbench
     -- load). None of it needs privileges; pg_blocking_pids and pg_stat_get_activity run only
     -- for waiting locks. Our own sessions (a sibling slice waiting to checkpoint into this job
-    -- row) are not traffic we slow down.
+    -- row, another replica: `backfilld/<pod>` names match up to their '/') are not traffic we
+    -- slow down.
     SELECT ARRAY[count(*)::float8,
                  coalesce(extract(epoch FROM clock_timestamp() - min(l.waitstart)), 0)::float8]
     FROM pg_lock_status() l
     WHERE NOT l.granted AND pg_backend_pid() = ANY(pg_blocking_pids(l.pid))
       AND NOT EXISTS (SELECT FROM pg_stat_get_activity(l.pid) a
                       WHERE pg_get_userbyid(a.usesysid) = current_user
-                        AND a.application_name = current_setting('application_name')))";
+                        AND split_part(a.application_name, '/', 1)
+                            = split_part(current_setting('application_name'), '/', 1)))";
 
 impl Batcher<'_> {
     fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {

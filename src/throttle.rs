@@ -315,7 +315,8 @@ SELECT
     (SELECT count(*) FROM pg_stat_progress_vacuum v
       WHERE v.relid = $1
         AND v.pid NOT IN (SELECT pid FROM pg_stat_activity
-                           WHERE application_name = current_setting('application_name')))
+                           WHERE split_part(application_name, '/', 1)
+                                 = split_part(current_setting('application_name'), '/', 1)))
         AS vacuums,
     coalesce(t.n_dead_tup, 0) AS dead_tuples,
     coalesce(t.n_live_tup, 0) AS live_tuples,
