@@ -138,6 +138,37 @@ impl Resolve<'_> {
         JobError::invalid(self.job, reason)
     }
 
+    /// A table with inheritance children (`INHERITS`, not partitions): a statement on it reads
+    /// and changes their rows too, its key is unique in the parent alone, and its archive could
+    /// hold only the parent's columns, so a revert would put the children's rows back into the
+    /// parent without their own columns. Refused; each table of the tree can be a target.
+    async fn refuse_inheritance_parent(
+        &self,
+        conn: &mut PgConnection,
+        oid: u32,
+        schema: &str,
+        table: &str,
+    ) -> Result<(), JobError> {
+        let children: Vec<String> = crate::sql::query_scalar(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE i.inhparent = $1 ORDER BY 1 LIMIT 5",
+        )
+        .bind(sqlx::postgres::types::Oid(oid))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| JobError::sql(self.job, table, "reading inheritance children", e))?;
+        if children.is_empty() {
+            return Ok(());
+        }
+        Err(self.invalid(format!(
+            "{schema}.{table} has inheritance children ({}): a statement on it changes their rows \
+             too, which its key and its archive do not cover; target each child table instead \
+             (the parent's own rows cannot be a target while it has children)",
+            children.join(", ")
+        )))
+    }
+
     async fn find_table(
         &self,
         conn: &mut PgConnection,
@@ -169,6 +200,10 @@ impl Resolve<'_> {
             return Err(self.invalid(format!(
                 "{schema}.{table} is not a table (relkind {kind}); target the underlying table"
             )));
+        }
+        if kind == "r" {
+            self.refuse_inheritance_parent(conn, oid.0, &schema, &table)
+                .await?;
         }
         Ok((oid.0, schema, table, kind == "p"))
     }

@@ -543,6 +543,49 @@ async fn the_revert_of_a_delete_on_a_partition_skips_rows_whose_parent_is_gone(p
     assert_eq!(db.scalar_i64("SELECT count(*) FROM member_0").await, 400);
 }
 
+/// A table with inheritance children is refused as a target (a statement on it changed the
+/// children's rows too, and the revert of a delete put them back into the parent without their
+/// own columns); a child table is a target like any other.
+#[sqlx::test]
+async fn a_table_with_inheritance_children_is_refused_and_its_children_are_not(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE events (id bigint PRIMARY KEY, kind text);
+         CREATE TABLE events_2019 (extra text, PRIMARY KEY (id)) INHERITS (events);
+         INSERT INTO events VALUES (1, 'old'), (2, 'new');
+         INSERT INTO events_2019 VALUES (3, 'old', 'x'), (4, 'new', 'y');",
+    )
+    .await;
+    for (name, table) in [("on_parent", "events"), ("on_child", "events_2019")] {
+        NewJob::new(name, table)
+            .raw("action", "'delete'")
+            .predicate("kind = 'old'")
+            .raw("archive", "true")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let parent = db.job("on_parent").await;
+    assert_eq!(parent.state, "failed");
+    let err = parent.last_error.unwrap_or_default();
+    assert!(
+        err.contains("job on_parent")
+            && err.contains("public.events has inheritance children (public.events_2019)"),
+        "{err}"
+    );
+    let child = db.job("on_child").await;
+    assert_eq!(child.state, "succeeded", "{:?}", child.last_error);
+    assert_eq!(child.rows_changed, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM events").await, 3);
+    let reverted = db.revert("on_child").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(
+        db.scalar_text("SELECT extra FROM events_2019 WHERE id = 3")
+            .await,
+        "x"
+    );
+}
+
 /// SIGTERM while a revert builds its archive's index (minutes on a large archive; here it waits
 /// on a lock): the build is cancelled server-side and the job handed back at once, not after it.
 #[sqlx::test]
