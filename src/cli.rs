@@ -556,17 +556,7 @@ fn csv_job_name(table: &str, file: &std::path::Path) -> anyhow::Result<String> {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     let word = |s: &str| -> String {
-        let w: String = s
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .take(24)
-            .collect();
+        let w: String = crate::sql::ascii_word(s).chars().take(24).collect();
         w.trim_matches('_').to_owned()
     };
     let table = table.rsplit('.').next().unwrap_or(table);

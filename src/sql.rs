@@ -14,8 +14,14 @@ pub fn qualified(schema: &str, name: &str) -> String {
 /// A job name as part of a table name: lower-case ASCII letters, digits and `_`, then `suffix`,
 /// at most 63 bytes in all (PostgreSQL's identifier limit).
 pub fn table_name_for(job: &str, suffix: &str) -> String {
-    let mut base: String = job
-        .chars()
+    let mut base = ascii_word(job);
+    base.truncate(63usize.saturating_sub(suffix.len()));
+    format!("{base}{suffix}")
+}
+
+/// `s` in lower-case ASCII letters, digits and `_` (every other character becomes `_`).
+pub fn ascii_word(s: &str) -> String {
+    s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
                 c.to_ascii_lowercase()
@@ -23,9 +29,7 @@ pub fn table_name_for(job: &str, suffix: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    base.truncate(63usize.saturating_sub(suffix.len()));
-    format!("{base}{suffix}")
+        .collect()
 }
 
 /// The longest start of `s` of at most `max` bytes that ends on a character boundary (as

@@ -469,6 +469,28 @@ async fn a_delete_is_reverted_after_the_table_gained_and_lost_columns(pool: PgPo
     );
 }
 
+/// Deletes the 500 members `predicate` selects from `target` (archived), then team 3's
+/// remaining members and team 3 itself, then reverts the delete; returns the revert's row.
+async fn delete_members_then_team_3_then_revert(
+    db: &Db,
+    target: &str,
+    predicate: &str,
+) -> backfilld::job::JobRow {
+    NewJob::new("drop_members", target)
+        .raw("action", "'delete'")
+        .predicate(predicate)
+        .raw("archive", "true")
+        .insert(db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("drop_members").await.rows_changed, 500);
+    db.exec("DELETE FROM member WHERE team_id = 3; DELETE FROM team WHERE id = 3;")
+        .await;
+    let reverted = db.revert("drop_members").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    reverted
+}
+
 /// A deleted row whose parent (through a foreign key) was deleted since cannot come back: the
 /// revert skips and counts it, and restores the rest (the insert failed the batch with 23503
 /// before, and every later revert at the same row).
@@ -483,19 +505,7 @@ async fn the_revert_of_a_delete_skips_rows_whose_parent_is_gone(pool: PgPool) {
          UPDATE member SET team_id = NULL WHERE id % 100 = 0;",
     )
     .await;
-    NewJob::new("drop_members", "member")
-        .raw("action", "'delete'")
-        .predicate("id % 2 = 0")
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
-    db.daemon().until_idle().spawn().wait_ok().await;
-    assert_eq!(db.job("drop_members").await.rows_changed, 500);
-    // Team 3's remaining members (odd ids) go first, then the team itself.
-    db.exec("DELETE FROM member WHERE team_id = 3; DELETE FROM team WHERE id = 3;")
-        .await;
-    let reverted = db.revert("drop_members").await;
-    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    let reverted = delete_members_then_team_3_then_revert(&db, "member", "id % 2 = 0").await;
     // The deleted (even) members of team 3 are the ids ending in 2: 100 of them, skipped. The
     // ten with no team (ids ending in 00) come back with the other 390.
     assert_eq!((reverted.rows_changed, reverted.rows_skipped), (400, 100));
@@ -526,18 +536,7 @@ async fn the_revert_of_a_delete_on_a_partition_skips_rows_whose_parent_is_gone(p
          INSERT INTO member SELECT g, g % 2, g % 10 + 1 FROM generate_series(1, 1000) g;",
     )
     .await;
-    NewJob::new("drop_members", "member_0")
-        .raw("action", "'delete'")
-        .predicate("true")
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
-    db.daemon().until_idle().spawn().wait_ok().await;
-    assert_eq!(db.job("drop_members").await.rows_changed, 500);
-    db.exec("DELETE FROM member WHERE team_id = 3; DELETE FROM team WHERE id = 3;")
-        .await;
-    let reverted = db.revert("drop_members").await;
-    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    let reverted = delete_members_then_team_3_then_revert(&db, "member_0", "true").await;
     // Team 3's even members are the ids ending in 2: 100 of them, skipped.
     assert_eq!((reverted.rows_changed, reverted.rows_skipped), (400, 100));
     assert_eq!(db.scalar_i64("SELECT count(*) FROM member_0").await, 400);

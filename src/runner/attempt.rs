@@ -158,12 +158,7 @@ impl Attempt<'_> {
     /// Writes how the attempt ended and updates metrics.
     pub(super) async fn finish(&self, result: Result<Outcome, JobError>) {
         if let Err(e @ JobError::LeaseLost { .. }) = &result {
-            let job_and_kind = [self.row.name.as_str(), e.kind()];
-            self.ctx
-                .metrics
-                .batch_errors
-                .with_label_values(&job_and_kind)
-                .inc();
+            self.count_error(e);
         }
         let Some(release) = self.release_for(result) else {
             self.ctx.metrics.leases_lost.inc();
@@ -218,15 +213,20 @@ impl Attempt<'_> {
         })
     }
 
-    /// A transient error that outlived its retries is retried later as a new attempt; any other
-    /// fails the job.
-    fn release_after_error(&self, e: &JobError) -> Release {
+    /// `backfilld_batch_errors_total{job, kind}` for the error that ended the attempt.
+    fn count_error(&self, e: &JobError) {
         let job_and_kind = [self.row.name.as_str(), e.kind()];
         self.ctx
             .metrics
             .batch_errors
             .with_label_values(&job_and_kind)
             .inc();
+    }
+
+    /// A transient error that outlived its retries is retried later as a new attempt; any other
+    /// fails the job.
+    fn release_after_error(&self, e: &JobError) -> Release {
+        self.count_error(e);
         if e.is_retryable() {
             tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
             Release::Retry {
