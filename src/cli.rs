@@ -301,6 +301,13 @@ pub async fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for name in crate::config::ignored_variables() {
+        tracing::warn!(
+            variable = %name,
+            "ignored: not a configuration key (they are BACKFILLD_<SECTION>__<KEY>, with two \
+             underscores after the section, e.g. BACKFILLD_METRICS__LISTEN)"
+        );
+    }
     let result = dispatch(cli.command, source, cfg, &telemetry).await;
     telemetry.shutdown();
     match result {

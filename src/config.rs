@@ -378,6 +378,19 @@ impl Source {
     }
 }
 
+/// `BACKFILLD_` variables that are neither configuration keys (`BACKFILLD_<SECTION>__<KEY>`)
+/// nor known to the tools (`BACKFILLD_CONFIG`, `BACKFILLD_LINT_*`): most likely a key written
+/// with one underscore (`BACKFILLD_METRICS_LISTEN`), which would otherwise be ignored silently.
+pub fn ignored_variables() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("BACKFILLD_") && !k.contains("__"))
+        .filter(|k| k != "BACKFILLD_CONFIG" && !k.starts_with("BACKFILLD_LINT_"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Only `BACKFILLD_<SECTION>__<KEY>` variables are configuration keys; others with the prefix
 /// (such as `BACKFILLD_CONFIG`, the file path) are not.
 fn section_variables() -> config::Map<String, String> {

@@ -77,6 +77,24 @@ async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
     );
 }
 
+/// A `BACKFILLD_` variable with one underscore after its section is not a key: it is named in a
+/// warning instead of being ignored silently.
+#[test]
+fn a_variable_that_is_not_a_key_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env_clear()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("BACKFILLD_METRICS_LISTEN", "0.0.0.0:9187")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("variable=BACKFILLD_METRICS_LISTEN"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[sqlx::test]
 async fn migrate_is_idempotent_and_safe_to_run_concurrently(pool: PgPool) {
     let db = Db::new(pool).await;
