@@ -648,6 +648,53 @@ async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool
     assert_eq!(db.scalar_i64("SELECT id FROM copy").await, 7);
 }
 
+/// An insert archive holds each row as JSON, where a timestamptz is written in the session's
+/// TimeZone. Reverted under another zone (an archive from before the date settings, or a changed
+/// `database.timezone`), the same instants still count as unchanged: every row went but the one
+/// changed since. Before, every row was skipped as changed.
+#[sqlx::test]
+async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE seen (id bigint PRIMARY KEY, at timestamptz NOT NULL, note text);
+         INSERT INTO src SELECT generate_series(1, 30);",
+    )
+    .await;
+    NewJob::new("seen_in", "seen")
+        .raw("action", "'insert'")
+        .text("source_table", "public.src")
+        .predicate("true")
+        .set(
+            "id = id, at = '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour', note = 'n'",
+        )
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .env("BACKFILLD_DATABASE__TIMEZONE", "UTC")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    assert_eq!(db.job("seen_in").await.rows_changed, 30);
+    db.exec("UPDATE seen SET at = at + interval '1 second' WHERE id = 7")
+        .await;
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "seen_in", false)
+        .await
+        .unwrap();
+    db.daemon()
+        .env("BACKFILLD_DATABASE__TIMEZONE", "America/New_York")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (29, 1));
+    assert_eq!(db.scalar_i64("SELECT id FROM seen").await, 7);
+}
+
 /// An archive written by an earlier release holds each inserted row as `ROW(…)::text`: its revert
 /// still compares whole rows that way.
 #[sqlx::test]

@@ -6,7 +6,7 @@
 use super::Statements;
 use crate::archive::{ArchiveKind, ArchiveTable};
 use crate::keyset::Keyset;
-use crate::sql::quote_ident;
+use crate::sql::{quote_ident, quote_literal};
 use crate::target::Target;
 
 #[derive(Debug, Clone)]
@@ -95,21 +95,48 @@ fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> Stri
         .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
         .collect();
     let row = format!("_bf_a.{}", quote_ident(crate::archive::ROW_COLUMN));
-    let common = |of: &str, other: &str| {
-        format!(
-            "(SELECT jsonb_object_agg(key, value) FROM jsonb_each({of}) WHERE {other} ? key)::text \
-             COLLATE \"C\""
-        )
-    };
     let (now, then) = (
         format!("to_jsonb({}.*)", target.quoted),
         format!("{row}::jsonb"),
     );
+    // A timestamptz is written into JSON in the session's TimeZone, which may have changed
+    // since (an archive from before the date settings, or another `database.timezone`): those
+    // columns are compared as instants, every other one by its JSON text.
+    let zoned: Vec<&str> = target
+        .columns
+        .iter()
+        .filter(|c| c.sql_type.starts_with("timestamp") && c.sql_type.ends_with("with time zone"))
+        .map(|c| c.name.as_str())
+        .collect();
+    let other_keys = if zoned.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = zoned.iter().map(|c| quote_literal(c)).collect();
+        format!(" AND key NOT IN ({})", names.join(", "))
+    };
+    let common = |of: &str, other: &str| {
+        format!(
+            "(SELECT jsonb_object_agg(key, value) FROM jsonb_each({of}) \
+              WHERE {other} ? key{other_keys})::text COLLATE \"C\""
+        )
+    };
+    let instants: String = zoned
+        .iter()
+        .map(|c| {
+            format!(
+                " AND (NOT {then} ? {name} OR ({then} ->> {name})::timestamptz \
+                 IS NOT DISTINCT FROM {table}.{column})",
+                name = quote_literal(c),
+                table = target.quoted,
+                column = quote_ident(c),
+            )
+        })
+        .collect();
     format!(
         "DELETE FROM {table} USING {archive} AS _bf_a
          WHERE {join} AND {range}
            AND CASE WHEN left({row}, 1) = '{{'
-                    THEN {current} = {archived}
+                    THEN {current} IS NOT DISTINCT FROM {archived}{instants}
                     ELSE ROW({table}.*)::text COLLATE \"C\" = {row} COLLATE \"C\" END",
         table = target.quoted,
         archive = archive.quoted,
