@@ -78,13 +78,22 @@ impl Db {
             ("statement_timeout", cfg.batch.statement_timeout),
             ("idle_in_transaction_session_timeout", cfg.worker.lease_ttl),
         ];
+        // `standard_conforming_strings = on` (the default since 9.1, but a database or role may
+        // say otherwise): fragments are checked by a lexer that reads `'\'` as PostgreSQL does
+        // with it on; with it off, a backslash would end a string the check thought still open.
+        let session = |o: PgConnectOptions| {
+            o.options(timeouts.map(|(k, v)| (k, format!("{}ms", v.as_millis()))))
+                .options([("standard_conforming_strings", "on")])
+        };
         let options: PgConnectOptions = db.url.parse()?;
         let options = quiet_slow_statements(options.application_name(&db.application_name));
         let options = match db.pool_mode {
-            PoolMode::Session => options,
+            PoolMode::Session => session(options),
             // PgBouncer accepts only the start-up parameters it tracks.
             PoolMode::Transaction => options.extra_float_digits(None),
         };
+        // Its connection is also the probe: a failure says why (refused, authentication,
+        // unknown database), where the lazy pool would only report that it timed out.
         let dates = DateSettings::resolve(&options, db).await?;
         let set_dates = dates.statement("SET");
         let pool_options = || {
@@ -97,16 +106,7 @@ impl Db {
                     Box::pin(async move { conn.execute(set_dates.as_str()).await.map(drop) })
                 })
         };
-        // `standard_conforming_strings = on` (the default since 9.1, but a database or role may
-        // say otherwise): fragments are checked by a lexer that reads `'\'` as PostgreSQL does
-        // with it on; with it off, a backslash would end a string the check thought still open.
-        let session = |o: PgConnectOptions| {
-            o.options(timeouts.map(|(k, v)| (k, format!("{}ms", v.as_millis()))))
-                .options([("standard_conforming_strings", "on")])
-        };
         if db.pool_mode == PoolMode::Session {
-            let options = session(options);
-            probe(&options, db.connect_timeout).await?;
             let pool = pool_options().connect_lazy_with(options);
             return Ok(Self {
                 dates: Some(dates),
@@ -376,17 +376,6 @@ pub fn date_order(datestyle: &str) -> Option<&'static str> {
 fn quiet_slow_statements(options: PgConnectOptions) -> PgConnectOptions {
     use sqlx::ConnectOptions;
     options.log_slow_statements(log::LevelFilter::Info, std::time::Duration::from_secs(1))
-}
-
-/// Opens and closes one connection: the pool would only report that it timed out, this says why
-/// (refused, authentication, unknown database).
-async fn probe(options: &PgConnectOptions, timeout: std::time::Duration) -> sqlx::Result<()> {
-    use sqlx::Connection;
-    let connecting = PgConnection::connect_with(options);
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(conn) => conn?.close().await,
-        Err(_) => Err(sqlx::Error::PoolTimedOut),
-    }
 }
 
 /// A connection from `Db::acquire`: plain, or inside a transaction behind a transaction pooler.
