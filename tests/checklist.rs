@@ -113,6 +113,16 @@ async fn the_plan_names_a_table_every_batch_would_read_in_full(pool: PgPool) {
     );
 }
 
+/// An insert job: `set` maps `into`'s columns to expressions over each row of `from`, every row
+/// of which it walks (predicate `true`).
+fn insert_job(name: &str, into: &str, from: &str, set: &str) -> NewJob {
+    NewJob::new(name, into)
+        .raw("action", "'insert'")
+        .text("source_table", from)
+        .predicate("true")
+        .set(set)
+}
+
 async fn family(db: &Db) {
     db.exec(
         "CREATE TABLE parent (id bigint PRIMARY KEY, kind text NOT NULL);
@@ -572,11 +582,7 @@ async fn the_revert_of_an_insert_refuses_to_cascade_into_child_rows_unless_allow
          INSERT INTO acct_src SELECT generate_series(1, 100);",
     )
     .await;
-    NewJob::new("acct_copy", "acct")
-        .raw("action", "'insert'")
-        .text("source_table", "public.acct_src")
-        .predicate("true")
-        .set("id = id")
+    insert_job("acct_copy", "acct", "public.acct_src", "id = id")
         .raw("archive", "true")
         .insert(&db)
         .await;
@@ -625,14 +631,15 @@ async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool
          INSERT INTO src SELECT generate_series(1, 30);",
     )
     .await;
-    NewJob::new("copy_in", "copy")
-        .raw("action", "'insert'")
-        .text("source_table", "public.src")
-        .predicate("true")
-        .set("id = id, price = 1.50, note = 'n' || id, old = 'x'")
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
+    insert_job(
+        "copy_in",
+        "copy",
+        "public.src",
+        "id = id, price = 1.50, note = 'n' || id, old = 'x'",
+    )
+    .raw("archive", "true")
+    .insert(&db)
+    .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     assert_eq!(db.job("copy_in").await.rows_changed, 30);
     db.exec(
@@ -661,16 +668,15 @@ async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgP
          INSERT INTO src SELECT generate_series(1, 30);",
     )
     .await;
-    NewJob::new("seen_in", "seen")
-        .raw("action", "'insert'")
-        .text("source_table", "public.src")
-        .predicate("true")
-        .set(
-            "id = id, at = '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour', note = 'n'",
-        )
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
+    insert_job(
+        "seen_in",
+        "seen",
+        "public.src",
+        "id = id, at = '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour', note = 'n'",
+    )
+    .raw("archive", "true")
+    .insert(&db)
+    .await;
     db.daemon()
         .env("BACKFILLD_DATABASE__TIMEZONE", "UTC")
         .until_idle()
@@ -706,14 +712,15 @@ async fn an_insert_archived_as_row_text_by_an_earlier_release_still_reverts(pool
          INSERT INTO src SELECT generate_series(1, 20);",
     )
     .await;
-    NewJob::new("copy_old", "copy")
-        .raw("action", "'insert'")
-        .text("source_table", "public.src")
-        .predicate("true")
-        .set("id = id, note = 'n' || id")
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
+    insert_job(
+        "copy_old",
+        "copy",
+        "public.src",
+        "id = id, note = 'n' || id",
+    )
+    .raw("archive", "true")
+    .insert(&db)
+    .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     let archive = db.job("copy_old").await.archive_table.expect("an archive");
     db.exec(&format!(
@@ -743,19 +750,16 @@ async fn an_insert_relying_on_on_conflict_counts_only_rows_still_to_insert(pool:
     )
     .await;
     let copy = |name: &str, mode: &str| {
-        NewJob::new(name, "events_new")
-            .raw("action", "'insert'")
-            .text("source_table", "public.events_old")
-            .predicate("true")
-            .set("id = id, kind = kind, payload = payload")
-            .text("mode", mode)
+        insert_job(
+            name,
+            "events_new",
+            "public.events_old",
+            "id = id, kind = kind, payload = payload",
+        )
+        .text("mode", mode)
     };
     copy("copy_plan", "dry_run").insert(&db).await;
-    NewJob::new("audit_plan", "audit")
-        .raw("action", "'insert'")
-        .text("source_table", "public.events_old")
-        .predicate("true")
-        .set("event_id = id")
+    insert_job("audit_plan", "audit", "public.events_old", "event_id = id")
         .text("mode", "dry_run")
         .insert(&db)
         .await;
@@ -811,18 +815,10 @@ async fn an_insert_job_needs_a_source_and_a_unique_key_on_its_target(pool: PgPoo
         .set("v = id")
         .insert(&db)
         .await;
-    NewJob::new("no_key", "bag")
-        .raw("action", "'insert'")
-        .text("source_table", "public.src")
-        .predicate("true")
-        .set("v = id")
+    insert_job("no_key", "bag", "public.src", "v = id")
         .insert(&db)
         .await;
-    NewJob::new("bad_column", "src")
-        .raw("action", "'insert'")
-        .text("source_table", "public.src")
-        .predicate("true")
-        .set("nope = id")
+    insert_job("bad_column", "src", "public.src", "nope = id")
         .insert(&db)
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;

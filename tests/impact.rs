@@ -13,6 +13,21 @@ async fn metrics(port: u16) -> String {
     http_get(port, "/metrics").await.expect("metrics").1
 }
 
+/// Waits for `name` to succeed, scrapes the daemon's metrics, then stops it: the job's row and
+/// the scrape.
+async fn succeeded_then_stopped(
+    db: &Db,
+    name: &str,
+    daemon: &mut common::Daemon,
+    port: u16,
+) -> (backfilld::job::JobRow, String) {
+    let done = db.wait_state(name, "succeeded").await;
+    let body = metrics(port).await;
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30)).await;
+    (done, body)
+}
+
 /// A table whose backfilled rows cost 1 ms each (a trigger sleeps on the change the job makes,
 /// not on anyone else's), so every batch holds its row locks long enough to be waited on.
 async fn slow_table(db: &Db, name: &str, rows: i64) {
@@ -85,11 +100,8 @@ async fn backfill_while_waited_on(db: &Db, application_name: &str) -> Waited {
         }
         touched
     });
-    let done = db.wait_state("w", "succeeded").await;
+    let (done, body) = succeeded_then_stopped(db, "w", &mut daemon, port).await;
     assert!(app.await.unwrap() > 0, "the application ran alongside");
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM w WHERE v IS DISTINCT FROM 1")
             .await,
@@ -284,10 +296,7 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
         .set("v = 8")
         .insert(&db)
         .await;
-    db.wait_state("nv2", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
+    let (_, body) = succeeded_then_stopped(&db, "nv2", &mut daemon, port).await;
     assert_eq!(
         metric(&body, "backfilld_health_signals_visible"),
         Some(1.0),
@@ -335,10 +344,7 @@ async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
         .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
         .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
         .spawn();
-    let done = db.wait_state("dv", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
+    let (done, body) = succeeded_then_stopped(&db, "dv", &mut daemon, port).await;
     let log = daemon.log();
     assert_eq!(done.rows_changed, 4000);
     let warning = assert_guard_stood_down(&log, &body, "dv");
@@ -405,10 +411,7 @@ async fn the_guard_checks_every_partition_of_a_partitioned_target(pool: PgPool) 
         .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
         .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
         .spawn();
-    let done = db.wait_state("pt", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
+    let (done, body) = succeeded_then_stopped(&db, "pt", &mut daemon, port).await;
     let log = daemon.log();
     assert_eq!(done.rows_changed, 4000);
     assert_guard_stood_down(&log, &body, "pt");
@@ -444,10 +447,7 @@ async fn a_vacuum_postgresql_skipped_is_not_counted_as_done(pool: PgPool) {
         .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
         .env("BACKFILLD_BLOAT__VACUUM_MIN_ROWS", "1000")
         .spawn();
-    let done = db.wait_state("sk", "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
+    let (done, body) = succeeded_then_stopped(&db, "sk", &mut daemon, port).await;
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut *holder)
         .await
@@ -554,10 +554,7 @@ async fn held_for(
 /// After the cause of `held_for` ended: the job finishes, and the time held counts under
 /// `reason`.
 async fn released(db: &Db, name: &str, (mut daemon, port): (common::Daemon, u16), reason: &str) {
-    db.wait_state(name, "succeeded").await;
-    let body = metrics(port).await;
-    daemon.signal("TERM");
-    daemon.wait(Duration::from_secs(30)).await;
+    let (_, body) = succeeded_then_stopped(db, name, &mut daemon, port).await;
     let series = format!("backfilld_throttle_seconds_total{{job=\"{name}\",reason=\"{reason}\"}}");
     assert!(metric(&body, &series).is_some_and(|s| s > 0.0), "{body}");
 }
