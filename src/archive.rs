@@ -34,10 +34,17 @@ pub struct ArchiveTable {
     pub kind: ArchiveKind,
     /// The archive's own columns, as `open` found them (empty for one this run creates): the
     /// target may have gained, lost or renamed columns since.
-    pub columns: Vec<String>,
+    pub columns: Vec<ArchiveColumn>,
     /// For re-inserting deleted rows: one condition on `_bf_a` per foreign key of the target to
     /// another table, true while the row it references exists (`parent_checks`).
     pub parents: Vec<String>,
+}
+
+/// A column of an existing archive: its name and `format_type()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveColumn {
+    pub name: String,
+    pub sql_type: String,
 }
 
 /// Prefix of the columns holding an update's after-values.
@@ -144,7 +151,15 @@ impl ArchiveTable {
 
     /// Whether the archive has column `name` (every column when its layout was not read back).
     pub fn holds(&self, name: &str) -> bool {
-        self.columns.is_empty() || self.columns.iter().any(|c| c == name)
+        self.columns.is_empty() || self.columns.iter().any(|c| c.name == name)
+    }
+
+    /// The declared type of the archive's column `name`, where its layout was read back.
+    pub fn type_of(&self, name: &str) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.sql_type.as_str())
     }
 
     /// For a delete's archive: the archived columns `target` no longer has (dropped or renamed
@@ -155,8 +170,8 @@ impl ArchiveTable {
         }
         self.columns
             .iter()
-            .filter(|a| !target.columns.iter().any(|c| &c.name == *a))
-            .cloned()
+            .filter(|a| !target.columns.iter().any(|c| c.name == a.name))
+            .map(|a| a.name.clone())
             .collect()
     }
 
@@ -255,18 +270,19 @@ impl ArchiveTable {
         target: &Target,
     ) -> sqlx::Result<Option<Self>> {
         let quoted = format!("{}.{}", quote_ident(&names.schema), quote_ident(name));
-        let columns = columns_of(conn, &quoted).await?;
-        if columns.is_empty() {
+        let found = columns_of(conn, &quoted).await?;
+        if found.is_empty() {
             return Ok(None);
         }
         let keys: Vec<String> = target.keys.iter().map(|k| k.name.clone()).collect();
-        let found = columns.clone();
-        let kind = if columns.iter().any(|c| c == ROW_COLUMN) {
+        let kind = if found.iter().any(|c| c.name == ROW_COLUMN) {
             ArchiveKind::Insert
-        } else if columns.iter().any(|c| c.starts_with(AFTER_PREFIX)) {
-            let touched = columns
-                .into_iter()
+        } else if found.iter().any(|c| c.name.starts_with(AFTER_PREFIX)) {
+            let touched = found
+                .iter()
+                .map(|c| &c.name)
                 .filter(|c| !keys.contains(c) && !c.starts_with(AFTER_PREFIX))
+                .cloned()
                 .collect();
             ArchiveKind::Update { touched }
         } else {
@@ -388,14 +404,18 @@ ORDER BY c.conname"
 );
 
 /// The columns of table `quoted` (`"schema"."name"`), in order; none when it does not exist.
-async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<String>> {
-    crate::sql::query_scalar(
-        "SELECT attname::text FROM pg_attribute
+async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<ArchiveColumn>> {
+    let rows: Vec<(String, String)> = crate::sql::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
          WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
     )
     .bind(quoted)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, sql_type)| ArchiveColumn { name, sql_type })
+        .collect())
 }
 
 const EXPIRED: &str = "
