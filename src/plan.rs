@@ -471,12 +471,7 @@ impl Counter<'_> {
     /// The `jsonb_build_object` arguments of one sample row: key plus before and after values
     /// (update), the values to insert (insert), or the whole row (delete).
     fn sample_body(&self, assignments: &[crate::fragment::Assignment], action: Action) -> String {
-        let pairs = |cols: Vec<(String, String)>| {
-            cols.into_iter()
-                .map(|(name, expr)| format!("{}, {expr}", crate::sql::quote_literal(&name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let pairs = json_object;
         let key = format!("jsonb_build_array({})", self.keyset.as_text());
         match action {
             Action::Update => {
@@ -492,9 +487,7 @@ impl Counter<'_> {
                         .map(|a| (a.column.clone(), sample_value(&a.expr)))
                         .collect(),
                 );
-                format!(
-                    "'key', {key}, 'before', jsonb_build_object({before}), 'after', jsonb_build_object({after})"
-                )
+                format!("'key', {key}, 'before', {before}, 'after', {after}")
             }
             Action::Insert => {
                 let row = pairs(
@@ -503,7 +496,7 @@ impl Counter<'_> {
                         .map(|a| (a.column.clone(), sample_value(&a.expr)))
                         .collect(),
                 );
-                format!("'key', {key}, 'insert', jsonb_build_object({row})")
+                format!("'key', {key}, 'insert', {row}")
             }
             _ => {
                 let row = pairs(
@@ -513,7 +506,7 @@ impl Counter<'_> {
                         .map(|c| (c.name.clone(), quote_ident(&c.name)))
                         .collect(),
                 );
-                format!("'key', {key}, 'row', jsonb_build_object({row})")
+                format!("'key', {key}, 'row', {row}")
             }
         }
     }
@@ -708,6 +701,26 @@ fn by_formula(t: &Throttle, walk: i64) -> (f64, String) {
         t.max_size, t.target_batch_ms, t.sleep_ms
     );
     (batches * per_batch, basis)
+}
+
+/// A JSON object of `(name, SQL expression)` pairs. PostgreSQL passes at most 100 arguments to a
+/// function, so `jsonb_build_object` takes 50 pairs at a time and the pieces are merged with `||`
+/// (a table of 51 columns could not be sampled before).
+fn json_object(pairs: Vec<(String, String)>) -> String {
+    if pairs.is_empty() {
+        return "'{}'::jsonb".into();
+    }
+    pairs
+        .chunks(50)
+        .map(|chunk| {
+            let args: Vec<String> = chunk
+                .iter()
+                .map(|(name, expr)| format!("{}, {expr}", crate::sql::quote_literal(name)))
+                .collect();
+            format!("jsonb_build_object({})", args.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" || ")
 }
 
 #[cfg(test)]

@@ -1048,3 +1048,42 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
         "nothing staged"
     );
 }
+
+/// PostgreSQL passes at most 100 arguments to a function: a sample row of more than 50 columns
+/// (an update setting them, a delete's whole row) used to fail the plan with 54023.
+#[sqlx::test]
+async fn a_table_of_sixty_columns_is_sampled_for_an_update_and_a_delete(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let columns: Vec<String> = (1..=60).map(|i| format!("c{i} int")).collect();
+    db.exec(&format!(
+        "CREATE TABLE wide (id int PRIMARY KEY, {});
+         INSERT INTO wide (id) SELECT generate_series(1, 20);",
+        columns.join(", ")
+    ))
+    .await;
+    let set: Vec<String> = (1..=55).map(|i| format!("c{i} = id + {i}")).collect();
+    NewJob::new("wide_set", "wide")
+        .predicate("c1 IS NULL")
+        .set(&set.join(", "))
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    NewJob::new("wide_purge", "wide")
+        .predicate("id > 15")
+        .raw("action", "'delete'")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+
+    let update = db.job("wide_set").await;
+    assert_eq!(update.state, "planned", "{:?}", update.last_error);
+    let sample = &update.plan.clone().expect("a plan")["samples"][0];
+    let after = sample["after"].as_object().expect("after values");
+    assert_eq!((after.len(), &after["c55"]), (55, &serde_json::json!(56)));
+    assert_eq!(sample["before"].as_object().map(|b| b.len()), Some(55));
+    let delete = db.job("wide_purge").await;
+    assert_eq!(delete.state, "planned", "{:?}", delete.last_error);
+    let row = &delete.plan.clone().expect("a plan")["samples"][0]["row"];
+    assert_eq!(row.as_object().map(|r| r.len()), Some(61), "{row}");
+}
