@@ -655,16 +655,20 @@ async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool
     assert_eq!(db.scalar_i64("SELECT id FROM copy").await, 7);
 }
 
-/// An insert archive holds each row as JSON, where a timestamptz is written in the session's
-/// TimeZone. Reverted under another zone (an archive from before the date settings, or a changed
-/// `database.timezone`), the same instants still count as unchanged: every row went but the one
-/// changed since. Before, every row was skipped as changed.
+/// An insert archive holds each row as JSON, whose text for many types depends on the session
+/// that wrote it: a timestamptz (and a range, an array or a domain holding one) on `TimeZone`, an
+/// interval on `IntervalStyle`, a bytea on `bytea_output`. Reverted under other settings (an
+/// archive from before the date settings, another `database.timezone`, a database whose
+/// settings changed since), the same values still count as unchanged: every row went but the
+/// two changed since. Before, every row was skipped as changed.
 #[sqlx::test]
-async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgPool) {
+async fn the_revert_of_an_insert_reads_values_written_under_other_session_settings(pool: PgPool) {
     let db = Db::new(pool).await;
     db.exec(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         CREATE TABLE seen (id bigint PRIMARY KEY, at timestamptz NOT NULL, note text);
+        "CREATE DOMAIN moment AS timestamptz;
+         CREATE TABLE src (id bigint PRIMARY KEY);
+         CREATE TABLE seen (id bigint PRIMARY KEY, at timestamptz NOT NULL, note text,
+                            during tstzrange, ats timestamptz[], m moment, span interval, bin bytea);
          INSERT INTO src SELECT generate_series(1, 30);",
     )
     .await;
@@ -672,7 +676,10 @@ async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgP
         "seen_in",
         "seen",
         "public.src",
-        "id = id, at = '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour', note = 'n'",
+        "id = id, at = '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour', note = 'n', \
+         during = tstzrange('2024-01-01 00:00+00', '2024-01-01 00:00+00'::timestamptz + id * interval '1 hour'), \
+         ats = ARRAY['2024-01-01 00:00+00'::timestamptz], m = '2024-06-01 12:00+00', \
+         span = id * interval '90 minutes', bin = '\\x0102'",
     )
     .raw("archive", "true")
     .insert(&db)
@@ -684,8 +691,15 @@ async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgP
         .wait_ok()
         .await;
     assert_eq!(db.job("seen_in").await.rows_changed, 30);
-    db.exec("UPDATE seen SET at = at + interval '1 second' WHERE id = 7")
-        .await;
+    db.exec(
+        "UPDATE seen SET at = at + interval '1 second' WHERE id = 7;
+         UPDATE seen SET during = tstzrange(lower(during), upper(during), '[]') WHERE id = 8;
+         DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET intervalstyle = %L', current_database(), 'iso_8601');
+           EXECUTE format('ALTER DATABASE %I SET bytea_output = %L', current_database(), 'escape');
+         END $$;",
+    )
+    .await;
     let revert = backfilld::ops::revert(&db.lib, &db.names, "seen_in", false)
         .await
         .unwrap();
@@ -697,8 +711,12 @@ async fn the_revert_of_an_insert_compares_timestamps_across_time_zones(pool: PgP
         .await;
     let reverted = db.job(&revert.name).await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
-    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (29, 1));
-    assert_eq!(db.scalar_i64("SELECT id FROM seen").await, 7);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (28, 2));
+    assert_eq!(
+        db.scalar_text("SELECT string_agg(id::text, ',' ORDER BY id) FROM seen")
+            .await,
+        "7,8"
+    );
 }
 
 /// An archive written by an earlier release holds each inserted row as `ROW(…)::text`: its revert

@@ -6,7 +6,7 @@
 use super::Statements;
 use crate::archive::{ArchiveKind, ArchiveTable};
 use crate::keyset::Keyset;
-use crate::sql::{quote_ident, quote_literal};
+use crate::sql::quote_ident;
 use crate::target::Target;
 
 #[derive(Debug, Clone)]
@@ -112,8 +112,13 @@ fn exact_equality(sql_type: &str) -> bool {
 /// someone else inserted after ours was deleted): only a row still holding the archived values
 /// goes. The archive holds each row as JSON (`to_jsonb`), compared on the columns the archived
 /// row and the current one both have, in their JSON text (numeric scale, string bytes): a
-/// column added or dropped since does not make every row look changed. Archives written before
-/// hold the row's text (`ROW(…)::text`, starting with `(`), compared whole as before.
+/// column added or dropped since does not make every row look changed. The text of many types
+/// depends on the session that wrote it (`TimeZone` for timestamptz, and for ranges, arrays,
+/// composites and domains holding one; `IntervalStyle`; `bytea_output`), which may differ from
+/// the revert's: so the archived JSON is first read back into the table's row type
+/// (`jsonb_populate_record`) and written out again in the revert's session, as the current row
+/// is. Archives written before hold the row's text (`ROW(…)::text`, starting with `(`),
+/// compared whole as before.
 fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> String {
     let join: Vec<String> = target
         .keys
@@ -121,54 +126,30 @@ fn delete_inserted(target: &Target, archive: &ArchiveTable, range: &str) -> Stri
         .map(|k| format!("{0}.{1} = _bf_a.{1}", target.quoted, quote_ident(&k.name)))
         .collect();
     let row = format!("_bf_a.{}", quote_ident(crate::archive::ROW_COLUMN));
-    let (now, then) = (
-        format!("to_jsonb({}.*)", target.quoted),
-        format!("{row}::jsonb"),
+    let written = format!("{row}::jsonb");
+    let now = format!("to_jsonb({}.*)", target.quoted);
+    let then = format!(
+        "to_jsonb(jsonb_populate_record(NULL::{}, {written}))",
+        target.quoted
     );
-    // A timestamptz is written into JSON in the session's TimeZone, which may have changed
-    // since (an archive from before the date settings, or another `database.timezone`): those
-    // columns are compared as instants, every other one by its JSON text.
-    let zoned: Vec<&str> = target
-        .columns
-        .iter()
-        .filter(|c| c.sql_type.starts_with("timestamp") && c.sql_type.ends_with("with time zone"))
-        .map(|c| c.name.as_str())
-        .collect();
-    let other_keys = if zoned.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<String> = zoned.iter().map(|c| quote_literal(c)).collect();
-        format!(" AND key NOT IN ({})", names.join(", "))
-    };
-    let common = |of: &str, other: &str| {
+    // Both sides keep the columns the archived row has (and the current table has).
+    let common = |of: &str| {
         format!(
             "(SELECT jsonb_object_agg(key, value) FROM jsonb_each({of}) \
-              WHERE {other} ? key{other_keys})::text COLLATE \"C\""
+              WHERE {written} ? key)::text COLLATE \"C\""
         )
     };
-    let instants: String = zoned
-        .iter()
-        .map(|c| {
-            format!(
-                " AND (NOT {then} ? {name} OR ({then} ->> {name})::timestamptz \
-                 IS NOT DISTINCT FROM {table}.{column})",
-                name = quote_literal(c),
-                table = target.quoted,
-                column = quote_ident(c),
-            )
-        })
-        .collect();
     format!(
         "DELETE FROM {table} USING {archive} AS _bf_a
          WHERE {join} AND {range}
            AND CASE WHEN left({row}, 1) = '{{'
-                    THEN {current} IS NOT DISTINCT FROM {archived}{instants}
+                    THEN {current} IS NOT DISTINCT FROM {archived}
                     ELSE ROW({table}.*)::text COLLATE \"C\" = {row} COLLATE \"C\" END",
         table = target.quoted,
         archive = archive.quoted,
         join = join.join(" AND "),
-        current = common(&now, &then),
-        archived = common(&then, &now),
+        current = common(&now),
+        archived = common(&then),
     )
 }
 
