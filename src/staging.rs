@@ -46,6 +46,20 @@ pub enum StagingError {
         context: String,
     },
     #[error(
+        "{path}, line {line}: a line holding only \\. ends COPY's data there, and the rows after \
+         it would be left out; quote it (\"\\.\") if it is a value"
+    )]
+    EndMarker { path: String, line: usize },
+    #[error(
+        "{path}: the row with key ({key}) would break {rule}: the update would fail at that \
+         row, after committing the batches before it"
+    )]
+    Breaks {
+        path: String,
+        key: String,
+        rule: String,
+    },
+    #[error(
         "staging table {table} already exists: a job of this name (or one that maps to the same \
          table name) staged a file before, or it was made by hand; use another job name, or drop \
          the table if nothing needs it"
@@ -87,6 +101,9 @@ pub async fn stage_csv(
     }
     let header =
         parse_header(&data).ok_or_else(|| StagingError::NoHeader { path: path.clone() })?;
+    if let Some(line) = end_marker_line(&data) {
+        return Err(StagingError::EndMarker { path, line });
+    }
     let header = match_case(header, target);
     let values = check_columns(&path, &header, target)?;
     let table = format!(
@@ -112,7 +129,8 @@ pub async fn stage_csv(
         _ => StagingError::Database(e),
     })?;
     let rows = copy_in(conn, &path, &table, &columns, data).await?;
-    let unmatched = count_unmatched(conn, &table, target).await?;
+    let unmatched = count_unmatched(&mut *conn, &table, target).await?;
+    check_rules(conn, &path, &table, target, &values).await?;
     Ok(Staged {
         predicate: predicate(&table, target, &values),
         set_clause: set_clause(&table, target, &values),
@@ -188,6 +206,211 @@ pub async fn count_unmatched<'e>(
         key_join("_bf_t", target)
     );
     crate::sql::query_scalar(&sql).fetch_one(conn).await
+}
+
+/// Refuses a file whose new values break a rule of the target that the staging table's types
+/// do not carry (they hold types and domains only): a NOT NULL column, a CHECK constraint or a
+/// foreign key on a column the file sets. The update would otherwise stop at the first such
+/// row, deep into the run, with the batches before it committed. Each staged row is checked as
+/// the target row it would become (staged values over the current ones). Unique constraints
+/// are not checked here: whether a value collides depends on the order the rows change in.
+async fn check_rules(
+    conn: &mut PgConnection,
+    path: &str,
+    staging: &str,
+    target: &Target,
+    values: &[String],
+) -> Result<(), StagingError> {
+    let rules = rules_on(conn, target, values).await?;
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let merged: Vec<String> = target
+        .columns
+        .iter()
+        .map(|c| {
+            let from = if values.contains(&c.name) {
+                "_bf_staged"
+            } else {
+                "_bf_t"
+            };
+            format!("{from}.{0} AS {0}", quote_ident(&c.name))
+        })
+        .collect();
+    let key: Vec<String> = target
+        .keys
+        .iter()
+        .map(|k| format!("_bf_m.{}::text", quote_ident(&k.name)))
+        .collect();
+    let which: Vec<String> = rules
+        .iter()
+        .enumerate()
+        .map(|(i, (_, broken))| format!("WHEN {broken} THEN {i}"))
+        .collect();
+    let any: Vec<&str> = rules.iter().map(|(_, broken)| broken.as_str()).collect();
+    let sql = format!(
+        "SELECT concat_ws(', ', {key}), CASE {which} END::int
+         FROM (SELECT {merged} FROM {staging} AS _bf_staged JOIN {target} AS _bf_t ON {join}) AS _bf_m
+         WHERE {any}
+         LIMIT 1",
+        key = key.join(", "),
+        which = which.join(" "),
+        merged = merged.join(", "),
+        target = target.quoted,
+        join = key_join("_bf_t", target),
+        any = any.join(" OR "),
+    );
+    let found: Option<(String, i32)> = crate::sql::query_as(&sql).fetch_optional(conn).await?;
+    match found {
+        None => Ok(()),
+        Some((key, i)) => Err(StagingError::Breaks {
+            path: path.to_owned(),
+            key,
+            rule: rules[i as usize].0.clone(),
+        }),
+    }
+}
+
+/// The target's rules on the columns `values`, each as its description and a condition on
+/// `_bf_m` (the row as it would become) that is true where the row breaks it.
+async fn rules_on(
+    conn: &mut PgConnection,
+    target: &Target,
+    values: &[String],
+) -> sqlx::Result<Vec<(String, String)>> {
+    let oid = sqlx::postgres::types::Oid(target.oid);
+    let table = target.display();
+    let not_null: Vec<String> = crate::sql::query_scalar(
+        "SELECT attname::text FROM pg_attribute
+         WHERE attrelid = $1 AND attnotnull AND attnum > 0 AND NOT attisdropped
+           AND attname = ANY($2) ORDER BY attnum",
+    )
+    .bind(oid)
+    .bind(values)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rules: Vec<(String, String)> = not_null
+        .iter()
+        .map(|c| {
+            (
+                format!("NOT NULL on column {} of {table}", quote_ident(c)),
+                format!("_bf_m.{} IS NULL", quote_ident(c)),
+            )
+        })
+        .collect();
+    let checks: Vec<(String, String)> = crate::sql::query_as(
+        "SELECT c.conname::text, pg_get_expr(c.conbin, c.conrelid) FROM pg_constraint c
+         WHERE c.conrelid = $1 AND c.contype = 'c'
+           AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.conrelid
+                       AND a.attnum = ANY(c.conkey) AND a.attname = ANY($2))
+         ORDER BY c.conname",
+    )
+    .bind(oid)
+    .bind(values)
+    .fetch_all(&mut *conn)
+    .await?;
+    // The expression names the table's columns bare: `_bf_m` is the only relation in scope.
+    rules.extend(checks.into_iter().map(|(name, expr)| {
+        (
+            format!(
+                "check constraint {} of {table} (CHECK ({expr}))",
+                quote_ident(&name)
+            ),
+            format!("({expr}) IS FALSE"),
+        )
+    }));
+    let keys: Vec<ForeignKey> = crate::sql::query_as(concat!(
+        "SELECT c.conname::text, c.confrelid::regclass::text, ",
+        crate::cascade::key_columns!(),
+        ", c.confmatchtype = 'f'
+         FROM pg_constraint c
+         WHERE c.conrelid = $1 AND c.contype = 'f'
+           AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.conrelid
+                       AND a.attnum = ANY(c.conkey) AND a.attname = ANY($2))
+           AND NOT EXISTS (SELECT FROM pg_constraint pc
+                           WHERE pc.oid = c.conparentid AND pc.conrelid = c.conrelid)
+         ORDER BY c.conname"
+    ))
+    .bind(oid)
+    .bind(values)
+    .fetch_all(&mut *conn)
+    .await?;
+    rules.extend(
+        keys.into_iter()
+            .map(|(name, parent, child, referenced, full)| {
+                (
+                    format!(
+                        "foreign key {} of {table} (to {parent})",
+                        quote_ident(&name)
+                    ),
+                    foreign_key_broken(&parent, &child, &referenced, full),
+                )
+            }),
+    );
+    Ok(rules)
+}
+
+/// A foreign key of the target: name, referenced table, referencing and referenced columns,
+/// MATCH FULL.
+type ForeignKey = (String, String, Vec<String>, Vec<String>, bool);
+
+/// True where `_bf_m`'s columns `child` reference no row of `parent`: all of them set (MATCH
+/// SIMPLE) and no parent row holds them; with MATCH FULL, also some set and some NULL.
+fn foreign_key_broken(parent: &str, child: &[String], referenced: &[String], full: bool) -> String {
+    let set: Vec<String> = child
+        .iter()
+        .map(|c| format!("_bf_m.{} IS NOT NULL", quote_ident(c)))
+        .collect();
+    let eq: Vec<String> = child
+        .iter()
+        .zip(referenced)
+        .map(|(c, p)| format!("_bf_p.{} = _bf_m.{}", quote_ident(p), quote_ident(c)))
+        .collect();
+    let missing = format!(
+        "({}) AND NOT EXISTS (SELECT 1 FROM {parent} AS _bf_p WHERE {})",
+        set.join(" AND "),
+        eq.join(" AND ")
+    );
+    if !full {
+        return missing;
+    }
+    let cols: Vec<String> = child
+        .iter()
+        .map(|c| format!("_bf_m.{}", quote_ident(c)))
+        .collect();
+    format!(
+        "({missing} OR num_nulls({cols}) BETWEEN 1 AND {partial})",
+        cols = cols.join(", "),
+        partial = child.len() - 1
+    )
+}
+
+/// The line number of a line holding only `\.` outside a quoted field, with data after it: COPY
+/// (PostgreSQL 15 and earlier) takes it as the end of the data and silently ignores the rest.
+fn end_marker_line(data: &[u8]) -> Option<usize> {
+    let (mut line, mut quoted, mut at_start) = (1, false, true);
+    for (i, &b) in data.iter().enumerate() {
+        if at_start && !quoted {
+            let rest = &data[i..];
+            let after = rest
+                .strip_prefix(b"\\.\n")
+                .or_else(|| rest.strip_prefix(b"\\.\r\n"));
+            // A marker with nothing after it loses nothing.
+            if after.is_some_and(|a| !a.iter().all(u8::is_ascii_whitespace)) {
+                return Some(line);
+            }
+        }
+        at_start = false;
+        match b {
+            b'"' => quoted = !quoted,
+            b'\n' => {
+                line += 1;
+                at_start = true;
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The header's column names (CSV quoting: `"a ""b"""`); `None` for an empty file.
@@ -317,6 +540,15 @@ fn set_clause(staging: &str, target: &Target, values: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_end_marker_line_is_found_outside_quotes_only() {
+        assert_eq!(end_marker_line(b"id,a\n1,x\n\\.\n2,y\n"), Some(3));
+        assert_eq!(end_marker_line(b"id,a\r\n1,x\r\n\\.\r\n2,y\r\n"), Some(3));
+        assert_eq!(end_marker_line(b"id,a\n1,x\n\\.\n\n"), None);
+        assert_eq!(end_marker_line(b"id,a\n1,\"x\n\\.\n\"\n"), None);
+        assert_eq!(end_marker_line(b"id,a\n1,\\.\n\\.x,2\n"), None);
+    }
 
     #[test]
     fn headers_follow_csv_quoting() {

@@ -1019,9 +1019,41 @@ async fn a_csv_file_compares_values_by_their_text(pool: PgPool) {
 #[sqlx::test]
 async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
     let db = Db::new(pool).await;
-    db.exec("CREATE TABLE prices (id bigint PRIMARY KEY, price numeric NOT NULL);")
-        .await;
+    db.exec(
+        "CREATE TABLE currencies (code text PRIMARY KEY);
+         INSERT INTO currencies VALUES ('EUR'), ('USD');
+         CREATE TABLE prices (id bigint PRIMARY KEY, price numeric NOT NULL,
+                              qty int CHECK (qty >= 0), cur text REFERENCES currencies,
+                              low numeric, high numeric, CHECK (low <= high));
+         INSERT INTO prices SELECT g, 1, 0, 'EUR', 0, 10 FROM generate_series(1, 3) g;",
+    )
+    .await;
     let cfg = backfilld::config::Config::default();
+    // A value the staging table's types accept but the target's rules refuse would stop the
+    // update at that row with the batches before it committed: refused at enqueue instead.
+    let rules = [
+        (
+            "nullvalue",
+            "id,price\n1,2\n2,\n",
+            vec!["key (2)", "NOT NULL on column \"price\""],
+        ),
+        (
+            "negative",
+            "id,qty\n1,5\n3,-1\n",
+            vec!["key (3)", "qty >= 0"],
+        ),
+        ("crossed", "id,low\n1,100\n", vec!["key (1)", "low <= high"]),
+        (
+            "currency",
+            "id,cur\n1,USD\n2,XXX\n",
+            vec!["key (2)", "foreign key", "currencies"],
+        ),
+        (
+            "endmarker",
+            "id,price\n1,2\n\\.\n2,3\n",
+            vec!["line 3", "\\."],
+        ),
+    ];
     let cases = [
         (
             "unknown",
@@ -1041,7 +1073,7 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
         ),
         ("nullkey", "id,price\n,2\n", vec!["line 2", "id"]),
     ];
-    for (name, body, words) in cases {
+    for (name, body, words) in cases.into_iter().chain(rules) {
         let file = csv(name, body);
         let err = backfilld::ops::enqueue_from_csv(
             &db.lib,
@@ -1065,6 +1097,17 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
         0,
         "nothing staged"
     );
+    // The same rules, kept: a NULL where NULL is allowed, a value within the check.
+    let fine = csv("fine", "id,cur,qty,low\n1,,7,5\n2,USD,,\n");
+    backfilld::ops::enqueue_from_csv(
+        &db.lib,
+        &db.names,
+        &cfg,
+        &csv_job("fine", "public.prices"),
+        &fine,
+    )
+    .await
+    .expect("a file within the rules stages");
 }
 
 /// PostgreSQL passes at most 100 arguments to a function: a sample row of more than 50 columns
