@@ -317,9 +317,16 @@ async fn a_csv_job_without_a_name_is_named_from_its_file(pool: PgPool) {
     assert!(stderr(&again).contains(&name), "{}", stderr(&again));
     std::fs::write(&file, "id,price\n1,11\n2,21\n").unwrap();
     let changed = backfilld(&db.url, &args);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(changed.status.success(), "{}", stderr(&changed));
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM backfill.jobs").await, 2);
+    // The same file for a table of the same name in another schema is another job.
+    db.exec("CREATE SCHEMA other; CREATE TABLE other.prices (LIKE prices INCLUDING ALL); INSERT INTO other.prices VALUES (1, 1), (2, 2);")
+        .await;
+    let mut elsewhere = args;
+    elsewhere[6] = "other.prices";
+    let other = backfilld(&db.url, &elsewhere);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(other.status.success(), "{}", stderr(&other));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM backfill.jobs").await, 3);
 }
 
 #[sqlx::test]
