@@ -316,8 +316,11 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
         allowed_tables: &cfg.safety.allowed_tables,
     };
     let crate::validate::Validated {
-        target, fragments, ..
+        target,
+        fragments,
+        into,
     } = crate::validate::job(&mut conn, &spec, scope, crate::validate::Parts::Predicate).await?;
+    let named = target.named_with(into.as_ref().map(|(t, _)| t));
     conn.finish().await?;
     let keyset = Keyset::new(&target);
     let upper = match row
@@ -332,6 +335,7 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     let counter = Counter {
         pool,
         job: &spec.name,
+        table: &named,
         target: &target,
         keyset: &keyset,
         predicate: &fragments.predicate,

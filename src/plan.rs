@@ -125,6 +125,8 @@ pub enum Walk {
 pub struct Counter<'a> {
     pub pool: &'a Db,
     pub job: &'a str,
+    /// How errors name the job's table (`Target::named_with`).
+    pub table: &'a str,
     pub target: &'a Target,
     pub keyset: &'a Keyset,
     pub predicate: &'a str,
@@ -162,7 +164,7 @@ const COUNT_WINDOW_FACTOR: i64 = 10;
 
 impl Counter<'_> {
     fn err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
-        move |e| JobError::sql(self.job, &self.target.display(), step, e)
+        move |e| JobError::sql(self.job, self.table, step, e)
     }
 
     fn count_sql(&self, has_cursor: bool) -> String {

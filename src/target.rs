@@ -84,6 +84,15 @@ impl Target {
         format!("{}.{}", self.schema, self.table)
     }
 
+    /// How a job's messages name its table: the table it changes, and for an insert also the
+    /// one whose keys it walks (`public.orders (from public.import)`), `self` being that one.
+    pub fn named_with(&self, into: Option<&Target>) -> String {
+        match into {
+            Some(into) => format!("{} (from {})", into.display(), self.display()),
+            None => self.display(),
+        }
+    }
+
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }

@@ -1148,3 +1148,39 @@ async fn a_table_of_sixty_columns_is_sampled_for_an_update_and_a_delete(pool: Pg
     let row = &delete.plan.clone().expect("a plan")["samples"][0]["row"];
     assert_eq!(row.as_object().map(|r| r.len()), Some(61), "{row}");
 }
+
+/// An insert's messages name the table it writes, with the one it walks: its plan's ceiling and
+/// a failing sample (a cast the source's values break) named only the source before.
+#[sqlx::test]
+async fn an_insert_names_the_table_it_writes_in_its_errors(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY, code text);
+         CREATE TABLE dst (id bigint PRIMARY KEY, code int);
+         INSERT INTO src SELECT g, g::text FROM generate_series(1, 20) g;",
+    )
+    .await;
+    insert_job("capped", "dst", "public.src", "id = id, code = code::int")
+        .raw("max_affected", "5")
+        .insert(&db)
+        .await;
+    insert_job(
+        "cast",
+        "dst",
+        "public.src",
+        "id = id, code = (code || 'x')::int",
+    )
+    .text("mode", "dry_run")
+    .insert(&db)
+    .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    for name in ["capped", "cast"] {
+        let job = db.job(name).await;
+        let error = job.last_error.clone().unwrap_or_default();
+        assert_eq!(job.state, "failed", "{name}: {error}");
+        assert!(
+            error.contains(&format!("job {name} on public.dst (from public.src)")),
+            "{name}: {error}"
+        );
+    }
+}

@@ -26,12 +26,7 @@ impl Attempt<'_> {
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
         let cfg = self.ctx.config();
-        // An insert's errors name the table it writes, as well as the one it walks.
-        let table = match &p.into {
-            Some(into) => format!("{} (from {})", into.display(), p.target.display()),
-            None => p.target.display(),
-        };
-        let batcher = self.batcher(p, change, slice, &table, &cfg);
+        let batcher = self.batcher(p, change, slice, &p.named, &cfg);
         let mut walk = Walk {
             cursor: slice.cursor.clone(),
             controller: Controller::new(

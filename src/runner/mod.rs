@@ -160,6 +160,8 @@ struct Prepared {
     /// rows whose target row exists); `fragments` holds the predicate narrowed to the rows still
     /// to insert, which the plan, verification and the idempotency check count with.
     written: Option<Fragments>,
+    /// How messages name the job's table (`Target::named_with`).
+    named: String,
 }
 
 impl Prepared {

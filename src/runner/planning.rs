@@ -27,6 +27,7 @@ impl Attempt<'_> {
         Counter {
             pool: &self.ctx.pool,
             job: &self.row.name,
+            table: &p.named,
             target: &p.target,
             keyset: &p.keyset,
             predicate,
@@ -184,8 +185,7 @@ impl Attempt<'_> {
             cursor: None,
             upper: upper.clone(),
         };
-        let table = p.target.display();
-        let batcher = self.batcher(p, &change, &slice, &table, cfg);
+        let batcher = self.batcher(p, &change, &slice, &p.named, cfg);
         let mut tx = batcher.begin(false).await?;
         if let Some(a) = &mut archive {
             let keyed = p.archive_keyed();
@@ -312,7 +312,7 @@ impl Attempt<'_> {
         if would > max {
             return Err(JobError::Ceiling {
                 job: p.spec.name.clone(),
-                table: p.target.display(),
+                table: p.named.clone(),
                 would_change: would,
                 max_affected: max,
             });

@@ -52,6 +52,7 @@ impl Attempt<'_> {
         self.hand_back(conn).await?;
         let (into, written) = validated.into.unzip();
         Ok(Prepared {
+            named: validated.target.named_with(into.as_ref()),
             spec,
             target: validated.target,
             fragments: validated.fragments,
