@@ -170,14 +170,27 @@ async fn a_plan_over_the_ceiling_fails_before_any_change(pool: PgPool) {
         .raw("max_affected", "1000")
         .insert(&db)
         .await;
+    // A dry run fails on it too, with its plan kept, rather than awaiting an approval that
+    // could only fail.
+    NewJob::new("too_many_dry", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'x'")
+        .raw("max_affected", "1000")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
     db.daemon().until_idle().spawn().wait_ok().await;
-    let job = db.job("too_many").await;
-    assert_eq!(job.state, "failed");
-    let err = job.last_error.unwrap();
-    assert!(
-        err.contains("1500") && err.contains("1000") && err.contains("too_many"),
-        "{err}"
-    );
+    for name in ["too_many", "too_many_dry"] {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name}");
+        let err = job.last_error.unwrap();
+        assert!(
+            err.contains("1500") && err.contains("1000") && err.contains(name),
+            "{err}"
+        );
+    }
+    let dry = db.job("too_many_dry").await;
+    assert_eq!(dry.plan.expect("its plan")["rows_matching"], 1500);
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'x'")
             .await,

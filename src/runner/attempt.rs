@@ -96,6 +96,9 @@ impl Attempt<'_> {
                 None => return Ok(self.interruption()),
             },
         };
+        // Before the dry run ends too: a plan over the ceiling fails rather than waiting for an
+        // approval that could only fail.
+        self.check_ceiling(&p, &plan)?;
         if p.spec.mode == Mode::DryRun {
             tracing::info!(
                 rows_matching = plan.rows_matching,
@@ -103,7 +106,6 @@ impl Attempt<'_> {
             );
             return Ok(Outcome::Planned);
         }
-        self.check_ceiling(&p, &plan)?;
         let change = self.build_change(&p).await?;
         if let Some(outcome) = self.run_slices(&p, &change, &upper, &plan).await? {
             return Ok(outcome);
