@@ -177,21 +177,37 @@ pub async fn get(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
 
 /// Sets `requested_state` on a job that has not ended.
 pub async fn request(pool: &Db, names: &Names, name: &str, requested: Requested) -> Result<JobRow> {
-    let job = get(pool, names, name).await?;
-    if job.state.is_finished() {
-        return Err(Error::Refused {
-            job: name.into(),
-            reason: format!("it already ended ({})", job.state),
-        });
+    // A requested cancel is final: a later pause or resume must not turn it back into a job
+    // that goes on changing rows. The condition is in the UPDATE, so a cancel racing this
+    // request still wins.
+    let sql = names.render(&format!(
+        "UPDATE {{jobs}} SET requested_state = $2
+         WHERE name = $1 AND state NOT IN {finished}
+           AND (requested_state IS DISTINCT FROM 'cancelled' OR $2 = 'cancelled')
+         RETURNING *",
+        finished = crate::job::State::finished_sql()
+    ));
+    let updated: Option<JobRow> = crate::sql::query_as(&sql)
+        .bind(name)
+        .bind(requested.as_str())
+        .fetch_optional(pool)
+        .await?;
+    if let Some(row) = updated {
+        return Ok(row);
     }
-    crate::sql::query_as(
-        &names.render("UPDATE {jobs} SET requested_state = $2 WHERE name = $1 RETURNING *"),
-    )
-    .bind(name)
-    .bind(requested.as_str())
-    .fetch_one(pool)
-    .await
-    .map_err(Error::from)
+    let job = get(pool, names, name).await?;
+    let reason = if job.state.is_finished() {
+        format!("it already ended ({})", job.state)
+    } else {
+        format!(
+            "a cancel was requested (it is {}); a cancelled job is not paused or resumed",
+            job.state
+        )
+    };
+    Err(Error::Refused {
+        job: name.into(),
+        reason,
+    })
 }
 
 /// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
@@ -258,12 +274,14 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
     let row = crate::sql::query_as(&names.render(
         "INSERT INTO {jobs} (name, table_name, predicate, action, key_columns, mode, archive, reverts,
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
-                             parallelism, max_batch_ms, preset, allow_cascade)
+                             parallelism, max_batch_ms, preset, allow_cascade, max_affected)
          SELECT $2, table_name, 'true', 'revert',
                 -- an insert's key_columns name its source's keys; its archive has the target's
                 CASE WHEN action = 'insert' THEN NULL ELSE key_columns END, 'execute', false, name,
                 batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism,
-                max_batch_ms, preset, $3
+                max_batch_ms, preset, $3,
+                -- the ceiling the job was allowed: its revert restores at most what it changed
+                max_affected
          FROM {jobs} WHERE name = $1
          RETURNING *",
     ))
@@ -279,7 +297,8 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
 /// `<job>__revert`, or `<job>__revert2`, `3`, … when earlier reverts took the name.
 async fn revert_name(conn: &mut sqlx::PgConnection, names: &Names, name: &str) -> Result<String> {
     let taken: Vec<String> = crate::sql::query_scalar(
-        &names.render("SELECT name FROM {jobs} WHERE name LIKE $1 || '__revert%'"),
+        // Not LIKE: `_`, `%` and `\` in a job's name would be pattern characters.
+        &names.render("SELECT name FROM {jobs} WHERE starts_with(name, $1 || '__revert')"),
     )
     .bind(name)
     .fetch_all(conn)
@@ -306,6 +325,18 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
             reason: "a revert has no predicate to verify; its rows_changed and rows_skipped say \
                      what it restored and what changed since"
                 .into(),
+        });
+    }
+    if row.upper_bound.is_none() {
+        // The count runs up to the key range's end frozen at the job's first start: before
+        // that there is nothing to count up to (and a 0 stored would read as done).
+        return Err(Error::Refused {
+            job: name.into(),
+            reason: format!(
+                "it has not started yet ({}): its upper bound is frozen when a replica first \
+                 claims it, and verify counts up to it",
+                row.state
+            ),
         });
     }
     let mut conn = pool.acquire().await?;
@@ -379,6 +410,9 @@ impl Gate {
     /// The verdict on a job row; `None` while the job may still get there on its own.
     pub fn of(row: &JobRow) -> Option<Gate> {
         match row.state {
+            // A revert has no predicate to verify: it restored what it could and counted in
+            // `rows_skipped` what changed since.
+            State::Succeeded if row.reverts.is_some() => Some(Gate::Passed),
             State::Succeeded => Some(match row.remaining {
                 Some(0) => Gate::Passed,
                 Some(_) => Gate::Remaining,
@@ -402,6 +436,10 @@ impl Gate {
     pub fn describe(self, row: &JobRow) -> String {
         let name = &row.name;
         match self {
+            Gate::Passed if row.reverts.is_some() => format!(
+                "{name}: succeeded: {} rows restored, {} changed since and left as they are",
+                row.rows_changed, row.rows_skipped
+            ),
             Gate::Passed => format!("{name}: succeeded and verified: no rows left to change"),
             Gate::Failed => format!(
                 "{name}: failed: {}",
@@ -423,9 +461,10 @@ impl Gate {
             ),
             Gate::TimedOut => format!(
                 "{name}: still {} when the wait timed out ({}, {} rows changed, {} batches)",
-                match row.state {
-                    State::Planned => "planned (approved, not yet claimed by a replica)",
-                    other => other.as_str(),
+                match (row.state, row.requested_state.as_deref()) {
+                    (State::Planned, Some("paused")) => "planned (approved, but paused: resume it)",
+                    (State::Planned, _) => "planned (approved, not yet claimed by a replica)",
+                    (other, _) => other.as_str(),
                 },
                 row.progress()
                     .map_or("progress unknown".into(), |p| format!(
@@ -454,13 +493,14 @@ pub async fn wait(
     timeout: Duration,
     poll: Duration,
 ) -> Result<(JobRow, Gate)> {
-    let deadline = Instant::now() + timeout;
+    // A timeout past what the clock can count is no deadline at all.
+    let deadline = Instant::now().checked_add(timeout);
     let mut row = get(pool, names, name).await?;
     loop {
         if let Some(gate) = Gate::of(&row) {
             return Ok((row, gate));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
             return Ok((row, Gate::TimedOut));
         }

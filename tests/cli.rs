@@ -699,3 +699,94 @@ async fn job_series_start_at_zero_and_expire_after_the_job_finishes(pool: PgPool
             .success()
     );
 }
+
+/// The operator's commands follow the job's state: a requested cancel is final (a later resume
+/// or pause used to undo it and the job went on changing rows), `verify` refuses a job that has
+/// no upper bound yet (it stored 0), `wait` takes any timeout (a huge one panicked) and passes a
+/// succeeded revert (it asked for a verify that reverts refuse), and a revert keeps the ceiling
+/// its job was allowed and finds its name even when the job's name holds LIKE's characters.
+#[sqlx::test]
+async fn operator_commands_follow_the_jobs_state(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         INSERT INTO t SELECT g, NULL FROM generate_series(1, 300) g;",
+    )
+    .await;
+    NewJob::new("later", "t")
+        .predicate("v IS NULL")
+        .set("v = 1")
+        .raw("run_at", "now() + interval '1 day'")
+        .insert(&db)
+        .await;
+    let verify = backfilld(&db.url, &["verify", "later"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", stdout(&verify));
+    assert!(
+        stderr(&verify).contains("not started yet"),
+        "{}",
+        stderr(&verify)
+    );
+    assert_eq!(db.job("later").await.remaining, None);
+    assert!(backfilld(&db.url, &["cancel", "later"]).status.success());
+    for undo in ["resume", "pause"] {
+        let out = backfilld(&db.url, &[undo, "later"]);
+        assert_eq!(out.status.code(), Some(1), "{undo}");
+        assert!(
+            stderr(&out).contains("a cancel was requested"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let requested = db
+        .scalar_text("SELECT requested_state FROM backfill.jobs WHERE name = 'later'")
+        .await;
+    assert_eq!(requested, "cancelled");
+
+    NewJob::new(r"a_b\c%", "t")
+        .predicate("v IS NULL")
+        .set("v = 2")
+        .raw("archive", "true")
+        .raw("max_affected", "500")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .env("BACKFILLD_SAFETY__MAX_AFFECTED", "100")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    assert_eq!(db.job(r"a_b\c%").await.rows_changed, 300);
+    assert!(backfilld(&db.url, &["revert", r"a_b\c%"]).status.success());
+    assert!(
+        backfilld(&db.url, &["cancel", r"a_b\c%__revert"])
+            .status
+            .success()
+    );
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let again = backfilld(&db.url, &["revert", r"a_b\c%"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    db.daemon()
+        .env("BACKFILLD_SAFETY__MAX_AFFECTED", "100")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let revert = db.job(r"a_b\c%__revert2").await;
+    assert_eq!(revert.state, "succeeded", "{:?}", revert.last_error);
+    assert_eq!(revert.rows_changed, 300, "under the job's own ceiling");
+    let wait = backfilld(
+        &db.url,
+        &[
+            "wait",
+            r"a_b\c%__revert2",
+            "--timeout",
+            "18446744073709551615s",
+        ],
+    );
+    assert_eq!(wait.status.code(), Some(0), "{}", stdout(&wait));
+    assert!(
+        stdout(&wait).contains("300 rows restored"),
+        "{}",
+        stdout(&wait)
+    );
+}
