@@ -306,6 +306,8 @@ pub struct RowUpdate {
     pub archive_table: Option<String>,
     pub remaining: Option<i64>,
     pub slices: Option<Value>,
+    /// The key the job walks, frozen with the upper bound (see `Attempt::upper_bound`).
+    pub key_columns: Option<Vec<String>>,
 }
 
 const STORE: &str = "
@@ -316,6 +318,7 @@ SET upper_bound = coalesce($4, upper_bound),
     archive_table = coalesce($7, archive_table),
     remaining = coalesce($8, remaining),
     slices = coalesce($9, slices),
+    key_columns = coalesce($10, key_columns),
     heartbeat_at = now()
 WHERE {fence}";
 
@@ -336,6 +339,7 @@ pub async fn store<'e>(
         .bind(&u.archive_table)
         .bind(u.remaining)
         .bind(&u.slices)
+        .bind(&u.key_columns)
         .execute(db)
         .await?;
     Ok(done.rows_affected() == 1)

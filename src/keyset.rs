@@ -63,6 +63,11 @@ impl Keyset {
         }
     }
 
+    /// The key's column names, in the walk's order.
+    pub fn names(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.name.clone()).collect()
+    }
+
     pub fn width(&self) -> usize {
         self.keys.len()
     }

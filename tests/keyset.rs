@@ -334,3 +334,51 @@ async fn sparse_jobs_walk_only_where_the_plan_found_matches(pool: PgPool) {
     assert_eq!(none.state, "succeeded", "{:?}", none.last_error);
     assert_eq!((none.rows_scanned, none.remaining), (0, Some(0)));
 }
+
+/// The key is frozen with the upper bound. A dry run walks the table's only unique key (`code`);
+/// the migration then adds a primary key on `id`, which runs the other way; the approved run
+/// must still walk `code`, since its stored bound and cursor are `code` values. Before, the new
+/// primary key was chosen, the bound read as an `id`, and the job "succeeded" changing nothing.
+/// Its revert walks the same key.
+#[sqlx::test]
+async fn a_job_keeps_its_key_when_the_table_gains_another(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE k1 (id int NOT NULL, code int NOT NULL, v int NOT NULL DEFAULT 0);
+         INSERT INTO k1 SELECT 20001 - g, g, 0 FROM generate_series(1, 3000) g;
+         CREATE UNIQUE INDEX k1_code ON k1 (code);",
+    )
+    .await;
+    NewJob::new("k1_fix", "k1")
+        .predicate("v = 0")
+        .set("v = 1")
+        .raw("archive", "true")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("k1_fix").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    assert_eq!(
+        planned.key_columns.as_deref(),
+        Some(&["code".to_owned()][..])
+    );
+    db.exec("ALTER TABLE k1 ADD PRIMARY KEY (id)").await;
+    backfilld::ops::approve(&db.lib, &db.names, "k1_fix")
+        .await
+        .unwrap();
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("k1_fix").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 3000);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM k1 WHERE v = 1").await,
+        3000
+    );
+    let reverted = db.revert("k1_fix").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM k1 WHERE v = 0").await,
+        3000
+    );
+}

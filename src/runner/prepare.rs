@@ -190,8 +190,15 @@ impl Attempt<'_> {
         let json = upper
             .as_ref()
             .map_or(Value::Array(Vec::new()), Key::to_json);
+        // The key is frozen with the bound: the stored cursor, bound and slices hold bare key
+        // values, so a later attempt (a resume, a restart, an approved dry run) or the revert
+        // must walk the same columns even if the table gains a primary key or its indexes are
+        // rebuilt in another order meanwhile. Before, a key chosen anew read the stored values
+        // as another column's and the job skipped or repeated rows, then reported success.
+        let key_columns = self.row.key_columns.is_none().then(|| keyset.names());
         self.store(RowUpdate {
             upper_bound: Some(json),
+            key_columns,
             ..Default::default()
         })
         .await?;
