@@ -132,7 +132,13 @@ impl Db {
             }
         };
         let set = timeouts.map(|(k, v)| format!("; SET LOCAL {k} = '{}ms'", v.as_millis()));
-        let set_dates = format!("; {}", dates.statement("SET LOCAL"));
+        // With the dates, as the driver's start-up parameter would have: floats print exactly
+        // (the revert and the CSV predicate compare values by their text, and at a database's
+        // `extra_float_digits = 0` two different floats can print alike).
+        let set_dates = format!(
+            "; {}; SET LOCAL extra_float_digits = 3",
+            dates.statement("SET LOCAL")
+        );
         Ok(Self {
             pool,
             mode: PoolMode::Transaction,

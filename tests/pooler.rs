@@ -250,3 +250,46 @@ async fn wait_revert(db: &Db, job: &str) -> backfilld::job::JobRow {
         .expect("a revert job");
     db.wait_state(&name, "succeeded").await
 }
+
+/// Through a transaction pooler the driver cannot send `extra_float_digits` at start-up, so the
+/// database's setting applied: at 0, 0.30000000000000004 prints as 0.3, and the revert (which
+/// compares floats by their text) overwrote the application's 0.3 as if it were unchanged.
+/// Every transaction now sets it.
+#[sqlx::test]
+async fn floats_compare_exactly_through_a_transaction_pooler(pool: PgPool) {
+    let direct = url_of(&pool);
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    let bouncer = Bouncer::start(&direct);
+    let pooled = bouncer.url(&database);
+    let db = Db::new(pool).await;
+    db.exec(&format!(
+        "CREATE TABLE fl (id int PRIMARY KEY, f float8 NOT NULL DEFAULT 0);
+         INSERT INTO fl (id) SELECT generate_series(1, 10);
+         ALTER DATABASE \"{database}\" SET extra_float_digits = 0;"
+    ))
+    .await;
+    NewJob::new("sum", "fl")
+        .predicate("true")
+        .set("f = 0.1::float8 + 0.2::float8")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    let daemon = || {
+        db.daemon()
+            .database_url(&pooled)
+            .env("BACKFILLD_DATABASE__POOL_MODE", "transaction")
+            .until_idle()
+    };
+    daemon().spawn().wait_ok().await;
+    assert_eq!(db.job("sum").await.rows_changed, 10);
+    db.exec("UPDATE fl SET f = 0.3 WHERE id <= 5").await;
+    cli(&pooled, &["revert", "sum"]);
+    daemon().spawn().wait_ok().await;
+    let reverted = wait_revert(&db, "sum").await;
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (5, 5));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM fl WHERE f = 0.3").await,
+        5
+    );
+    drop(bouncer);
+}
