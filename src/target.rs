@@ -231,8 +231,9 @@ impl Resolve<'_> {
             Some(wanted) => self.explicit_key(wanted, &indexes, display, columns)?,
             None => indexes.iter().find(|i| i.not_null).ok_or_else(|| {
                 self.invalid(format!(
-                    "table {display} has no primary key or unique index on NOT NULL columns; \
-                     add one (or a unique NOT NULL column) and name it in key_columns"
+                    "table {display} has no primary key or unique index on NOT NULL columns \
+                     (under the columns' own collations and default operator classes); add one \
+                     (or a unique NOT NULL column) and name it in key_columns"
                 ))
             })?,
         };
@@ -350,9 +351,13 @@ pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<V
          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          JOIN pg_type t ON t.oid = a.atttypid
+         JOIN pg_opclass opc ON opc.oid = i.indclass[(k.ord - 1)::int]
          WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
            AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
          GROUP BY i.indexrelid, i.indisprimary
+         -- The walk compares keys with the columns' own collation and default operators: an
+         -- index unique under another (`COLLATE \"C\"` on a case-insensitive column) is not a key.
+         HAVING bool_and(i.indcollation[(k.ord - 1)::int] = a.attcollation AND opc.opcdefault)
          ORDER BY i.indisprimary DESC, count(*), i.indexrelid",
     )
     .bind(sqlx::postgres::types::Oid(oid))
