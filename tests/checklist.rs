@@ -1184,3 +1184,31 @@ async fn an_insert_names_the_table_it_writes_in_its_errors(pool: PgPool) {
         );
     }
 }
+
+/// An insert's bloat guard vacuums, and its health signals watch, the table it writes: it
+/// vacuumed the source it only reads (and held on the source's dead tuples).
+#[sqlx::test]
+async fn an_insert_guards_the_table_it_writes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY, n int);
+         CREATE TABLE dst (id bigint PRIMARY KEY, n int);
+         INSERT INTO src SELECT g, g FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    insert_job("copy", "dst", "public.src", "id = id, n = n")
+        .insert(&db)
+        .await;
+    db.daemon()
+        .env("BACKFILLD_BLOAT__VACUUM_EVERY_FRACTION", "0.2")
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    assert_eq!(db.job("copy").await.rows_changed, 3000);
+    let vacuums = |table: &str| {
+        format!("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = '{table}'")
+    };
+    assert!(db.scalar_i64(&vacuums("dst")).await >= 1);
+    assert_eq!(db.scalar_i64(&vacuums("src")).await, 0);
+}

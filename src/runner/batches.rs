@@ -78,7 +78,7 @@ impl Attempt<'_> {
         if stop.is_cancelled() {
             return Some(Outcome::Stopped);
         }
-        self.wait_until_healthy(health, p.target.oid, stop).await
+        self.wait_until_healthy(health, p.written().oid, stop).await
     }
 
     /// After a committed batch: progress, the controller, the operator's request, then the pause.

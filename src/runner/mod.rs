@@ -165,9 +165,10 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// The table whose keys the archive records: the target, or for an insert the table it
-    /// inserts into.
-    fn archive_keyed(&self) -> &Target {
+    /// The table the job changes: the target, or for an insert the table it inserts into. Its
+    /// keys are what the archive records, and it is what the bloat guard vacuums and the
+    /// health signals watch (an insert's source only gets read).
+    fn written(&self) -> &Target {
         self.into.as_ref().unwrap_or(&self.target)
     }
 }

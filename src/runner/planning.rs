@@ -188,7 +188,7 @@ impl Attempt<'_> {
         let batcher = self.batcher(p, &change, &slice, &p.named, cfg);
         let mut tx = batcher.begin(false).await?;
         if let Some(a) = &mut archive {
-            let keyed = p.archive_keyed();
+            let keyed = p.written();
             let created = a.create(&mut tx, keyed, &p.spec.name).await;
             created.map_err(self.err(TRIAL_STEP))?;
         }

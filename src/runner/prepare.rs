@@ -230,7 +230,7 @@ impl Attempt<'_> {
         };
         let mut conn = self.connection().await?;
         archive
-            .create(&mut conn, p.archive_keyed(), &p.spec.name)
+            .create(&mut conn, p.written(), &p.spec.name)
             .await
             .map_err(self.err("creating the archive table"))?;
         self.hand_back(conn).await?;
@@ -265,12 +265,7 @@ impl Attempt<'_> {
                     .collect(),
             },
         };
-        Some(ArchiveTable::new(
-            &self.ctx.names,
-            name,
-            p.archive_keyed(),
-            kind,
-        ))
+        Some(ArchiveTable::new(&self.ctx.names, name, p.written(), kind))
     }
 }
 

@@ -14,7 +14,7 @@ impl Attempt<'_> {
             .metrics
             .bloat_guard_allowed
             .with_label_values(&[&self.row.name]);
-        let guard = BloatGuard::new(&self.ctx.pool, &cfg.bloat, wanted, &p.target, rows)
+        let guard = BloatGuard::new(&self.ctx.pool, &cfg.bloat, wanted, p.written(), rows)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "bloat guard: cannot check VACUUM privilege; guard off");
@@ -25,7 +25,7 @@ impl Attempt<'_> {
             Standing::NotPermitted => {
                 allowed.set(0);
                 tracing::warn!(
-                    table = %p.target.display(),
+                    table = %p.written().display(),
                     role = guard.role(),
                     "bloat guard: this role may not VACUUM the target (it needs to own the table, \
                      or MAINTAIN on PostgreSQL 17+); relying on autovacuum, batches hold while \
@@ -35,7 +35,7 @@ impl Attempt<'_> {
             Standing::NoSession => {
                 allowed.set(0);
                 tracing::warn!(
-                    table = %p.target.display(),
+                    table = %p.written().display(),
                     "bloat guard: VACUUM cannot run through a transaction pooler and \
                      database.direct_url is not set; relying on autovacuum, batches hold while \
                      dead tuples exceed throttle.max_dead_tuple_ratio"
@@ -132,7 +132,7 @@ impl Attempt<'_> {
         pass: Pass,
         wake: &CancellationToken,
     ) {
-        if let Some(took) = self.vacuum(&p.target, guard, pass, wake).await {
+        if let Some(took) = self.vacuum(p.written(), guard, pass, wake).await {
             self.hold_time(Reason::Vacuum, took);
         }
     }
