@@ -285,13 +285,15 @@ struct Sample {
     /// snapshot), so the rows we rewrite cannot be reclaimed while it lasts.
     xact_age: f64,
     lock_waiters: i64,
-    /// Vacuums running on the target, other than one of ours.
+    /// Vacuums running on the target (a partition of it), other than one of ours.
     vacuums: i64,
+    /// Summed over the target's partitions when it is partitioned (its own row counts none).
     dead_tuples: i64,
     live_tuples: i64,
-    /// Whether autovacuum may run on the target (server setting and table option), so a hold
-    /// on dead tuples can end without us.
-    autovacuum_on: bool,
+    /// The dead tuples at which autovacuum will vacuum the target (its threshold plus scale
+    /// factor times `reltuples`, table options over server settings; summed over partitions),
+    /// `None` when autovacuum is off for it: a hold on dead tuples ends without us only past it.
+    autovacuum_trigger: Option<f64>,
     wal: f64,
     /// The most WAL any replication slot holds back, in bytes (0 without slots).
     slot_wal: f64,
@@ -301,6 +303,10 @@ struct Sample {
 }
 
 const SAMPLE: &str = "
+WITH leaves AS (
+    -- The target itself, and its partitions when it is partitioned (its own row counts none).
+    SELECT $1::regclass AS relid
+    UNION SELECT relid FROM pg_partition_tree($1::regclass) WHERE isleaf)
 SELECT
     (SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication)
         AS replica_lag,
@@ -313,20 +319,34 @@ SELECT
         AND pid NOT IN (SELECT pid FROM pg_stat_progress_vacuum)) AS xact_age,
     (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock') AS lock_waiters,
     (SELECT count(*) FROM pg_stat_progress_vacuum v
-      WHERE v.relid = $1
+      WHERE v.relid IN (SELECT relid FROM leaves)
         AND v.pid NOT IN (SELECT pid FROM pg_stat_activity
                            WHERE split_part(application_name, '/', 1)
                                  = split_part(current_setting('application_name'), '/', 1)))
         AS vacuums,
-    coalesce(t.n_dead_tup, 0) AS dead_tuples,
-    coalesce(t.n_live_tup, 0) AS live_tuples,
-    (current_setting('autovacuum')::bool AND coalesce(
-        (SELECT option_value::bool FROM pg_class c, pg_options_to_table(c.reloptions)
-          WHERE c.oid = $1 AND option_name = 'autovacuum_enabled'), true)) AS autovacuum_on,
+    (SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_all_tables
+      WHERE relid IN (SELECT relid FROM leaves)) AS dead_tuples,
+    (SELECT coalesce(sum(n_live_tup), 0)::int8 FROM pg_stat_all_tables
+      WHERE relid IN (SELECT relid FROM leaves)) AS live_tuples,
+    (SELECT sum(coalesce(o.threshold, current_setting('autovacuum_vacuum_threshold')::float8)
+                + coalesce(o.scale, current_setting('autovacuum_vacuum_scale_factor')::float8)
+                  * greatest(c.reltuples, 0))
+            FILTER (WHERE coalesce(o.enabled, true))
+            * CASE WHEN current_setting('autovacuum')::bool
+                    AND bool_and(coalesce(o.enabled, true)) THEN 1 END
+       FROM leaves l JOIN pg_class c ON c.oid = l.relid
+       CROSS JOIN LATERAL (
+         SELECT max(option_value) FILTER (WHERE option_name = 'autovacuum_enabled')::bool AS enabled,
+                max(option_value) FILTER (WHERE option_name = 'autovacuum_vacuum_threshold')::float8
+                  AS threshold,
+                max(option_value) FILTER (WHERE option_name = 'autovacuum_vacuum_scale_factor')::float8
+                  AS scale
+         FROM pg_options_to_table(c.reloptions)) o
+      WHERE c.relkind <> 'p') AS autovacuum_trigger,
     (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal,
     (SELECT coalesce(max(pg_current_wal_lsn() - restart_lsn), 0)::float8 FROM pg_replication_slots)
         AS slot_wal
-FROM (SELECT) AS one LEFT JOIN pg_stat_all_tables t ON t.relid = $1";
+FROM (SELECT) AS one";
 
 /// Whether this role may read other sessions' statistics, and its name. PostgreSQL shows the
 /// replicas' lag, other roles' transaction starts and snapshots, their wait events and
@@ -521,16 +541,20 @@ fn reading(reason: Reason, s: &Sample) -> String {
     }
 }
 
-/// Over the absolute limit, or over the ratio while autovacuum can still bring it down (holding
-/// on a ratio autovacuum will never clear would stop the job for good).
+/// Over the absolute limit, or over the ratio, while autovacuum will bring it down: past its
+/// trigger. A hold below the trigger would never end (the held job adds no dead tuples, so
+/// autovacuum never comes: a table with `autovacuum_vacuum_scale_factor = 0.9` held its job
+/// for good); the job goes on until the trigger is passed, and then waits for autovacuum.
 fn too_many_dead(cfg: &ThrottleConfig, s: &Sample, use_ratio: bool) -> bool {
+    let due = s
+        .autovacuum_trigger
+        .is_some_and(|t| s.dead_tuples as f64 > t);
     let absolute = cfg.max_dead_tuples > 0 && s.dead_tuples > cfg.max_dead_tuples;
     let ratio = use_ratio
         && cfg.max_dead_tuple_ratio > 0.0
-        && s.autovacuum_on
         && s.dead_tuples > DEAD_TUPLES_FLOOR
         && s.dead_tuples as f64 > cfg.max_dead_tuple_ratio * s.live_tuples.max(1) as f64;
-    absolute || ratio
+    due && (absolute || ratio)
 }
 
 fn any_enabled(cfg: &ThrottleConfig) -> bool {
@@ -622,7 +646,7 @@ mod tests {
         let mut cfg = ThrottleConfig::default();
         let h = Health::new(true);
         let quiet = Sample {
-            autovacuum_on: true,
+            autovacuum_trigger: Some(200_050.0),
             live_tuples: 1_000_000,
             ..Sample::default()
         };
@@ -668,12 +692,21 @@ mod tests {
         );
         let no_autovacuum = with(|s| {
             s.dead_tuples = 400_000;
-            s.autovacuum_on = false;
+            s.autovacuum_trigger = None;
         });
         assert_eq!(
             h.judge(&cfg, &no_autovacuum),
             None,
             "nothing would clear it"
+        );
+        let not_due = with(|s| {
+            s.dead_tuples = 400_000;
+            s.autovacuum_trigger = Some(900_050.0);
+        });
+        assert_eq!(
+            h.judge(&cfg, &not_due),
+            None,
+            "autovacuum would not come before the job adds more"
         );
         cfg.max_lock_waiters = 3;
         assert_eq!(

@@ -657,3 +657,63 @@ async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(p
         .await;
     released(&db, "rs", daemon, reason).await;
 }
+
+/// Without the bloat guard a gentle job holds on dead tuples over `max_dead_tuple_ratio` while
+/// autovacuum will clear them: past autovacuum's trigger for the table. Below it the hold would
+/// never end (the held job adds no dead tuples, so autovacuum never comes): with the trigger
+/// past the table's size the job used to hold for good. Both tables have 75 % dead tuples.
+#[sqlx::test]
+async fn dead_tuples_hold_a_job_only_while_autovacuum_will_clear_them(pool: PgPool) {
+    let db = Db::new(pool).await;
+    for (table, scale) in [("never_due", 2.0), ("due", 0.2)] {
+        db.exec(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)
+               WITH (autovacuum_vacuum_scale_factor = {scale});
+             INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 40000) g;"
+        ))
+        .await;
+        db.exec(&format!("VACUUM ANALYZE {table}")).await;
+        db.exec(&format!(
+            "UPDATE {table} SET v = 1 WHERE id > 10000; SELECT pg_stat_force_next_flush();"
+        ))
+        .await;
+        let dead = format!("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = '{table}'");
+        common::wait_until("the dead tuples counted", String::new, async || {
+            db.scalar_i64(&dead).await >= 30000
+        })
+        .await;
+        NewJob::new(table, table)
+            .predicate("id <= 10000")
+            .set("v = v + 1")
+            .raw("sleep_ms", "NULL")
+            .insert(&db)
+            .await;
+    }
+    // A gentle job whose guard cannot run (here: turned off) relies on autovacuum.
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BLOAT__GUARD", "false")
+        .env("BACKFILLD_WORKER__CONCURRENCY", "2")
+        .until_idle()
+        .spawn();
+    db.wait_for("never_due", "state", |r| r.state == "succeeded")
+        .await;
+    common::wait_until(
+        "the hold on the due table",
+        || daemon.log(),
+        async || daemon.log().contains("reason=\"dead_tuples\""),
+    )
+    .await;
+    assert_eq!(db.job("due").await.rows_changed, 0, "held");
+    // What autovacuum would do: then the held job runs.
+    db.exec("VACUUM due").await;
+    daemon.wait_ok().await;
+    for name in ["never_due", "due"] {
+        let job = db.job(name).await;
+        assert_eq!(
+            (job.state.as_str(), job.rows_changed),
+            ("succeeded", 10000),
+            "{name}"
+        );
+    }
+}
