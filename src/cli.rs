@@ -561,8 +561,8 @@ fn csv_job_name(table: &str, file: &std::path::Path) -> anyhow::Result<String> {
         std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     // The table as given goes into the digest too: the same file for `a.prices` and `b.prices`
     // gets two names (the name keeps only the bare table name).
-    let named = [table.as_bytes(), b"\0", &bytes].concat();
-    let digest = named.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+    let named = table.as_bytes().iter().chain(b"\0").chain(&bytes);
+    let digest = named.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     let word = |s: &str| -> String {

@@ -39,9 +39,9 @@ pub struct Db {
     mode: PoolMode,
     /// `BEGIN` with the session defaults as `SET LOCAL` (transaction pooling only).
     begin: String,
-    /// The date settings as `SET LOCAL`s, appended to every `begin_with` statement (transaction
-    /// pooling only; sessions get them on connecting).
-    set_dates: String,
+    /// The date settings and `extra_float_digits` as `SET LOCAL`s, appended to every
+    /// `begin_with` statement (transaction pooling only; sessions get them on connecting).
+    set_local: String,
     /// The date settings every connection reads with (`None` for a pool from elsewhere).
     dates: Option<DateSettings>,
     /// Connections past the pooler (`database.direct_url`) for LISTEN and VACUUM.
@@ -55,7 +55,7 @@ impl Db {
             pool,
             mode: PoolMode::Session,
             begin: "BEGIN".into(),
-            set_dates: String::new(),
+            set_local: String::new(),
             dates: None,
             direct: None,
         }
@@ -135,7 +135,7 @@ impl Db {
         // With the dates, as the driver's start-up parameter would have: floats print exactly
         // (the revert and the CSV predicate compare values by their text, and at a database's
         // `extra_float_digits = 0` two different floats can print alike).
-        let set_dates = format!(
+        let set_local = format!(
             "; {}; SET LOCAL extra_float_digits = 3",
             dates.statement("SET LOCAL")
         );
@@ -143,10 +143,10 @@ impl Db {
             pool,
             mode: PoolMode::Transaction,
             begin: format!(
-                "BEGIN{}; SET LOCAL standard_conforming_strings = on{set_dates}",
+                "BEGIN{}; SET LOCAL standard_conforming_strings = on{set_local}",
                 set.concat()
             ),
-            set_dates,
+            set_local,
             dates: Some(dates),
             direct,
         })
@@ -174,13 +174,13 @@ impl Db {
         }
     }
 
-    /// A transaction opened by `statement` (a `BEGIN` with its own `SET LOCAL`s), and the date
-    /// settings.
+    /// A transaction opened by `statement` (a `BEGIN` with its own `SET LOCAL`s), with the date
+    /// and float settings (`set_local`).
     pub async fn begin_with(
         &self,
         statement: String,
     ) -> sqlx::Result<Transaction<'static, Postgres>> {
-        self.pool.begin_with(statement + &self.set_dates).await
+        self.pool.begin_with(statement + &self.set_local).await
     }
 
     /// A connection for a few statements in a row. Through a transaction pooler it is inside a

@@ -82,11 +82,7 @@ fn restore_update(
 fn unchanged_since(target: &Target, archive: &ArchiveTable, column: &str, after: &str) -> String {
     let now = format!("{}.{}", target.quoted, quote_ident(column));
     let then = format!("_bf_a.{}", quote_ident(after));
-    let declared = target
-        .columns
-        .iter()
-        .find(|c| c.name == column)
-        .map(|c| c.sql_type.as_str());
+    let declared = target.column(column).map(|c| c.sql_type.as_str());
     match (declared, archive.type_of(after)) {
         (Some(t), Some(a)) if t == a && exact_equality(t) => {
             format!("{now} IS NOT DISTINCT FROM {then}")
