@@ -324,16 +324,13 @@ SELECT
                            WHERE split_part(application_name, '/', 1)
                                  = split_part(current_setting('application_name'), '/', 1)))
         AS vacuums,
-    (SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_all_tables
-      WHERE relid IN (SELECT relid FROM leaves)) AS dead_tuples,
-    (SELECT coalesce(sum(n_live_tup), 0)::int8 FROM pg_stat_all_tables
-      WHERE relid IN (SELECT relid FROM leaves)) AS live_tuples,
-    (SELECT sum(coalesce(o.threshold, current_setting('autovacuum_vacuum_threshold')::float8)
-                + coalesce(o.scale, current_setting('autovacuum_vacuum_scale_factor')::float8)
-                  * greatest(c.reltuples, 0))
-            FILTER (WHERE coalesce(o.enabled, true))
-            * CASE WHEN current_setting('autovacuum')::bool
-                    AND bool_and(coalesce(o.enabled, true)) THEN 1 END
+    t.dead_tuples,
+    t.live_tuples,
+    -- NULL when autovacuum is off, server-wide or on any partition.
+    (SELECT CASE WHEN current_setting('autovacuum')::bool AND bool_and(coalesce(o.enabled, true))
+                 THEN sum(coalesce(o.threshold, current_setting('autovacuum_vacuum_threshold')::float8)
+                          + coalesce(o.scale, current_setting('autovacuum_vacuum_scale_factor')::float8)
+                            * greatest(c.reltuples, 0)) END
        FROM leaves l JOIN pg_class c ON c.oid = l.relid
        CROSS JOIN LATERAL (
          SELECT max(option_value) FILTER (WHERE option_name = 'autovacuum_enabled')::bool AS enabled,
@@ -346,7 +343,9 @@ SELECT
     (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8 AS wal,
     (SELECT coalesce(max(pg_current_wal_lsn() - restart_lsn), 0)::float8 FROM pg_replication_slots)
         AS slot_wal
-FROM (SELECT) AS one";
+FROM (SELECT coalesce(sum(n_dead_tup), 0)::int8 AS dead_tuples,
+             coalesce(sum(n_live_tup), 0)::int8 AS live_tuples
+      FROM pg_stat_all_tables WHERE relid IN (SELECT relid FROM leaves)) AS t";
 
 /// Whether this role may read other sessions' statistics, and its name. PostgreSQL shows the
 /// replicas' lag, other roles' transaction starts and snapshots, their wait events and
