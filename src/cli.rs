@@ -9,11 +9,35 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{self, Check, Report};
 use crate::config::{Config, Source};
-use crate::job::{JobRow, Requested, State};
+use crate::job::{JobRow, Requested};
 use crate::ops::{self, Gate, NewJob};
 use crate::plan::Plan;
 use crate::sql::Names;
 use crate::{app, schema, telemetry};
+
+/// `println!` for command output. A reader that closed the pipe (`backfilld status | head`) ends
+/// the command as a `SIGPIPE` would (status 141) instead of a panic; another write error ends it
+/// with a message and status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        out_raw(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn out_raw(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("backfilld: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 const EXAMPLES: &str = "\
 Examples:
@@ -410,23 +434,23 @@ async fn operate(
 
 fn print_migrated(names: &Names, applied: &[i32]) {
     match applied {
-        [] => println!(
+        [] => out!(
             "schema {} is up to date (version {})",
             names.schema,
             schema::latest_version()
         ),
-        v => println!("schema {}: applied migrations {v:?}", names.schema),
+        v => out!("schema {}: applied migrations {v:?}", names.schema),
     }
 }
 
 fn print_verified(name: &str, remaining: i64, output: Output) {
     match output {
-        Output::Json => println!(
+        Output::Json => out!(
             "{}",
             serde_json::json!({"job": name, "remaining": remaining})
         ),
         Output::Text => {
-            println!("{name}: {remaining} rows up to the upper bound still match the predicate")
+            out!("{name}: {remaining} rows up to the upper bound still match the predicate")
         }
     }
 }
@@ -439,7 +463,7 @@ async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::R
         message += &format!("; waited {}", humantime::format_duration(args.timeout));
     }
     match args.output {
-        Output::Json => println!(
+        Output::Json => out!(
             "{}",
             serde_json::json!({
                 "job": row.name,
@@ -452,7 +476,7 @@ async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::R
                 "message": message,
             })
         ),
-        Output::Text if gate.passed() => println!("{message}"),
+        Output::Text if gate.passed() => out!("{message}"),
         Output::Text => eprintln!("backfilld: {message}"),
     }
     Ok(match gate {
@@ -483,13 +507,13 @@ fn print_report(report: &Report, output: Output) {
     if let Output::Json = output {
         let mut value = serde_json::to_value(report).unwrap_or_default();
         value["passed"] = report.passed().into();
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
         return;
     }
-    println!("{}: {} rows checked", report.table, report.rows_checked);
+    out!("{}: {} rows checked", report.table, report.rows_checked);
     for f in &report.findings {
         let found = match f.check {
             "unique" => format!(
@@ -506,13 +530,13 @@ fn print_report(report: &Report, output: Output) {
             ),
             _ => format!("not-null {}: {} rows are NULL", f.subject, f.violations),
         };
-        println!("  {found}");
+        out!("  {found}");
         for sample in &f.samples {
-            println!("    {sample}");
+            out!("    {sample}");
         }
     }
     if report.passed() {
-        println!("ok: no violations");
+        out!("ok: no violations");
     } else {
         eprintln!("backfilld: {}: violations found", report.table);
     }
@@ -608,7 +632,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
 }
 
 fn report(row: JobRow, what: &str) {
-    println!("{}: {what} (state {})", row.name, row.state);
+    out!("{}: {what} (state {})", row.name, row.state);
 }
 
 async fn status(
@@ -633,17 +657,16 @@ async fn status(
         };
         seen = true;
         if watch && matches!(output, Output::Text) && std::io::stdout().is_terminal() {
-            print!("\x1b[2J\x1b[H");
+            out_raw("\x1b[2J\x1b[H");
         }
         if watch && matches!(output, Output::Json) {
             // One document per line (NDJSON), so a reader can parse each update.
-            println!("{}", serde_json::Value::Array(json_rows(&rows)));
+            out!("{}", serde_json::Value::Array(json_rows(&rows)));
         } else {
             print_jobs(&rows, output, name.is_some());
         }
-        let ended = rows
-            .iter()
-            .all(|r| r.state.is_finished() || r.state == State::Planned);
+        // The same verdict as `wait`: an approved dry run stays `planned` until it is claimed.
+        let ended = rows.iter().all(|r| Gate::of(r).is_some());
         if !watch || ended {
             return Ok(());
         }
@@ -663,7 +686,7 @@ fn print_jobs(rows: &[JobRow], output: Output, detail: bool) {
             } else {
                 serde_json::to_string_pretty(&values)
             };
-            println!("{}", text.unwrap_or_default());
+            out!("{}", text.unwrap_or_default());
         }
         Output::Text if detail && rows.len() == 1 => print_detail(&rows[0]),
         Output::Text => print_table(rows),
@@ -687,12 +710,19 @@ fn progress_text(r: &JobRow) -> String {
 }
 
 fn print_table(rows: &[JobRow]) {
-    println!(
+    out!(
         "{:<32} {:<10} {:<8} {:<28} {:>12} {:>8} {:>8} {:>10}  LAST ERROR",
-        "NAME", "STATE", "MODE", "TABLE", "CHANGED", "BATCHES", "PROGRESS", "REMAINING"
+        "NAME",
+        "STATE",
+        "MODE",
+        "TABLE",
+        "CHANGED",
+        "BATCHES",
+        "PROGRESS",
+        "REMAINING"
     );
     for r in rows {
-        println!(
+        out!(
             "{:<32} {:<10} {:<8} {:<28} {:>12} {:>8} {:>8} {:>10}  {}",
             r.name,
             r.state,
@@ -709,18 +739,18 @@ fn print_table(rows: &[JobRow]) {
 
 fn print_detail(r: &JobRow) {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!("job            {} (id {})", r.name, r.id);
-    println!(
+    out!("job            {} (id {})", r.name, r.id);
+    out!(
         "state          {}   requested: {}   attempt: {}",
         r.state,
         opt(&r.requested_state),
         r.attempt
     );
-    println!("mode / action  {} / {}", opt(&r.mode), opt(&r.action));
-    println!("table          {}", opt(&r.table_name));
-    println!("predicate      {}", opt(&r.predicate));
-    println!("set            {}", opt(&r.set_clause));
-    println!(
+    out!("mode / action  {} / {}", opt(&r.mode), opt(&r.action));
+    out!("table          {}", opt(&r.table_name));
+    out!("predicate      {}", opt(&r.predicate));
+    out!("set            {}", opt(&r.set_clause));
+    out!(
         "progress       {}   scanned {}   changed {}   skipped {}   batches {}",
         progress_text(r),
         r.rows_scanned,
@@ -728,32 +758,32 @@ fn print_detail(r: &JobRow) {
         r.rows_skipped,
         r.batches
     );
-    println!(
+    out!(
         "batch size     {}",
         r.batch_size_current.map_or("-".into(), |n| n.to_string())
     );
-    println!(
+    out!(
         "remaining      {}",
         r.remaining.map_or("-".into(), |n| n.to_string())
     );
-    println!("archive        {}", opt(&r.archive_table));
-    println!(
+    out!("archive        {}", opt(&r.archive_table));
+    out!(
         "lease          {} until {}",
         opt(&r.lease_owner),
         r.lease_expires_at.map_or("-".into(), |t| t.to_rfc3339())
     );
-    println!(
+    out!(
         "created        {}   started {}   finished {}",
         r.created_at.to_rfc3339(),
         r.started_at.map_or("-".into(), |t| t.to_rfc3339()),
         r.finished_at.map_or("-".into(), |t| t.to_rfc3339())
     );
     if let Some(e) = &r.last_error {
-        println!("last error     {e}");
+        out!("last error     {e}");
     }
     match r.plan.as_ref().map(Plan::from_stored) {
         Some(Ok(plan)) => print_plan(&plan),
-        Some(Err(e)) => println!("plan           unreadable ({e})"),
+        Some(Err(e)) => out!("plan           unreadable ({e})"),
         None => {}
     }
 }
@@ -771,7 +801,7 @@ fn rough_duration(seconds: f64) -> String {
 /// The plan's counts, the checklist's verdicts (run twice, cascades, unmatched staged keys) and
 /// the sample rows.
 fn print_plan(plan: &Plan) {
-    println!(
+    out!(
         "plan           {} rows would change of {} in range; estimated {} ({})",
         plan.rows_matching,
         plan.rows_in_range,
@@ -779,23 +809,25 @@ fn print_plan(plan: &Plan) {
         plan.estimate_basis
     );
     if let Some(v) = &plan.idempotency {
-        println!("  run twice    {}", v.summary);
+        out!("  run twice    {}", v.summary);
     }
     for c in &plan.cascades {
         let rows = c.child_rows.map_or("uncounted".into(), |n| n.to_string());
-        println!(
+        out!(
             "  cascade      {} ON DELETE {}: {rows} child rows ({})",
-            c.child, c.on_delete, c.constraint
+            c.child,
+            c.on_delete,
+            c.constraint
         );
     }
     if let Some(n) = plan.unmatched_staged_keys {
-        println!("  staged keys  {n} match no row of the table");
+        out!("  staged keys  {n} match no row of the table");
     }
     for w in &plan.warnings {
-        println!("  warning      {w}");
+        out!("  warning      {w}");
     }
     for s in &plan.samples {
-        println!("  sample       {s}");
+        out!("  sample       {s}");
     }
 }
 

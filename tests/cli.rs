@@ -786,3 +786,55 @@ async fn operator_commands_follow_the_jobs_state(pool: PgPool) {
         stdout(&wait)
     );
 }
+
+/// `status` into a reader that closed the pipe ends as a `SIGPIPE` would (141), not with a
+/// panic (101); `status --watch` keeps watching an approved dry run until a replica runs it, as
+/// `wait` does, where it had stopped at the `planned` state.
+#[sqlx::test]
+async fn status_survives_a_closed_pipe_and_watches_an_approved_job_to_its_end(pool: PgPool) {
+    use std::process::Stdio;
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, s text); INSERT INTO items SELECT g, NULL FROM generate_series(1, 50) g;").await;
+    NewJob::new("fill", "public.items")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .raw("mode", "'dry_run'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("fill").await.state.to_string(), "planned");
+    let mut closed = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run backfilld");
+    drop(closed.stdout.take());
+    let out = closed.wait_with_output().expect("status ends");
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+
+    assert!(backfilld(&db.url, &["execute", "fill"]).status.success());
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status", "fill", "--watch", "--output", "json"])
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run backfilld");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        watch.try_wait().expect("poll watch").is_none(),
+        "watch ended while the approved job was still planned"
+    );
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let ended = tokio::task::spawn_blocking(move || watch.wait_with_output());
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), ended)
+        .await
+        .expect("watch ends once the job succeeded")
+        .expect("join")
+        .expect("watch output");
+    assert!(out.status.success());
+    let last = stdout(&out).lines().last().unwrap_or_default().to_owned();
+    assert!(last.contains("\"succeeded\""), "{last}");
+}
