@@ -264,6 +264,7 @@ impl JobSpec {
         batch: &BatchConfig,
         safety: &SafetyConfig,
     ) -> Result<Self, JobError> {
+        check_name(row)?;
         let bad = |reason: String| JobError::invalid(&row.name, reason);
         let table_name = required(&row.table_name, "table_name").map_err(bad)?;
         let predicate = required(&row.predicate, "predicate").map_err(bad)?;
@@ -309,6 +310,29 @@ impl JobSpec {
             source_table: source_table(action, row.source_table.as_deref()).map_err(bad)?,
             parallelism,
         })
+    }
+}
+
+/// A job's name is how commands, logs and metric labels refer to it: it must be visible text.
+/// A bad name is quoted with the row's id, which is what still identifies the job.
+fn check_name(row: &JobRow) -> Result<(), JobError> {
+    let job = || format!("{:?} (id {})", row.name, row.id);
+    if row.name.trim().is_empty() {
+        return Err(JobError::invalid(
+            &job(),
+            "name is empty: commands, logs and metrics refer to a job by its name",
+        ));
+    }
+    match row.name.chars().find(|c| c.is_control()) {
+        Some(c) => Err(JobError::invalid(
+            &job(),
+            format!(
+                "name contains the control character U+{:04X}: commands, logs and metrics refer \
+                 to a job by its name, so it must be printable",
+                c as u32
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -1294,6 +1294,16 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         }
         spec.insert(&db).await;
     }
+    // Names commands, logs and metric labels could not show: empty, blank, or with a control
+    // character. Each job would otherwise change `victim`.
+    let bad_names = ["", "  ", "two\nlines", "bell\u{7}"];
+    for name in bad_names {
+        NewJob::new(name, "victim")
+            .predicate("s IS NULL")
+            .set("s = 'named badly'")
+            .insert(&db)
+            .await;
+    }
     NewJob::new("good_job", "good")
         .predicate("s IS NULL")
         .set("s = 'done'")
@@ -1328,6 +1338,15 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         for w in hostile.error_words {
             assert!(err.contains(w), "{name}: expected {w:?} in: {err}");
         }
+    }
+    for name in bad_names {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name:?} should fail: {job:?}");
+        let err = job.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains(&format!("job {name:?} (id {})", job.id)) && err.contains("name "),
+            "{name:?}: error must quote the name with its id: {err}"
+        );
     }
     assert_eq!(sums(&db).await, before, "a hostile job changed a table");
     assert_eq!(db.job("good_job").await.state, "succeeded");
