@@ -274,8 +274,8 @@ impl Resolved {
                 parent,
                 parent_column,
             } => {
-                let (quoted, display) = find_parent(pool, parent, parent_column).await?;
-                self.orphans(target, column, &quoted, &display, parent_column)
+                let parent = find_parent(pool, parent, parent_column).await?;
+                self.orphans(target, column, &parent, parent_column)
             }
         }
     }
@@ -315,14 +315,13 @@ impl Resolved {
         &mut self,
         target: &Target,
         name: &str,
-        parent: &str,
-        parent_display: &str,
+        parent: &Parent,
         parent_column: &str,
     ) -> Result<(), CheckError> {
         let condition = orphan(target, column(target, name)?, parent, parent_column);
         let finding = Finding::new(
             "orphans",
-            format!("{name} -> {parent_display}({parent_column})"),
+            format!("{name} -> {}({parent_column})", parent.display),
         );
         let shown = Some(format!("{}::text", quote_ident(name)));
         self.push(finding, condition, Tally::Violations { shown });
@@ -363,25 +362,43 @@ fn any_null(columns: &[Column]) -> String {
 /// through). The child column is qualified by the table's name, so it stays the child's even when
 /// the parent is the same table (a self-reference) or has a column of the same name. `OFFSET 0`
 /// keeps the probe per row: as an anti-join the planner may hash the whole parent in every batch.
-fn orphan(target: &Target, child: &Column, parent: &str, parent_column: &str) -> String {
+/// The child's value is compared under the parent column's collation, as the parent's key is
+/// unique under it; without it, two columns of different collations could not be compared.
+fn orphan(target: &Target, child: &Column, parent: &Parent, parent_column: &str) -> String {
     let value = format!("{}.{}", target.quoted, quote_ident(&child.name));
+    let collate = parent
+        .collation
+        .as_ref()
+        .map_or(String::new(), |c| format!(" COLLATE {c}"));
     format!(
-        "NOT ({null}) AND NOT EXISTS (SELECT FROM {parent} AS _bf_parent WHERE _bf_parent.{pc} = {value} OFFSET 0)",
+        "NOT ({null}) AND NOT EXISTS (SELECT FROM {table} AS _bf_parent WHERE _bf_parent.{pc} = {value}{collate} OFFSET 0)",
         null = is_null(&value, child),
+        table = parent.quoted,
         pc = quote_ident(parent_column),
     )
 }
 
+/// The parent table of an orphans check.
+struct Parent {
+    quoted: String,
+    display: String,
+    /// The parent column's collation, quoted (`None` for a type without one).
+    collation: Option<String>,
+}
+
 /// The parent table of an orphans check, resolved by the server like a target, and whether it has
 /// the column. It is only read (one probe per child row), so the allowlist, which names the tables
-/// jobs may change, does not apply to it. Returns its quoted and its display name.
-async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<(String, String), CheckError> {
-    let row: Option<(String, String, bool)> = crate::sql::query_as(
-        "SELECT n.nspname::text, c.relname::text,
-                EXISTS (SELECT FROM pg_attribute a
-                        WHERE a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0
-                          AND NOT a.attisdropped)
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+/// jobs may change, does not apply to it.
+async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, CheckError> {
+    let row: Option<(String, String, bool, Option<String>)> = crate::sql::query_as(
+        "SELECT n.nspname::text, c.relname::text, a.attnum IS NOT NULL,
+                (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname)
+                 FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace
+                 WHERE co.oid = a.attcollation)
+         FROM pg_class c
+         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0
+                                 AND NOT a.attisdropped
+         JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
     )
     .bind(given)
@@ -389,7 +406,7 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<(String, St
     .fetch_optional(pool)
     .await
     .map_err(|e| CheckError::Sql(JobError::sql(LABEL, given, "resolving the parent table", e)))?;
-    let Some((schema, table, has_column)) = row else {
+    let Some((schema, table, has_column, collation)) = row else {
         return Err(CheckError::NoParent {
             given: given.into(),
         });
@@ -401,7 +418,11 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<(String, St
             column: column.into(),
         });
     }
-    Ok((crate::sql::qualified(&schema, &table), display))
+    Ok(Parent {
+        quoted: crate::sql::qualified(&schema, &table),
+        display,
+        collation,
+    })
 }
 
 /// Window sizes: the configured batch sizes, ten times wider, adapted toward `target_batch_ms`.

@@ -162,6 +162,31 @@ async fn orphans_counts_children_without_a_parent_including_self_references(pool
         .await;
     let report = json(&db, &args, 0).await;
     assert_eq!(report["passed"], true);
+
+    // Text columns of different collations compare under the parent's, whose key is unique
+    // under it (compared as they are, PostgreSQL cannot pick one: 42P22).
+    db.exec(
+        r#"CREATE TABLE codes (code text COLLATE "C" PRIMARY KEY);
+           INSERT INTO codes VALUES ('a'), ('b');
+           CREATE TABLE uses (id int PRIMARY KEY, code text COLLATE "POSIX", other text);
+           INSERT INTO uses VALUES (1, 'a', 'b'), (2, 'b', 'x'), (3, 'z', 'a');"#,
+    )
+    .await;
+    let args = [
+        "check",
+        "uses",
+        "--orphans",
+        "code",
+        "--references",
+        "codes(code)",
+        "--orphans",
+        "other",
+        "--references",
+        "codes(code)",
+    ];
+    let report = json(&db, &args, 3).await;
+    assert_eq!(sample_keys(&report["findings"][0]), ["3"]);
+    assert_eq!(sample_keys(&report["findings"][1]), ["2"]);
 }
 
 #[sqlx::test]
