@@ -61,8 +61,18 @@ pub enum CheckError {
         timeout: String,
     },
     /// A statement failed; names the table, the step and the SQLSTATE.
-    #[error(transparent)]
+    #[error("{}", check_failed(.0))]
     Sql(JobError),
+}
+
+/// A failed statement's message, read as the check's own ("check on public.t: … failed: …"),
+/// not as a job's.
+fn check_failed(e: &JobError) -> String {
+    let text = e.to_string();
+    match text.strip_prefix(&format!("job {LABEL} on ")) {
+        Some(rest) => format!("{LABEL} on {rest}"),
+        None => text,
+    }
 }
 
 /// One check as given on the command line. Column names are matched exactly against the table's.
@@ -678,6 +688,16 @@ fn duplicates_error(target: &Target, cols: &str, timeout: Duration, e: sqlx::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_statement_reads_as_the_checks_not_a_jobs() {
+        let e = JobError::sql(LABEL, "public.t", "connecting", sqlx::Error::PoolTimedOut);
+        let message = CheckError::Sql(e).to_string();
+        assert!(
+            message.starts_with("check on public.t: connecting failed: "),
+            "{message}"
+        );
+    }
 
     #[test]
     fn command_line_checks_parse() {
