@@ -99,7 +99,7 @@ impl Check {
 
     /// `--unique a,b`.
     pub fn unique(given: &str) -> Result<Check, CheckError> {
-        let columns: Vec<String> = given.split(',').map(crate::sql::unquote_ident).collect();
+        let columns: Vec<String> = crate::sql::split_idents(given);
         if columns.iter().any(String::is_empty) {
             return Err(CheckError::BadUnique {
                 given: given.into(),
@@ -732,6 +732,13 @@ mod tests {
         assert_eq!(
             Check::unique("tenant_id, email").ok(),
             Some(Check::Unique(vec!["tenant_id".into(), "email".into()]))
+        );
+        assert_eq!(
+            Check::unique(r#"tenant_id,"last, first""#).ok(),
+            Some(Check::Unique(vec![
+                "tenant_id".into(),
+                "last, first".into()
+            ]))
         );
         assert_eq!(
             Check::unique(r#"tenant_id, "E-Mail ""Work""""#).ok(),

@@ -274,7 +274,7 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub allow_cascade: bool,
     /// Keyset columns (comma-separated, bare or quoted as in SQL); default: the primary key.
-    #[arg(long, visible_alias = "key", value_delimiter = ',')]
+    #[arg(long, visible_alias = "key")]
     pub key_columns: Option<Vec<String>>,
     /// Change data after planning (default: dry run only).
     #[arg(long)]
@@ -612,7 +612,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
         set_clause: a.set_clause,
         key_columns: a
             .key_columns
-            .map(|k| k.iter().map(|c| crate::sql::unquote_ident(c)).collect()),
+            .map(|k| k.iter().flat_map(|c| crate::sql::split_idents(c)).collect()),
         execute: a.execute,
         batch_size: a.batch_size,
         target_batch_ms: a.target_batch_ms,

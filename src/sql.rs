@@ -53,6 +53,25 @@ pub fn unquote_ident(given: &str) -> String {
     }
 }
 
+/// Splits a comma-separated list of column names, bare or quoted as in SQL, at the commas outside
+/// double quotes (`a,"b,c"` is two names), and unquotes each.
+pub fn split_idents(given: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in given.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                names.push(unquote_ident(&given[start..i]));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    names.push(unquote_ident(&given[start..]));
+    names
+}
+
 /// Quotes a string literal (used only for DDL, where parameters are not allowed).
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -115,6 +134,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_lists_split_at_commas_outside_quotes() {
+        let cases: [(&str, &[&str]); 5] = [
+            ("a", &["a"]),
+            ("tenant_id, email", &["tenant_id", "email"]),
+            (r#"a,"b,c""#, &["a", "b,c"]),
+            (r#""x""y,z", "Id""#, &[r#"x"y,z"#, "Id"]),
+            ("a,,b", &["a", "", "b"]),
+        ];
+        for (given, expected) in cases {
+            assert_eq!(split_idents(given), expected, "{given}");
+        }
+    }
 
     #[test]
     fn quoting() {
