@@ -99,6 +99,7 @@ pub async fn stage_csv(
     if data.starts_with(UTF8_BOM) {
         data.drain(..UTF8_BOM.len());
     }
+    cr_line_ends_to_lf(&mut data);
     let header =
         parse_header(&data).ok_or_else(|| StagingError::NoHeader { path: path.clone() })?;
     if let Some(line) = end_marker_line(&data) {
@@ -411,6 +412,23 @@ fn end_marker_line(data: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+/// A file whose lines end in a bare CR (classic Mac OS, some exporters) has no LF at all: its CRs
+/// outside quoted fields become LFs, so the header is its first line. A CR inside a quoted field
+/// is data and stays.
+fn cr_line_ends_to_lf(data: &mut [u8]) {
+    if data.contains(&b'\n') || !data.contains(&b'\r') {
+        return;
+    }
+    let mut quoted = false;
+    for b in data.iter_mut() {
+        match *b {
+            b'"' => quoted = !quoted,
+            b'\r' if !quoted => *b = b'\n',
+            _ => {}
+        }
+    }
 }
 
 /// The header's column names (CSV quoting: `"a ""b"""`); `None` for an empty file.

@@ -1016,6 +1016,37 @@ async fn a_csv_file_compares_values_by_their_text(pool: PgPool) {
     );
 }
 
+/// Lines ending in a bare CR (no LF anywhere in the file) are lines; a CR inside a quoted field
+/// is data. The header had been read as the whole file, one unknown column.
+#[sqlx::test]
+async fn a_csv_file_with_cr_line_ends_reads_its_header_and_keeps_quoted_crs(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE notes (id int PRIMARY KEY, note text);
+         INSERT INTO notes SELECT g, 'old' FROM generate_series(1, 3) g;",
+    )
+    .await;
+    let file = csv("notes_cr", "id,note\r1,\"two\rlines\"\r2,plain\r");
+    let cfg = backfilld::config::Config::default();
+    let job = backfilld::ops::NewJob {
+        execute: true,
+        ..csv_job("notes_fix", "public.notes")
+    };
+    let (_, staged) = backfilld::ops::enqueue_from_csv(&db.lib, &db.names, &cfg, &job, &file)
+        .await
+        .unwrap();
+    assert_eq!(staged.rows, 2);
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("notes_fix").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 2);
+    assert_eq!(
+        db.scalar_text("SELECT string_agg(note, '|' ORDER BY id) FROM notes")
+            .await,
+        "two\rlines|plain|old"
+    );
+}
+
 #[sqlx::test]
 async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
     let db = Db::new(pool).await;
