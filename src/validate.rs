@@ -48,6 +48,31 @@ impl Scope<'_> {
         .run(conn)
         .await
         .map_err(|e| e.in_column(column))
+        .and_then(|target| reserved_names(job, target))
+    }
+}
+
+/// The prefix of backfilld's own aliases and archive columns (`_bf_row`, `_bf_after_1`, `_bf_a`).
+pub const RESERVED_PREFIX: &str = "_bf_";
+
+/// A table with a column named like backfilld's own would be misread: a delete's archive of a
+/// table with a `_bf_row` column reads as an insert's, and its revert restores nothing.
+fn reserved_names(job: &str, target: Target) -> Result<Target, JobError> {
+    match target
+        .columns
+        .iter()
+        .find(|c| c.name.starts_with(RESERVED_PREFIX))
+    {
+        Some(c) => Err(JobError::invalid(
+            job,
+            format!(
+                "on {}: column {:?} starts with {RESERVED_PREFIX:?}, which backfilld reserves \
+                 for its own aliases and archive columns; rename the column to run this job",
+                target.display(),
+                c.name
+            ),
+        )),
+        None => Ok(target),
     }
 }
 

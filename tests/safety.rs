@@ -825,6 +825,16 @@ struct Hostile {
 }
 
 const HOSTILE: &[Hostile] = &[
+    // A column named like backfilld's own archive columns: a delete's archive of it read as an
+    // insert's, and its revert "succeeded" restoring nothing.
+    Hostile {
+        name: "reserved_column_name",
+        table: "reserved",
+        predicate: Some("id > 0"),
+        set_clause: None,
+        extra_columns: &[("action", "'delete'"), ("archive", "true")],
+        error_words: &["public.reserved", "\"_bf_row\"", "reserves"],
+    },
     // `€` is an identifier character for PostgreSQL: `a€$q$` is one name, not `a`, `€` and a
     // dollar quote hiding `) OR (` from the shape check.
     Hostile {
@@ -1257,7 +1267,8 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
          CREATE TABLE keyless (a int, s text); INSERT INTO keyless VALUES (1, NULL);
          CREATE TABLE bystander (id int PRIMARY KEY, s text); INSERT INTO bystander VALUES (1, NULL);
          CREATE TABLE good (id int PRIMARY KEY, s text); INSERT INTO good SELECT g, NULL FROM generate_series(1, 50) g;
-         CREATE VIEW victim_view AS SELECT * FROM victim;",
+         CREATE VIEW victim_view AS SELECT * FROM victim;
+         CREATE TABLE reserved (id int PRIMARY KEY, _bf_row text); INSERT INTO reserved VALUES (1, 'x');",
     )
     .await;
     assert!(HOSTILE.len() >= 30);
@@ -1265,7 +1276,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         let db_pool = db.pool.clone();
         async move {
             let mut out = Vec::new();
-            for t in ["victim", "canary", "keyless", "bystander"] {
+            for t in ["victim", "canary", "keyless", "bystander", "reserved"] {
                 let sql = format!(
                     "SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} x"
                 );
@@ -1320,7 +1331,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
     )
     .await;
     db.daemon()
-        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
+        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.reserved,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
         .until_idle()
         .spawn()
         .wait_ok()
