@@ -36,7 +36,8 @@ pub struct ArchiveTable {
     /// target may have gained, lost or renamed columns since.
     pub columns: Vec<ArchiveColumn>,
     /// For re-inserting deleted rows: one condition on `_bf_a` per foreign key of the target to
-    /// another table, true while the row it references exists (`parent_checks`).
+    /// another table, true while the row it references exists, and for a partitioned target one
+    /// true while some partition takes the row (`parent_checks`).
     pub parents: Vec<String>,
 }
 
@@ -86,7 +87,7 @@ impl ArchiveTable {
         }
         let keys: Vec<(String, Vec<String>, Vec<String>)> = crate::sql::query_as(PARENT_KEYS)
             .bind(sqlx::postgres::types::Oid(target.oid))
-            .fetch_all(conn)
+            .fetch_all(&mut *conn)
             .await?;
         self.parents = keys
             .into_iter()
@@ -108,6 +109,21 @@ impl ArchiveTable {
                 )
             })
             .collect();
+        if target.partitioned {
+            // A row whose partition was detached or dropped since has nowhere to go (the insert
+            // failed the whole revert with 23514): it is skipped and counted. The leaves'
+            // partition constraints (each with its ancestors') name the columns bare, which
+            // resolve to the archive's row.
+            let routable: Option<String> = crate::sql::query_scalar(
+                "SELECT string_agg('(' || pg_get_partition_constraintdef(relid) || ')', ' OR ')
+                 FROM pg_partition_tree($1) WHERE isleaf AND relid <> $1",
+            )
+            .bind(sqlx::postgres::types::Oid(target.oid))
+            .fetch_one(conn)
+            .await?;
+            self.parents
+                .push(format!("({})", routable.as_deref().unwrap_or("false")));
+        }
         Ok(())
     }
 

@@ -605,6 +605,73 @@ async fn the_revert_of_a_delete_on_a_partition_skips_rows_whose_parent_is_gone(p
     assert_eq!(db.scalar_i64("SELECT count(*) FROM member_0").await, 400);
 }
 
+/// A deleted row whose partition was detached since has nowhere to go: the revert skips and
+/// counts it and restores the rest, in a two-level tree and under a default partition (the
+/// insert failed the whole revert with 23514 before).
+#[sqlx::test]
+async fn the_revert_of_a_delete_skips_rows_whose_partition_is_gone(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE ev (id bigint, day int, kind int, PRIMARY KEY (id, day, kind))
+             PARTITION BY RANGE (day);
+         CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (1) TO (11);
+         CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (11) TO (21) PARTITION BY LIST (kind);
+         CREATE TABLE ev_2a PARTITION OF ev_2 FOR VALUES IN (0);
+         CREATE TABLE ev_2b PARTITION OF ev_2 FOR VALUES IN (1);
+         CREATE TABLE ev_3 PARTITION OF ev FOR VALUES FROM (21) TO (31);
+         INSERT INTO ev SELECT g, g % 30 + 1, g % 2 FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    NewJob::new("purge_ev", "ev")
+        .predicate("id % 3 = 0")
+        .raw("action", "'delete'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let purged = db.job("purge_ev").await;
+    assert_eq!(purged.rows_changed, 1000, "{:?}", purged.last_error);
+    let gone = |db: &Db, table: &'static str| {
+        let sql = format!("SELECT count(*) FROM {table} WHERE id % 3 = 0");
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // The deleted rows of ev_2b (days 11-20, kind 1) and of ev_3 (days 21-30) lose their
+    // partition; ev_3's rows are still routable once a default partition takes them.
+    db.exec(
+        "ALTER TABLE ev_2 DETACH PARTITION ev_2b; DROP TABLE ev_2b;
+         ALTER TABLE ev DETACH PARTITION ev_3; DROP TABLE ev_3;",
+    )
+    .await;
+    let deleted_in_2b = db
+        .scalar_i64(
+            "SELECT count(*) FROM generate_series(1, 3000) g
+             WHERE g % 3 = 0 AND g % 30 + 1 BETWEEN 11 AND 20 AND g % 2 = 1",
+        )
+        .await;
+    let deleted_in_3 = db
+        .scalar_i64(
+            "SELECT count(*) FROM generate_series(1, 3000) g
+             WHERE g % 3 = 0 AND g % 30 + 1 BETWEEN 21 AND 30",
+        )
+        .await;
+    db.exec("CREATE TABLE ev_other PARTITION OF ev DEFAULT")
+        .await;
+    let reverted = db.revert("purge_ev").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(
+        (reverted.rows_changed, reverted.rows_skipped),
+        (1000 - deleted_in_2b, deleted_in_2b)
+    );
+    assert_eq!(gone(&db, "ev_other").await, deleted_in_3);
+    assert_eq!(gone(&db, "ev").await, 1000 - deleted_in_2b);
+}
+
 /// A table with inheritance children is refused as a target (a statement on it changed the
 /// children's rows too, and the revert of a delete put them back into the parent without their
 /// own columns); a child table is a target like any other.
