@@ -371,6 +371,7 @@ impl Batcher<'_> {
                 table: self.table.to_owned(),
                 would_change: total_changed,
                 max_affected: max,
+                committed: total_changed - changed,
             });
         }
         let impact = match waiters[..] {

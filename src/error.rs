@@ -77,14 +77,27 @@ pub enum JobError {
     },
     /// The job would change more rows than its ceiling allows.
     #[error(
-        "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is {max_affected}"
+        "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is \
+         {max_affected} ({})",
+        ceiling_committed(*.committed)
     )]
     Ceiling {
         job: String,
         table: String,
         would_change: i64,
         max_affected: i64,
+        /// Rows changed and committed before the batch that would pass the ceiling (rolled back).
+        committed: i64,
     },
+}
+
+/// What a ceiling left behind: nothing (the plan), or the committed batches before the one that
+/// would pass it.
+fn ceiling_committed(committed: i64) -> String {
+    match committed {
+        0 => "nothing changed".into(),
+        n => format!("{n} changed and committed; the batch that would pass it rolled back"),
+    }
 }
 
 impl JobError {

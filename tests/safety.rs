@@ -185,7 +185,10 @@ async fn a_plan_over_the_ceiling_fails_before_any_change(pool: PgPool) {
         assert_eq!(job.state, "failed", "{name}");
         let err = job.last_error.unwrap();
         assert!(
-            err.contains("1500") && err.contains("1000") && err.contains(name),
+            err.contains("1500")
+                && err.contains("1000")
+                && err.contains(name)
+                && err.contains("(nothing changed)"),
             "{err}"
         );
     }
@@ -241,6 +244,13 @@ async fn live_growth_past_the_ceiling_stops_the_job(pool: PgPool) {
         pending, job.rows_changed,
         "the batch that would pass the ceiling rolled back"
     );
+    // The message tells what stayed from what would have been.
+    let committed = format!(
+        "({} changed and committed; the batch that would pass it rolled back)",
+        job.rows_changed
+    );
+    let error = job.last_error.unwrap_or_default();
+    assert!(error.contains(&committed), "{error}");
 }
 
 /// Archives are append-only until a revert prepares them, so autovacuum stays off them (and off

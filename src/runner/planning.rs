@@ -315,6 +315,7 @@ impl Attempt<'_> {
                 table: p.named.clone(),
                 would_change: would,
                 max_affected: max,
+                committed: 0,
             });
         }
         Ok(())
