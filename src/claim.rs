@@ -75,7 +75,7 @@ SET state = 'running',
     started_at = coalesce(j.started_at, now())
 FROM next
 WHERE j.id = next.id
-RETURNING j.*";
+RETURNING {job_row_j}";
 
 /// Claims up to `limit` runnable jobs in one short transaction (the statement itself).
 pub async fn claim<'e>(
@@ -85,7 +85,10 @@ pub async fn claim<'e>(
     ttl: Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<JobRow>> {
-    crate::sql::query_as(&names.render(&CLAIM.replace("{claimable}", CLAIMABLE)))
+    let sql = CLAIM
+        .replace("{claimable}", CLAIMABLE)
+        .replace("{job_row_j}", &JobRow::columns(Some("j")));
+    crate::sql::query_as(&names.render(&sql))
         .bind(limit)
         .bind(owner)
         .bind(ttl.as_secs_f64())
@@ -351,7 +354,7 @@ pub async fn reread<'e>(
     names: &Names,
     lease: &Lease,
 ) -> sqlx::Result<Option<JobRow>> {
-    crate::sql::query_as(&fenced(names, "SELECT * FROM {jobs} WHERE {fence}"))
+    crate::sql::query_as(&fenced(names, "SELECT {job_row} FROM {jobs} WHERE {fence}"))
         .bind(lease.job_id)
         .bind(lease.attempt)
         .bind(&lease.owner)

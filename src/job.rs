@@ -9,6 +9,48 @@ use serde_json::Value;
 use crate::config::{BatchConfig, SafetyConfig};
 use crate::error::JobError;
 
+/// The columns of `JobRow` read as they are (`JobRow::columns` adds the others).
+const PLAIN_COLUMNS: [&str; 38] = [
+    "id",
+    "name",
+    "table_name",
+    "predicate",
+    "action",
+    "set_clause",
+    "mode",
+    "batch_size",
+    "target_batch_ms",
+    "sleep_ms",
+    "max_rows_per_second",
+    "max_affected",
+    "archive",
+    "priority",
+    "requested_state",
+    "state",
+    "attempt",
+    "lease_owner",
+    "upper_bound",
+    "cursor",
+    "rows_scanned",
+    "rows_changed",
+    "rows_skipped",
+    "batches",
+    "batch_size_current",
+    "estimated_total",
+    "plan",
+    "remaining",
+    "archive_table",
+    "reverts",
+    "parallelism",
+    "slices",
+    "max_batch_ms",
+    "preset",
+    "allow_cascade",
+    "source_table",
+    "staged_table",
+    "last_error",
+];
+
 /// Every column of `backfill.jobs`, as read by the daemon and the CLI.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct JobRow {
@@ -61,6 +103,40 @@ pub struct JobRow {
 }
 
 impl JobRow {
+    /// The select list that reads a `JobRow` (`alias`: the jobs table's alias, if any). It is `*`
+    /// but for the columns a user writes whose values would not decode: a malformed row must fail
+    /// its own job, never the read of every job (one row had stopped every poll, or panicked the
+    /// daemon). `key_columns` is flattened to one dimension with a NULL element read as an empty
+    /// name, which `JobSpec` refuses; timestamps are clamped to years 1–9999, as `infinity`
+    /// (a parked `run_at`) and years past chrono's range panicked in the decoder.
+    pub fn columns(alias: Option<&str>) -> String {
+        let p = alias.map(|a| format!("{a}.")).unwrap_or_default();
+        let clamp = |c: &str| {
+            format!(
+                "least(greatest({p}{c}, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59+00') AS {c}"
+            )
+        };
+        let mut list = vec![format!(
+            "CASE WHEN {p}key_columns IS NOT NULL
+                  THEN ARRAY(SELECT coalesce(k, '') FROM unnest({p}key_columns) AS k) END AS key_columns"
+        )];
+        for c in [
+            "run_at",
+            "lease_expires_at",
+            "heartbeat_at",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "updated_at",
+        ] {
+            list.push(clamp(c));
+        }
+        for c in PLAIN_COLUMNS {
+            list.push(format!("{p}{c}"));
+        }
+        list.join(", ")
+    }
+
     /// Share of the key range done, from rows scanned against the (estimated or exact) total.
     pub fn progress(&self) -> Option<f64> {
         if self.state == State::Succeeded {
@@ -366,7 +442,7 @@ fn key_columns(cols: Option<&Vec<String>>) -> Result<Option<Vec<String>>, String
     match cols {
         Some(cols) if cols.is_empty() => Ok(None),
         Some(cols) if cols.iter().any(|c| c.trim().is_empty()) => {
-            Err("key_columns contains an empty name".into())
+            Err("key_columns contains an empty or NULL name".into())
         }
         other => Ok(other.cloned()),
     }

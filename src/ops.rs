@@ -51,7 +51,7 @@ INSERT INTO {jobs} (name, table_name, predicate, action, set_clause, key_columns
                     parallelism, max_batch_ms, preset, staged_table, source_table, allow_cascade)
 VALUES ($1, $2, $3, coalesce($4, 'update'), $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, true),
         coalesce($14, 0), coalesce($15, now()), $16, $17, $18, $19, $20, coalesce($21, false))
-RETURNING *";
+RETURNING {job_row}";
 
 /// Inserts the job row, refusing (and inserting nothing) when its columns would fail it at its
 /// first claim: an unknown action, an insert without `source_table`, values out of range.
@@ -156,9 +156,9 @@ async fn insert_job(
 
 /// All jobs (newest first), or the one named.
 pub async fn list(pool: &Db, names: &Names, name: Option<&str>) -> Result<Vec<JobRow>> {
-    let rows: Vec<JobRow> = crate::sql::query_as(
-        &names.render("SELECT * FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC"),
-    )
+    let rows: Vec<JobRow> = crate::sql::query_as(&names.render(
+        "SELECT {job_row} FROM {jobs} WHERE $1::text IS NULL OR name = $1 ORDER BY id DESC",
+    ))
     .bind(name)
     .fetch_all(pool)
     .await?;
@@ -184,7 +184,7 @@ pub async fn request(pool: &Db, names: &Names, name: &str, requested: Requested)
         "UPDATE {{jobs}} SET requested_state = $2
          WHERE name = $1 AND state NOT IN {finished}
            AND (requested_state IS DISTINCT FROM 'cancelled' OR $2 = 'cancelled')
-         RETURNING *",
+         RETURNING {{job_row}}",
         finished = crate::job::State::finished_sql()
     ));
     let updated: Option<JobRow> = crate::sql::query_as(&sql)
@@ -220,7 +220,7 @@ pub async fn approve(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
         });
     }
     crate::sql::query_as(
-        &names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING *"),
+        &names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING {job_row}"),
     )
     .bind(name)
     .fetch_one(pool)
@@ -283,7 +283,7 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
                 -- the ceiling the job was allowed: its revert restores at most what it changed
                 max_affected
          FROM {jobs} WHERE name = $1
-         RETURNING *",
+         RETURNING {job_row}",
     ))
     .bind(name)
     .bind(revert_name(&mut tx, names, name).await?)

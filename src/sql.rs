@@ -95,9 +95,13 @@ impl Names {
 
     /// Replaces `{schema}` and `{jobs}` in a SQL template.
     pub fn render(&self, template: &str) -> String {
-        template
+        let rendered = template
             .replace("{jobs}", &self.jobs)
-            .replace("{schema}", &quote_ident(&self.schema))
+            .replace("{schema}", &quote_ident(&self.schema));
+        match rendered.contains("{job_row}") {
+            true => rendered.replace("{job_row}", &crate::job::JobRow::columns(None)),
+            false => rendered,
+        }
     }
 }
 

@@ -1449,6 +1449,92 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
     assert_eq!(jobs_intact, 0);
 }
 
+/// Values a user can write that no Rust type holds: a NULL or a second dimension in
+/// `key_columns`, infinite or far timestamps. Each such row fails or waits on its own; before,
+/// one stopped every poll (decoding) or panicked the daemon and `status` (chrono's range).
+#[sqlx::test]
+async fn undecodable_job_values_fail_their_own_job_and_stop_no_other(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE n (id int PRIMARY KEY, v int);
+         INSERT INTO n SELECT g, NULL FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let job = |name: &str, range: &str| {
+        NewJob::new(name, "n")
+            .predicate(&format!("v IS NULL AND {range}"))
+            .set("v = id")
+    };
+    job("null_key", "id <= 10")
+        .raw("key_columns", "'{NULL}'")
+        .insert(&db)
+        .await;
+    job("two_dimensions", "id BETWEEN 11 AND 20")
+        .raw("key_columns", "'{{id}}'")
+        .insert(&db)
+        .await;
+    job("long_ago", "id BETWEEN 21 AND 30")
+        .raw("run_at", "'-infinity'")
+        .insert(&db)
+        .await;
+    job("parked", "id BETWEEN 31 AND 40")
+        .raw("run_at", "'infinity'")
+        .insert(&db)
+        .await;
+    job("far", "id BETWEEN 41 AND 50")
+        .raw("run_at", "'270000-01-01'")
+        .insert(&db)
+        .await;
+    job("created_never", "id BETWEEN 51 AND 60")
+        .raw("created_at", "'-infinity'")
+        .insert(&db)
+        .await;
+    job("good", "id > 60")
+        .raw("priority", "-5")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let failed = db.job("null_key").await;
+    assert_eq!(failed.state, "failed");
+    let error = failed.last_error.unwrap_or_default();
+    assert!(
+        error.contains("job null_key") && error.contains("empty or NULL name"),
+        "{error}"
+    );
+    for name in ["two_dimensions", "long_ago", "created_never", "good"] {
+        let done = db.job(name).await;
+        assert_eq!(done.state, "succeeded", "{name}: {:?}", done.last_error);
+    }
+    for name in ["parked", "far"] {
+        assert_eq!(db.job(name).await.state, "pending", "{name}");
+    }
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM n WHERE v IS NULL")
+            .await,
+        30
+    );
+    // The operator's commands read them too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run backfilld");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cancel = backfilld::ops::request(
+        &db.lib,
+        &db.names,
+        "parked",
+        backfilld::job::Requested::Cancelled,
+    )
+    .await
+    .expect("cancel a parked job");
+    assert_eq!(cancel.requested_state.as_deref(), Some("cancelled"));
+}
+
 #[sqlx::test]
 async fn archive_stays_exact_under_concurrent_writes(pool: PgPool) {
     let db = Db::new(pool).await;
