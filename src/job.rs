@@ -113,7 +113,8 @@ impl JobRow {
         let p = alias.map(|a| format!("{a}.")).unwrap_or_default();
         let clamp = |c: &str| {
             format!(
-                "least(greatest({p}{c}, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59+00') AS {c}"
+                "CASE WHEN {p}{c} IS NOT NULL THEN least(greatest({p}{c}, '0001-01-01 00:00:00+00'), \
+                 '9999-12-31 23:59:59+00') END AS {c}"
             )
         };
         let mut list = vec![format!(
