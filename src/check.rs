@@ -760,6 +760,7 @@ mod tests {
             name: "c".into(),
             sql_type: "t".into(),
             generated: false,
+            generated_from: Vec::new(),
             identity_always: false,
             scalar,
         };

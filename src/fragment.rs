@@ -119,6 +119,12 @@ pub enum FragmentError {
     GeneratedColumn(String),
     #[error("set_clause assigns key column {0:?}; a keyset backfill cannot change its own keys")]
     KeyColumn(String),
+    #[error(
+        "set_clause assigns column {column:?}, from which key column {key:?} is generated; a \
+         keyset backfill cannot change its own keys (the row would move ahead of the cursor and \
+         change again)"
+    )]
+    KeySource { column: String, key: String },
     #[error("set_clause assigns column {0:?} twice")]
     AssignedTwice(String),
     #[error("{part} rejected by PostgreSQL: SQLSTATE {sqlstate}: {message}")]
@@ -655,11 +661,29 @@ fn check_assignments(
         if target.column(&a.column).is_some_and(|c| c.generated) {
             return Err(FragmentError::GeneratedColumn(a.column.clone()));
         }
-        if !keys_allowed && target.keys.iter().any(|k| k.name == a.column) {
-            return Err(FragmentError::KeyColumn(a.column.clone()));
+        if !keys_allowed {
+            key_untouched(&a.column, target)?;
         }
         if !seen.insert(a.column.clone()) {
             return Err(FragmentError::AssignedTwice(a.column.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// An existing row's key must not change: neither a key column nor a column a generated key
+/// column is computed from may be assigned.
+fn key_untouched(column: &str, target: &Target) -> Result<(), FragmentError> {
+    for key in &target.keys {
+        if key.name == column {
+            return Err(FragmentError::KeyColumn(column.to_owned()));
+        }
+        let generated_from = target.column(&key.name).map(|c| &c.generated_from);
+        if generated_from.is_some_and(|from| from.iter().any(|f| f == column)) {
+            return Err(FragmentError::KeySource {
+                column: column.to_owned(),
+                key: key.name.clone(),
+            });
         }
     }
     Ok(())

@@ -587,6 +587,7 @@ mod tests {
                     name: n.to_string(),
                     sql_type: "text".into(),
                     generated: false,
+                    generated_from: Vec::new(),
                     identity_always: false,
                     scalar: true,
                 })

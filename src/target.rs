@@ -32,6 +32,8 @@ pub struct Column {
     pub name: String,
     pub sql_type: String,
     pub generated: bool,
+    /// For a generated column, the columns its expression reads (`pg_depend`).
+    pub generated_from: Vec<String>,
     pub identity_always: bool,
     /// Its type is a base, enum or range type, for which `IS NULL` means the value is NULL (for
     /// a composite type, or a domain over one, it also holds for a row of NULL fields).
@@ -366,9 +368,17 @@ pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<V
 }
 
 async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Column>> {
-    let rows: Vec<(String, String, bool, bool, bool)> = crate::sql::query_as(
-        "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a',
-                t.typtype IN ('b', 'e', 'r', 'm')
+    let rows: Vec<(String, String, bool, Vec<String>, bool, bool)> = crate::sql::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '',
+                ARRAY(SELECT b.attname::text
+                      FROM pg_attrdef ad
+                      JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                      JOIN pg_attribute b ON b.attrelid = d.refobjid AND b.attnum = d.refobjsubid
+                      WHERE a.attgenerated <> '' AND ad.adrelid = a.attrelid
+                        AND ad.adnum = a.attnum AND d.refclassid = 'pg_class'::regclass
+                        AND d.refobjid = a.attrelid AND d.refobjsubid NOT IN (0, a.attnum)
+                      ORDER BY b.attnum),
+                attidentity = 'a', t.typtype IN ('b', 'e', 'r', 'm')
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
          ORDER BY attnum",
@@ -379,10 +389,11 @@ async fn load_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<Col
     Ok(rows
         .into_iter()
         .map(
-            |(name, sql_type, generated, identity_always, scalar)| Column {
+            |(name, sql_type, generated, generated_from, identity_always, scalar)| Column {
                 name,
                 sql_type,
                 generated,
+                generated_from,
                 identity_always,
                 scalar,
             },

@@ -239,6 +239,7 @@ mod tests {
             name: name.into(),
             sql_type: "bigint".into(),
             generated: false,
+            generated_from: Vec::new(),
             identity_always: false,
             scalar,
         }
