@@ -115,6 +115,9 @@ pub async fn job(
         Err(ServerCheck::Rejected(e)) => return Err(invalid(e)),
         Err(ServerCheck::Transient(e)) => return Err(server(spec, &target, e)),
     }
+    if spec.action == Action::Update && !spec.allow_cascade {
+        update_cascades(conn, spec, &target, &fragments).await?;
+    }
     Ok(Validated {
         target,
         fragments,
@@ -155,6 +158,54 @@ async fn insert(
         }
         Err(ServerCheck::Transient(e)) => Err(server(spec, &source, e)),
     }
+}
+
+/// An update of a column another table references `ON UPDATE CASCADE`, `SET NULL` or `SET
+/// DEFAULT` changes that table's rows too, where the archive cannot restore them (a revert put
+/// the parent's values back and left 1,000 children's links NULL). Refused unless the job says
+/// `allow_cascade`, as a cascading delete is.
+async fn update_cascades(
+    conn: &mut PgConnection,
+    spec: &JobSpec,
+    target: &Target,
+    fragments: &Fragments,
+) -> Result<(), JobError> {
+    let keys: Vec<(String, String, Vec<String>)> = crate::sql::query_as(
+        "SELECT (SELECT format('%s.%s', n.nspname, r.relname) FROM pg_class r
+                 JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid),
+                CASE c.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL'
+                                   ELSE 'SET DEFAULT' END,
+                ARRAY(SELECT a.attname::text FROM pg_attribute a
+                      WHERE a.attrelid = c.confrelid AND a.attnum = ANY (c.confkey))
+         FROM pg_constraint c
+         WHERE c.contype = 'f' AND c.confupdtype IN ('c', 'n', 'd')
+           AND (c.confrelid = $1
+                OR c.confrelid IN (SELECT relid FROM pg_partition_ancestors($1)))
+         ORDER BY 1",
+    )
+    .bind(sqlx::postgres::types::Oid(target.oid))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| server(spec, target, e))?;
+    for (child, action, referenced) in keys {
+        let assigned = fragments
+            .assignments
+            .iter()
+            .find(|a| referenced.contains(&a.column));
+        if let Some(a) = assigned {
+            return Err(JobError::invalid(
+                &spec.name,
+                format!(
+                    "on {}: set_clause assigns {:?}, which {child} references ON UPDATE \
+                     {action}: the change would reach {child}'s rows, which the archive cannot \
+                     restore. Set allow_cascade = true on the job to run it anyway",
+                    target.display(),
+                    a.column
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn server(spec: &JobSpec, target: &Target, e: sqlx::Error) -> JobError {

@@ -902,6 +902,19 @@ struct Hostile {
 }
 
 const HOSTILE: &[Hostile] = &[
+    // An update of a referenced column reaches the children's rows (here: every link set to
+    // NULL), which the archive cannot restore.
+    Hostile {
+        name: "update_cascades",
+        table: "sku",
+        predicate: Some("code <> upper(code)"),
+        set_clause: Some("code = upper(code)"),
+        extra_columns: &[],
+        error_words: &[
+            "on public.sku: set_clause assigns \"code\", which public.line references ON UPDATE SET NULL",
+            "allow_cascade",
+        ],
+    },
     // A key generated from a column the job sets moves ahead of the cursor: rows changed 12
     // or 13 times each.
     Hostile {
@@ -1360,7 +1373,11 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
          CREATE VIEW victim_view AS SELECT * FROM victim;
          CREATE TABLE reserved (id int PRIMARY KEY, _bf_row text); INSERT INTO reserved VALUES (1, 'x');
          CREATE TABLE genkey (x int NOT NULL, id int GENERATED ALWAYS AS (x * 10) STORED PRIMARY KEY, v int);
-         INSERT INTO genkey (x, v) SELECT g, 0 FROM generate_series(1, 300) g;",
+         INSERT INTO genkey (x, v) SELECT g, 0 FROM generate_series(1, 300) g;
+         CREATE TABLE sku (id int PRIMARY KEY, code text UNIQUE NOT NULL);
+         INSERT INTO sku SELECT g, 'ab-' || g FROM generate_series(1, 100) g;
+         CREATE TABLE line (id int PRIMARY KEY, sku_code text REFERENCES sku (code) ON UPDATE SET NULL);
+         INSERT INTO line SELECT g, 'ab-' || g FROM generate_series(1, 100) g;",
     )
     .await;
     assert!(HOSTILE.len() >= 30);
@@ -1375,6 +1392,8 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
                 "bystander",
                 "reserved",
                 "genkey",
+                "sku",
+                "line",
             ] {
                 let sql = format!(
                     "SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} x"
@@ -1430,7 +1449,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
     )
     .await;
     db.daemon()
-        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.reserved,public.genkey,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
+        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.reserved,public.genkey,public.sku,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
         .until_idle()
         .spawn()
         .wait_ok()
