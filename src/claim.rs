@@ -51,9 +51,19 @@ pub enum Control {
 impl Control {
     pub fn from_requested(requested: Option<&str>) -> Self {
         match requested {
+            None | Some("running") => Control::Run,
             Some("paused") => Control::Pause,
             Some("cancelled") => Control::Cancel,
-            _ => Control::Run,
+            // A misspelt request ('canceled', 'pause') asked the job to stop: it pauses, the
+            // safe stop, until someone writes what they meant.
+            Some(other) => {
+                tracing::warn!(
+                    requested_state = other,
+                    "requested_state is not paused, running or cancelled: the job pauses until \
+                     it is corrected"
+                );
+                Control::Pause
+            }
         }
     }
 }
@@ -259,7 +269,8 @@ UPDATE {jobs}
 SET state = CASE requested_state WHEN 'cancelled' THEN 'cancelled' ELSE 'paused' END,
     finished_at = CASE requested_state WHEN 'cancelled' THEN now() ELSE finished_at END
 WHERE (requested_state = 'cancelled' AND state IN ('pending', 'planned', 'paused'))
-   OR (requested_state = 'paused' AND state = 'pending')
+   -- 'paused', or a misspelt request: a pending job waits paused until it is corrected
+   OR (requested_state <> 'running' AND state = 'pending')
 RETURNING name, state";
 
 /// Applies pause and cancel requests to jobs that no replica is running.
@@ -276,12 +287,10 @@ pub async fn apply_requests<'e>(
 /// and for `--until-idle`'s count, which must agree (a count that includes a row no claim takes
 /// never reaches zero).
 const CLAIMABLE: &str = "
-    (   (state = 'pending' AND requested_state IS DISTINCT FROM 'paused'
-                           AND requested_state IS DISTINCT FROM 'cancelled')
+    (   (state = 'pending' AND coalesce(requested_state, 'running') = 'running')
      OR (state = 'paused'  AND requested_state = 'running')
      OR (state = 'planned' AND mode = 'execute'
-                           AND requested_state IS DISTINCT FROM 'paused'
-                           AND requested_state IS DISTINCT FROM 'cancelled'))";
+                           AND coalesce(requested_state, 'running') = 'running'))";
 
 const RUNNABLE: &str = "
 SELECT count(*) FROM {jobs}

@@ -317,6 +317,34 @@ async fn cancel_stops_within_one_batch(pool: PgPool) {
     assert!(cancelled.rows_changed < 5000);
 }
 
+/// A misspelt request ('canceled', 'pause') meant "stop": the running job pauses within a batch,
+/// and a pending one waits paused, until someone writes what they meant. Before, both ran to the
+/// end as if nothing was asked.
+#[sqlx::test]
+async fn a_misspelt_request_pauses_the_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    slow_job(&db, "m", 5000).await;
+    NewJob::new("waiting", "m")
+        .predicate("n > 100")
+        .set("n = 0")
+        .raw("priority", "-1")
+        .insert(&db)
+        .await;
+    db.set_requested("waiting", "pause").await;
+    let mut daemon = db.daemon().max_batch(100).until_idle().spawn();
+    db.wait_for("m", "batches", |r| r.batches >= 3).await;
+    db.set_requested("m", "canceled").await;
+    let at_request = db.job("m").await.batches;
+    daemon.wait_ok().await;
+    let paused = db.job("m").await;
+    assert_eq!(paused.state, "paused");
+    assert!(paused.batches <= at_request + 1, "{paused:?}");
+    assert_eq!(db.job("waiting").await.state, "paused");
+    db.set_requested("m", "cancelled").await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("m").await.state, "cancelled");
+}
+
 #[sqlx::test]
 async fn pause_and_cancel_apply_to_jobs_not_yet_running(pool: PgPool) {
     let db = Db::new(pool).await;
