@@ -70,6 +70,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "wakeups",
         sql: include_str!("schema/0005_wakeups.sql"),
     },
+    Migration {
+        version: 6,
+        name: "started_at_checked",
+        sql: include_str!("schema/0006_started_at_checked.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {

@@ -476,6 +476,38 @@ async fn job_started_at_is_one_instant_for_the_whole_job(pool: PgPool) {
         600,
         "the instant is the job's started_at"
     );
+
+    // A misspelt name, or a job not started yet, is an error that fails the job; it had read
+    // NULL, selected nothing and "succeeded", verified, with every row still to change.
+    db.exec("UPDATE stamps SET at = NULL WHERE id <= 10").await;
+    NewJob::new("not_yet", "stamps")
+        .predicate("false")
+        .set("at = now()")
+        .raw("run_at", "'infinity'")
+        .insert(&db)
+        .await;
+    for (name, other) in [("typo", "stamq"), ("early", "not_yet")] {
+        NewJob::new(name, "stamps")
+            .predicate(&format!(
+                "at IS NULL AND now() >= backfill.job_started_at('{other}')"
+            ))
+            .set("at = now()")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    for (name, words) in [
+        ("typo", "job_started_at('stamq'): no job has this name"),
+        (
+            "early",
+            "job_started_at('not_yet'): that job has not started yet",
+        ),
+    ] {
+        let job = db.job(name).await;
+        assert_eq!(job.state, "failed", "{name}");
+        let error = job.last_error.unwrap_or_default();
+        assert!(error.contains(words) && error.contains("22023"), "{error}");
+    }
 }
 
 /// An insert job: one policy row for every user who has none, walked over the users' keys.
