@@ -127,6 +127,13 @@ impl ArchiveTable {
         Ok(())
     }
 
+    /// Whether `table` is a name `name_for` gives job `job_id`'s archive (its `_j<id>` tail):
+    /// `archive_table` is the daemon's to write, and a copied or typed one must never make a job
+    /// write into, revert from, or expire another job's table (or any other).
+    pub fn owned_by(table: &str, job_id: i64) -> bool {
+        table.ends_with(&format!("_j{job_id}")) && table.len() > format!("_j{job_id}").len()
+    }
+
     /// `orders_status_v1_20261121_j42`: readable, unique (job id), at most 63 bytes.
     pub fn name_for(job: &str, job_id: i64, date: chrono::NaiveDate) -> String {
         let suffix = format!("_{}_j{job_id}", date.format("%Y%m%d"));
@@ -463,6 +470,14 @@ pub async fn drop_expired(pool: &crate::db::Db, names: &Names, days: i64) -> sql
     for (id, job, archive, staged) in &expired {
         for (kind, table) in [("archive", archive), ("staging table", staged)] {
             let Some(table) = table else { continue };
+            let owned = match kind {
+                "archive" => ArchiveTable::owned_by(table, *id),
+                _ => *table == crate::staging::staging_name(job),
+            };
+            if !owned {
+                tracing::warn!(job = %job, table = %table, "not dropping the {kind}: backfilld did not name it for this job");
+                continue;
+            }
             let drop = format!(
                 "DROP TABLE IF EXISTS {}.{}",
                 quote_ident(&names.schema),

@@ -343,6 +343,7 @@ impl JobSpec {
     ) -> Result<Self, JobError> {
         check_name(row)?;
         let bad = |reason: String| JobError::invalid(&row.name, reason);
+        check_own_tables(row).map_err(bad)?;
         let table_name = required(&row.table_name, "table_name").map_err(bad)?;
         let predicate = required(&row.predicate, "predicate").map_err(bad)?;
         let action = parse_action(row.action.as_deref()).map_err(bad)?;
@@ -410,6 +411,29 @@ fn check_name(row: &JobRow) -> Result<(), JobError> {
             ),
         )),
         None => Ok(()),
+    }
+}
+
+/// `archive_table` and `staged_table` are the daemon's: a job row inserted with another job's
+/// (a copied row) would append into that archive and break its revert, and the retention sweep
+/// drops what they name.
+fn check_own_tables(row: &JobRow) -> Result<(), String> {
+    if let Some(t) = row.archive_table.as_deref()
+        && !crate::archive::ArchiveTable::owned_by(t, row.id)
+    {
+        return Err(format!(
+            "archive_table {t:?} is not this job's archive (backfilld names it \
+             <name>_<date>_j{}); leave archive_table NULL when inserting a job",
+            row.id
+        ));
+    }
+    match row.staged_table.as_deref() {
+        Some(t) if t != crate::staging::staging_name(&row.name) => Err(format!(
+            "staged_table {t:?} is not this job's staging table ({:?}); leave staged_table \
+             NULL: `backfilld enqueue --from-csv` sets it",
+            crate::staging::staging_name(&row.name)
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -902,6 +902,24 @@ struct Hostile {
 }
 
 const HOSTILE: &[Hostile] = &[
+    // The daemon's own columns, copied from another row or typed: the job would append into
+    // another archive, and the retention sweep drops what they name.
+    Hostile {
+        name: "copied_archive",
+        table: "victim",
+        predicate: Some("id = 1"),
+        set_clause: Some("n = 9"),
+        extra_columns: &[("archive_table", "'victim'")],
+        error_words: &["archive_table \"victim\" is not this job's archive"],
+    },
+    Hostile {
+        name: "staged_elsewhere",
+        table: "victim",
+        predicate: Some("id = 1"),
+        set_clause: Some("n = 9"),
+        extra_columns: &[("staged_table", "'jobs'")],
+        error_words: &["staged_table \"jobs\" is not this job's staging table"],
+    },
     // An update of a referenced column reaches the children's rows (here: every link set to
     // NULL), which the archive cannot restore.
     Hostile {
@@ -1478,6 +1496,14 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
         );
     }
     assert_eq!(sums(&db).await, before, "a hostile job changed a table");
+    // Past the retention, the sweep drops only tables backfilld named for their job (it had run
+    // DROP TABLE backfill.jobs, saved only by its next statement failing).
+    db.exec("UPDATE backfill.jobs SET finished_at = now() - interval '31 days'")
+        .await;
+    backfilld::archive::drop_expired(&db.lib, &db.names, 30)
+        .await
+        .expect("the sweep");
+    assert_eq!(db.job("staged_elsewhere").await.state, "failed");
     assert_eq!(db.job("good_job").await.state, "succeeded");
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM good WHERE s = 'done'")

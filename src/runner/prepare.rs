@@ -72,22 +72,28 @@ impl Attempt<'_> {
         target: &Target,
     ) -> Result<ArchiveTable, JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let name: Option<Option<String>> = crate::sql::query_scalar(
+        let found: Option<(i64, Option<String>)> = crate::sql::query_as(
             &self
                 .ctx
                 .names
-                .render("SELECT archive_table FROM {jobs} WHERE name = $1"),
+                .render("SELECT id, archive_table FROM {jobs} WHERE name = $1"),
         )
         .bind(original)
         .fetch_optional(&mut *conn)
         .await
         .map_err(self.err("finding the reverted job"))?;
-        let Some(Some(name)) = name else {
+        let Some((original_id, Some(name))) = found else {
             return Err(JobError::invalid(
                 &spec.name,
                 format!("job {original} has no archive to revert (archive was off, or it expired)"),
             ));
         };
+        if !ArchiveTable::owned_by(&name, original_id) {
+            return Err(JobError::invalid(
+                &spec.name,
+                format!("archive_table {name:?} of job {original} is not that job's archive"),
+            ));
+        }
         let archive = ArchiveTable::open(conn, &self.ctx.names, &name, target)
             .await
             .map_err(self.err("opening the archive"))?
