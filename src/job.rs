@@ -539,10 +539,16 @@ impl Throttle {
             i64::from(i32::MAX),
         )?;
         // An explicit job batch size widens the adaptive range so the job's wish is honoured.
+        // A rate cap bounds every window: no batch changes more rows than one second allows (it
+        // had held only on average, with a first batch of 1,000 rows under a cap of 100).
+        let cap = |size: i64| match max_rows_per_second {
+            0 => size,
+            rate => size.min(rate),
+        };
         Ok(Throttle {
-            initial_size,
-            min_size: batch.min_size.min(initial_size),
-            max_size: batch.max_size.max(initial_size),
+            initial_size: cap(initial_size),
+            min_size: cap(batch.min_size.min(initial_size)),
+            max_size: cap(batch.max_size.max(initial_size)),
             target_batch_ms,
             max_batch_ms,
             sleep_ms,

@@ -345,6 +345,34 @@ async fn a_misspelt_request_pauses_the_job(pool: PgPool) {
     assert_eq!(db.job("m").await.state, "cancelled");
 }
 
+/// `max_rows_per_second` bounds every batch, not only the average: a job asking for batches of
+/// 1,000 under a cap of 100 changes at most 100 rows a batch (it had changed all 300 at once).
+#[sqlx::test]
+async fn a_rate_cap_bounds_every_batch(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE r (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO r SELECT g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    NewJob::new("capped", "r")
+        .predicate("n = 0")
+        .set("n = 1")
+        .raw("batch_size", "1000")
+        .raw("max_rows_per_second", "100")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("capped").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 300);
+    assert!(done.batches >= 3, "{done:?}");
+    assert!(
+        done.batch_size_current.unwrap_or_default() <= 100,
+        "{done:?}"
+    );
+}
+
 #[sqlx::test]
 async fn pause_and_cancel_apply_to_jobs_not_yet_running(pool: PgPool) {
     let db = Db::new(pool).await;
