@@ -342,7 +342,12 @@ impl JobSpec {
         safety: &SafetyConfig,
     ) -> Result<Self, JobError> {
         check_name(row)?;
-        let bad = |reason: String| JobError::invalid(&row.name, reason);
+        // Named as a failed statement is: the job and, when it has one, its table as written.
+        let job = match row.table_name.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => format!("{} on {t}", row.name),
+            _ => row.name.clone(),
+        };
+        let bad = |reason: String| JobError::invalid(&job, reason);
         check_own_tables(row).map_err(bad)?;
         let table_name = required(&row.table_name, "table_name").map_err(bad)?;
         let predicate = required(&row.predicate, "predicate").map_err(bad)?;

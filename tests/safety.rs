@@ -1278,7 +1278,7 @@ const HOSTILE: &[Hostile] = &[
         predicate: Some("true"),
         set_clause: None,
         extra_columns: &[],
-        error_words: &["set_clause is required"],
+        error_words: &["job null_set on victim: set_clause is required"],
     },
     Hostile {
         name: "bad_action",
