@@ -246,6 +246,12 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
             job.state
         )));
     }
+    if let Some(original) = &job.reverts {
+        return Err(refuse(format!(
+            "it is a revert (of {original}) and keeps no archive: to redo {original}'s change, \
+             enqueue it again under a new name"
+        )));
+    }
     if job.archive_table.is_none() {
         return Err(refuse(
             "it has no archive (archive was off, it never ran, or the archive expired)".into(),

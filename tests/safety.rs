@@ -419,6 +419,14 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
         .map_err(refused)
         .unwrap_err();
     assert_eq!(third, "job once: once__revert2 already reverted it");
+    let of_a_revert = backfilld::ops::revert(&db.lib, &db.names, "once__revert2", false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        of_a_revert.contains("it is a revert (of once) and keeps no archive"),
+        "{of_a_revert}"
+    );
 }
 
 /// A fast-lane job leaves a dead version of every row it changed (no bloat guard); the revert
