@@ -235,7 +235,8 @@ pub async fn release<'e>(
 const RESCUE: &str = "
 WITH expired AS (
     SELECT id FROM {jobs}
-    WHERE state = 'running' AND lease_expires_at < now()
+    -- A 'running' row without a lease (inserted so by hand) is no replica's either.
+    WHERE state = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < now())
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {jobs} j

@@ -345,6 +345,23 @@ async fn a_misspelt_request_pauses_the_job(pool: PgPool) {
     assert_eq!(db.job("m").await.state, "cancelled");
 }
 
+/// A row inserted as 'running' with no lease belongs to no replica: it is rescued like an
+/// expired lease and runs (it had held `--until-idle` forever).
+#[sqlx::test]
+async fn a_running_row_without_a_lease_is_rescued(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE s (id int PRIMARY KEY, v int); INSERT INTO s VALUES (1, NULL);")
+        .await;
+    NewJob::new("stray", "s")
+        .predicate("v IS NULL")
+        .set("v = 1")
+        .raw("state", "'running'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("stray").await.state, "succeeded");
+}
+
 /// `max_rows_per_second` bounds every batch, not only the average: a job asking for batches of
 /// 1,000 under a cap of 100 changes at most 100 rows a batch (it had changed all 300 at once).
 #[sqlx::test]
