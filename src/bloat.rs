@@ -199,6 +199,15 @@ impl BloatGuard {
         }
     }
 
+    /// An earlier attempt of the job changed rows: the final VACUUM is due even if this attempt
+    /// changes none (one stopped during that VACUUM leaves only it to do).
+    pub fn note_earlier_changes(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .changed_any = true;
+    }
+
     /// Whether the walk changed rows under an active guard: the final full VACUUM is due.
     pub fn wants_final(&self) -> bool {
         matches!(self.standing, Standing::Active { .. })
@@ -411,5 +420,11 @@ mod tests {
         assert!(!off.record(1_000_000));
         assert!(!off.wants_final());
         assert!(off.relies_on_autovacuum() && !g.relies_on_autovacuum());
+        let resumed = guard(1000);
+        assert!(!resumed.wants_final());
+        resumed.note_earlier_changes();
+        assert!(resumed.wants_final(), "an earlier attempt's rows are due");
+        off.note_earlier_changes();
+        assert!(!off.wants_final());
     }
 }

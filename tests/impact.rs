@@ -508,6 +508,53 @@ async fn sigterm_cancels_a_running_bloat_guard_vacuum(pool: PgPool) {
     assert_eq!(job.attempt, 0, "a graceful stop burns no attempt");
 }
 
+/// A stop during the final VACUUM leaves it to the next attempt, which has no batch left to run:
+/// it runs the VACUUM before it succeeds (it had succeeded at once, the dead tuples left).
+#[sqlx::test]
+async fn a_final_vacuum_cut_short_by_a_stop_runs_in_the_next_attempt(pool: PgPool) {
+    let db = Db::new(pool).await;
+    settled_table(&db, "fv", 100_000).await;
+    let database = db.scalar_text("SELECT current_database()").await;
+    db.exec(&format!(
+        "ALTER DATABASE \"{database}\" SET vacuum_cost_limit = 1"
+    ))
+    .await;
+    // Half the rows change: below one guard interval, so the only VACUUM is the final one.
+    NewJob::new("fv", "fv")
+        .predicate("v = 0 AND id <= 50000")
+        .set("v = id * 2")
+        .raw("batch_size", "5000")
+        .raw("target_batch_ms", "500")
+        .insert(&db)
+        .await;
+    let guard_env = |d: common::DaemonBuilder| {
+        d.env("BACKFILLD_BLOAT__VACUUM_COST_DELAY", "100ms")
+            .env("BACKFILLD_BLOAT__VACUUM_EVERY_FRACTION", "1")
+    };
+    let mut daemon = guard_env(db.daemon()).spawn();
+    common::wait_until(
+        "the final VACUUM",
+        || daemon.log(),
+        async || daemon.log().contains("pass=Final"),
+    )
+    .await;
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(15)).await.success());
+    let stopped = db.job("fv").await;
+    assert_eq!(
+        (stopped.state.to_string(), stopped.rows_changed),
+        ("pending".into(), 50_000)
+    );
+    db.exec(&format!(
+        "ALTER DATABASE \"{database}\" RESET vacuum_cost_limit"
+    ))
+    .await;
+    let mut again = guard_env(db.daemon()).until_idle().spawn();
+    again.wait_ok().await;
+    assert!(again.log().contains("pass=Final"), "{}", again.log());
+    assert_eq!(db.job("fv").await.state, "succeeded");
+}
+
 /// A job over a fresh 2,000-row table `name`, run by a daemon with `env` and health checks every
 /// 200 ms, once its log shows batches held for `reason` (with `figure` in the line): no batch
 /// has run. The caller then ends the cause and calls `released`.

@@ -20,6 +20,9 @@ impl Attempt<'_> {
                 tracing::warn!(error = %e, "bloat guard: cannot check VACUUM privilege; guard off");
                 BloatGuard::without(Standing::Unchecked)
             });
+        if self.row.rows_changed > 0 {
+            guard.note_earlier_changes();
+        }
         match guard.standing() {
             Standing::Active { .. } => allowed.set(1),
             Standing::NotPermitted => {
