@@ -168,9 +168,15 @@ impl Metrics {
         }
     }
 
-    /// This replica's attempt at `job` ended, however it ended.
-    pub fn attempt_ended(&self, job: &str) {
+    /// This replica's attempt at `job` ended, however it ended. Unless it succeeded here (ETA 0),
+    /// its ETA and batch size describe a walk this replica no longer runs (lease lost, handed
+    /// back, paused, failed): they go, or a dashboard's `max` kept showing them for an hour.
+    pub fn attempt_ended(&self, job: &str, succeeded: bool) {
         self.job_running.with_label_values(&[job]).set(0);
+        if !succeeded {
+            let _ = self.eta.remove_label_values(&[job]);
+            let _ = self.batch_size.remove_label_values(&[job]);
+        }
     }
 
     /// `job` ended succeeded, failed, cancelled or planned: its series expire after the TTL.
@@ -344,5 +350,18 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        m.attempt_ended("j", true);
+        assert!(
+            m.render()
+                .contains("backfilld_job_eta_seconds{job=\"j\"} 10")
+        );
+        m.attempt_ended("j", false);
+        let text = m.render();
+        assert!(
+            !text.contains("backfilld_job_eta_seconds{job=\"j\"}"),
+            "{text}"
+        );
+        assert!(!text.contains("backfilld_batch_size{job=\"j\"}"), "{text}");
+        assert!(text.contains("backfilld_job_progress_ratio{job=\"j\"} 0.5"));
     }
 }

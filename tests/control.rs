@@ -44,6 +44,19 @@ async fn series_of_a_job_finished_elsewhere_expire(pool: PgPool) {
     let series = "rows_changed_total{job=\"pj\"}";
     let body = common::http_get(port, "/metrics").await.expect("metrics").1;
     assert!(body.contains(series), "{body}");
+    // The paused walk's ETA and batch size go with the attempt (a dashboard's `max` had shown
+    // them for the TTL, beside the replica that resumed or finished it).
+    common::wait_until(
+        "the paused walk's ETA and batch size dropped",
+        || daemon.log(),
+        async || {
+            let body = common::http_get(port, "/metrics").await.expect("metrics").1;
+            !body.contains("job_eta_seconds{job=\"pj\"}")
+                && !body.contains("batch_size{job=\"pj\"}")
+                && body.contains(series)
+        },
+    )
+    .await;
     db.set_requested("pj", "cancelled").await;
     db.wait_state("pj", "cancelled").await;
     common::wait_until(

@@ -158,7 +158,8 @@ impl Attempt<'_> {
     }
 
     /// Writes how the attempt ended and updates metrics.
-    pub(super) async fn finish(&self, result: Result<Outcome, JobError>) {
+    /// Writes how the attempt ended; returns the state written, `None` when nothing was.
+    pub(super) async fn finish(&self, result: Result<Outcome, JobError>) -> Option<String> {
         if let Err(e @ JobError::LeaseLost { .. }) = &result {
             self.count_error(e);
         }
@@ -167,7 +168,7 @@ impl Attempt<'_> {
             tracing::warn!(
                 "lease lost; another replica owns the job now; stopping without writing"
             );
-            return;
+            return None;
         };
         let max_attempts = self.ctx.config().worker.max_attempts;
         for tries in 1..=3 {
@@ -184,12 +185,12 @@ impl Attempt<'_> {
                         longest_wait_behind_a_batch_ms = waited.as_millis() as u64,
                         "attempt finished"
                     );
-                    return;
+                    return Some(state);
                 }
                 Ok(None) => {
                     self.ctx.metrics.leases_lost.inc();
                     tracing::warn!("lease lost before the final state could be written");
-                    return;
+                    return None;
                 }
                 Err(e) if tries < 3 => {
                     tracing::warn!(error = %e, "writing the final state failed; retrying");
@@ -200,6 +201,7 @@ impl Attempt<'_> {
                 }
             }
         }
+        None
     }
 
     /// How the attempt's ending is written; `None` when the lease is lost (nothing is written).

@@ -111,8 +111,9 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             .await;
         attempt.interrupt.cancel();
         stop_heartbeat.cancel();
-        attempt.finish(result).await;
-        ctx.metrics.attempt_ended(&attempt.row.name);
+        let state = attempt.finish(result).await;
+        ctx.metrics
+            .attempt_ended(&attempt.row.name, state.as_deref() == Some("succeeded"));
     }
     .instrument(span)
     .await
