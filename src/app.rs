@@ -156,7 +156,7 @@ impl Waiting<'_> {
             };
             match opened.await {
                 Ok(pool) => return Ok(Some(pool)),
-                Err(e) if self.until_idle => return Err(e),
+                Err(e) if self.until_idle || e.is_configuration() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "database not usable yet; retrying (/readyz answers 503 meanwhile)");
                     self.readiness.alive();

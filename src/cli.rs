@@ -340,7 +340,10 @@ pub async fn main(cli: Cli) -> ExitCode {
             // Every error of ours quotes its cause in its own message: `{e}` says it once
             // (the alternate form would repeat each cause after it).
             eprintln!("backfilld: {e}");
-            ExitCode::FAILURE
+            let configuration = e
+                .downcast_ref::<crate::error::Error>()
+                .is_some_and(crate::error::Error::is_configuration);
+            ExitCode::from(if configuration { 2 } else { 1 })
         }
     }
 }

@@ -34,6 +34,21 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// Bad configuration, found only on connecting (a `database.timezone` the server does not
+    /// know): waiting cannot fix it, so the daemon stops with exit status 2, as for a bad key.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_)
+                | Error::Connect {
+                    source: sqlx::Error::Configuration(_),
+                    ..
+                }
+        )
+    }
+}
+
 /// Why one attempt at a job stopped short of success.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {

@@ -849,3 +849,25 @@ async fn status_survives_a_closed_pipe_and_watches_an_approved_job_to_its_end(po
     let last = stdout(&out).lines().last().unwrap_or_default().to_owned();
     assert!(last.contains("\"succeeded\""), "{last}");
 }
+
+/// A configured time zone the server does not know is bad configuration, found on connecting:
+/// the daemon stops with status 2 naming it, where it had retried forever, unready, and `status`
+/// exited 1.
+#[sqlx::test]
+async fn an_unknown_configured_time_zone_exits_2(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_DATABASE__TIMEZONE", "Mars/Olympus")
+        .spawn();
+    let status = daemon.wait(std::time::Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(2), "{}", daemon.log());
+    assert!(daemon.log().contains("Mars/Olympus"), "{}", daemon.log());
+    let out = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["status"])
+        .env("DATABASE_URL", &db.url)
+        .env("BACKFILLD_DATABASE__TIMEZONE", "Mars/Olympus")
+        .output()
+        .expect("run backfilld");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
