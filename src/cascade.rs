@@ -23,6 +23,9 @@ pub struct Cascade {
     pub child: String,
     /// `CASCADE`, `SET NULL`, `SET DEFAULT`, `NO ACTION` or `RESTRICT`.
     pub on_delete: String,
+    /// The same for an update of the referenced columns (see `update_reaches`).
+    #[serde(skip)]
+    on_update: String,
     /// Child rows that reference a row the delete selects (for a key the target holds on
     /// itself, those it does not select: see `count_sql`); `None` when counting failed.
     pub child_rows: Option<i64>,
@@ -52,12 +55,14 @@ impl std::fmt::Display for Cascade {
 }
 
 impl Cascade {
+    /// The key's `ON UPDATE` action.
+    pub fn on_update(&self) -> &str {
+        &self.on_update
+    }
+
     /// Whether a delete of a referenced row changes child rows (rather than failing).
     pub fn changes_children(&self) -> bool {
-        matches!(
-            self.on_delete.as_str(),
-            "CASCADE" | "SET NULL" | "SET DEFAULT"
-        )
+        changes_children(&self.on_delete)
     }
 
     /// A key the target holds on itself that forbids the delete: rows the delete selects may
@@ -70,6 +75,11 @@ impl Cascade {
     fn blocks(&self) -> bool {
         !self.changes_children() && self.child_rows.is_some_and(|n| n > 0)
     }
+}
+
+/// Whether a referential action changes the child rows (rather than forbidding the change).
+fn changes_children(action: &str) -> bool {
+    matches!(action, "CASCADE" | "SET NULL" | "SET DEFAULT")
 }
 
 /// The referencing and the referenced columns of the foreign key `c` (a `pg_constraint` row), in
@@ -95,6 +105,8 @@ SELECT c.conname::text,
        format('%I.%I', n.nspname, t.relname),
        CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
                           WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
+       CASE c.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
+                          WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END,
        -- A key on the table itself, or (the target a partition) on a table it is part of.
        c.conrelid = c.confrelid
          OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
@@ -110,7 +122,57 @@ WHERE c.contype = 'f' AND c.confrelid = $1
 ORDER BY 1"
 );
 
-type Row = (String, String, String, bool, Vec<String>, Vec<String>);
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    bool,
+    Vec<String>,
+    Vec<String>,
+);
+
+/// The foreign keys referencing `target`, uncounted.
+async fn referencing<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    job: &str,
+    target: &Target,
+) -> Result<Vec<Cascade>, JobError> {
+    let rows: Vec<Row> = crate::sql::query_as(FOREIGN_KEYS)
+        .bind(sqlx::postgres::types::Oid(target.oid))
+        .fetch_all(db)
+        .await
+        .map_err(|e| {
+            JobError::sql(
+                job,
+                &target.display(),
+                "listing referencing foreign keys",
+                e,
+            )
+        })?;
+    Ok(rows.into_iter().map(cascade).collect())
+}
+
+/// An update that sets a column another table references `ON UPDATE CASCADE`, `SET NULL` or
+/// `SET DEFAULT` changes that table's rows too, which the archive cannot restore: the first such
+/// key and the assigned column it references.
+pub async fn update_reaches<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    job: &str,
+    target: &Target,
+    assigned: &[&str],
+) -> Result<Option<(Cascade, String)>, JobError> {
+    let keys = referencing(db, job, target).await?;
+    for c in keys.into_iter().filter(|c| changes_children(&c.on_update)) {
+        if let Some(a) = assigned
+            .iter()
+            .find(|a| c.parent_columns.iter().any(|p| p == *a))
+        {
+            return Ok(Some((c, a.to_string())));
+        }
+    }
+    Ok(None)
+}
 
 /// The foreign keys a delete of the rows `predicate` selects (keys up to `upper`) would cascade
 /// through or be forbidden by, each with its child-row count.
@@ -122,19 +184,7 @@ pub async fn find(
     predicate: &str,
     upper: &Key,
 ) -> Result<Vec<Cascade>, JobError> {
-    let rows: Vec<Row> = crate::sql::query_as(FOREIGN_KEYS)
-        .bind(sqlx::postgres::types::Oid(target.oid))
-        .fetch_all(pool)
-        .await
-        .map_err(|e| {
-            JobError::sql(
-                job,
-                &target.display(),
-                "listing referencing foreign keys",
-                e,
-            )
-        })?;
-    let mut cascades: Vec<Cascade> = rows.into_iter().map(cascade).collect();
+    let mut cascades = referencing(pool, job, target).await?;
     for c in &mut cascades {
         let children = count_sql(c, target, keyset, predicate, Linking::Children);
         c.child_rows = count(pool, c, &children, upper).await;
@@ -159,12 +209,13 @@ async fn count(pool: &Db, c: &Cascade, sql: &str, upper: &Key) -> Option<i64> {
 }
 
 fn cascade(
-    (constraint, child, on_delete, self_referencing, child_columns, parent_columns): Row,
+    (constraint, child, on_delete, on_update, self_referencing, child_columns, parent_columns): Row,
 ) -> Cascade {
     Cascade {
         constraint,
         child,
         on_delete,
+        on_update,
         child_rows: None,
         self_referencing,
         interlinked: None,

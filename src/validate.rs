@@ -170,42 +170,28 @@ async fn update_cascades(
     target: &Target,
     fragments: &Fragments,
 ) -> Result<(), JobError> {
-    let keys: Vec<(String, String, Vec<String>)> = crate::sql::query_as(
-        "SELECT (SELECT format('%s.%s', n.nspname, r.relname) FROM pg_class r
-                 JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid),
-                CASE c.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL'
-                                   ELSE 'SET DEFAULT' END,
-                ARRAY(SELECT a.attname::text FROM pg_attribute a
-                      WHERE a.attrelid = c.confrelid AND a.attnum = ANY (c.confkey))
-         FROM pg_constraint c
-         WHERE c.contype = 'f' AND c.confupdtype IN ('c', 'n', 'd')
-           AND (c.confrelid = $1
-                OR c.confrelid IN (SELECT relid FROM pg_partition_ancestors($1)))
-         ORDER BY 1",
-    )
-    .bind(sqlx::postgres::types::Oid(target.oid))
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| server(spec, target, e))?;
-    for (child, action, referenced) in keys {
-        let assigned = fragments
-            .assignments
-            .iter()
-            .find(|a| referenced.contains(&a.column));
-        if let Some(a) = assigned {
-            return Err(JobError::invalid(
-                &spec.name,
-                format!(
-                    "on {}: set_clause assigns {:?}, which {child} references ON UPDATE \
-                     {action}: the change would reach {child}'s rows, which the archive cannot \
-                     restore. Set allow_cascade = true on the job to run it anyway",
-                    target.display(),
-                    a.column
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let assigned: Vec<&str> = fragments
+        .assignments
+        .iter()
+        .map(|a| a.column.as_str())
+        .collect();
+    let Some((key, column)) =
+        crate::cascade::update_reaches(conn, &spec.name, target, &assigned).await?
+    else {
+        return Ok(());
+    };
+    Err(JobError::invalid(
+        &spec.name,
+        format!(
+            "on {}: set_clause assigns {column:?}, which {} references ON UPDATE {}: the change \
+             would reach {}'s rows, which the archive cannot restore. Set allow_cascade = true on \
+             the job to run it anyway",
+            target.display(),
+            key.child,
+            key.on_update(),
+            key.child
+        ),
+    ))
 }
 
 fn server(spec: &JobSpec, target: &Target, e: sqlx::Error) -> JobError {
