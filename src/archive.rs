@@ -131,7 +131,8 @@ impl ArchiveTable {
     /// `archive_table` is the daemon's to write, and a copied or typed one must never make a job
     /// write into, revert from, or expire another job's table (or any other).
     pub fn owned_by(table: &str, job_id: i64) -> bool {
-        table.ends_with(&format!("_j{job_id}")) && table.len() > format!("_j{job_id}").len()
+        let tail = format!("_j{job_id}");
+        table.len() > tail.len() && table.ends_with(&tail)
     }
 
     /// `orders_status_v1_20261121_j42`: readable, unique (job id), at most 63 bytes.

@@ -93,14 +93,15 @@ impl Names {
         }
     }
 
-    /// Replaces `{schema}` and `{jobs}` in a SQL template.
+    /// Replaces `{schema}`, `{jobs}` and `{job_row}` (`JobRow::columns`) in a SQL template.
     pub fn render(&self, template: &str) -> String {
         let rendered = template
             .replace("{jobs}", &self.jobs)
             .replace("{schema}", &quote_ident(&self.schema));
-        match rendered.contains("{job_row}") {
-            true => rendered.replace("{job_row}", &crate::job::JobRow::columns(None)),
-            false => rendered,
+        if rendered.contains("{job_row}") {
+            rendered.replace("{job_row}", &crate::job::JobRow::columns(None))
+        } else {
+            rendered
         }
     }
 }
