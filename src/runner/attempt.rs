@@ -157,8 +157,8 @@ impl Attempt<'_> {
         Throttle::from_row(&self.row, &cfg.batch).unwrap_or_else(|_| p.spec.throttle.clone())
     }
 
-    /// Writes how the attempt ended and updates metrics.
-    /// Writes how the attempt ended; returns the state written, `None` when nothing was.
+    /// Writes how the attempt ended and updates metrics; returns the state written, `None` when
+    /// nothing was (lease lost, or the write failed).
     pub(super) async fn finish(&self, result: Result<Outcome, JobError>) -> Option<String> {
         if let Err(e @ JobError::LeaseLost { .. }) = &result {
             self.count_error(e);
