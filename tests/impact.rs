@@ -712,6 +712,7 @@ async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(p
 #[sqlx::test]
 async fn dead_tuples_hold_a_job_only_while_autovacuum_will_clear_them(pool: PgPool) {
     let db = Db::new(pool).await;
+    let mut locks = Vec::new();
     for (table, scale) in [("never_due", 2.0), ("due", 0.2)] {
         db.exec(&format!(
             "CREATE TABLE {table} (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)
@@ -720,6 +721,16 @@ async fn dead_tuples_hold_a_job_only_while_autovacuum_will_clear_them(pool: PgPo
         ))
         .await;
         db.exec(&format!("VACUUM ANALYZE {table}")).await;
+        // The server's own autovacuum would clear the due table's dead tuples whenever its
+        // launcher comes by (once it did before the first batch, and no hold was seen): a lock
+        // that conflicts only with VACUUM and ANALYZE makes it skip the table (SKIP_LOCKED);
+        // the job's UPDATEs are not blocked.
+        if table == "due" {
+            locks.push(
+                db.hold("LOCK TABLE due IN SHARE UPDATE EXCLUSIVE MODE")
+                    .await,
+            );
+        }
         db.exec(&format!(
             "UPDATE {table} SET v = 1 WHERE id > 10000; SELECT pg_stat_force_next_flush();"
         ))
@@ -753,6 +764,9 @@ async fn dead_tuples_hold_a_job_only_while_autovacuum_will_clear_them(pool: PgPo
     .await;
     assert_eq!(db.job("due").await.rows_changed, 0, "held");
     // What autovacuum would do: then the held job runs.
+    for lock in locks {
+        lock.commit().await;
+    }
     db.exec("VACUUM due").await;
     daemon.wait_ok().await;
     for name in ["never_due", "due"] {
