@@ -285,6 +285,23 @@ impl ArchiveTable {
         Ok(())
     }
 
+    /// For an insert's archive (it has [`ROW_COLUMN`]): the key columns it holds, the target's
+    /// key when the insert ran, which its revert walks and deletes by even if the target has
+    /// had another key since. `None` for another archive, or none at all.
+    pub async fn insert_keys(
+        conn: &mut PgConnection,
+        names: &Names,
+        name: &str,
+    ) -> sqlx::Result<Option<Vec<String>>> {
+        let quoted = format!("{}.{}", quote_ident(&names.schema), quote_ident(name));
+        let found = columns_of(conn, &quoted).await?;
+        if !found.iter().any(|c| c.name == ROW_COLUMN) {
+            return Ok(None);
+        }
+        let keys = found.into_iter().map(|c| c.name);
+        Ok(Some(keys.filter(|c| c != ROW_COLUMN).collect()))
+    }
+
     /// Reads an existing archive's layout back (for revert): update archives are recognised by
     /// their after-value columns, and the touched columns are those between keys and after-values.
     pub async fn open(
@@ -318,7 +335,7 @@ impl ArchiveTable {
         }))
     }
 
-    /// Readies the archive for a revert: a unique index on the keys (built now, not during the
+    /// Readies the archive for a revert: an index on the keys (built now, not during the
     /// backfill, where it would slow every archived batch) so the revert can walk it by keyset,
     /// and fresh statistics, so the planner does not guess its row counts. Both under `timeout`
     /// instead of the batch `statement_timeout`. Then `vacuum_for_revert`.
@@ -331,8 +348,16 @@ impl ArchiveTable {
         wake: &CancellationToken,
     ) -> sqlx::Result<()> {
         let timeout = format!("{}ms", timeout.as_millis());
+        // An update or a delete archives a key once (the walk passes each key once). An
+        // insert walks its source's keys: a key it inserted, the application deleted and a
+        // later source row inserted again is archived twice, and its revert compares the
+        // current row with each image.
+        let unique = match self.kind {
+            ArchiveKind::Insert => "",
+            ArchiveKind::Update { .. } | ArchiveKind::Delete => "UNIQUE ",
+        };
         let index = format!(
-            "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
+            "CREATE {unique}INDEX IF NOT EXISTS {} ON {} ({})",
             quote_ident(&Self::index_name(&self.name)),
             self.quoted,
             column_list(self.keys.iter().map(String::as_str))

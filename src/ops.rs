@@ -282,7 +282,8 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
                              batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority,
                              parallelism, max_batch_ms, preset, allow_cascade, max_affected)
          SELECT $2, table_name, 'true', 'revert',
-                -- an insert's key_columns name its source's keys; its archive has the target's
+                -- an insert's key_columns name its source's keys; the revert reads the
+                -- target's, as the insert wrote by them, from the archive
                 CASE WHEN action = 'insert' THEN NULL ELSE key_columns END, 'execute', false, name,
                 batch_size, target_batch_ms, sleep_ms, max_rows_per_second, priority, parallelism,
                 max_batch_ms, preset, $3,

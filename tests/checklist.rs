@@ -687,6 +687,81 @@ async fn the_revert_of_an_insert_survives_added_and_dropped_columns(pool: PgPool
     assert_eq!(db.scalar_i64("SELECT id FROM copy").await, 7);
 }
 
+/// An insert walks its source's keys, so it can archive one target key twice: a row it
+/// inserted, deleted by the application, inserted again from a later source row (here a trigger
+/// standing in for the application deletes the first row as the second arrives). The revert
+/// built a unique index on the archive and failed with 23505 before restoring anything; it now
+/// deletes the row holding the second image and counts the first as skipped.
+#[sqlx::test]
+async fn the_revert_of_an_insert_handles_a_key_archived_twice(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, uid int NOT NULL, v text NOT NULL);
+         INSERT INTO ev SELECT g, CASE WHEN g = 30 THEN 5 ELSE g END, 'v' || g
+         FROM generate_series(1, 40) g;
+         CREATE TABLE latest (uid int PRIMARY KEY, v text NOT NULL);
+         CREATE FUNCTION replace_latest() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN DELETE FROM latest WHERE uid = NEW.uid; RETURN NEW; END $$;
+         CREATE TRIGGER replace_latest BEFORE INSERT ON latest
+         FOR EACH ROW EXECUTE FUNCTION replace_latest();",
+    )
+    .await;
+    insert_job("latest_in", "latest", "public.ev", "uid = uid, v = v")
+        .raw("archive", "true")
+        .raw("batch_size", "10")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("latest_in").await;
+    assert_eq!((job.state.as_str(), job.rows_changed), ("succeeded", 40));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM latest").await, 39);
+    db.exec("DROP TRIGGER replace_latest ON latest").await;
+    let reverted = db.revert("latest_in").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(
+        (reverted.rows_changed, reverted.rows_skipped),
+        (39, 1),
+        "the first image of uid 5 was deleted by the application"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM latest").await, 0);
+}
+
+/// The revert of an insert deletes by the key the insert wrote with, which its archive holds,
+/// even after the target gained another key: an expand/contract copy adds its primary key once
+/// the copy is done. The revert had taken the target's new key and failed with 42703 (the
+/// archive has no such column).
+#[sqlx::test]
+async fn the_revert_of_an_insert_keeps_the_key_it_was_written_by(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE s9 (id int PRIMARY KEY, v text);
+         INSERT INTO s9 SELECT g, 'v' || g FROM generate_series(1, 300) g;
+         CREATE TABLE t23 (id int NOT NULL UNIQUE, code text NOT NULL, v text);",
+    )
+    .await;
+    insert_job(
+        "t23_in",
+        "t23",
+        "public.s9",
+        "id = id, code = 'c' || id, v = v",
+    )
+    .raw("archive", "true")
+    .raw("batch_size", "100")
+    .insert(&db)
+    .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("t23_in").await.rows_changed, 300);
+    db.exec(
+        "ALTER TABLE t23 ADD PRIMARY KEY (code);
+         UPDATE t23 SET v = 'edited' WHERE id = 7;",
+    )
+    .await;
+    let reverted = db.revert("t23_in").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (299, 1));
+    assert_eq!(db.scalar_i64("SELECT id::bigint FROM t23").await, 7);
+}
+
 /// An insert archive holds each row as JSON, whose text for many types depends on the session
 /// that wrote it: a timestamptz (and a range, an array or a domain holding one) on `TimeZone`, an
 /// interval on `IntervalStyle`, a bytea on `bytea_output`. Reverted under other settings (an

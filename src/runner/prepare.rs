@@ -18,9 +18,18 @@ impl Attempt<'_> {
         };
         let (validated, source_archive) = if spec.action == Action::Revert {
             let table = ("table_name", spec.table_name.as_str());
-            let keys = spec.key_columns.as_deref();
+            let name = self.archive_name(&mut conn, &spec).await?;
+            let archived_keys = match &spec.key_columns {
+                Some(_) => None,
+                None => ArchiveTable::insert_keys(&mut conn, &self.ctx.names, &name)
+                    .await
+                    .map_err(self.err("opening the archive"))?,
+            };
+            let keys = spec.key_columns.as_deref().or(archived_keys.as_deref());
             let target = scope.resolve(&mut conn, &spec.name, table, keys).await?;
-            let archive = self.source_archive(&mut conn, &spec, &target).await?;
+            let archive = self
+                .source_archive(&mut conn, &spec, &name, &target)
+                .await?;
             // The archive's index build and the VACUUMs take minutes on a large table: not
             // inside this connection's transaction (behind a transaction pooler it is one, and
             // `idle_in_transaction_session_timeout` would end it), so it is handed back first.
@@ -64,13 +73,12 @@ impl Attempt<'_> {
         })
     }
 
-    /// The archive of the job a revert undoes (`ready_for_revert` indexes and vacuums it).
-    async fn source_archive(
+    /// The name of the archive of the job a revert undoes, checked to be that job's own.
+    async fn archive_name(
         &self,
         conn: &mut sqlx::PgConnection,
         spec: &JobSpec,
-        target: &Target,
-    ) -> Result<ArchiveTable, JobError> {
+    ) -> Result<String, JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
         let found: Option<(i64, Option<String>)> = crate::sql::query_as(
             &self
@@ -94,7 +102,19 @@ impl Attempt<'_> {
                 format!("archive_table {name:?} of job {original} is not that job's archive"),
             ));
         }
-        let archive = ArchiveTable::open(conn, &self.ctx.names, &name, target)
+        Ok(name)
+    }
+
+    /// The archive `name` of the job a revert undoes (`ready_for_revert` indexes and vacuums it).
+    async fn source_archive(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        spec: &JobSpec,
+        name: &str,
+        target: &Target,
+    ) -> Result<ArchiveTable, JobError> {
+        let original = spec.reverts.as_deref().unwrap_or_default();
+        let archive = ArchiveTable::open(conn, &self.ctx.names, name, target)
             .await
             .map_err(self.err("opening the archive"))?
             .ok_or_else(|| {
