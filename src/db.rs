@@ -46,6 +46,9 @@ pub struct Db {
     dates: Option<DateSettings>,
     /// Connections past the pooler (`database.direct_url`) for LISTEN and VACUUM.
     direct: Option<PgPool>,
+    /// Whether `direct` reaches the pool's database on the pool's server, checked once
+    /// (`direct_matches`).
+    direct_checked: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Db {
@@ -58,6 +61,7 @@ impl Db {
             set_local: String::new(),
             dates: None,
             direct: None,
+            direct_checked: Default::default(),
         }
     }
 
@@ -149,6 +153,7 @@ impl Db {
             set_local,
             dates: Some(dates),
             direct,
+            direct_checked: Default::default(),
         })
     }
 
@@ -193,18 +198,46 @@ impl Db {
         })
     }
 
-    /// Where session-level work goes: past the pooler when `direct_url` is set, else the pool
-    /// itself unless it is a transaction pooler.
-    fn sessions(&self) -> Option<&PgPool> {
-        self.direct
-            .as_ref()
-            .or((!self.pooled()).then_some(&self.pool))
+    /// Where session-level work goes: past the pooler when `direct_url` is set (and reaches
+    /// the pool's database: `direct_matches`), else the pool itself unless it is a transaction
+    /// pooler.
+    async fn sessions(&self) -> sqlx::Result<Option<&PgPool>> {
+        match &self.direct {
+            Some(direct) => Ok(self.direct_matches(direct).await?.then_some(direct)),
+            None => Ok((!self.pooled()).then_some(&self.pool)),
+        }
+    }
+
+    /// Whether `direct` (`database.direct_url`) reaches the database the pool does: the same
+    /// database name on a server started at the same instant. A URL naming another database (or
+    /// a standby) would VACUUM a table of the same name there, and LISTEN where no job is ever
+    /// inserted: such a URL is not used (logged once), as if it were not set. Checked once; a
+    /// check that fails to connect is tried again next time.
+    async fn direct_matches(&self, direct: &PgPool) -> sqlx::Result<bool> {
+        const WHERE: &str = "SELECT current_database()::text, pg_postmaster_start_time()::text";
+        let check = || async {
+            let pooled: (String, String) = crate::sql::query_as(WHERE).fetch_one(self).await?;
+            let reached: (String, String) = crate::sql::query_as(WHERE).fetch_one(direct).await?;
+            if pooled != reached {
+                tracing::error!(
+                    pool_database = %pooled.0,
+                    pool_server_started = %pooled.1,
+                    direct_database = %reached.0,
+                    direct_server_started = %reached.1,
+                    "database.direct_url reaches another database or server than the pool; not \
+                     using it: no LISTEN (the daemon polls) and no VACUUM (the bloat guard \
+                     waits for autovacuum). Point it at the server and database behind the pooler"
+                );
+            }
+            Ok::<_, sqlx::Error>(pooled == reached)
+        };
+        self.direct_checked.get_or_try_init(check).await.copied()
     }
 
     /// A connection for session-level work (VACUUM, session settings), or `None` through a
     /// transaction pooler without `database.direct_url`. Reset what you set before dropping it.
     pub async fn session(&self) -> sqlx::Result<Option<PoolConnection<Postgres>>> {
-        match self.sessions() {
+        match self.sessions().await? {
             Some(pool) => pool.acquire().await.map(Some),
             None => Ok(None),
         }
@@ -224,14 +257,9 @@ impl Db {
         }
     }
 
-    /// Whether `session` can return a connection.
-    pub fn has_session(&self) -> bool {
-        self.sessions().is_some()
-    }
-
     /// A LISTEN connection, or `None` through a transaction pooler without `direct_url`.
     pub async fn listener(&self) -> sqlx::Result<Option<PgListener>> {
-        match self.sessions() {
+        match self.sessions().await? {
             Some(pool) => PgListener::connect_with(pool).await.map(Some),
             None => Ok(None),
         }

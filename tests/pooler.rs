@@ -293,3 +293,67 @@ async fn floats_compare_exactly_through_a_transaction_pooler(pool: PgPool) {
     );
     drop(bouncer);
 }
+
+/// `database.direct_url` naming another database (a copy-paste of another service's URL) made
+/// the bloat guard VACUUM the table of the same name there, 13 times in the report, while the
+/// target's dead tuples stayed, with a log blaming a lock. The daemon now checks that the direct
+/// connection reaches the pool's database on the same server, and otherwise does not use it,
+/// saying so.
+#[sqlx::test]
+async fn a_direct_url_to_another_database_is_not_used(pool: PgPool) {
+    let direct = url_of(&pool);
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    // Test databases' names are 63 bytes long: another one needs a shorter name.
+    let other = format!("other_{}", &database[database.len() - 20..]);
+    let db = Db::new(pool).await;
+    db.exec(&format!("CREATE DATABASE \"{other}\"")).await;
+    let other_url = direct.replacen(&format!("/{database}"), &format!("/{other}"), 1);
+    assert_ne!(other_url, direct);
+    let elsewhere = PgPool::connect(&other_url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v int);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 1000) g;",
+    )
+    .execute(&elsewhere)
+    .await
+    .unwrap();
+    db.exec(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v int);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    NewJob::new("some", "items")
+        .predicate("id % 10 = 0 AND v = 0")
+        .set("v = 1")
+        .raw("batch_size", "20")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_DATABASE__POOL_MODE", "transaction")
+        .env("BACKFILLD_DATABASE__DIRECT_URL", &other_url)
+        .until_idle()
+        .spawn();
+    daemon.wait_ok().await;
+    let job = db.job("some").await;
+    assert_eq!(
+        (job.state.as_str(), job.rows_changed),
+        ("succeeded", 100),
+        "{:?}",
+        job.last_error
+    );
+    let vacuumed: i64 =
+        sqlx::query_scalar("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'items'")
+            .fetch_one(&elsewhere)
+            .await
+            .unwrap();
+    assert_eq!(vacuumed, 0, "the other database's table was VACUUMed");
+    let log = daemon.log();
+    assert!(
+        log.contains("database.direct_url reaches another database"),
+        "{log}"
+    );
+    elsewhere.close().await;
+    db.exec(&format!("DROP DATABASE \"{other}\" WITH (FORCE)"))
+        .await;
+}
