@@ -11,7 +11,7 @@ pub enum Error {
     Schema(#[from] SchemaError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("cannot connect to {server}: {source}")]
+    #[error("cannot connect to {server}: {source}{hint}", hint = connect_hint(source))]
     Connect { server: String, source: sqlx::Error },
     #[error("{0}")]
     Job(#[from] JobError),
@@ -46,6 +46,19 @@ impl Error {
                     ..
                 }
         )
+    }
+}
+
+/// What to do about a connection error whose cause is known: PgBouncer refuses the start-up
+/// options sqlx sends (`extra_float_digits`) unless told to ignore them, and the server's message
+/// does not name the setting that avoids them.
+pub fn connect_hint(source: &sqlx::Error) -> &'static str {
+    match source {
+        sqlx::Error::Database(e) if e.message().contains("unsupported startup parameter") => {
+            " (a connection pooler such as PgBouncer refuses start-up options: set \
+             database.pool_mode = \"transaction\", BACKFILLD_DATABASE__POOL_MODE=transaction)"
+        }
+        _ => "",
     }
 }
 

@@ -357,3 +357,28 @@ async fn a_direct_url_to_another_database_is_not_used(pool: PgPool) {
     db.exec(&format!("DROP DATABASE \"{other}\" WITH (FORCE)"))
         .await;
 }
+
+/// Through PgBouncer without `pool_mode = "transaction"`, the driver's start-up options are
+/// refused ("unsupported startup parameter: extra_float_digits"), and the message did not say
+/// which setting avoids them.
+#[sqlx::test]
+async fn a_pooler_refusing_start_up_options_names_the_setting(pool: PgPool) {
+    let direct = url_of(&pool);
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    let bouncer = Bouncer::start(&direct);
+    let out = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", bouncer.url(&database))
+        .output()
+        .expect("run backfilld");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("unsupported startup parameter"), "{stderr}");
+    assert!(
+        stderr.contains("database.pool_mode = \"transaction\""),
+        "{stderr}"
+    );
+    drop(bouncer);
+}
