@@ -460,8 +460,12 @@ fn print_verified(name: &str, remaining: i64, output: Output) {
 
 /// `backfilld wait`: the "ensure finished" gate.
 async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::Result<ExitCode> {
-    let (row, gate) = ops::wait(pool, names, &args.name, args.timeout, ops::WAIT_POLL).await?;
-    let mut message = gate.describe(&row);
+    let (row, gate, revert) =
+        ops::wait(pool, names, &args.name, args.timeout, ops::WAIT_POLL).await?;
+    let mut message = match &revert {
+        Some(revert) => ops::describe_reverted(&row, revert),
+        None => gate.describe(&row),
+    };
     if gate == Gate::TimedOut {
         message += &format!("; waited {}", humantime::format_duration(args.timeout));
     }
@@ -476,6 +480,7 @@ async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::R
                 "remaining": row.remaining,
                 "progress": row.progress(),
                 "last_error": row.last_error,
+                "reverted_by": revert.as_ref().map(|r| &r.name),
                 "message": message,
             })
         ),

@@ -411,6 +411,8 @@ pub enum Gate {
     AwaitingApproval,
     /// Still pending, running, paused (or approved but not yet claimed) when the wait ended.
     TimedOut,
+    /// Its change was undone, or is being undone, by a revert job (see [`revert_of`]).
+    Reverted,
 }
 
 impl Gate {
@@ -466,6 +468,7 @@ impl Gate {
             Gate::AwaitingApproval => format!(
                 "{name}: is a dry run awaiting approval (planned); approve it with `backfilld execute {name}`"
             ),
+            Gate::Reverted => format!("{name}: its change was reverted"),
             Gate::TimedOut => format!(
                 "{name}: still {} when the wait timed out ({}, {} rows changed, {} batches)",
                 match (row.state, row.requested_state.as_deref()) {
@@ -485,13 +488,46 @@ impl Gate {
     }
 }
 
+/// The revert that undid, undoes or will undo job `name`'s change: the latest job reverting it,
+/// unless that one failed or was cancelled before restoring anything.
+pub async fn revert_of(pool: &Db, names: &Names, name: &str) -> Result<Option<JobRow>> {
+    let latest: Option<JobRow> = crate::sql::query_as(
+        &names.render("SELECT {job_row} FROM {jobs} WHERE reverts = $1 ORDER BY id DESC LIMIT 1"),
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(latest
+        .filter(|r| r.rows_changed > 0 || !matches!(r.state, State::Failed | State::Cancelled)))
+}
+
+/// Why a job whose change a revert undid does not pass the gate, naming the revert.
+pub fn describe_reverted(row: &JobRow, revert: &JobRow) -> String {
+    let (name, by, restored) = (&row.name, &revert.name, revert.rows_changed);
+    match revert.state {
+        State::Succeeded => format!(
+            "{name}: was reverted by {by} ({restored} rows restored): its change is not in place"
+        ),
+        State::Failed | State::Cancelled => format!(
+            "{name}: was partly reverted by {by} ({} after restoring {restored} rows): its \
+             change is not wholly in place",
+            revert.state
+        ),
+        other => format!(
+            "{name}: is being reverted by {by} ({other}, {restored} rows restored so far): its \
+             change is being undone"
+        ),
+    }
+}
+
 /// How often `wait` reads the job row.
 pub const WAIT_POLL: Duration = Duration::from_secs(1);
 
 /// Polls the job row every `poll` until the job reaches a verdict or `timeout` passes. A failed
 /// poll on a transient error (connection lost, server restarting) is retried at the next poll; the
 /// first read is not, so a missing job is an error at once. No transaction or lock is held between
-/// polls, so ending the process at any moment is safe.
+/// polls, so ending the process at any moment is safe. A job that succeeded but whose change a
+/// revert undid (or is undoing) gets [`Gate::Reverted`], with that revert's row.
 #[tracing::instrument(skip(pool, names))]
 pub async fn wait(
     pool: &Db,
@@ -499,17 +535,26 @@ pub async fn wait(
     name: &str,
     timeout: Duration,
     poll: Duration,
-) -> Result<(JobRow, Gate)> {
+) -> Result<(JobRow, Gate, Option<JobRow>)> {
     // A timeout past what the clock can count is no deadline at all.
     let deadline = Instant::now().checked_add(timeout);
     let mut row = get(pool, names, name).await?;
     loop {
         if let Some(gate) = Gate::of(&row) {
-            return Ok((row, gate));
+            let undone = match gate {
+                Gate::Passed | Gate::Remaining | Gate::Unverified if row.reverts.is_none() => {
+                    revert_of(pool, names, name).await?
+                }
+                _ => None,
+            };
+            return Ok(match undone {
+                Some(revert) => (row, Gate::Reverted, Some(revert)),
+                None => (row, gate, None),
+            });
         }
         let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
-            return Ok((row, Gate::TimedOut));
+            return Ok((row, Gate::TimedOut, None));
         }
         tokio::time::sleep(poll.min(left)).await;
         match get(pool, names, name).await {

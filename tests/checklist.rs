@@ -907,7 +907,7 @@ async fn an_insert_relying_on_on_conflict_counts_only_rows_still_to_insert(pool:
     let job = db.job("copy").await;
     assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
     assert_eq!((job.rows_changed, job.remaining), (2900, Some(0)));
-    let (_, gate) = backfilld::ops::wait(
+    let (_, gate, _) = backfilld::ops::wait(
         &db.lib,
         &db.names,
         "copy",

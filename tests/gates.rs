@@ -341,3 +341,51 @@ async fn wait_times_out_on_a_running_job(pool: PgPool) {
     let bad = run(&db, &["wait", "slow", "--timeout", "soon"]).await;
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
+
+/// A gate passed a job whose change a revert had undone: `wait fill && DROP COLUMN old` would
+/// have run against restored rows. Now a revert that is queued, running, or has restored rows
+/// fails the gate, naming it; one that failed before restoring anything does not.
+#[sqlx::test]
+async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, s text);
+         INSERT INTO items SELECT g, NULL FROM generate_series(1, 50) g;",
+    )
+    .await;
+    NewJob::new("fill", "public.items")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(run(&db, &["wait", "fill"]).await.status.code(), Some(0));
+
+    assert!(run(&db, &["revert", "fill"]).await.status.success());
+    let queued = json(&db, &["wait", "fill"], 3).await;
+    assert_eq!(
+        (&queued["gate"], &queued["reverted_by"]),
+        (&"reverted".into(), &"fill__revert".into())
+    );
+    assert!(
+        queued["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fill: is being reverted by fill__revert (pending")),
+        "{queued}"
+    );
+
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let out = run(&db, &["wait", "fill"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("fill: was reverted by fill__revert (50 rows restored)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        run(&db, &["wait", "fill__revert"]).await.status.code(),
+        Some(0),
+        "the revert itself passes"
+    );
+}
