@@ -55,6 +55,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of a job whose table had no key when it started: nothing to walk.
+    pub fn of_empty_range() -> Plan {
+        Plan {
+            upper_bound: Value::Null,
+            keys_to_walk: Some(0),
+            estimate_basis: "the key range was empty when planned".into(),
+            ..Default::default()
+        }
+    }
+
     /// The plan as stored in the job row.
     pub fn from_stored(value: &Value) -> Result<Plan, serde_json::Error> {
         Plan::deserialize(value)

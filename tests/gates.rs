@@ -389,3 +389,49 @@ async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
         "the revert itself passes"
     );
 }
+
+/// A dry run on an empty table ended `succeeded` without an approval, so `wait` passed a job
+/// nobody approved and `execute` was refused. It now plans 0 rows and waits for the approval;
+/// the empty range is frozen, so rows that arrive before the approval are not changed unseen.
+#[sqlx::test]
+async fn a_dry_run_on_an_empty_table_plans_and_waits_for_approval(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, s text)")
+        .await;
+    NewJob::new("empty_dry", "public.items")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("empty_dry").await;
+    assert_eq!(job.state, "planned", "{:?}", job.last_error);
+    assert_eq!(job.plan.expect("a plan")["rows_matching"], 0);
+    let out = run(&db, &["wait", "empty_dry"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("awaiting approval"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(run(&db, &["status", "empty_dry"]).await.status.success());
+
+    db.exec("INSERT INTO items VALUES (1, NULL), (2, NULL)")
+        .await;
+    let out = run(&db, &["execute", "empty_dry"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("empty_dry").await;
+    assert_eq!(
+        (job.state.as_str(), job.rows_changed),
+        ("succeeded", 0),
+        "the approved plan covered no row: {:?}",
+        job.last_error
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM items WHERE s IS NULL")
+            .await,
+        2
+    );
+}

@@ -75,6 +75,17 @@ impl Attempt<'_> {
         let spec = JobSpec::from_row(&self.row, &cfg.batch, &cfg.safety)?;
         let p = self.prepare(spec, &cfg).await?;
         let Some(upper) = p.upper.clone() else {
+            // The empty range is frozen with the bound: an approved dry run changes nothing,
+            // as its plan said, even if rows arrive before the approval.
+            if p.spec.mode == Mode::DryRun {
+                if self.row.plan.is_none() {
+                    tracing::info!(
+                        "key range is empty: planned 0 rows; approve with `backfilld execute`"
+                    );
+                    self.store_plan(&Plan::of_empty_range()).await?;
+                }
+                return Ok(Outcome::Planned);
+            }
             tracing::info!("key range is empty; nothing to do");
             self.store(RowUpdate {
                 remaining: Some(0),

@@ -282,7 +282,7 @@ impl Attempt<'_> {
     }
 
     /// Stores the plan and the total it found (the progress denominator), and logs it.
-    async fn store_plan(&mut self, plan: &Plan) -> Result<(), JobError> {
+    pub(super) async fn store_plan(&mut self, plan: &Plan) -> Result<(), JobError> {
         let stored = plan.to_stored().map_err(|e| {
             JobError::invalid(&self.row.name, format!("the plan cannot be stored ({e})"))
         })?;
