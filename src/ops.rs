@@ -213,19 +213,31 @@ pub async fn request(pool: &Db, names: &Names, name: &str, requested: Requested)
 /// Approves a dry run: `mode = 'execute'`. A planned job becomes claimable again.
 pub async fn approve(pool: &Db, names: &Names, name: &str) -> Result<JobRow> {
     let job = get(pool, names, name).await?;
+    let refuse = |reason: String| Error::Refused {
+        job: name.into(),
+        reason,
+    };
     if job.state.is_finished() {
-        return Err(Error::Refused {
-            job: name.into(),
-            reason: format!("it already ended ({})", job.state),
-        });
+        return Err(refuse(format!("it already ended ({})", job.state)));
     }
-    crate::sql::query_as(
-        &names.render("UPDATE {jobs} SET mode = 'execute' WHERE name = $1 RETURNING {job_row}"),
-    )
+    if job.requested_state.as_deref() == Some("cancelled") {
+        return Err(refuse(format!(
+            "its cancel was requested ({}): a requested cancel is final",
+            job.state
+        )));
+    }
+    // The same conditions in the statement: a cancel requested since the read is not undone.
+    let approved: Option<JobRow> = crate::sql::query_as(&names.render(&format!(
+        "UPDATE {{jobs}} SET mode = 'execute'
+         WHERE name = $1 AND requested_state IS DISTINCT FROM 'cancelled'
+           AND state NOT IN {finished}
+         RETURNING {{job_row}}",
+        finished = State::finished_sql()
+    )))
     .bind(name)
-    .fetch_one(pool)
-    .await
-    .map_err(Error::from)
+    .fetch_optional(pool)
+    .await?;
+    approved.ok_or_else(|| refuse("it was cancelled or ended meanwhile".into()))
 }
 
 /// Enqueues a job that restores `name`'s before-images. Returns the revert job. Refused while
@@ -430,7 +442,10 @@ impl Gate {
             State::Failed => Some(Gate::Failed),
             State::Cancelled => Some(Gate::Cancelled),
             // An approved dry run stays `planned` until a replica claims it.
-            State::Planned if row.mode.as_deref() != Some("execute") => {
+            State::Planned
+                if row.mode.as_deref() != Some("execute")
+                    && row.requested_state.as_deref() != Some("cancelled") =>
+            {
                 Some(Gate::AwaitingApproval)
             }
             _ => None,
@@ -472,6 +487,7 @@ impl Gate {
             Gate::TimedOut => format!(
                 "{name}: still {} when the wait timed out ({}, {} rows changed, {} batches)",
                 match (row.state, row.requested_state.as_deref()) {
+                    (_, Some("cancelled")) => "waiting for a replica to apply its cancel",
                     (State::Planned, Some("paused")) => "planned (approved, but paused: resume it)",
                     (State::Planned, _) => "planned (approved, not yet claimed by a replica)",
                     (other, _) => other.as_str(),

@@ -435,3 +435,40 @@ async fn a_dry_run_on_an_empty_table_plans_and_waits_for_approval(pool: PgPool) 
         2
     );
 }
+
+/// `execute` approved a planned job whose cancel had been requested, and `wait` then told the
+/// user to approve it: a requested cancel is final, so both now say so.
+#[sqlx::test]
+async fn a_requested_cancel_is_not_approved_away(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, s text); INSERT INTO items VALUES (1, NULL);")
+        .await;
+    NewJob::new("dry1", "public.items")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert!(run(&db, &["cancel", "dry1"]).await.status.success());
+    let out = run(&db, &["wait", "dry1", "--timeout", "1s"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("waiting for a replica to apply its cancel"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&db, &["execute", "dry1"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("its cancel was requested"),
+        "{}",
+        stderr(&out)
+    );
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("dry1").await;
+    assert_eq!(
+        (job.state.as_str(), job.mode.as_deref()),
+        ("cancelled", Some("dry_run"))
+    );
+}
