@@ -149,7 +149,22 @@ async fn insert_job(
             own_schema: &names.schema,
             allowed_tables: &cfg.safety.allowed_tables,
         };
-        crate::validate::job(conn, &spec, scope, crate::validate::Parts::All).await?;
+        let missing = crate::validate::missing_privileges(conn, &spec, scope).await?;
+        if missing.is_empty() {
+            crate::validate::job(conn, &spec, scope, crate::validate::Parts::All).await?;
+        } else {
+            let role: String = crate::sql::query_scalar("SELECT current_user::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            tracing::warn!(
+                job = %job.name,
+                role,
+                missing = %missing.join(", "),
+                "enqueued without checking the predicate and set clause: this role may not run \
+                 the job's statements (a replica's role runs them); the replica checks them when \
+                 it claims the job, and fails it with the cause if they are wrong"
+            );
+        }
     }
     Ok(row)
 }

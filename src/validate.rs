@@ -194,6 +194,62 @@ async fn update_cascades(
     ))
 }
 
+/// The privileges the connected role lacks on the job's tables to run its statements, e.g.
+/// `UPDATE on public.orders` (empty when it has them all). The server-side checks of the
+/// fragments run the job's statements, so a role without them (a requester that may only insert
+/// job rows) would see every fragment "rejected" for a permission a replica's role has. Resolves
+/// the tables first, with their usual errors.
+pub async fn missing_privileges(
+    conn: &mut PgConnection,
+    spec: &JobSpec,
+    scope: Scope<'_>,
+) -> Result<Vec<String>, JobError> {
+    let table = ("table_name", spec.table_name.as_str());
+    let mut needs = Vec::new();
+    match spec.action {
+        Action::Insert => {
+            let source = (
+                "source_table",
+                spec.source_table.as_deref().unwrap_or_default(),
+            );
+            let keys = spec.key_columns.as_deref();
+            let from = scope.resolve(conn, &spec.name, source, keys).await?;
+            needs.push((from, "SELECT"));
+            let into = scope.resolve(conn, &spec.name, table, None).await?;
+            needs.extend([(into.clone(), "SELECT"), (into, "INSERT")]);
+        }
+        Action::Update | Action::Delete => {
+            let keys = spec.key_columns.as_deref();
+            let target = scope.resolve(conn, &spec.name, table, keys).await?;
+            let write = if spec.action == Action::Update {
+                "UPDATE"
+            } else {
+                "DELETE"
+            };
+            needs.extend([(target.clone(), "SELECT"), (target, write)]);
+        }
+        Action::Revert => {}
+    }
+    let mut missing = Vec::new();
+    for (target, privilege) in needs {
+        // Column privileges count (`GRANT UPDATE (status)`): the server checks the columns.
+        let check = match privilege {
+            "DELETE" => "SELECT has_table_privilege($1::oid, $2)",
+            _ => "SELECT has_any_column_privilege($1::oid, $2)",
+        };
+        let granted: bool = crate::sql::query_scalar(check)
+            .bind(target.oid as i64)
+            .bind(privilege)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| server(spec, &target, e))?;
+        if !granted {
+            missing.push(format!("{privilege} on {}", target.display()));
+        }
+    }
+    Ok(missing)
+}
+
 fn server(spec: &JobSpec, target: &Target, e: sqlx::Error) -> JobError {
     JobError::sql(&spec.name, &target.display(), "validating fragments", e)
 }

@@ -871,3 +871,74 @@ async fn an_unknown_configured_time_zone_exits_2(pool: PgPool) {
         .expect("run backfilld");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// A requester with the README's grants (it may insert job rows, and nothing on the target)
+/// could not `enqueue` at all: the fragment checks ran the job's statements as the requester,
+/// and every predicate was "rejected by PostgreSQL" for a permission only the replica's role
+/// needs. Now the job is enqueued with a warning naming what the role lacks, and the replica
+/// checks the fragments at its claim. A typo in the table is still refused at once.
+#[sqlx::test]
+async fn a_requester_without_rights_on_the_table_can_enqueue(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let database = db.scalar_text("SELECT current_database()").await;
+    let suffix: String = database
+        .chars()
+        .rev()
+        .filter(char::is_ascii_alphanumeric)
+        .take(20)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let (group, bob) = (format!("req_{suffix}"), format!("bob_{suffix}"));
+    db.exec(&format!(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric);
+         INSERT INTO orders SELECT g, g % 7 - 1 FROM generate_series(1, 100) g;
+         CREATE ROLE {group} NOLOGIN;
+         GRANT USAGE ON SCHEMA backfill TO {group};
+         GRANT SELECT, INSERT, UPDATE (requested_state, mode) ON backfill.jobs TO {group};
+         CREATE ROLE {bob} LOGIN PASSWORD 'bob' IN ROLE {group};"
+    ))
+    .await;
+    let as_bob = db.url_as(&bob, "bob");
+    let enqueue = |name: &str, table: &str| {
+        backfilld(
+            &as_bob,
+            &[
+                "enqueue",
+                "--name",
+                name,
+                "--table",
+                table,
+                "--predicate",
+                "total < 0",
+                "--set",
+                "total = 0",
+                "--execute",
+            ],
+        )
+    };
+    let out = enqueue("fix_1", "public.orders");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("enqueued without checking the predicate and set clause")
+            && stderr(&out).contains("SELECT on public.orders"),
+        "{}",
+        stderr(&out)
+    );
+    let out = enqueue("typo", "public.ordrs");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("ordrs"), "{}", stderr(&out));
+
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("fix_1").await;
+    assert_eq!(
+        (job.state.as_str(), job.rows_changed),
+        ("succeeded", 14),
+        "{:?}",
+        job.last_error
+    );
+    db.exec(&format!(
+        "REVOKE ALL ON backfill.jobs FROM {group}; REVOKE ALL ON SCHEMA backfill FROM {group};
+         DROP ROLE {bob}; DROP ROLE {group};"
+    ))
+    .await;
+}
