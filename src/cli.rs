@@ -241,6 +241,8 @@ impl CheckArgs {
 }
 
 #[derive(Debug, Args)]
+// `--priority -5` is a value, not an unknown option (and `--sleep-ms -5` gets its range error).
+#[command(allow_negative_numbers = true)]
 pub struct EnqueueArgs {
     /// The job's name (unique forever). With --from-csv it may be left out: the name is then
     /// made from the table, the file's name and a digest of its content
@@ -270,7 +272,8 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "TABLE")]
     pub source_table: Option<String>,
     /// For delete: run although foreign keys cascade into child tables (the archive cannot
-    /// restore their rows; the plan still lists them).
+    /// restore their rows; the plan still lists them). For update: run although it sets a column
+    /// other tables reference ON UPDATE CASCADE, SET NULL or SET DEFAULT.
     #[arg(long)]
     pub allow_cascade: bool,
     /// Keyset columns (comma-separated, bare or quoted as in SQL); default: the primary key.
@@ -846,5 +849,24 @@ mod tests {
         assert_eq!(super::rough_duration(4.4), "4s");
         assert_eq!(super::rough_duration(725.0), "12m 05s");
         assert_eq!(super::rough_duration(12_000.0), "3h 20m");
+    }
+
+    #[test]
+    fn negative_numbers_are_values() {
+        use clap::Parser;
+        let args = ["backfilld", "enqueue", "--name", "n", "--table", "t"];
+        let rest = [
+            "--predicate",
+            "true",
+            "--priority",
+            "-5",
+            "--sleep-ms",
+            "-1",
+        ];
+        let cli = super::Cli::try_parse_from(args.iter().chain(&rest)).expect("parses");
+        let super::Command::Enqueue(e) = cli.command else {
+            panic!("not enqueue")
+        };
+        assert_eq!((e.priority, e.sleep_ms), (Some(-5), Some(-1)));
     }
 }
