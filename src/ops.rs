@@ -493,10 +493,12 @@ impl Gate {
                 row.remaining.unwrap_or_default()
             ),
             Gate::Unverified => format!(
-                "{name}: succeeded but is unverified (remaining is unknown); run `backfilld verify {name}`"
+                "{name}: succeeded but is unverified (remaining is unknown); run `backfilld verify {}`",
+                shell_arg(name)
             ),
             Gate::AwaitingApproval => format!(
-                "{name}: is a dry run awaiting approval (planned); approve it with `backfilld execute {name}`"
+                "{name}: is a dry run awaiting approval (planned); approve it with `backfilld execute {}`",
+                shell_arg(name)
             ),
             Gate::Reverted => format!("{name}: its change was reverted"),
             Gate::TimedOut => format!(
@@ -548,6 +550,22 @@ pub fn describe_reverted(row: &JobRow, revert: &JobRow) -> String {
             "{name}: is being reverted by {by} ({other}, {restored} rows restored so far): its \
              change is being undone"
         ),
+    }
+}
+
+/// A job name as a shell argument, for commands a message suggests: bare when it is plainly safe,
+/// else in single quotes (each `'` as `'\''`); after `--` when it starts with a dash.
+pub fn shell_arg(name: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.,:/=@%+".contains(c);
+    let word = if !name.is_empty() && name.chars().all(plain) {
+        name.to_owned()
+    } else {
+        format!("'{}'", name.replace('\'', "'\\''"))
+    };
+    if name.starts_with('-') {
+        format!("-- {word}")
+    } else {
+        word
     }
 }
 
@@ -604,5 +622,19 @@ fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| is_transient_sqlstate(&c)),
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_arg;
+
+    #[test]
+    fn suggested_commands_quote_names_for_the_shell() {
+        assert_eq!(shell_arg("orders_status_v1"), "orders_status_v1");
+        assert_eq!(shell_arg("it's mine"), r"'it'\''s mine'");
+        assert_eq!(shell_arg("a;rm -rf"), "'a;rm -rf'");
+        assert_eq!(shell_arg("-dash"), "-- -dash");
+        assert_eq!(shell_arg("$HOME"), "'$HOME'");
     }
 }
