@@ -114,8 +114,19 @@ impl Check {
         let bad = || CheckError::BadReference {
             given: references.into(),
         };
-        let (parent, rest) = references.trim().rsplit_once('(').ok_or_else(bad)?;
-        let parent_column = rest.strip_suffix(')').ok_or_else(bad)?.trim();
+        let given = references.trim();
+        // The last `(` outside double quotes opens the column: `public.pp("a(b)")`.
+        let mut open = None;
+        let mut quoted = false;
+        for (i, c) in given.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                '(' if !quoted => open = Some(i),
+                _ => {}
+            }
+        }
+        let (parent, rest) = given.split_at(open.ok_or_else(bad)?);
+        let parent_column = rest[1..].strip_suffix(')').ok_or_else(bad)?.trim();
         if parent.trim().is_empty() || parent_column.is_empty() {
             return Err(bad());
         }
@@ -183,9 +194,10 @@ pub async fn run(
     names: &Names,
     cfg: &Config,
     table: &str,
+    key_columns: Option<&[String]>,
     checks: &[Check],
 ) -> Result<Report, CheckError> {
-    let target = resolve(pool, names, cfg, table).await?;
+    let target = resolve(pool, names, cfg, table, key_columns).await?;
     let mut resolved = Resolved::default();
     for check in checks {
         resolved.add(pool, &target, check).await?;
@@ -226,6 +238,7 @@ async fn resolve(
     names: &Names,
     cfg: &Config,
     table: &str,
+    key_columns: Option<&[String]>,
 ) -> Result<Target, CheckError> {
     let mut conn = pool
         .acquire()
@@ -234,11 +247,14 @@ async fn resolve(
     let resolve = Resolve {
         job: LABEL,
         table_name: table,
-        key_columns: None,
+        key_columns,
         own_schema: &names.schema,
         allowed_tables: &cfg.safety.allowed_tables,
     };
-    let target = resolve.run(&mut conn).await.map_err(|e| match e {
+    let resolved = resolve.run(&mut conn).await;
+    // The windows' aliases start with the reserved prefix, as a job's statements' do.
+    let resolved = resolved.and_then(|t| crate::validate::reserved_names(LABEL, t));
+    let target = resolved.map_err(|e| match e {
         JobError::Invalid { reason, .. } => CheckError::Refused {
             table: table.into(),
             reason,
@@ -285,6 +301,7 @@ impl Resolved {
                 parent_column,
             } => {
                 let parent = find_parent(pool, parent, parent_column).await?;
+                comparable(pool, target, column, &parent, parent_column).await?;
                 self.orphans(target, column, &parent, parent_column)
             }
         }
@@ -394,14 +411,63 @@ struct Parent {
     display: String,
     /// The parent column's collation, quoted (`None` for a type without one).
     collation: Option<String>,
+    /// The parent column's type (`format_type`).
+    sql_type: String,
+}
+
+/// Whether the child column's values can be compared with the parent column's, as a foreign key
+/// between them needs: a refusal naming both types, rather than the counting statement's
+/// SQLSTATE ("collations are not supported by type integer" for an integer against a text key).
+async fn comparable(
+    pool: &Db,
+    target: &Target,
+    column_name: &str,
+    parent: &Parent,
+    parent_column: &str,
+) -> Result<(), CheckError> {
+    let child = column(target, column_name)?;
+    let probe = format!(
+        "SELECT NULL::{} = NULL::{}{}",
+        child.sql_type,
+        parent.sql_type,
+        parent
+            .collation
+            .as_ref()
+            .map_or(String::new(), |c| format!(" COLLATE {c}"))
+    );
+    match crate::sql::query(&probe).execute(pool).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42883" | "42804")) => {
+            Err(CheckError::Refused {
+                table: target.display(),
+                reason: format!(
+                    "--orphans {column_name} ({}) cannot be compared with {}({parent_column}) \
+                     ({}): {}",
+                    child.sql_type,
+                    parent.display,
+                    parent.sql_type,
+                    e.message()
+                ),
+            })
+        }
+        Err(e) => Err(CheckError::Sql(JobError::sql(
+            LABEL,
+            &target.display(),
+            "comparing the column types",
+            e,
+        ))),
+    }
 }
 
 /// The parent table of an orphans check, resolved by the server like a target, and whether it has
 /// the column. It is only read (one probe per child row), so the allowlist, which names the tables
 /// jobs may change, does not apply to it.
 async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, CheckError> {
-    let row: Option<(String, String, bool, Option<String>)> = crate::sql::query_as(
+    // Schema, table, whether it has the column, and the column's type and collation.
+    type Found = (String, String, bool, Option<String>, Option<String>);
+    let row: Option<Found> = crate::sql::query_as(
         "SELECT n.nspname::text, c.relname::text, a.attnum IS NOT NULL,
+                format_type(a.atttypid, a.atttypmod),
                 (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname)
                  FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace
                  WHERE co.oid = a.attcollation)
@@ -416,7 +482,7 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, Che
     .fetch_optional(pool)
     .await
     .map_err(|e| CheckError::Sql(JobError::sql(LABEL, given, "resolving the parent table", e)))?;
-    let Some((schema, table, has_column, collation)) = row else {
+    let Some((schema, table, has_column, sql_type, collation)) = row else {
         return Err(CheckError::NoParent {
             given: given.into(),
         });
@@ -432,6 +498,7 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, Che
         quoted: crate::sql::qualified(&schema, &table),
         display,
         collation,
+        sql_type: sql_type.unwrap_or_default(),
     })
 }
 

@@ -215,6 +215,10 @@ pub struct CheckArgs {
     /// The parent of --orphans, e.g. public.customers(id).
     #[arg(long, value_name = "PARENT(COL)", requires = "orphans")]
     pub references: Vec<String>,
+    /// Keyset columns to walk (comma-separated, bare or quoted as in SQL): unique and NOT NULL
+    /// together; default: the primary key.
+    #[arg(long, visible_alias = "key", value_name = "COL[,COL]")]
+    pub key_columns: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -505,7 +509,8 @@ async fn run_check(
     args: &CheckArgs,
 ) -> anyhow::Result<ExitCode> {
     let checks = args.checks()?;
-    let report = check::run(pool, names, cfg, &args.table, &checks).await?;
+    let keys = args.key_columns.as_deref().map(crate::sql::split_idents);
+    let report = check::run(pool, names, cfg, &args.table, keys.as_deref(), &checks).await?;
     print_report(&report, args.output);
     Ok(if report.passed() {
         ExitCode::SUCCESS

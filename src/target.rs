@@ -234,8 +234,8 @@ impl Resolve<'_> {
             None => indexes.iter().find(|i| i.not_null).ok_or_else(|| {
                 self.invalid(format!(
                     "table {display} has no primary key or unique index on NOT NULL columns \
-                     (under the columns' own collations and default operator classes); add one \
-                     (or a unique NOT NULL column) and name it in key_columns"
+                     (under the columns' own collations and default operator classes); add \
+                     one (or a unique constraint on NOT NULL columns), which is then found"
                 ))
             })?,
         };

@@ -57,7 +57,7 @@ pub const RESERVED_PREFIX: &str = "_bf_";
 
 /// A table with a column named like backfilld's own would be misread: a delete's archive of a
 /// table with a `_bf_row` column reads as an insert's, and its revert restores nothing.
-fn reserved_names(job: &str, target: Target) -> Result<Target, JobError> {
+pub(crate) fn reserved_names(job: &str, target: Target) -> Result<Target, JobError> {
     match target
         .columns
         .iter()
@@ -67,7 +67,8 @@ fn reserved_names(job: &str, target: Target) -> Result<Target, JobError> {
             job,
             format!(
                 "on {}: column {:?} starts with {RESERVED_PREFIX:?}, which backfilld reserves \
-                 for its own aliases and archive columns; rename the column to run this job",
+                 for its own aliases and archive columns; rename the column to use backfilld on \
+                 this table",
                 target.display(),
                 c.name
             ),

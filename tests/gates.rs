@@ -472,3 +472,84 @@ async fn a_requested_cancel_is_not_approved_away(pool: PgPool) {
         ("cancelled", Some("dry_run"))
     );
 }
+
+/// `check` edge cases a review found: a quoted parent column holding `(` was split at the wrong
+/// parenthesis; a table with a `_bf_` column failed with a raw 42702 (its aliases collided) where
+/// jobs refuse it by name; a table keyed by a unique NOT NULL column other than a primary key
+/// could not be walked (the message advised `key_columns`, which `check` did not take); an
+/// integer child against a text parent failed with "collations are not supported by type
+/// integer".
+#[sqlx::test]
+async fn check_parses_quoted_parents_takes_key_columns_and_names_its_refusals(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        r#"CREATE TABLE pp (id int PRIMARY KEY, "a(b)" int UNIQUE);
+           INSERT INTO pp VALUES (1, 10), (2, 20);
+           CREATE TABLE child (id int PRIMARY KEY, pid int);
+           INSERT INTO child VALUES (1, 10), (2, 30), (3, NULL);
+           CREATE TABLE bfk (id int PRIMARY KEY, "_bf_rows" int);
+           CREATE TABLE nokey (a int NOT NULL, b int, c int UNIQUE);
+           CREATE UNIQUE INDEX nokey_a ON nokey (a);
+           INSERT INTO nokey VALUES (1, NULL, 1), (2, 5, 2);
+           CREATE TABLE tparent (code text PRIMARY KEY);"#,
+    )
+    .await;
+    let report = json(
+        &db,
+        &[
+            "check",
+            "public.child",
+            "--orphans",
+            "pid",
+            "--references",
+            r#"public.pp("a(b)")"#,
+        ],
+        3,
+    )
+    .await;
+    assert_eq!(report["findings"][0]["violations"], 1, "{report}");
+
+    let out = run(&db, &["check", "public.bfk", "--unique", "_bf_rows"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(r#"column "_bf_rows" starts with "_bf_""#),
+        "{}",
+        stderr(&out)
+    );
+
+    let report = json(
+        &db,
+        &[
+            "check",
+            "public.nokey",
+            "--not-null",
+            "b",
+            "--key-columns",
+            "a",
+        ],
+        3,
+    )
+    .await;
+    assert_eq!(report["findings"][0]["violations"], 1, "{report}");
+
+    let out = run(
+        &db,
+        &[
+            "check",
+            "public.child",
+            "--orphans",
+            "pid",
+            "--references",
+            "public.tparent(code)",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(
+            "--orphans pid (integer) cannot be compared with public.tparent(code) (text)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
