@@ -1350,3 +1350,54 @@ async fn an_insert_guards_the_table_it_writes(pool: PgPool) {
     assert!(db.scalar_i64(&vacuums("dst")).await >= 1);
     assert_eq!(db.scalar_i64(&vacuums("src")).await, 0);
 }
+
+/// An insert's plan counted as already inserted two kinds of source rows that the batches then
+/// failed on: one conflicting on a unique key that `ON CONFLICT` does not arbitrate (the target
+/// has a deferrable constraint, so the statement names its key), and one whose value is too long
+/// for a `varchar(n)` key (the count's explicit cast cut it to an existing key). Both now count
+/// as still to insert, so the plan does not call the job idempotent.
+#[sqlx::test]
+async fn an_insert_plan_counts_rows_its_batches_would_fail_on(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE s16 (id int PRIMARY KEY, email text, code int);
+         INSERT INTO s16 SELECT g, 'e' || g, g FROM generate_series(1, 100) g;
+         CREATE TABLE t16 (id int PRIMARY KEY, email text UNIQUE,
+                           code int UNIQUE DEFERRABLE INITIALLY IMMEDIATE);
+         INSERT INTO t16 VALUES (100000, 'e50', -1), (7, 'e7', 7);
+         CREATE TABLE s10 (id int PRIMARY KEY, code text);
+         INSERT INTO s10 SELECT g, 'c' || lpad(g::text, 2, '0') FROM generate_series(1, 99) g;
+         INSERT INTO s10 VALUES (100, 'c05X');
+         CREATE TABLE t10 (code varchar(3) PRIMARY KEY);
+         INSERT INTO t10 VALUES ('c05');",
+    )
+    .await;
+    insert_job(
+        "ins_email",
+        "t16",
+        "public.s16",
+        "id = id, email = email, code = code",
+    )
+    .text("mode", "dry_run")
+    .insert(&db)
+    .await;
+    insert_job("ins_code", "t10", "public.s10", "code = code")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let matching = |job: backfilld::job::JobRow| {
+        assert_eq!(job.state, "planned", "{:?}", job.last_error);
+        job.plan.expect("a plan")["rows_matching"].as_i64().unwrap()
+    };
+    assert_eq!(
+        matching(db.job("ins_email").await),
+        99,
+        "id 7 exists; 'e50' conflicts on email, which ON CONFLICT (id) does not skip"
+    );
+    assert_eq!(
+        matching(db.job("ins_code").await),
+        99,
+        "'c05' exists; 'c05X' is not 'c05'"
+    );
+}

@@ -17,7 +17,7 @@ use crate::archive::ArchiveTable;
 use crate::fragment::{Fragments, ServerCheck, insert_select};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
-use crate::target::{Target, UniqueIndex};
+use crate::target::{Conflicts, Target, UniqueIndex};
 use sqlx::PgConnection;
 
 #[derive(Debug, Clone)]
@@ -61,11 +61,20 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
     )
 }
 
-/// The unique indexes of the insert's target that `ON CONFLICT DO NOTHING` checks: not
-/// deferrable (plain columns and not partial, as every [`UniqueIndex`] is).
+/// The unique indexes of the insert's target whose conflicts `ON CONFLICT DO NOTHING` skips: not
+/// deferrable (plain columns and not partial, as every [`UniqueIndex`] is), and where deferrable
+/// constraints make the statement name its arbiter ([`Conflicts::Keys`]), that one only: a
+/// source row that conflicts on another key fails the batch, so it is not already inserted.
 async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueIndex>> {
     let all = crate::target::unique_indexes(conn, into.oid).await?;
-    Ok(all.into_iter().filter(|k| k.immediate).collect())
+    let arbiter = |k: &UniqueIndex| match into.conflicts {
+        Conflicts::Any => true,
+        Conflicts::Keys => k.columns.iter().eq(into.keys.iter().map(|c| &c.name)),
+    };
+    Ok(all
+        .into_iter()
+        .filter(|k| k.immediate && arbiter(k))
+        .collect())
 }
 
 /// An insert job's fragments, shape-checked and parsed by the server: `(written, counted)`, the
@@ -146,7 +155,10 @@ pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueIndex]) -> 
                 .iter()
                 .zip(&key.declared_types)
                 .enumerate()
-                .map(|(i, (a, ty))| format!("_bf_t._bf_u{i} {equal} CAST(({}) AS {ty})", a.expr))
+                .map(|(i, (a, ty))| {
+                    let ty = untruncated(ty);
+                    format!("_bf_t._bf_u{i} {equal} CAST(({}) AS {ty})", a.expr)
+                })
                 .collect();
             // `OFFSET 0` keeps the subquery a per-row probe of the key's index: as an anti-join
             // the planner hashes the whole target once a window is large (measured: a 35k-row
@@ -164,6 +176,18 @@ pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueIndex]) -> 
         return f.predicate.clone();
     }
     format!("({}) AND {}", f.predicate, absent.join(" AND "))
+}
+
+/// The type a value is compared as with a key of declared type `ty`: as the INSERT would store
+/// it, except that an explicit cast to `character varying(n)` cuts a longer value to `n`
+/// characters where the INSERT's assignment fails (22001), so a source row `c05X` would count as
+/// already inserted under the key `c05`. Compared unbounded, it counts as still to insert, as
+/// it is: its batch fails with 22001, where the plan had called the job idempotent.
+fn untruncated(ty: &str) -> &str {
+    match ty.strip_prefix("character varying(") {
+        Some(rest) if rest.ends_with(')') && !rest.contains('[') => "character varying",
+        _ => ty,
+    }
 }
 
 #[cfg(test)]
