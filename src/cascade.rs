@@ -299,11 +299,13 @@ fn count_sql(
 /// has referencing rows it would leave behind (no job setting helps: the batch reaching one
 /// fails), or while keys cascade and the job does not allow it. Returns the cascading keys, for
 /// the plan to list, and a warning per tree whose selected rows reference each other.
+/// `reverting`: the job is the revert of an insert, whose rows are not chosen by a predicate.
 pub fn judge(
     job: &str,
     target: &Target,
     found: Vec<Cascade>,
     allow_cascade: bool,
+    reverting: bool,
 ) -> Result<(Vec<Cascade>, Vec<String>), JobError> {
     let blocking: Vec<String> = found
         .iter()
@@ -311,12 +313,22 @@ pub fn judge(
         .map(Cascade::to_string)
         .collect();
     if !blocking.is_empty() {
+        let (what, remedy) = match reverting {
+            true => (
+                "the revert's delete of the inserted rows",
+                "Delete or re-point those rows first, then revert again",
+            ),
+            false => (
+                "a delete",
+                "Delete or re-point those rows first, or leave the referenced rows out of the \
+                 predicate",
+            ),
+        };
         return Err(JobError::invalid(
             job,
             format!(
-                "a delete on {} would fail at the first batch reaching a row other rows still \
-                 reference: {}. Delete or re-point those rows first, or leave the referenced \
-                 rows out of the predicate",
+                "{what} on {} would fail at the first batch reaching a row other rows still \
+                 reference: {}. {remedy}",
                 target.display(),
                 blocking.join("; ")
             ),

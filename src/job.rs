@@ -399,24 +399,27 @@ impl JobSpec {
 /// A job's name is how commands, logs and metric labels refer to it: it must be visible text.
 /// A bad name is quoted with the row's id, which is what still identifies the job.
 fn check_name(row: &JobRow) -> Result<(), JobError> {
-    let job = || format!("{:?} (id {})", row.name, row.id);
-    if row.name.trim().is_empty() {
-        return Err(JobError::invalid(
-            &job(),
-            "name is empty: commands, logs and metrics refer to a job by its name",
-        ));
-    }
-    match row.name.chars().find(|c| c.is_control()) {
-        Some(c) => Err(JobError::invalid(
-            &job(),
-            format!(
-                "name contains the control character U+{:04X}: commands, logs and metrics refer \
-                 to a job by its name, so it must be printable",
-                c as u32
-            ),
+    match name_problem(&row.name) {
+        Some(problem) => Err(JobError::invalid(
+            &format!("{:?} (id {})", row.name, row.id),
+            problem,
         )),
         None => Ok(()),
     }
+}
+
+/// What is wrong with a job name, if anything: empty, or holding a control character.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        return Some("name is empty: commands, logs and metrics refer to a job by its name".into());
+    }
+    name.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "name contains the control character U+{:04X}: commands, logs and metrics refer to \
+             a job by its name, so it must be printable",
+            c as u32
+        )
+    })
 }
 
 /// `archive_table` and `staged_table` are the daemon's: a job row inserted with another job's

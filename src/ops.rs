@@ -110,6 +110,13 @@ async fn insert_job(
     cfg: &Config,
     job: &NewJob,
 ) -> Result<JobRow> {
+    if let Some(reason) = crate::job::name_problem(&job.name) {
+        // Before the INSERT: the row's id would be rolled back with it.
+        return Err(Error::Refused {
+            job: format!("{:?} on {}", job.name, job.table_name),
+            reason,
+        });
+    }
     let mode = if job.execute { "execute" } else { "dry_run" };
     let row: JobRow = crate::sql::query_as(&names.render(INSERT))
         .bind(&job.name)
@@ -412,13 +419,31 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
     store_remaining(pool, names, name, remaining).await
 }
 
+/// Stores the count; a role that may not (a requester granted only `requested_state` and
+/// `mode`) gets the count in the refusal, not a bare "permission denied for table jobs".
 async fn store_remaining(pool: &Db, names: &Names, name: &str, remaining: i64) -> Result<i64> {
-    crate::sql::query(&names.render("UPDATE {jobs} SET remaining = $2 WHERE name = $1"))
-        .bind(name)
-        .bind(remaining)
-        .execute(pool)
-        .await?;
-    Ok(remaining)
+    let stored =
+        crate::sql::query(&names.render("UPDATE {jobs} SET remaining = $2 WHERE name = $1"))
+            .bind(name)
+            .bind(remaining)
+            .execute(pool)
+            .await;
+    match stored {
+        Ok(_) => Ok(remaining),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            Err(Error::Refused {
+                job: name.into(),
+                reason: format!(
+                    "{remaining} rows up to the upper bound still match the predicate, but this \
+                     role cannot store the count ({}): `wait` reads remaining, so grant it \
+                     UPDATE (remaining) on {}",
+                    e.message(),
+                    names.jobs
+                ),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The "ensure finished" gate that the migration after a backfill runs before it adds NOT NULL

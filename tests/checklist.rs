@@ -762,6 +762,36 @@ async fn the_revert_of_an_insert_keeps_the_key_it_was_written_by(pool: PgPool) {
     assert_eq!(db.scalar_i64("SELECT id::bigint FROM t23").await, 7);
 }
 
+/// The revert of an insert whose rows other rows now reference through a key that forbids the
+/// delete cannot run; its message told the user to "leave the referenced rows out of the
+/// predicate", which a revert does not have.
+#[sqlx::test]
+async fn the_revert_of_an_insert_blocked_by_referencing_rows_says_what_to_do(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         INSERT INTO src SELECT generate_series(1, 30);
+         CREATE TABLE copy (id bigint PRIMARY KEY);
+         CREATE TABLE note (id int PRIMARY KEY, copy_id bigint REFERENCES copy (id));",
+    )
+    .await;
+    insert_job("copy_in", "copy", "public.src", "id = id")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    db.exec("INSERT INTO note VALUES (1, 7)").await;
+    let reverted = db.revert("copy_in").await;
+    assert_eq!(reverted.state, "failed");
+    let error = reverted.last_error.unwrap_or_default();
+    assert!(
+        error.contains("the revert's delete of the inserted rows on public.copy would fail")
+            && error.contains("then revert again")
+            && !error.contains("predicate"),
+        "{error}"
+    );
+}
+
 /// An insert archive holds each row as JSON, whose text for many types depends on the session
 /// that wrote it: a timestamptz (and a range, an array or a domain holding one) on `TimeZone`, an
 /// interval on `IntervalStyle`, a bytea on `bytea_output`. Reverted under other settings (an

@@ -936,8 +936,38 @@ async fn a_requester_without_rights_on_the_table_can_enqueue(pool: PgPool) {
         "{:?}",
         job.last_error
     );
+    // With the right to read the table, `verify` counts; storing the count needs more.
+    db.exec(&format!("GRANT SELECT ON orders TO {group}")).await;
+    let out = backfilld(&as_bob, &["verify", "fix_1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("job fix_1: 0 rows up to the upper bound still match the predicate, but this role cannot store the count"),
+        "{}",
+        stderr(&out)
+    );
+    let out = backfilld(
+        &as_bob,
+        &[
+            "enqueue",
+            "--name",
+            "",
+            "--table",
+            "public.orders",
+            "--predicate",
+            "true",
+            "--set",
+            "total = 0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(r#"job "" on public.orders: name is empty"#),
+        "the name is refused before any row is inserted (no id): {}",
+        stderr(&out)
+    );
     db.exec(&format!(
-        "REVOKE ALL ON backfill.jobs FROM {group}; REVOKE ALL ON SCHEMA backfill FROM {group};
+        "REVOKE ALL ON orders FROM {group};
+         REVOKE ALL ON backfill.jobs FROM {group}; REVOKE ALL ON SCHEMA backfill FROM {group};
          DROP ROLE {bob}; DROP ROLE {group};"
     ))
     .await;

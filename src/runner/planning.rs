@@ -266,7 +266,14 @@ impl Attempt<'_> {
         let pool = &self.ctx.pool;
         let found =
             cascade::find(pool, &p.spec.name, &p.target, &p.keyset, &predicate, upper).await?;
-        cascade::judge(&p.spec.name, &p.target, found, p.spec.allow_cascade)
+        let reverting = p.spec.action == Action::Revert;
+        cascade::judge(
+            &p.spec.name,
+            &p.target,
+            found,
+            p.spec.allow_cascade,
+            reverting,
+        )
     }
 
     /// For updates from a data file: staged keys with no target row.
