@@ -460,10 +460,14 @@ impl Config {
                 return Err(invalid(key, "must be non-zero"));
             }
         }
-        if let Some(bad) = self.safety.allowed_tables.iter().find(|t| !t.contains('.')) {
+        let unreadable = |t: &&String| crate::sql::split_qualified(t).is_none();
+        if let Some(bad) = self.safety.allowed_tables.iter().find(unreadable) {
             return Err(invalid(
                 "safety.allowed_tables",
-                format!("{bad:?} is not schema-qualified (schema.table, e.g. public.orders)"),
+                format!(
+                    "{bad:?} is not a schema-qualified table name as SQL writes one (e.g. \
+                     public.orders, public.\"Odd Table\"; one name per list entry)"
+                ),
             ));
         }
         check_log_level(&self.log.level)?;

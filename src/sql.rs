@@ -53,6 +53,41 @@ pub fn unquote_ident(given: &str) -> String {
     }
 }
 
+/// A schema-qualified table name as SQL reads it (`public.orders`, `"Sales"."Odd Table"`): the
+/// schema and the table, quoted parts unquoted and bare ones folded to lower case as PostgreSQL
+/// folds them. `None` unless it is exactly two names, each bare (a letter or `_`, then letters,
+/// digits, `_` or `$`) or quoted.
+pub fn split_qualified(given: &str) -> Option<(String, String)> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in given.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                parts.push(&given[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&given[start..]);
+    let name = |part: &str| {
+        let part = part.trim();
+        if let Some(inner) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            let lone_quote = inner.replace("\"\"", "").contains('"');
+            return (!inner.is_empty() && !lone_quote).then(|| inner.replace("\"\"", "\""));
+        }
+        let mut chars = part.chars();
+        let first = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_');
+        let rest = chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+        (first && rest).then(|| part.to_lowercase())
+    };
+    match parts.as_slice() {
+        [schema, table] => Some((name(schema)?, name(table)?)),
+        _ => None,
+    }
+}
+
 /// Splits a comma-separated list of column names, bare or quoted as in SQL, at the commas outside
 /// double quotes (`a,"b,c"` is two names), and unquotes each.
 pub fn split_idents(given: &str) -> Vec<String> {
@@ -138,6 +173,20 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn qualified_names_read_as_sql_reads_them() {
+        use super::split_qualified as q;
+        let pair = |a: &str, b: &str| Some((a.to_owned(), b.to_owned()));
+        assert_eq!(q("public.orders"), pair("public", "orders"));
+        assert_eq!(q("public.Orders"), pair("public", "orders"));
+        assert_eq!(q(r#"public."Odd Table""#), pair("public", "Odd Table"));
+        assert_eq!(q(r#""a.b"."x""y""#), pair("a.b", "x\"y"));
+        assert_eq!(q(r#"["public.orders"]"#), None);
+        assert_eq!(q("orders"), None);
+        assert_eq!(q("a.b.c"), None);
+        assert_eq!(q("public.Odd Table"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -126,8 +126,14 @@ impl Resolve<'_> {
                 "table {display} is in schema {schema}, which backfilld never changes"
             )));
         }
-        if !self.allowed_tables.is_empty() && !self.allowed_tables.contains(&display) {
-            return Err(self.invalid(format!("table {display} is not in safety.allowed_tables")));
+        let listed = |entry: &String| {
+            crate::sql::split_qualified(entry).is_some_and(|(s, t)| s == schema && t == table)
+        };
+        if !self.allowed_tables.is_empty() && !self.allowed_tables.iter().any(listed) {
+            return Err(self.invalid(format!(
+                "table {display} is not in safety.allowed_tables ({})",
+                self.allowed_tables.join(", ")
+            )));
         }
         let columns = load_columns(conn, oid)
             .await

@@ -553,3 +553,42 @@ async fn check_parses_quoted_parents_takes_key_columns_and_names_its_refusals(po
         stderr(&out)
     );
 }
+
+/// `safety.allowed_tables` compared its entries with `schema.table` as text: `public.Orders`
+/// did not allow `public.orders` (SQL folds it), a quoted `public."Odd Table"` allowed nothing,
+/// and `["public.orders"]` (the TOML list pasted into the variable) was accepted and matched
+/// nothing. Entries now read as SQL names; one that is not is a configuration error (exit 2).
+#[sqlx::test]
+async fn allowed_tables_read_as_sql_names(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(r#"CREATE TABLE orders (id int PRIMARY KEY, a int); CREATE TABLE "Odd Table" (id int PRIMARY KEY, a int); CREATE TABLE other (id int PRIMARY KEY, a int);"#)
+        .await;
+    let check = |allowed: &str, table: &str| {
+        let mut cmd = backfilld(&db, &["check", table, "--not-null", "a"]);
+        cmd.env("BACKFILLD_SAFETY__ALLOWED_TABLES", allowed);
+        cmd
+    };
+    let allowed = r#"public.Orders, public."Odd Table""#;
+    for table in ["public.orders", r#"public."Odd Table""#] {
+        let out = check(allowed, table).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(0), "{table}: {}", stderr(&out));
+    }
+    let out = check(allowed, "public.other").output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out)
+            .contains(r#"is not in safety.allowed_tables (public.Orders, public."Odd Table")"#),
+        "{}",
+        stderr(&out)
+    );
+    let out = check(r#"["public.orders"]"#, "public.orders")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("is not a schema-qualified table name"),
+        "{}",
+        stderr(&out)
+    );
+}
