@@ -726,8 +726,19 @@ fn progress_text(r: &JobRow) -> String {
 }
 
 fn print_table(rows: &[JobRow]) {
+    // One line per job: control characters shown escaped, columns as wide as their widest value.
+    let name = |r: &JobRow| printable(&r.name);
+    let table = |r: &JobRow| printable(r.table_name.as_deref().unwrap_or("-"));
+    let width = |f: &dyn Fn(&JobRow) -> String, title: &str| {
+        rows.iter()
+            .map(|r| f(r).chars().count())
+            .chain([title.len()])
+            .max()
+            .unwrap_or_default()
+    };
+    let (nw, tw) = (width(&name, "NAME"), width(&table, "TABLE"));
     out!(
-        "{:<32} {:<10} {:<8} {:<28} {:>12} {:>8} {:>8} {:>10}  LAST ERROR",
+        "{:<nw$} {:<10} {:<8} {:<tw$} {:>12} {:>8} {:>8} {:>10}  LAST ERROR",
         "NAME",
         "STATE",
         "MODE",
@@ -739,18 +750,29 @@ fn print_table(rows: &[JobRow]) {
     );
     for r in rows {
         out!(
-            "{:<32} {:<10} {:<8} {:<28} {:>12} {:>8} {:>8} {:>10}  {}",
-            r.name,
+            "{:<nw$} {:<10} {:<8} {:<tw$} {:>12} {:>8} {:>8} {:>10}  {}",
+            name(r),
             r.state,
             r.mode.as_deref().unwrap_or("-"),
-            r.table_name.as_deref().unwrap_or("-"),
+            table(r),
             r.rows_changed,
             r.batches,
             progress_text(r),
             r.remaining.map_or("-".into(), |n| n.to_string()),
-            r.last_error.as_deref().unwrap_or("")
+            printable(r.last_error.as_deref().unwrap_or(""))
         );
     }
+}
+
+/// `text` on one line: control characters (a newline in a job name inserted by SQL, the lines
+/// of an error) escaped as Rust writes them.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 fn print_detail(r: &JobRow) {

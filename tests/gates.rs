@@ -592,3 +592,37 @@ async fn allowed_tables_read_as_sql_names(pool: PgPool) {
         stderr(&out)
     );
 }
+
+/// `status` printed a job name holding a newline (a row inserted by SQL; the job fails at its
+/// claim but stays in the ledger) across two lines, and a name longer than 32 characters shifted
+/// every column of its row.
+#[sqlx::test]
+async fn status_prints_one_aligned_line_per_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, s text)")
+        .await;
+    for name in [
+        "two\nlines",
+        "a_name_much_longer_than_thirty_two_characters",
+        "short",
+    ] {
+        NewJob::new(name, "public.items")
+            .predicate("s IS NULL")
+            .set("s = 'x'")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let out = run(&db, &["status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and one line per job: {text}");
+    assert!(
+        lines.iter().any(|l| l.starts_with(r"two\nlines ")),
+        "{text}"
+    );
+    let state_at = |l: &str| l.find("failed").or(l.find("succeeded")).expect("a state");
+    let columns: Vec<usize> = lines[1..].iter().map(|l| state_at(l)).collect();
+    assert!(columns.windows(2).all(|w| w[0] == w[1]), "{text}");
+}
