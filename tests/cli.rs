@@ -880,15 +880,10 @@ async fn an_unknown_configured_time_zone_exits_2(pool: PgPool) {
 #[sqlx::test]
 async fn a_requester_without_rights_on_the_table_can_enqueue(pool: PgPool) {
     let db = Db::new(pool).await;
-    let database = db.scalar_text("SELECT current_database()").await;
-    let suffix: String = database
-        .chars()
-        .rev()
-        .filter(char::is_ascii_alphanumeric)
-        .take(20)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let (group, bob) = (format!("req_{suffix}"), format!("bob_{suffix}"));
+    let (group, bob) = (
+        db.cluster_unique("req").await,
+        db.cluster_unique("bob").await,
+    );
     db.exec(&format!(
         "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric);
          INSERT INTO orders SELECT g, g % 7 - 1 FROM generate_series(1, 100) g;

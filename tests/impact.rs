@@ -42,19 +42,6 @@ async fn slow_table(db: &Db, name: &str, rows: i64) {
     .await;
 }
 
-/// A name for a cluster-wide object (a role, a replication slot) unique to this test's database:
-/// `prefix` and the database name's last 20 letters and digits, lower case.
-async fn cluster_unique(db: &Db, prefix: &str) -> String {
-    let database = db.scalar_text("SELECT current_database()").await;
-    let suffix: String = database
-        .chars()
-        .rev()
-        .filter(char::is_ascii_alphanumeric)
-        .take(20)
-        .collect();
-    format!("{prefix}_{}", suffix.to_ascii_lowercase())
-}
-
 /// What a job over the slow table `w` saw while an application session kept waiting on the row
 /// its current batch writes: the metrics at the end, and the job row.
 struct Waited {
@@ -217,7 +204,7 @@ async fn the_bloat_guard_keeps_a_full_table_backfill_within_its_heap_budget(pool
 /// A login role (unique in the cluster, `password`) that may use backfilld's schema, as a
 /// daemon's role needs, and nothing else yet.
 async fn backfill_role(db: &Db, prefix: &str, password: &str) -> String {
-    let role = cluster_unique(db, prefix).await;
+    let role = db.cluster_unique(prefix).await;
     db.exec(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD '{password}';
          GRANT USAGE, CREATE ON SCHEMA backfill TO {role};
@@ -319,7 +306,7 @@ async fn a_role_that_may_not_vacuum_completes_its_job_with_one_warning(pool: PgP
 #[sqlx::test]
 async fn the_guard_checks_the_role_its_vacuums_run_as(pool: PgPool) {
     let db = Db::new(pool).await;
-    let role = cluster_unique(&db, "bf_direct").await;
+    let role = db.cluster_unique("bf_direct").await;
     db.exec(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'direct';
          CREATE TABLE dv (id bigint PRIMARY KEY, v int);
@@ -692,7 +679,7 @@ async fn a_long_lazy_vacuum_is_not_a_long_transaction(pool: PgPool) {
 #[sqlx::test]
 async fn a_replication_slot_holding_back_wal_holds_batches_until_it_is_dropped(pool: PgPool) {
     let db = Db::new(pool).await;
-    let slot = cluster_unique(&db, "bf_slot").await;
+    let slot = db.cluster_unique("bf_slot").await;
     db.exec(&format!(
         "SELECT pg_create_physical_replication_slot('{slot}', true)"
     ))

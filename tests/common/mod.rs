@@ -128,6 +128,19 @@ impl Db {
     }
 
     /// The test database's URL with other credentials (`user:password`).
+    /// A name for a cluster-wide object (a role, a replication slot) unique to this test's
+    /// database: `prefix` and the database name's last 20 letters and digits, lower case.
+    pub async fn cluster_unique(&self, prefix: &str) -> String {
+        let database = self.scalar_text("SELECT current_database()").await;
+        let suffix: String = database
+            .chars()
+            .rev()
+            .filter(char::is_ascii_alphanumeric)
+            .take(20)
+            .collect();
+        format!("{prefix}_{}", suffix.to_ascii_lowercase())
+    }
+
     pub fn url_as(&self, user: &str, password: &str) -> String {
         let (scheme, rest) = self.url.split_once("://").expect("URL scheme");
         let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
