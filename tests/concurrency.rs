@@ -128,3 +128,72 @@ async fn three_replicas_run_ten_jobs_each_exactly_once(pool: PgPool) {
         "work should spread over replicas: {used:?}"
     );
 }
+
+/// A job's preparation held a pooled connection while it stored the frozen upper bound on a
+/// second one. Jobs starting together (or one job beside the LISTEN connection, as here) each
+/// held one and waited for the pool's last until `connect_timeout`: with leases shorter than
+/// that, other replicas took the jobs over, attempt after attempt, until they failed having
+/// changed nothing. The smallest pool the configuration accepts (one more connection than
+/// `worker.concurrency`) now runs a job in one attempt.
+#[sqlx::test]
+async fn a_job_runs_on_the_smallest_pool_the_configuration_accepts(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    NewJob::new("small_pool", "items")
+        .predicate("n = 0")
+        .set("n = n + 1")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    let small = || {
+        db.daemon()
+            .env("BACKFILLD_DATABASE__MAX_CONNECTIONS", "2")
+            .env("BACKFILLD_WORKER__CONCURRENCY", "1")
+            .env("BACKFILLD_DATABASE__CONNECT_TIMEOUT", "2s")
+            .until_idle()
+            .spawn()
+    };
+    let mut daemon = small();
+    daemon.wait_ok().await;
+    let job = db.job("small_pool").await;
+    assert_eq!(
+        (job.state.as_str(), job.attempt, job.rows_changed),
+        ("succeeded", 1, 2000),
+        "{:?}\n{}",
+        job.last_error,
+        daemon.log()
+    );
+    assert!(!daemon.log().contains("pool timed out"), "{}", daemon.log());
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM items WHERE n <> 1")
+            .await,
+        0
+    );
+
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "small_pool", false)
+        .await
+        .expect("revert");
+    let mut daemon = small();
+    daemon.wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!(
+        (
+            reverted.state.as_str(),
+            reverted.attempt,
+            reverted.rows_changed
+        ),
+        ("succeeded", 1, 2000),
+        "{:?}\n{}",
+        reverted.last_error,
+        daemon.log()
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM items WHERE n <> 0")
+            .await,
+        0
+    );
+}

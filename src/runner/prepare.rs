@@ -57,8 +57,14 @@ impl Attempt<'_> {
             Some(a) => Keyset::new(&archive_as_target(a, &validated.target)),
             None => Keyset::new(&validated.target),
         };
-        let upper = self.upper_bound(&mut conn, &keyset).await?;
+        let (upper, freeze) = self.upper_bound(&mut conn, &keyset).await?;
         self.hand_back(conn).await?;
+        // Stored on another connection once this one is back: holding one while waiting for a
+        // second, jobs starting together each held one and waited for the pool's last (until
+        // `connect_timeout`, past a short lease), and other replicas took the jobs over.
+        if let Some(freeze) = freeze {
+            self.store(freeze).await?;
+        }
         let (into, written) = validated.into.unzip();
         Ok(Prepared {
             named: validated.target.named_with(into.as_ref()),
@@ -183,18 +189,19 @@ impl Attempt<'_> {
         }
     }
 
-    /// The largest key at first start, frozen in the job row so the job always terminates.
+    /// The largest key at first start, frozen in the job row so the job always terminates: the
+    /// bound, and on first start the update that freezes it (for the caller to store).
     async fn upper_bound(
         &mut self,
         conn: &mut sqlx::PgConnection,
         keyset: &Keyset,
-    ) -> Result<Option<Key>, JobError> {
+    ) -> Result<(Option<Key>, Option<RowUpdate>), JobError> {
         if let Some(stored) = &self.row.upper_bound {
             if stored.as_array().is_some_and(Vec::is_empty) {
-                return Ok(None);
+                return Ok((None, None));
             }
             return Key::from_json(stored, keyset.width())
-                .map(Some)
+                .map(|k| (Some(k), None))
                 .ok_or_else(|| {
                     JobError::invalid(
                         &self.row.name,
@@ -222,13 +229,12 @@ impl Attempt<'_> {
         // rebuilt in another order meanwhile. Before, a key chosen anew read the stored values
         // as another column's and the job skipped or repeated rows, then reported success.
         let key_columns = self.row.key_columns.is_none().then(|| keyset.names());
-        self.store(RowUpdate {
+        let freeze = RowUpdate {
             upper_bound: Some(json),
             key_columns,
             ..Default::default()
-        })
-        .await?;
-        Ok(upper)
+        };
+        Ok((upper, Some(freeze)))
     }
 
     pub(super) fn change_for(&self, p: &Prepared, archive: Option<&ArchiveTable>) -> Change {
