@@ -292,10 +292,19 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
         ));
     }
     let mut tx = pool.begin().await?;
-    crate::sql::query(&names.render("SELECT 1 FROM {jobs} WHERE name = $1 FOR UPDATE"))
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    // Checked again under the lock: the retention sweep drops an expired archive holding the
+    // job's row, and a revert queued behind it would find no archive.
+    let archive: Option<String> = crate::sql::query_scalar(
+        &names.render("SELECT archive_table FROM {jobs} WHERE name = $1 FOR UPDATE"),
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await?;
+    if archive.is_none() {
+        return Err(refuse(
+            "it has no archive (archive was off, it never ran, or the archive expired)".into(),
+        ));
+    }
     let earlier: Vec<(String, State)> = crate::sql::query_as(
         &names.render("SELECT name, state FROM {jobs} WHERE reverts = $1 ORDER BY id"),
     )

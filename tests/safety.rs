@@ -429,6 +429,37 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
     );
 }
 
+/// `revert` checked the job's archive before taking its row lock: a revert asked for while the
+/// retention sweep dropped the expired archive (holding that lock) was queued, and could only
+/// fail. Here a transaction standing in for the sweep clears `archive_table` under the lock.
+#[sqlx::test]
+async fn a_revert_asked_for_while_the_archive_expires_is_refused(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 100).await;
+    NewJob::new("expiring", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let sweep = db
+        .hold("UPDATE backfill.jobs SET archive_table = NULL WHERE name = 'expiring'")
+        .await;
+    let (lib, names) = (db.lib.clone(), db.names.clone());
+    let asked =
+        tokio::spawn(async move { backfilld::ops::revert(&lib, &names, "expiring", false).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sweep.commit().await;
+    let refused = asked.await.unwrap().unwrap_err().to_string();
+    assert!(refused.contains("it has no archive"), "{refused}");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM backfill.jobs WHERE reverts = 'expiring'")
+            .await,
+        0
+    );
+}
+
 /// A fast-lane job leaves a dead version of every row it changed (no bloat guard); the revert
 /// VACUUMs them away before restoring, so the restored versions take their space instead of
 /// growing the heap again.

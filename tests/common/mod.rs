@@ -127,7 +127,6 @@ impl Db {
         Held(conn)
     }
 
-    /// The test database's URL with other credentials (`user:password`).
     /// A name for a cluster-wide object (a role, a replication slot) unique to this test's
     /// database: `prefix` and the database name's last 20 letters and digits, lower case.
     pub async fn cluster_unique(&self, prefix: &str) -> String {
@@ -141,6 +140,7 @@ impl Db {
         format!("{prefix}_{}", suffix.to_ascii_lowercase())
     }
 
+    /// The test database's URL with other credentials (`user:password`).
     pub fn url_as(&self, user: &str, password: &str) -> String {
         let (scheme, rest) = self.url.split_once("://").expect("URL scheme");
         let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
