@@ -217,6 +217,28 @@ fn half_applied(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
+/// Settings a running attempt reads once, when it starts: its batches' sizes and timeouts (the
+/// batcher and its controller are built then), the lease it renews, and the ceiling and
+/// allowlist checked in its preparation. Only the pause between batches and the health signals
+/// read the live configuration.
+fn next_attempt(old: &Config, new: &Config) -> Vec<&'static str> {
+    let sleep_only = crate::config::BatchConfig {
+        sleep_ms: old.batch.sleep_ms,
+        ..new.batch.clone()
+    };
+    [
+        ("batch", old.batch != sleep_only),
+        (
+            "worker.lease_ttl",
+            old.worker.lease_ttl != new.worker.lease_ttl,
+        ),
+        ("safety", old.safety != new.safety),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 /// On SIGHUP: reload and validate; apply what can change at run time, keep the rest.
 async fn reload_on_hup(
     mut reloads: tokio::sync::mpsc::Receiver<()>,
@@ -242,13 +264,20 @@ async fn reload_on_hup(
                  other changes apply now"
             );
         }
+        let later = next_attempt(&old, &new);
+        if !later.is_empty() {
+            tracing::warn!(
+                settings = ?later,
+                "SIGHUP: these settings apply to each job from its next attempt (claimed, \
+                 resumed or retried from now on); running attempts keep those they started with"
+            );
+        }
         let half = half_applied(&old, &new);
         if !half.is_empty() {
             tracing::warn!(
                 settings = ?half,
-                "SIGHUP: these settings apply to batches now, but statements outside batches \
-                 (plans, verification, heartbeats) keep their old values as session defaults \
-                 until a restart"
+                "SIGHUP: statements outside batches (plans, verification, heartbeats) keep the \
+                 old values of these settings as session defaults until a restart"
             );
         }
         set_level(&new.log.level);
@@ -289,5 +318,24 @@ mod tests {
         assert!(half_applied(&old, &new).is_empty());
         new.worker.lease_ttl *= 2;
         assert_eq!(half_applied(&old, &new), ["worker.lease_ttl"]);
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_running_attempts_keep() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.batch.sleep_ms = old.batch.sleep_ms + 1;
+        new.throttle.max_replica_lag *= 2;
+        assert!(
+            next_attempt(&old, &new).is_empty(),
+            "the pauses read them live"
+        );
+        new.batch.max_size = old.batch.max_size / 2;
+        new.safety.max_affected = 30_000;
+        new.worker.lease_ttl *= 2;
+        assert_eq!(
+            next_attempt(&old, &new),
+            ["batch", "worker.lease_ttl", "safety"]
+        );
     }
 }

@@ -88,7 +88,7 @@ pub struct WorkerConfig {
     pub replica_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
     /// Initial rows per batch when the job row does not say.
@@ -171,7 +171,7 @@ pub struct BloatConfig {
     pub index_cleanup_every: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SafetyConfig {
     /// Default ceiling on affected rows when the job row has none; 0 means no default ceiling.
