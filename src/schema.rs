@@ -95,9 +95,22 @@ pub async fn migrate(pool: &Db, names: &Names) -> Result<Vec<i32>> {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+    // Only when missing: `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database even when
+    // the schema exists, which the recommended set-up (a schema created for the role) omits.
+    let exists: bool =
+        crate::sql::query_scalar("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)")
+            .bind(&names.schema)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    if !exists {
+        sqlx::raw_sql(&names.render("CREATE SCHEMA {schema}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+    }
     sqlx::raw_sql(&names.render(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+        "CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
              version    integer PRIMARY KEY,
              name       text NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now()

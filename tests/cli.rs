@@ -967,3 +967,34 @@ async fn a_requester_without_rights_on_the_table_can_enqueue(pool: PgPool) {
     ))
     .await;
 }
+
+/// The README's least-privilege set-up (a schema created for the daemon's role, no CREATE on
+/// the database) failed at `migrate`: `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database
+/// even when the schema exists.
+#[sqlx::test]
+async fn migrate_runs_as_a_role_that_owns_only_its_schema(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let role = db.cluster_unique("bfmig").await;
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'mig'; CREATE SCHEMA bfx AUTHORIZATION {role};"
+    ))
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db.url_as(&role, "mig"))
+        .env("BACKFILLD_DATABASE__SCHEMA", "bfx")
+        .output()
+        .expect("run backfilld");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'bfx' AND tablename = 'jobs'"
+        )
+        .await,
+        1
+    );
+    db.exec(&format!("DROP SCHEMA bfx CASCADE; DROP ROLE {role};"))
+        .await;
+}
