@@ -117,6 +117,11 @@ pub enum FragmentError {
     Assignment { part: String, problem: &'static str },
     #[error("set_clause assigns generated column {0:?}")]
     GeneratedColumn(String),
+    #[error(
+        "set_clause assigns column {0:?}, an identity GENERATED ALWAYS: an UPDATE may set it \
+         only to DEFAULT, so the revert could not write its old values back"
+    )]
+    IdentityAlways(String),
     #[error("set_clause assigns key column {0:?}; a keyset backfill cannot change its own keys")]
     KeyColumn(String),
     #[error(
@@ -663,6 +668,9 @@ fn check_assignments(
         }
         if !keys_allowed {
             key_untouched(&a.column, target)?;
+            if target.column(&a.column).is_some_and(|c| c.identity_always) {
+                return Err(FragmentError::IdentityAlways(a.column.clone()));
+            }
         }
         if !seen.insert(a.column.clone()) {
             return Err(FragmentError::AssignedTwice(a.column.clone()));

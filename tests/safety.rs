@@ -941,6 +941,16 @@ struct Hostile {
 }
 
 const HOSTILE: &[Hostile] = &[
+    // An UPDATE may set an identity GENERATED ALWAYS column only to DEFAULT: the job ran, and
+    // its revert failed with 428C9, unable to write the old values back.
+    Hostile {
+        name: "identity_always",
+        table: "ident",
+        predicate: Some("a % 2 = 0"),
+        set_clause: Some("idn = DEFAULT"),
+        extra_columns: &[],
+        error_words: &["\"idn\", an identity GENERATED ALWAYS", "revert could not"],
+    },
     // The daemon's own columns, copied from another row or typed: the job would append into
     // another archive, and the retention sweep drops what they name.
     Hostile {
@@ -1434,7 +1444,9 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
          CREATE TABLE sku (id int PRIMARY KEY, code text UNIQUE NOT NULL);
          INSERT INTO sku SELECT g, 'ab-' || g FROM generate_series(1, 100) g;
          CREATE TABLE line (id int PRIMARY KEY, sku_code text REFERENCES sku (code) ON UPDATE SET NULL);
-         INSERT INTO line SELECT g, 'ab-' || g FROM generate_series(1, 100) g;",
+         INSERT INTO line SELECT g, 'ab-' || g FROM generate_series(1, 100) g;
+         CREATE TABLE ident (id int PRIMARY KEY, idn bigint GENERATED ALWAYS AS IDENTITY, a int);
+         INSERT INTO ident (id, a) SELECT g, g FROM generate_series(1, 100) g;",
     )
     .await;
     assert!(HOSTILE.len() >= 30);
@@ -1451,6 +1463,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
                 "genkey",
                 "sku",
                 "line",
+                "ident",
             ] {
                 let sql = format!(
                     "SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} x"
@@ -1506,7 +1519,7 @@ async fn hostile_job_rows_fail_cleanly_and_touch_nothing(pool: PgPool) {
     )
     .await;
     db.daemon()
-        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.reserved,public.genkey,public.sku,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
+        .env("BACKFILLD_SAFETY__ALLOWED_TABLES", "public.victim,public.reserved,public.genkey,public.ident,public.sku,public.keyless,public.good,public.victim_view,backfill.jobs,pg_catalog.pg_class")
         .until_idle()
         .spawn()
         .wait_ok()
