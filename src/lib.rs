@@ -18,6 +18,7 @@ pub mod db;
 pub mod error;
 pub mod fragment;
 pub mod fullscan;
+pub mod hidden;
 pub mod http;
 pub mod idempotency;
 pub mod job;

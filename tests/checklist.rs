@@ -1431,3 +1431,69 @@ async fn an_insert_plan_counts_rows_its_batches_would_fail_on(pool: PgPool) {
         "'c05' exists; 'c05X' is not 'c05'"
     );
 }
+
+/// A trigger on the job's table, or row-level security over its role, changes what the job does
+/// in ways its archive and counts do not see: the plan says so. (A BEFORE trigger that changed
+/// rows left the revert reporting every row restored while a third held the trigger's values;
+/// a policy hiding a tenant left the job "succeeded, remaining 0" with that tenant untouched.)
+#[sqlx::test]
+async fn the_plan_warns_of_triggers_and_row_security(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let role = db.cluster_unique("bfrls").await;
+    db.exec(&format!(
+        "CREATE TABLE acct (id int PRIMARY KEY, tenant int NOT NULL, v int NOT NULL);
+         INSERT INTO acct SELECT g, g % 3, g FROM generate_series(1, 30) g;
+         CREATE FUNCTION scale() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.v := NEW.v * 10; RETURN NEW; END $$;
+         CREATE TRIGGER acct_scale BEFORE UPDATE ON acct FOR EACH ROW EXECUTE FUNCTION scale();
+         CREATE TABLE plain (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO plain SELECT g, g FROM generate_series(1, 30) g;
+         ALTER TABLE plain ENABLE ROW LEVEL SECURITY;
+         CREATE ROLE {role} LOGIN PASSWORD 'rls';
+         GRANT USAGE ON SCHEMA backfill TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
+         GRANT SELECT, UPDATE ON plain TO {role};
+         CREATE POLICY not_two ON plain USING (id % 3 <> 2);"
+    ))
+    .await;
+    for (name, table) in [("scaled", "acct"), ("hidden", "plain")] {
+        NewJob::new(name, table)
+            .predicate("v > 0")
+            .set("v = -v")
+            .text("mode", "dry_run")
+            .insert(&db)
+            .await;
+    }
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let scaled = db.job("scaled").await.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        scaled.contains(
+            "public.acct has triggers that fire on this job's UPDATEs: acct_scale (BEFORE ROW)"
+        ),
+        "{scaled}"
+    );
+    db.exec("UPDATE backfill.jobs SET plan = NULL, state = 'pending' WHERE name = 'hidden'")
+        .await;
+    db.daemon()
+        .database_url(&db.url_as(&role, "rls"))
+        .until_idle()
+        .spawn()
+        .wait_ok()
+        .await;
+    let hidden = db.job("hidden").await;
+    let warnings = hidden.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        warnings.contains(&format!(
+            "row-level security on public.plain applies to role {role}"
+        )),
+        "{warnings} {:?}",
+        hidden.last_error
+    );
+    db.exec(&format!(
+        "DROP TABLE plain; REVOKE ALL ON ALL TABLES IN SCHEMA backfill FROM {role};
+         REVOKE ALL ON ALL SEQUENCES IN SCHEMA backfill FROM {role};
+         REVOKE ALL ON SCHEMA backfill FROM {role}; DROP ROLE {role};"
+    ))
+    .await;
+}

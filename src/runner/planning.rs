@@ -129,10 +129,28 @@ impl Attempt<'_> {
         let (explain, mut warnings) = self.explain(p, upper).await;
         let (cascades, tree_warnings) = self.cascades(p, upper).await?;
         warnings.extend(tree_warnings);
+        warnings.extend(self.hidden(p).await);
         for w in &warnings {
             tracing::warn!(warning = %w, "plan");
         }
         Ok((explain, cascades, warnings))
+    }
+
+    /// Triggers on the table the job writes and row-level security over it (`hidden`). Only
+    /// warnings: a failed read is logged, not a reason to fail the plan.
+    async fn hidden(&self, p: &Prepared) -> Vec<String> {
+        let (table, event) = match (p.spec.action, &p.into) {
+            (Action::Insert, Some(into)) => (into, "INSERT"),
+            (Action::Update, _) => (&p.target, "UPDATE"),
+            (Action::Delete, _) => (&p.target, "DELETE"),
+            _ => return Vec::new(),
+        };
+        crate::hidden::warnings(&self.ctx.pool, table, event)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "reading the table's triggers and row security failed");
+                Vec::new()
+            })
     }
 
     /// The EXPLAIN of the first batch-sized window's write, and the other tables it would read
