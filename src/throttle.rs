@@ -95,6 +95,17 @@ impl Controller {
         self.set(self.size / 2);
     }
 
+    /// A batch cancelled by `statement_timeout`: halve as `back_off` does, and below the
+    /// configured minimum once there, for the rest of this walk. A window of `min_size` keys that
+    /// cannot finish in time (rows of hundreds of kB, a slow trigger) would otherwise time out
+    /// on every retry until the job failed; the server's verdict outranks the preference.
+    pub fn timed_out(&mut self) {
+        if self.size <= self.min {
+            self.min = (self.size / 2).max(1);
+        }
+        self.back_off();
+    }
+
     fn set(&mut self, size: i64) {
         self.size = size.clamp(self.floor.max(self.min), self.max);
     }
@@ -601,6 +612,26 @@ mod tests {
             c.observe(Duration::from_millis(1));
         }
         assert_eq!(c.size(), 10_000, "never above max");
+    }
+
+    #[test]
+    fn statement_timeouts_go_below_the_minimum() {
+        let mut c = Controller::new(&throttle(), Some(200));
+        c.timed_out();
+        assert_eq!(c.size(), 100, "halved to the minimum");
+        c.timed_out();
+        assert_eq!(c.size(), 50, "still timing out at the minimum: below it");
+        for _ in 0..5 {
+            c.timed_out();
+        }
+        assert_eq!(c.size(), 1, "down to one key");
+        c.timed_out();
+        assert_eq!(c.size(), 1);
+        c.observe(Duration::from_millis(100));
+        assert_eq!(c.size(), 2, "then grows as usual toward the target");
+        let mut blocked = Controller::new(&throttle(), Some(100));
+        blocked.back_off();
+        assert_eq!(blocked.size(), 100, "other back-offs keep the minimum");
     }
 
     #[test]

@@ -652,3 +652,44 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A window of `batch.min_size` keys that cannot finish within the batch ceiling (rows of
+/// hundreds of kB in the report; a slow trigger here) timed out on every retry, the size pinned
+/// at the minimum, until the job failed. Statement timeouts now halve below the minimum.
+#[sqlx::test]
+async fn batches_that_time_out_at_the_minimum_size_go_below_it(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE heavy (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO heavy SELECT g, 0 FROM generate_series(1, 40) g;
+         CREATE FUNCTION heavy_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+         CREATE TRIGGER heavy_slow BEFORE UPDATE ON heavy
+         FOR EACH ROW EXECUTE FUNCTION heavy_slow();",
+    )
+    .await;
+    NewJob::new("heavy", "heavy")
+        .predicate("v = 0")
+        .set("v = 1")
+        .raw("max_batch_ms", "200")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_BATCH__MIN_SIZE", "40")
+        .until_idle()
+        .spawn();
+    daemon.wait_ok().await;
+    let job = db.job("heavy").await;
+    assert_eq!(
+        (job.state.as_str(), job.rows_changed),
+        ("succeeded", 40),
+        "{:?}\n{}",
+        job.last_error,
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("statement timeout"),
+        "it did time out at first"
+    );
+}

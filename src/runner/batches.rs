@@ -128,7 +128,10 @@ impl Attempt<'_> {
         stop: &CancellationToken,
     ) -> Result<ControlFlow<Option<Outcome>>, JobError> {
         walk.retries += 1;
-        walk.controller.back_off();
+        match e.sqlstate() {
+            Some("57014") => walk.controller.timed_out(),
+            _ => walk.controller.back_off(),
+        }
         tracing::warn!(error = %e, retry = walk.retries, batch_size = walk.controller.size(), "transient batch error; retrying");
         let base = retry_base(e, &p.spec.throttle);
         if let Some(outcome) = self.back_off(e, walk.retries, base, stop).await {
