@@ -286,14 +286,9 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
              enqueue it again under a new name"
         )));
     }
-    if job.archive_table.is_none() {
-        return Err(refuse(
-            "it has no archive (archive was off, it never ran, or the archive expired)".into(),
-        ));
-    }
     let mut tx = pool.begin().await?;
-    // Checked again under the lock: the retention sweep drops an expired archive holding the
-    // job's row, and a revert queued behind it would find no archive.
+    // Checked under the lock: the retention sweep drops an expired archive holding the job's
+    // row, and a revert queued behind it would find no archive.
     let archive: Option<String> = crate::sql::query_scalar(
         &names.render("SELECT archive_table FROM {jobs} WHERE name = $1 FOR UPDATE"),
     )
