@@ -116,15 +116,7 @@ impl Check {
         };
         let given = references.trim();
         // The last `(` outside double quotes opens the column: `public.pp("a(b)")`.
-        let mut open = None;
-        let mut quoted = false;
-        for (i, c) in given.char_indices() {
-            match c {
-                '"' => quoted = !quoted,
-                '(' if !quoted => open = Some(i),
-                _ => {}
-            }
-        }
+        let open = crate::sql::outside_quotes(given, '(').pop();
         let (parent, rest) = given.split_at(open.ok_or_else(bad)?);
         let parent_column = rest[1..].strip_suffix(')').ok_or_else(bad)?.trim();
         if parent.trim().is_empty() || parent_column.is_empty() {

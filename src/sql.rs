@@ -58,19 +58,7 @@ pub fn unquote_ident(given: &str) -> String {
 /// folds them. `None` unless it is exactly two names, each bare (a letter or `_`, then letters,
 /// digits, `_` or `$`) or quoted.
 pub fn split_qualified(given: &str) -> Option<(String, String)> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted) = (0, false);
-    for (i, c) in given.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            '.' if !quoted => {
-                parts.push(&given[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&given[start..]);
+    let parts = split_outside_quotes(given, '.');
     let name = |part: &str| {
         let part = part.trim();
         if let Some(inner) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
@@ -91,20 +79,36 @@ pub fn split_qualified(given: &str) -> Option<(String, String)> {
 /// Splits a comma-separated list of column names, bare or quoted as in SQL, at the commas outside
 /// double quotes (`a,"b,c"` is two names), and unquotes each.
 pub fn split_idents(given: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let (mut start, mut quoted) = (0, false);
+    split_outside_quotes(given, ',')
+        .into_iter()
+        .map(unquote_ident)
+        .collect()
+}
+
+/// The byte offsets of `separator` in `given` outside double-quoted identifiers.
+pub fn outside_quotes(given: &str, separator: char) -> Vec<usize> {
+    let mut quoted = false;
+    let mut found = Vec::new();
     for (i, c) in given.char_indices() {
         match c {
             '"' => quoted = !quoted,
-            ',' if !quoted => {
-                names.push(unquote_ident(&given[start..i]));
-                start = i + 1;
-            }
+            c if c == separator && !quoted => found.push(i),
             _ => {}
         }
     }
-    names.push(unquote_ident(&given[start..]));
-    names
+    found
+}
+
+/// `given` split at each `separator` outside double-quoted identifiers.
+fn split_outside_quotes(given: &str, separator: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for i in outside_quotes(given, separator) {
+        parts.push(&given[start..i]);
+        start = i + separator.len_utf8();
+    }
+    parts.push(&given[start..]);
+    parts
 }
 
 /// Quotes a string literal (used only for DDL, where parameters are not allowed).
