@@ -217,17 +217,11 @@ fn half_applied(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Settings a running attempt reads once, when it starts: its batches' sizes and timeouts (the
-/// batcher and its controller are built then), the lease it renews, and the ceiling and
-/// allowlist checked in its preparation. Only the pause between batches and the health signals
-/// read the live configuration.
+/// Settings a running attempt reads once, when it starts: the lease it renews, and the ceiling
+/// and allowlist checked in its preparation. Batch sizes, targets, timeouts and pauses and the
+/// health signals follow the live configuration from the next batch.
 fn next_attempt(old: &Config, new: &Config) -> Vec<&'static str> {
-    let sleep_only = crate::config::BatchConfig {
-        sleep_ms: old.batch.sleep_ms,
-        ..new.batch.clone()
-    };
     [
-        ("batch", old.batch != sleep_only),
         (
             "worker.lease_ttl",
             old.worker.lease_ttl != new.worker.lease_ttl,
@@ -325,17 +319,16 @@ mod tests {
         let old = Config::default();
         let mut new = old.clone();
         new.batch.sleep_ms = old.batch.sleep_ms + 1;
+        new.batch.max_size = old.batch.max_size / 2;
+        new.batch.target_batch_ms = old.batch.target_batch_ms * 2;
+        new.batch.lock_timeout *= 2;
         new.throttle.max_replica_lag *= 2;
         assert!(
             next_attempt(&old, &new).is_empty(),
-            "the pauses read them live"
+            "batches and pauses follow the live configuration"
         );
-        new.batch.max_size = old.batch.max_size / 2;
         new.safety.max_affected = 30_000;
         new.worker.lease_ttl *= 2;
-        assert_eq!(
-            next_attempt(&old, &new),
-            ["batch", "worker.lease_ttl", "safety"]
-        );
+        assert_eq!(next_attempt(&old, &new), ["worker.lease_ttl", "safety"]);
     }
 }

@@ -36,6 +36,9 @@ pub struct Lease {
     pub job: String,
     pub attempt: i32,
     pub owner: String,
+    /// `worker.lease_ttl` when the attempt started: the heartbeat renews the lease by it and
+    /// batches are capped below it, for the whole attempt (a reload applies from the next one).
+    pub ttl: Duration,
 }
 
 /// What an operator asked for, as last seen by the heartbeat or a checkpoint.
@@ -138,7 +141,6 @@ pub fn spawn_heartbeat(
     pool: crate::db::Db,
     names: Names,
     lease: Lease,
-    ttl: Duration,
     interval: Duration,
     stop: CancellationToken,
 ) -> watch::Receiver<Control> {
@@ -151,7 +153,7 @@ pub fn spawn_heartbeat(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match renew(&pool, &names, &lease, ttl).await {
+            match renew(&pool, &names, &lease, lease.ttl).await {
                 Ok(control) => {
                     tx.send_if_modified(|c| std::mem::replace(c, control) != control);
                     if control == Control::LeaseLost {

@@ -23,6 +23,8 @@ pub struct Controller {
     /// only multiply the statements. Held for `FLOOR_BATCHES` batches, then tested again.
     floor: i64,
     floor_left: u32,
+    /// The minimum as configured; `min` is below it once statement timeouts pushed it down.
+    configured_min: i64,
 }
 
 /// How many batches a floor holds before the controller may test smaller sizes again (a stall
@@ -44,7 +46,27 @@ impl Controller {
             last: None,
             floor: t.min_size,
             floor_left: 0,
+            configured_min: t.min_size,
         }
+    }
+
+    /// Takes a reloaded configuration's sizes and target (SIGHUP) from the next batch on. The
+    /// current size is kept within the new bounds; a minimum that statement timeouts lowered
+    /// stays lowered, since the server's verdict still holds.
+    pub fn retune(&mut self, t: &Throttle) {
+        let lowered = self.min < self.configured_min;
+        self.configured_min = t.min_size;
+        self.min = if lowered {
+            self.min.min(t.min_size)
+        } else {
+            t.min_size
+        };
+        self.max = t.max_size.max(self.min);
+        self.target = Duration::from_millis(t.target_batch_ms as u64);
+        self.floor = self.min;
+        self.floor_left = 0;
+        self.last = None;
+        self.set(self.size);
     }
 
     pub fn size(&self) -> i64 {
@@ -612,6 +634,50 @@ mod tests {
             c.observe(Duration::from_millis(1));
         }
         assert_eq!(c.size(), 10_000, "never above max");
+    }
+
+    #[test]
+    fn a_retune_takes_the_new_bounds_and_target() {
+        let mut c = Controller::new(&throttle(), None);
+        c.observe(Duration::from_millis(10));
+        assert_eq!(c.size(), 1500);
+        let smaller = Throttle {
+            max_size: 400,
+            target_batch_ms: 50,
+            ..throttle()
+        };
+        c.retune(&smaller);
+        assert_eq!(
+            c.size(),
+            400,
+            "the current size falls within the new maximum"
+        );
+        c.observe(Duration::from_millis(100));
+        assert_eq!(c.size(), 200, "the new target steers the next batches");
+        let larger_min = Throttle {
+            min_size: 300,
+            ..smaller.clone()
+        };
+        c.retune(&larger_min);
+        assert_eq!(c.size(), 300, "and the new minimum");
+    }
+
+    #[test]
+    fn a_retune_keeps_a_minimum_that_timeouts_lowered() {
+        let mut c = Controller::new(&throttle(), Some(100));
+        c.timed_out();
+        assert_eq!(c.size(), 50);
+        c.retune(&Throttle {
+            min_size: 200,
+            ..throttle()
+        });
+        assert_eq!(c.size(), 50, "the server's verdict outlives a reload");
+        c.retune(&Throttle {
+            min_size: 20,
+            ..throttle()
+        });
+        c.timed_out();
+        assert_eq!(c.size(), 25, "a lower configured minimum applies too");
     }
 
     #[test]

@@ -581,17 +581,16 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
         .predicate("true")
         .set("n = n + 1")
         .raw("sleep_ms", "NULL")
+        .raw("batch_size", "NULL")
         .insert(&db)
         .await;
     let dir = std::env::temp_dir().join(format!("backfilld-hup-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("backfilld.toml");
     let write = |batch: &str| {
-        std::fs::write(
-            &file,
-            format!("[batch]\nsize = 100\nmin_size = 10\nmax_size = 100\n{batch}\n"),
-        )
-        .unwrap()
+        let sizes = "size = 100\nmin_size = 10\nmax_size = 100";
+        let sizes = if batch.contains("size =") { "" } else { sizes };
+        std::fs::write(&file, format!("[batch]\n{sizes}\n{batch}\n")).unwrap()
     };
     write("sleep_ms = 600000");
     let mut daemon = db.daemon().config_file(&file).until_idle().spawn();
@@ -634,17 +633,20 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one(pool: PgPool) {
         "the reloaded ten-minute sleep must still hold batches"
     );
 
-    // A valid one applies at once, even in the middle of the old sleep.
-    write("sleep_ms = 0");
+    // A valid one applies at once, even in the middle of the old sleep, and so do smaller
+    // batches: the 750 or 850 keys left (one or two batches of 100 ran) take 30 or 34 batches
+    // of 25, where they had taken 8 or 9 of 100.
+    write("size = 25\nmin_size = 10\nmax_size = 25\nsleep_ms = 0");
     daemon.signal("HUP");
     daemon.wait_ok().await;
     let job = db.job("hup").await;
     assert_eq!(job.state, "succeeded");
-    assert_eq!(job.batches, 10);
+    assert!(job.batches >= 32, "{} batches", job.batches);
+    let log = daemon.log();
+    assert!(log.contains("configuration reloaded"), "{log}");
     assert!(
-        daemon.log().contains("configuration reloaded"),
-        "{}",
-        daemon.log()
+        !log.contains("next attempt"),
+        "batch settings apply now: {log}"
     );
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM h WHERE n <> 1").await,

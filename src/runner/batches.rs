@@ -25,14 +25,12 @@ impl Attempt<'_> {
         guard: &BloatGuard,
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
-        let cfg = self.ctx.config();
-        let batcher = self.batcher(p, change, slice, &p.named, &cfg);
+        let mut cfg = self.ctx.config();
+        let throttle = self.throttle(p);
+        let mut batcher = self.batcher(p, change, slice, &throttle, &cfg);
         let mut walk = Walk {
             cursor: slice.cursor.clone(),
-            controller: Controller::new(
-                &p.spec.throttle,
-                self.row.batch_size_current.map(i64::from),
-            ),
+            controller: Controller::new(&throttle, self.row.batch_size_current.map(i64::from)),
             load: Load::default(),
             retries: 0,
         };
@@ -40,6 +38,14 @@ impl Attempt<'_> {
         loop {
             if let Some(outcome) = self.ready(p, &mut health, stop).await {
                 return Ok(Some(outcome));
+            }
+            let now = self.ctx.config();
+            if !Arc::ptr_eq(&now, &cfg) {
+                // SIGHUP: the batches' sizes, target, ceiling and timeouts apply from this one.
+                cfg = now;
+                let throttle = self.throttle(p);
+                walk.controller.retune(&throttle);
+                batcher = self.batcher(p, change, slice, &throttle, &cfg);
             }
             let size = walk.controller.size();
             let next = match batcher.run(walk.cursor.as_ref(), size).await {
@@ -133,7 +139,7 @@ impl Attempt<'_> {
             _ => walk.controller.back_off(),
         }
         tracing::warn!(error = %e, retry = walk.retries, batch_size = walk.controller.size(), "transient batch error; retrying");
-        let base = retry_base(e, &p.spec.throttle);
+        let base = retry_base(e, &self.throttle(p));
         if let Some(outcome) = self.back_off(e, walk.retries, base, stop).await {
             return Ok(ControlFlow::Break(Some(outcome)));
         }
@@ -141,21 +147,21 @@ impl Attempt<'_> {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// The batch runner of one slice, with this run's settings.
+    /// The batch runner of one slice, with the configuration and throttle given.
     pub(super) fn batcher<'b>(
         &'b self,
         p: &'b Prepared,
         change: &'b Change,
         slice: &'b Slice,
-        table: &'b str,
+        throttle: &Throttle,
         cfg: &Config,
     ) -> Batcher<'b> {
-        let max_batch = Duration::from_millis(p.spec.throttle.max_batch_ms as u64);
+        let max_batch = Duration::from_millis(throttle.max_batch_ms as u64);
         Batcher {
             pool: &self.ctx.pool,
             names: &self.ctx.names,
             lease: &self.lease,
-            table,
+            table: &p.named,
             keyset: &p.keyset,
             change,
             upper: &slice.upper,
@@ -164,9 +170,9 @@ impl Attempt<'_> {
                 cfg.batch.statement_timeout,
                 max_batch,
                 cfg.batch.synchronous_commit.clone(),
-                cfg.worker.lease_ttl,
+                self.lease.ttl,
             ),
-            lease_ttl: cfg.worker.lease_ttl,
+            lease_ttl: self.lease.ttl,
             max_affected: p.spec.max_affected,
             window: WindowSql::new(&p.keyset),
             slot: slice.slot,

@@ -77,6 +77,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             job: row.name.clone(),
             attempt: row.attempt,
             owner: ctx.owner.clone(),
+            ttl: cfg.worker.lease_ttl,
         };
         let stop_heartbeat = CancellationToken::new();
         // Stops the heartbeat however this future ends: a panic unwinding through it must let
@@ -86,7 +87,6 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             ctx.pool.clone(),
             ctx.names.clone(),
             lease.clone(),
-            cfg.worker.lease_ttl,
             cfg.worker.heartbeat_interval,
             stop_heartbeat.clone(),
         );

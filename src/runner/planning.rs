@@ -203,7 +203,7 @@ impl Attempt<'_> {
             cursor: None,
             upper: upper.clone(),
         };
-        let batcher = self.batcher(p, &change, &slice, &p.named, cfg);
+        let batcher = self.batcher(p, &change, &slice, &p.spec.throttle, cfg);
         let mut tx = batcher.begin(false).await?;
         if let Some(a) = &mut archive {
             let keyed = p.written();
