@@ -161,6 +161,15 @@ impl JobError {
         self
     }
 
+    /// Appends advice to a refusal by PostgreSQL (what to change so the job can pass); other
+    /// errors pass unchanged.
+    pub fn hint(mut self, advice: impl std::fmt::Display) -> Self {
+        if let Self::Sql { message, .. } = &mut self {
+            *message = format!("{message}; {advice}");
+        }
+        self
+    }
+
     /// Renames the step a statement failed in (a plan's trial runs a batch's statements).
     pub fn in_step(mut self, new: &'static str) -> Self {
         if let Self::Sql { step, .. } | Self::Connection { step, .. } = &mut self {

@@ -695,3 +695,41 @@ async fn batches_that_time_out_at_the_minimum_size_go_below_it(pool: PgPool) {
         "it did time out at first"
     );
 }
+
+/// A job whose batches time out even at one key fails, and its error says which limit and what
+/// to change: PostgreSQL's "canceling statement due to statement timeout" names neither.
+#[sqlx::test]
+async fn a_job_failing_on_statement_timeouts_names_the_limit(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE glacial (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO glacial SELECT g, 0 FROM generate_series(1, 4) g;
+         CREATE FUNCTION glacial_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
+         CREATE TRIGGER glacial_slow BEFORE UPDATE ON glacial
+         FOR EACH ROW EXECUTE FUNCTION glacial_slow();",
+    )
+    .await;
+    NewJob::new("glacial", "glacial")
+        .predicate("v = 0")
+        .set("v = 1")
+        .raw("max_batch_ms", "100")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .env("BACKFILLD_WORKER__MAX_ATTEMPTS", "1")
+        .env("BACKFILLD_WORKER__MAX_BATCH_RETRIES", "2")
+        .until_idle()
+        .spawn();
+    daemon.wait_ok().await;
+    let job = db.job("glacial").await;
+    assert_eq!((job.state.as_str(), job.rows_changed), ("failed", 0));
+    let error = job.last_error.unwrap_or_default();
+    assert!(
+        error.contains("57014")
+            && error.contains("within 100 ms")
+            && error.contains("raise the job's max_batch_ms"),
+        "{error}"
+    );
+}

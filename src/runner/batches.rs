@@ -61,7 +61,7 @@ impl Attempt<'_> {
                     if e.is_retryable() {
                         self.batches_gave_up.store(true, Ordering::Relaxed);
                     }
-                    return Err(e);
+                    return Err(timeout_hint(e, &batcher, walk.retries, size));
                 }
             };
             if let ControlFlow::Break(end) = next {
@@ -244,4 +244,19 @@ impl Attempt<'_> {
             .ok_or_else(|| self.lease_lost())?;
         self.parse_cursor(cursor.as_ref(), width)
     }
+}
+
+/// A batch that still timed out after its retries: say which limit it ran into and what to
+/// change, since "canceling statement due to statement timeout" names neither.
+fn timeout_hint(e: JobError, batcher: &Batcher<'_>, retries: u32, size: i64) -> JobError {
+    if e.sqlstate() != Some("57014") {
+        return e;
+    }
+    let limit = batcher.settings.statement_timeout.as_millis();
+    e.hint(format!(
+        "each batch must finish within {limit} ms (the smaller of the job's max_batch_ms and \
+         batch.statement_timeout), and {retries} retries at halved sizes, the last of {size} \
+         keys, did not: raise the job's max_batch_ms, or look for what makes its rows slow to \
+         change (triggers, large rows, foreign key checks)"
+    ))
 }
