@@ -15,6 +15,7 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use crate::db::Db;
 
+use crate::archive::Watched;
 use crate::change::Change;
 use crate::claim::{self, Control, Lease};
 use crate::error::JobError;
@@ -172,7 +173,32 @@ RETURNING requested_state, rows_changed, (
       AND NOT EXISTS (SELECT FROM pg_stat_get_activity(l.pid) a
                       WHERE pg_get_userbyid(a.usesysid) = current_user
                         AND split_part(a.application_name, '/', 1)
-                            = split_part(current_setting('application_name'), '/', 1)))";
+                            = split_part(current_setting('application_name'), '/', 1))),
+  -- For an archiving job ($13 its table): the table's columns as this batch wrote it (a DDL
+  -- statement waits for the batch's lock, so none can slip in between), against those the
+  -- archive statement was written for. NULL otherwise.
+  (SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute
+   WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped),
+  (SELECT array_agg(format_type(atttypid, atttypmod) ORDER BY attnum) FROM pg_attribute
+   WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped)";
+
+/// A table's column names and declared types, in order.
+const COLUMNS: &str = "
+SELECT array_agg(attname::text ORDER BY attnum), array_agg(format_type(atttypid, atttypmod) ORDER BY attnum)
+FROM pg_attribute WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped";
+
+/// A table's column names and declared types (NULL for no table).
+type Columns = (Option<Vec<String>>, Option<Vec<String>>);
+
+/// What the checkpoint returns: the operator's request, the job's rows changed, the sessions
+/// blocked (count and longest wait), and for an archiving job its table's column names and types.
+type CheckpointRow = (
+    Option<String>,
+    i64,
+    Vec<f64>,
+    Option<Vec<String>>,
+    Option<Vec<String>>,
+);
 
 impl Batcher<'_> {
     fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
@@ -215,7 +241,11 @@ impl Batcher<'_> {
             return Ok(None);
         };
         let writing = Instant::now();
-        let Some(changed) = self.apply_change(&mut tx, cursor, &hi, locked).await? else {
+        let applied = match self.apply_change(&mut tx, cursor, &hi, locked).await {
+            Ok(applied) => applied,
+            Err(e) => return Err(self.dropped_column(e).await),
+        };
+        let Some(changed) = applied else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(Some(Attempted::Raced));
         };
@@ -240,6 +270,42 @@ impl Batcher<'_> {
             control,
             impact,
         })))
+    }
+
+    /// An archiving statement that names a column dropped since it was written fails with 42703:
+    /// when the table's columns did change, that is `TableChanged` (the next attempt writes the
+    /// statement for the table as it is), not a broken job.
+    async fn dropped_column(&self, e: JobError) -> JobError {
+        let Some(w) = self
+            .change
+            .watched()
+            .filter(|_| e.sqlstate() == Some("42703"))
+        else {
+            return e;
+        };
+        let now: sqlx::Result<Columns> = crate::sql::query_as(COLUMNS)
+            .bind(i64::from(w.oid))
+            .fetch_one(self.pool)
+            .await;
+        match now {
+            Ok((names, types)) => self.table_changed(w, names, types).unwrap_or(e),
+            Err(_) => e,
+        }
+    }
+
+    /// `TableChanged` when the table's columns (`names`, `types`) differ from those watched.
+    fn table_changed(
+        &self,
+        w: &Watched,
+        names: Option<Vec<String>>,
+        types: Option<Vec<String>>,
+    ) -> Option<JobError> {
+        let changes = w.changes(&names.unwrap_or_default(), &types.unwrap_or_default());
+        (!changes.is_empty()).then(|| JobError::TableChanged {
+            job: self.lease.job.clone(),
+            table: self.table.to_owned(),
+            changes: changes.join(", "),
+        })
     }
 
     /// Opens a batch transaction with the batch settings (`locked`: for the locking statement).
@@ -345,7 +411,8 @@ impl Batcher<'_> {
         (scanned, changed, skipped): (i64, i64, i64),
         size: i64,
     ) -> Result<(Control, Impact), JobError> {
-        let row: Option<(Option<String>, i64, Vec<f64>)> =
+        let watched = self.change.watched();
+        let row: Option<CheckpointRow> =
             crate::sql::query_as(&claim::fenced(self.names, CHECKPOINT))
                 .bind(self.lease.job_id)
                 .bind(self.lease.attempt)
@@ -359,12 +426,16 @@ impl Batcher<'_> {
                 .bind(self.slot.map(|s| s as i32))
                 .bind(from.flatten().map(Key::to_json))
                 .bind(from.is_some())
+                .bind(watched.map(|w| i64::from(w.oid)))
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(self.sql_err("writing the checkpoint"))?;
-        let Some((requested, total_changed, waiters)) = row else {
+        let Some((requested, total_changed, waiters, names, types)) = row else {
             return Err(self.checkpoint_refused(conn, from.flatten()).await);
         };
+        if let Some(changed) = watched.and_then(|w| self.table_changed(w, names, types)) {
+            return Err(changed);
+        }
         if let Some(max) = self.max_affected.filter(|m| total_changed > *m) {
             return Err(JobError::Ceiling {
                 job: self.lease.job.clone(),

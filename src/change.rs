@@ -59,6 +59,16 @@ impl Change {
         self.locked_statement(false).is_some()
     }
 
+    /// The table's columns an archiving update's or delete's images were written for: each
+    /// batch checks them before it commits (see `archive::layout`).
+    pub fn watched(&self) -> Option<&crate::archive::Watched> {
+        match self {
+            Change::Update(c) => c.watched.as_ref(),
+            Change::Delete(c) => c.watched.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Reverts count the window rows they did not restore (changed again since the backfill).
     pub fn counts_skipped(&self) -> bool {
         matches!(self, Change::Revert(_))

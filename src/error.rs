@@ -103,6 +103,19 @@ pub enum JobError {
         stored: String,
         expected: String,
     },
+    /// An archiving batch found the table's columns changed since its statements were written
+    /// (a column added, or retyped): rolled back, so no image is cut short or rounded. Retried
+    /// as a new attempt, whose archive follows the table first.
+    #[error(
+        "job {job} on {table}: the table's columns changed while the job ran ({changes}); the \
+         batch rolled back so its archive stays exact, and the next attempt brings the archive \
+         in line with the table"
+    )]
+    TableChanged {
+        job: String,
+        table: String,
+        changes: String,
+    },
     /// The job would change more rows than its ceiling allows.
     #[error(
         "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is \
@@ -200,17 +213,24 @@ impl JobError {
         match self {
             Self::Sql { retryable, .. } => *retryable,
             Self::Connection { source, .. } => !matches!(source, sqlx::Error::Configuration(_)),
-            Self::CheckpointMoved { .. } => true,
+            Self::CheckpointMoved { .. } | Self::TableChanged { .. } => true,
             _ => false,
         }
     }
 
+    /// A transient error the batch loop retries in place; the others that are retryable end
+    /// the attempt, to be retried by the next one (whose preparation must run again).
+    pub fn is_retried_in_place(&self) -> bool {
+        self.is_retryable() && !matches!(self, Self::TableChanged { .. })
+    }
+
     /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "invalid",
         "connection",
         "lease_lost",
         "lost_commit",
+        "table_changed",
         "ceiling",
         "lock_timeout",
         "deadlock",
@@ -226,6 +246,7 @@ impl JobError {
             Self::Connection { .. } => "connection",
             Self::LeaseLost { .. } => "lease_lost",
             Self::CheckpointMoved { .. } => "lost_commit",
+            Self::TableChanged { .. } => "table_changed",
             Self::Ceiling { .. } => "ceiling",
         }
     }

@@ -838,10 +838,12 @@ async fn a_dry_run_commits_nothing_a_set_clause_function_writes(pool: PgPool) {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM audit").await, 0);
 }
 
-/// A migration adds a column while an archived delete runs: the archive keeps the columns it
-/// was made with, and the job goes on (it archived `RETURNING *` before, which then no longer fit).
+/// A migration adds a column while an archived delete runs, and the application fills it. The
+/// batch that first deletes under the new column rolls back (its statement archives the old
+/// columns only: the value would have been lost, and the revert put back the default), and the
+/// next attempt adds the column to the archive. The revert then puts back every value.
 #[sqlx::test]
-async fn an_archived_delete_goes_on_when_a_column_is_added_mid_run(pool: PgPool) {
+async fn an_archived_delete_follows_a_column_added_mid_run(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
     NewJob::new("purge_live", "orders")
@@ -857,16 +859,149 @@ async fn an_archived_delete_goes_on_when_a_column_is_added_mid_run(pool: PgPool)
         db.job("purge_live").await.batches >= 2
     })
     .await;
-    db.exec("ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu'")
-        .await;
+    // One transaction: the rows left then are those the revert must give their region back.
+    db.exec(
+        "ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu';
+         UPDATE orders SET region = 'r' || id;
+         CREATE TABLE regions AS SELECT id, region FROM orders;",
+    )
+    .await;
     daemon.wait_ok().await;
     let job = db.job("purge_live").await;
     assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
     assert_eq!(job.rows_changed, 500);
     assert!(job.batches > 2, "the column came mid-run");
+    let log = daemon.log();
+    assert!(log.contains("columns changed while the job ran"), "{log}");
     let archive = job.archive_table.expect("an archive");
     assert_eq!(
         db.scalar_i64(&format!("SELECT count(*) FROM backfill.\"{archive}\""))
+            .await,
+        500
+    );
+    let reverted = db.revert("purge_live").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (500, 0));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 2000);
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM regions r JOIN orders o USING (id)
+             WHERE o.region IS DISTINCT FROM r.region"
+        )
+        .await,
+        0,
+        "every region deleted after the column came is back"
+    );
+}
+
+/// A migration drops a column while an archived delete runs: the batch's statement, which
+/// archives that column by name, fails with 42703. That is the table changing, not a broken job:
+/// the next attempt archives the columns the table has now, and the job finishes.
+#[sqlx::test]
+async fn an_archived_delete_goes_on_when_a_column_is_dropped_mid_run(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    NewJob::new("purge_drop", "orders")
+        .raw("action", "'delete'")
+        .predicate("status = 'paid'")
+        .raw("archive", "true")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "50")
+        .insert(&db)
+        .await;
+    let mut daemon = db.daemon().until_idle().spawn();
+    common::wait_until("a few batches", String::new, async || {
+        db.job("purge_drop").await.batches >= 2
+    })
+    .await;
+    db.exec("ALTER TABLE orders DROP COLUMN note").await;
+    daemon.wait_ok().await;
+    let job = db.job("purge_drop").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 500);
+    let reverted = db.revert("purge_drop").await;
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (500, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'paid' AND amount = id * 1.25")
+            .await,
+        500
+    );
+}
+
+/// A migration widens a column an archived update sets while the update runs, and the
+/// application writes values of the new precision. The archive's columns had the old type: the
+/// images would have been rounded, and the revert would have skipped the rows as changed since
+/// (or put back the rounded value). The batch rolls back, the archive takes the new type, and
+/// the revert restores every value exactly.
+#[sqlx::test]
+async fn an_archived_update_follows_a_column_retyped_mid_run(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2) NOT NULL, v int NOT NULL DEFAULT 0);
+         INSERT INTO prices SELECT g, g * 1.25, 0 FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    NewJob::new("triple", "prices")
+        .predicate("v = 0")
+        .set("price = price * 3, v = 1")
+        .raw("archive", "true")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "50")
+        .insert(&db)
+        .await;
+    let mut daemon = db.daemon().until_idle().spawn();
+    common::wait_until("a few batches", String::new, async || {
+        db.job("triple").await.batches >= 2
+    })
+    .await;
+    db.exec(
+        "ALTER TABLE prices ALTER COLUMN price TYPE numeric(12,4);
+         UPDATE prices SET price = price + 0.0001 WHERE v = 0;
+         CREATE TABLE before AS SELECT id, price FROM prices WHERE v = 0;",
+    )
+    .await;
+    daemon.wait_ok().await;
+    let job = db.job("triple").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 2000);
+    let reverted = db.revert("triple").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (2000, 0));
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM before b JOIN prices p USING (id) WHERE p.price <> b.price"
+        )
+        .await,
+        0,
+        "every price updated after the change of type is back to its four decimals"
+    );
+}
+
+/// A column an update set is retyped after the update finished: the revert compares its
+/// after-images with the values as the table now holds them (it had skipped every row as
+/// changed since: `3.75` is not `3.7500` as text).
+#[sqlx::test]
+async fn an_update_is_reverted_after_its_column_was_retyped(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2) NOT NULL, v int NOT NULL DEFAULT 0);
+         INSERT INTO prices SELECT g, g * 1.25, 0 FROM generate_series(1, 500) g;",
+    )
+    .await;
+    NewJob::new("triple", "prices")
+        .predicate("v = 0")
+        .set("price = price * 3, v = 1")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    db.exec("ALTER TABLE prices ALTER COLUMN price TYPE numeric(12,4), ALTER COLUMN v TYPE bigint")
+        .await;
+    let reverted = db.revert("triple").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (500, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM prices WHERE price = id * 1.25 AND v = 0")
             .await,
         500
     );

@@ -2,7 +2,7 @@
 //! in the same statement, from `RETURNING`, so the archived row is exactly the deleted version.
 
 use super::Statements;
-use crate::archive::ArchiveTable;
+use crate::archive::{ArchiveTable, Watched};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
 use crate::target::Target;
@@ -10,6 +10,8 @@ use crate::target::Target;
 #[derive(Debug, Clone)]
 pub struct Delete {
     pub(super) statements: Statements,
+    /// With an archive: the columns its images were written for.
+    pub(super) watched: Option<Watched>,
 }
 
 impl Delete {
@@ -49,6 +51,9 @@ impl Delete {
                 }
             }
         });
-        Self { statements }
+        Self {
+            statements,
+            watched: archive.and_then(|a| a.watched(target)),
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `action = 'update'`: `UPDATE … SET <set_clause> WHERE <window> AND (<predicate>)`.
 
 use super::Statements;
-use crate::archive::ArchiveTable;
+use crate::archive::{ArchiveTable, Watched};
 use crate::fragment::{Fragments, render_assignments};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
@@ -12,6 +12,8 @@ pub struct Update {
     pub(super) statements: Statements,
     /// With an archive: the locking statement, run when the optimistic one reports a race.
     pub(super) locked: Option<Statements>,
+    /// With an archive: the columns its images were written for.
+    pub(super) watched: Option<Watched>,
 }
 
 impl Update {
@@ -27,6 +29,7 @@ impl Update {
                     plain(target, fragments, range)
                 }),
                 locked: None,
+                watched: None,
             },
             Some(archive) => {
                 let sql = Archived {
@@ -34,15 +37,18 @@ impl Update {
                     fragments,
                     archive,
                 };
+                let watched = archive.watched(target);
                 if sql.before_is_null() {
                     return Self {
                         statements: Statements::render(keyset, None, |range| sql.pinned(range)),
                         locked: None,
+                        watched,
                     };
                 }
                 Self {
                     statements: Statements::render(keyset, None, |range| sql.optimistic(range)),
                     locked: Some(Statements::render(keyset, None, |range| sql.locked(range))),
+                    watched,
                 }
             }
         }

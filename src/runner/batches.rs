@@ -54,7 +54,9 @@ impl Attempt<'_> {
                     let ctx = (p, guard, stop);
                     self.committed(ctx, &done, size, &mut walk, progress).await
                 }
-                Err(e) if e.is_retryable() && walk.retries < cfg.worker.max_batch_retries => {
+                Err(e)
+                    if e.is_retried_in_place() && walk.retries < cfg.worker.max_batch_retries =>
+                {
                     self.retry(p, &e, slice, &mut walk, stop).await?
                 }
                 Err(e) => {

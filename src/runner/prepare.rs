@@ -134,6 +134,17 @@ impl Attempt<'_> {
             .parent_checks(conn, target)
             .await
             .map_err(self.err("reading the target's foreign keys"))?;
+        if matches!(archive.kind, ArchiveKind::Update { .. }) {
+            // A column retyped since the update: its after-images compare with the values as
+            // the table now holds them (`numeric(10,2)` 1.50 is 1.5000 in `numeric(12,4)`).
+            let changes = archive
+                .follow(conn, target, false)
+                .await
+                .map_err(self.err("bringing the archive in line with the table"))?;
+            if !changes.is_empty() {
+                tracing::warn!(archive = %archive.quoted, ?changes, "revert: the archive takes the types the table's columns have now");
+            }
+        }
         let lost = archive.lost_columns(target);
         if !lost.is_empty() {
             tracing::warn!(
