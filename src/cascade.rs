@@ -237,8 +237,10 @@ enum Linking {
 }
 
 /// Counts referencing rows of `c` as `linking` says. The predicate is the target's: inside a
-/// subquery its bare column names resolve to the nearest alias (`_bf_t` for the referenced row,
-/// `_bf_s` for the referencing row itself).
+/// subquery its bare column names resolve to the nearest table, the target (for the referenced
+/// row, and for the referencing row itself in a tree). The target is not aliased there, so a
+/// predicate naming it (`posts.id`, as a batch's `DELETE FROM posts` allows) resolves too; the
+/// child, aliased `_bf_c`, cannot capture the name even when it is the same table.
 fn count_sql(
     c: &Cascade,
     target: &Target,
@@ -252,23 +254,23 @@ fn count_sql(
         .zip(&c.parent_columns)
         .map(|(child, parent)| {
             format!(
-                "_bf_t.{} = _bf_c.{}",
+                "{}.{} = _bf_c.{}",
+                target.quoted,
                 quote_ident(parent),
                 quote_ident(child)
             )
         })
         .collect();
-    let (range, _) = keyset.range(Some("_bf_t"), false);
+    let table = &target.quoted;
+    let (range, _) = keyset.range(Some(table), false);
     let selected = || {
-        let (own, _) = keyset.range(Some("_bf_s"), false);
         let same: Vec<String> = target
             .keys
             .iter()
-            .map(|k| format!("_bf_s.{0} = _bf_c.{0}", quote_ident(&k.name)))
+            .map(|k| format!("{table}.{0} = _bf_c.{0}", quote_ident(&k.name)))
             .collect();
         format!(
-            "EXISTS (SELECT 1 FROM {} AS _bf_s WHERE {} AND {own} AND ({predicate}))",
-            target.quoted,
+            "EXISTS (SELECT 1 FROM {table} WHERE {} AND {range} AND ({predicate}))",
             same.join(" AND ")
         )
     };
@@ -280,17 +282,16 @@ fn count_sql(
             format!(
                 " AND {} IS DISTINCT FROM {}",
                 keyset.row(Some("_bf_c")),
-                keyset.row(Some("_bf_t"))
+                keyset.row(Some(table))
             ),
             format!(" AND {}", selected()),
         ),
     };
     format!(
         "SELECT count(*) FROM {child} AS _bf_c
-         WHERE EXISTS (SELECT 1 FROM {table} AS _bf_t
+         WHERE EXISTS (SELECT 1 FROM {table}
                        WHERE {on} AND {range} AND ({predicate}){inner}){outer}",
         child = c.child,
-        table = target.quoted,
         on = on.join(" AND "),
     )
 }
