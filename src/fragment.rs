@@ -797,9 +797,22 @@ pub async fn validate_on_server(
 /// Has the server parse, analyze and plan `sql` without running it: `EXPLAIN` (no `ANALYZE`, so
 /// no statement-level trigger fires) as one unnamed extended-protocol statement, which holds
 /// exactly one command.
+/// It runs in a transaction of its own (a savepoint inside the caller's) with
+/// `backfilld.checking` on, so `job_started_at` of a job not started yet reads as now() when the
+/// planner calls it to estimate a comparison (schema migration 7); rolled back, setting and all.
 async fn server_parse(conn: &mut PgConnection, sql: &str, part: Part) -> Result<(), ServerCheck> {
+    use sqlx::Connection;
     let explain = format!("EXPLAIN (COSTS OFF) {sql}");
-    match crate::sql::query(&explain).execute(conn).await {
+    let checked = async {
+        let mut tx = conn.begin().await?;
+        crate::sql::query("SELECT set_config('backfilld.checking', 'on', true)")
+            .execute(&mut *tx)
+            .await?;
+        let planned = crate::sql::query(&explain).execute(&mut *tx).await;
+        tx.rollback().await?;
+        planned
+    };
+    match checked.await {
         Ok(_) => Ok(()),
         Err(sqlx::Error::Database(db))
             if !crate::error::is_transient_sqlstate(db.code().as_deref().unwrap_or_default()) =>

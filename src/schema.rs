@@ -75,6 +75,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "started_at_checked",
         sql: include_str!("schema/0006_started_at_checked.sql"),
     },
+    Migration {
+        version: 7,
+        name: "started_at_while_checking",
+        sql: include_str!("schema/0007_started_at_while_checking.sql"),
+    },
 ];
 
 pub fn latest_version() -> i32 {
