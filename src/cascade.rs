@@ -6,6 +6,8 @@
 //! possibly deep into the run with earlier batches committed: the plan counts the referencing
 //! rows the delete leaves behind and refuses the job while there are any, and warns when a
 //! tree's selected rows reference each other (that fails only if batches reach a parent first).
+//! Keys below the target, on tables a cascade deletes rows of, are found and judged the same
+//! way (`Below`).
 
 use crate::db::Db;
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,10 @@ pub struct Cascade {
     child_columns: Vec<String>,
     #[serde(skip)]
     parent_columns: Vec<String>,
+    /// For a key below the target: the tables whose rows the delete removes through `ON DELETE
+    /// CASCADE` on the way to this key's table, nearest the target first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<String>,
 }
 
 impl std::fmt::Display for Cascade {
@@ -46,9 +52,13 @@ impl std::fmt::Display for Cascade {
         let rows = self
             .child_rows
             .map_or("uncounted".to_owned(), |n| format!("{n} child rows"));
+        let via = match self.via.as_slice() {
+            [] => String::new(),
+            tables => format!(", through {}", tables.join(", ")),
+        };
         write!(
             f,
-            "{} on {} (ON DELETE {}, {rows})",
+            "{} on {} (ON DELETE {}, {rows}{via})",
             self.constraint, self.child, self.on_delete
         )
     }
@@ -138,8 +148,18 @@ async fn referencing<'e>(
     job: &str,
     target: &Target,
 ) -> Result<Vec<Cascade>, JobError> {
+    referencing_oid(db, job, target, target.oid).await
+}
+
+/// The foreign keys referencing the table `oid` (the target, or a table below it), uncounted.
+async fn referencing_oid<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    job: &str,
+    target: &Target,
+    oid: u32,
+) -> Result<Vec<Cascade>, JobError> {
     let rows: Vec<Row> = crate::sql::query_as(FOREIGN_KEYS)
-        .bind(sqlx::postgres::types::Oid(target.oid))
+        .bind(sqlx::postgres::types::Oid(oid))
         .fetch_all(db)
         .await
         .map_err(|e| {
@@ -193,7 +213,136 @@ pub async fn find(
             c.interlinked = count(pool, c, &interlinked, upper).await;
         }
     }
+    let below = Below {
+        pool,
+        job,
+        target,
+        keyset,
+        predicate,
+        upper,
+    };
+    let nested = below.find(&cascades).await?;
+    cascades.extend(nested);
     Ok(cascades)
+}
+
+/// How deep below the target the plan follows `ON DELETE CASCADE` keys.
+const MAX_DEPTH: usize = 6;
+
+/// The foreign keys below the target: a delete of a target row deletes the rows that
+/// reference it `ON DELETE CASCADE`, and the keys referencing *those* rows act in turn (cascade
+/// further, set NULL, or forbid the delete, failing the batch). Each is counted like a key on the
+/// target, through the chain of cascading keys that leads to it.
+struct Below<'a> {
+    pool: &'a Db,
+    job: &'a str,
+    target: &'a Target,
+    keyset: &'a Keyset,
+    predicate: &'a str,
+    upper: &'a Key,
+}
+
+impl Below<'_> {
+    /// Walks down from the target's cascading keys (`direct`), each table once, to
+    /// `MAX_DEPTH` levels; returns the keys found below, counted.
+    async fn find(&self, direct: &[Cascade]) -> Result<Vec<Cascade>, JobError> {
+        let mut seen = vec![self.target.oid];
+        let mut chains: Vec<Vec<Cascade>> = direct
+            .iter()
+            .filter(|c| c.on_delete == "CASCADE" && !c.self_referencing)
+            .map(|c| vec![c.clone()])
+            .collect();
+        let mut found = Vec::new();
+        while let Some(chain) = chains.pop() {
+            let Some(oid) = self
+                .table_oid(chain.last().map_or("", |c| &c.child))
+                .await?
+            else {
+                continue;
+            };
+            if seen.contains(&oid) || chain.len() > MAX_DEPTH {
+                continue;
+            }
+            seen.push(oid);
+            for mut key in referencing_oid(self.pool, self.job, self.target, oid).await? {
+                if key.self_referencing {
+                    continue;
+                }
+                key.via = chain.iter().map(|c| c.child.clone()).collect();
+                key.child_rows =
+                    count(self.pool, &key, &self.count_sql(&chain, &key), self.upper).await;
+                if key.on_delete == "CASCADE" {
+                    let mut longer = chain.clone();
+                    longer.push(key.clone());
+                    chains.push(longer);
+                }
+                found.push(key);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn table_oid(&self, table: &str) -> Result<Option<u32>, JobError> {
+        let oid: Option<sqlx::postgres::types::Oid> =
+            crate::sql::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(table)
+                .fetch_one(self.pool)
+                .await
+                .map_err(|e| {
+                    JobError::sql(self.job, &self.target.display(), "following cascades", e)
+                })?;
+        Ok(oid.map(|o| o.0))
+    }
+
+    /// Rows of `key`'s table referencing a row of the chain's last table that the delete
+    /// removes through the chain.
+    fn count_sql(&self, chain: &[Cascade], key: &Cascade) -> String {
+        let last = chain.len() - 1;
+        let alias = format!("_bf_n{last}");
+        format!(
+            "SELECT count(*) FROM {} AS _bf_c WHERE EXISTS (SELECT 1 FROM {} AS {alias} WHERE {} AND {})",
+            key.child,
+            chain[last].child,
+            joined(key, &alias, "_bf_c"),
+            self.removed(chain, &alias)
+        )
+    }
+
+    /// The condition that the row `alias` of the chain's last table is removed by the delete:
+    /// it references, through the chain's last key, a row removed one level up, down to the
+    /// target's rows the delete selects (the target unaliased, so the predicate resolves as
+    /// in the batches).
+    fn removed(&self, chain: &[Cascade], alias: &str) -> String {
+        let key = &chain[chain.len() - 1];
+        if chain.len() == 1 {
+            let table = &self.target.quoted;
+            let (range, _) = self.keyset.range(Some(table), false);
+            return format!(
+                "EXISTS (SELECT 1 FROM {table} WHERE {} AND {range} AND ({}))",
+                joined(key, table, alias),
+                self.predicate
+            );
+        }
+        let up = chain.len() - 2;
+        let parent = format!("_bf_n{up}");
+        format!(
+            "EXISTS (SELECT 1 FROM {} AS {parent} WHERE {} AND {})",
+            chain[up].child,
+            joined(key, &parent, alias),
+            self.removed(&chain[..chain.len() - 1], &parent)
+        )
+    }
+}
+
+/// `parent.p1 = child.c1 AND …` for the foreign key `key`.
+fn joined(key: &Cascade, parent: &str, child: &str) -> String {
+    let on: Vec<String> = key
+        .child_columns
+        .iter()
+        .zip(&key.parent_columns)
+        .map(|(c, p)| format!("{parent}.{} = {child}.{}", quote_ident(p), quote_ident(c)))
+        .collect();
+    on.join(" AND ")
 }
 
 async fn count(pool: &Db, c: &Cascade, sql: &str, upper: &Key) -> Option<i64> {
@@ -221,6 +370,7 @@ fn cascade(
         interlinked: None,
         child_columns,
         parent_columns,
+        via: Vec::new(),
     }
 }
 
@@ -248,19 +398,6 @@ fn count_sql(
     predicate: &str,
     linking: Linking,
 ) -> String {
-    let on: Vec<String> = c
-        .child_columns
-        .iter()
-        .zip(&c.parent_columns)
-        .map(|(child, parent)| {
-            format!(
-                "{}.{} = _bf_c.{}",
-                target.quoted,
-                quote_ident(parent),
-                quote_ident(child)
-            )
-        })
-        .collect();
     let table = &target.quoted;
     let (range, _) = keyset.range(Some(table), false);
     let selected = || {
@@ -292,7 +429,7 @@ fn count_sql(
          WHERE EXISTS (SELECT 1 FROM {table}
                        WHERE {on} AND {range} AND ({predicate}){inner}){outer}",
         child = c.child,
-        on = on.join(" AND "),
+        on = joined(c, table, "_bf_c"),
     )
 }
 

@@ -851,8 +851,12 @@ fn print_plan(plan: &Plan) {
     }
     for c in &plan.cascades {
         let rows = c.child_rows.map_or("uncounted".into(), |n| n.to_string());
+        let via = match c.via.as_slice() {
+            [] => String::new(),
+            tables => format!(", through {}", tables.join(", ")),
+        };
         out!(
-            "  cascade      {} ON DELETE {}: {rows} child rows ({})",
+            "  cascade      {} ON DELETE {}: {rows} child rows ({}{via})",
             c.child,
             c.on_delete,
             c.constraint

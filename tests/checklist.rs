@@ -197,6 +197,78 @@ async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(poo
     );
 }
 
+/// Keys below the target: the delete's cascade into `builds` deletes builds, whose own keys act
+/// in turn. The plan had listed only `builds`: the artifacts deleted with them went unmentioned,
+/// and a note forbidding the delete of its build failed the job after earlier batches had
+/// committed. Both are planned now, counted through the chain.
+#[sqlx::test]
+async fn a_delete_plans_the_keys_below_the_tables_it_cascades_into(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE projects (id bigint PRIMARY KEY, pending bool NOT NULL);
+         CREATE TABLE builds (id bigint PRIMARY KEY,
+                              project_id bigint NOT NULL REFERENCES projects ON DELETE CASCADE);
+         CREATE TABLE artifacts (id bigint PRIMARY KEY,
+                                 build_id bigint NOT NULL REFERENCES builds ON DELETE CASCADE);
+         CREATE TABLE notes (id bigint PRIMARY KEY, build_id bigint REFERENCES builds);
+         INSERT INTO projects SELECT g, g % 10 = 0 FROM generate_series(1, 100) g;
+         INSERT INTO builds SELECT g, 1 + g % 100 FROM generate_series(1, 1000) g;
+         INSERT INTO artifacts SELECT g, g FROM generate_series(1, 1000, 3) g;
+         INSERT INTO notes VALUES (1, 999), (2, 5);",
+    )
+    .await;
+    let purge = |name: &'static str| {
+        NewJob::new(name, "projects")
+            .predicate("projects.pending")
+            .raw("action", "'delete'")
+            .raw("allow_cascade", "true")
+            .raw("batch_size", "3")
+    };
+    purge("purge").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("purge").await;
+    assert_eq!((job.state.as_str(), job.batches), ("failed", 0));
+    let err = job.last_error.unwrap_or_default();
+    assert!(
+        err.contains(
+            "notes_build_id_fkey on public.notes (ON DELETE NO ACTION, 1 child rows, through \
+             public.builds)"
+        ),
+        "build 999 belongs to project 100: {err}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM projects").await, 100);
+
+    db.exec("DELETE FROM notes WHERE id = 1").await;
+    purge("purge_again").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("purge_again").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    let cascades = job.plan.expect("a plan")["cascades"].clone();
+    let listed: Vec<(String, i64, String)> = cascades
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["child"].as_str().unwrap().to_owned(),
+                c["child_rows"].as_i64().unwrap_or(-1),
+                c["via"].to_string(),
+            )
+        })
+        .collect();
+    // Builds of projects 10, 20, …, 100: 100; artifacts of those builds (ids 1 mod 3): 33 or 34.
+    let artifacts = db
+        .scalar_i64("SELECT count(*) FROM artifacts WHERE build_id % 10 = 9")
+        .await;
+    assert_eq!(artifacts, 0, "deleted with their builds");
+    assert_eq!(listed.len(), 2, "{cascades}");
+    assert_eq!(listed[0].0, "public.builds");
+    assert_eq!(listed[0].1, 100);
+    assert_eq!(listed[1].0, "public.artifacts");
+    assert_eq!(listed[1].2, "[\"public.builds\"]");
+    assert!(listed[1].1 > 0, "{cascades}");
+}
+
 /// A delete aimed at one partition (purging an old partition at a time) finds the foreign keys
 /// that reference the partitioned table: PostgreSQL gives each partition its own copy of such a
 /// key, which the plan used to skip, so the delete cascaded into child rows archived nowhere.
