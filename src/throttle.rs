@@ -263,13 +263,13 @@ const LOAD_NOTICE: f64 = 2.0;
 ///   the slowdown, so the backfill's share of the server shrinks as everyone else needs more.
 pub fn pauses(
     t: &Throttle,
-    rows: i64,
+    rate_wait: Duration,
     elapsed: Duration,
     impact: Impact,
     load: f64,
     max_load: f64,
 ) -> Vec<(Duration, Reason)> {
-    let base = pause_after(t, rows, elapsed);
+    let base = pause_after(t, rate_wait);
     let mut out = vec![base];
     if impact.blocked > 0 {
         out.push((elapsed * 2, Reason::Blocking));
@@ -283,17 +283,38 @@ pub fn pauses(
 }
 
 /// The pause after a batch: the job's minimum sleep, or longer when the rows-per-second cap
-/// demands it (the batch's rows over the cap, minus the time the batch already took).
-pub fn pause_after(t: &Throttle, rows: i64, elapsed: Duration) -> (Duration, Reason) {
+/// demands it (`rate_wait`, from [`RatePace`]).
+pub fn pause_after(t: &Throttle, rate_wait: Duration) -> (Duration, Reason) {
     let sleep = Duration::from_millis(t.sleep_ms as u64);
-    if t.max_rows_per_second > 0 && rows > 0 {
-        let budget = Duration::from_secs_f64(rows as f64 / t.max_rows_per_second as f64);
-        let rate_wait = budget.saturating_sub(elapsed);
-        if rate_wait > sleep {
-            return (rate_wait, Reason::RateLimit);
-        }
+    if rate_wait > sleep {
+        return (rate_wait, Reason::RateLimit);
     }
     (sleep, Reason::Sleep)
+}
+
+/// A job's rows-per-second cap, shared by its parallel slices: every batch's rows take their
+/// time on one timeline, so the slices together stay under the cap (each had kept it alone, so
+/// four slices ran at four times the cap).
+#[derive(Debug, Default)]
+pub struct RatePace {
+    /// When the rows changed so far may all have been changed at the cap.
+    until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl RatePace {
+    /// How long a slice waits after its batch, begun at `started`, changed `rows`, at `rate`
+    /// rows per second (0: no cap): until the job's rows so far fit the cap. For a single
+    /// slice that is the batch's rows over the cap, minus the time the batch already took.
+    pub fn wait(&self, rate: i64, rows: i64, started: Instant, now: Instant) -> Duration {
+        if rate <= 0 || rows <= 0 {
+            return Duration::ZERO;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let from = until.map_or(started, |u| u.max(started));
+        let next = from + Duration::from_secs_f64(rows as f64 / rate as f64);
+        *until = Some(next);
+        next.saturating_duration_since(now)
+    }
 }
 
 /// Samples the database's health signals at most once per `check_interval`.
@@ -726,15 +747,29 @@ mod tests {
 
     #[test]
     fn rate_cap_extends_the_pause() {
-        let mut t = throttle();
+        let t = throttle();
+        let pace = RatePace::default();
+        let t0 = Instant::now();
+        let none = pace.wait(0, 1000, t0, t0 + Duration::from_millis(10));
         assert_eq!(
-            pause_after(&t, 1000, Duration::from_millis(10)),
+            pause_after(&t, none),
             (Duration::from_millis(50), Reason::Sleep)
         );
-        t.max_rows_per_second = 1000;
-        let (d, r) = pause_after(&t, 1000, Duration::from_millis(200));
-        assert_eq!(r, Reason::RateLimit);
-        assert_eq!(d, Duration::from_millis(800));
+        let wait = pace.wait(1000, 1000, t0, t0 + Duration::from_millis(200));
+        assert_eq!(wait, Duration::from_millis(800));
+        assert_eq!(pause_after(&t, wait), (wait, Reason::RateLimit));
+    }
+
+    #[test]
+    fn parallel_slices_share_the_rate_cap() {
+        let pace = RatePace::default();
+        let t0 = Instant::now();
+        let done = t0 + Duration::from_millis(100);
+        // Four slices each change 500 rows in the same 100 ms under a cap of 1,000 a second:
+        // together two seconds' worth, so the last to finish waits until then.
+        let waits: Vec<Duration> = (0..4).map(|_| pace.wait(1000, 500, t0, done)).collect();
+        assert_eq!(waits[0], Duration::from_millis(400));
+        assert_eq!(waits[3], Duration::from_millis(1900));
     }
 
     #[test]
@@ -815,24 +850,24 @@ mod tests {
     fn blocking_and_load_lengthen_the_pause() {
         let t = throttle();
         let ms = Duration::from_millis;
-        let calm = pauses(&t, 100, ms(20), Impact::default(), 1.0, 4.0);
+        let calm = pauses(&t, Duration::ZERO, ms(20), Impact::default(), 1.0, 4.0);
         assert_eq!(calm, vec![(ms(50), Reason::Sleep)]);
         let blocked = Impact {
             blocked: 2,
             longest_wait: ms(15),
         };
-        let p = pauses(&t, 100, ms(20), blocked, 1.0, 4.0);
+        let p = pauses(&t, Duration::ZERO, ms(20), blocked, 1.0, 4.0);
         assert_eq!(p[1], (ms(40), Reason::Blocking));
-        let busy = pauses(&t, 100, ms(20), Impact::default(), 3.0, 4.0);
+        let busy = pauses(&t, Duration::ZERO, ms(20), Impact::default(), 3.0, 4.0);
         assert_eq!(
             busy[1],
             (ms(100), Reason::ServerLoad),
             "sleep stretched 2x more"
         );
-        let capped = pauses(&t, 100, ms(20), Impact::default(), 10.0, 4.0);
+        let capped = pauses(&t, Duration::ZERO, ms(20), Impact::default(), 10.0, 4.0);
         assert_eq!(capped[1], (ms(150), Reason::ServerLoad));
         assert_eq!(
-            pauses(&t, 100, ms(20), Impact::default(), 3.0, 0.0).len(),
+            pauses(&t, Duration::ZERO, ms(20), Impact::default(), 3.0, 0.0).len(),
             1
         );
     }

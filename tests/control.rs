@@ -403,6 +403,42 @@ async fn a_rate_cap_bounds_every_batch(pool: PgPool) {
     );
 }
 
+/// The cap is the job's, not each slice's: slices had each kept 1,000 rows a second, so two
+/// changed 4,000 rows in under two seconds. Together they now take over three (a lower bound
+/// only: a slow machine takes longer either way).
+#[sqlx::test]
+async fn parallel_slices_share_the_rate_cap(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE rp (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO rp SELECT g FROM generate_series(1, 4000) g;",
+    )
+    .await;
+    NewJob::new("capped4", "rp")
+        .predicate("n = 0")
+        .set("n = 1")
+        .raw("batch_size", "250")
+        .raw("parallelism", "4")
+        .raw("max_rows_per_second", "1000")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("capped4").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!(done.rows_changed, 4000);
+    let slices = done
+        .slices
+        .as_ref()
+        .and_then(|s| s.as_array())
+        .map(Vec::len);
+    assert!(slices >= Some(2), "{:?}", done.slices);
+    let took = done.finished_at.unwrap() - done.started_at.unwrap();
+    assert!(
+        took >= chrono::Duration::milliseconds(3000),
+        "4,000 rows at 1,000 a second took {took}"
+    );
+}
+
 #[sqlx::test]
 async fn pause_and_cancel_apply_to_jobs_not_yet_running(pool: PgPool) {
     let db = Db::new(pool).await;

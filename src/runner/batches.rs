@@ -201,14 +201,12 @@ impl Attempt<'_> {
         } else {
             0.0
         };
-        for (pause, reason) in throttle::pauses(
-            &throttle,
-            done.changed,
-            done.elapsed,
-            impact,
-            load,
-            max_load,
-        ) {
+        let now = std::time::Instant::now();
+        let rate = throttle.max_rows_per_second;
+        let rate_wait = self.rate.wait(rate, done.changed, now - done.elapsed, now);
+        for (pause, reason) in
+            throttle::pauses(&throttle, rate_wait, done.elapsed, impact, load, max_load)
+        {
             if let Some(outcome) = self.pause(pause, reason, stop).await {
                 return Some(outcome);
             }

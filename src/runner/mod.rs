@@ -105,6 +105,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             held: Default::default(),
             longest_wait: Default::default(),
             batches_gave_up: Default::default(),
+            rate: Default::default(),
         };
         let result = attempt
             .execute_with_retries(cfg.worker.max_batch_retries)
@@ -189,4 +190,6 @@ struct Attempt<'a> {
     /// (a later attempt retries the job) instead of retrying in place: batches have had their
     /// retries, and retrying them again here would multiply the two limits.
     batches_gave_up: std::sync::atomic::AtomicBool,
+    /// The job's rows-per-second cap, shared by its slices.
+    rate: crate::throttle::RatePace,
 }
