@@ -173,7 +173,12 @@ impl Metrics {
     /// back, paused, failed): they go, or a dashboard's `max` kept showing them for an hour.
     pub fn attempt_ended(&self, job: &str, succeeded: bool) {
         self.job_running.with_label_values(&[job]).set(0);
-        if !succeeded {
+        if succeeded {
+            // Done means done: a sparse job's plan may have counted more keys to walk than its
+            // walk took, which had left the gauges short of it (0.75, ETA 0.07 s) for the TTL.
+            self.progress.with_label_values(&[job]).set(1.0);
+            self.eta.with_label_values(&[job]).set(0.0);
+        } else {
             let _ = self.eta.remove_label_values(&[job]);
             let _ = self.batch_size.remove_label_values(&[job]);
         }
@@ -350,11 +355,6 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
-        m.attempt_ended("j", true);
-        assert!(
-            m.render()
-                .contains("backfilld_job_eta_seconds{job=\"j\"} 10")
-        );
         m.attempt_ended("j", false);
         let text = m.render();
         assert!(
@@ -363,5 +363,16 @@ mod tests {
         );
         assert!(!text.contains("backfilld_batch_size{job=\"j\"}"), "{text}");
         assert!(text.contains("backfilld_job_progress_ratio{job=\"j\"} 0.5"));
+        // A success reads as done, whatever the plan's count of keys to walk had said.
+        m.attempt_ended("j", true);
+        let text = m.render();
+        assert!(
+            text.contains("backfilld_job_eta_seconds{job=\"j\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backfilld_job_progress_ratio{job=\"j\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -57,7 +57,9 @@ impl Attempt<'_> {
                 Err(e)
                     if e.is_retried_in_place() && walk.retries < cfg.worker.max_batch_retries =>
                 {
-                    self.retry(p, &e, slice, &mut walk, stop).await?
+                    let next = self.retry(p, &e, slice, &mut walk, stop).await?;
+                    self.record_stall(walk.controller.size(), progress);
+                    next
                 }
                 Err(e) => {
                     if e.is_retryable() {
