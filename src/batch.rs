@@ -99,6 +99,9 @@ pub struct Batcher<'a> {
     pub window: WindowSql,
     /// The slice this batcher walks (`slices[slot]`), or `None` for the job's single `cursor`.
     pub slot: Option<usize>,
+    /// The batch whose `COMMIT` was sent but not acknowledged (the connection failed): it may
+    /// have committed. The batch loop settles it against the stored cursor (`take_in_doubt`).
+    pub in_doubt: std::sync::Mutex<Option<Committed>>,
 }
 
 /// The window query for the first batch and for every later one, rendered once per run.
@@ -259,8 +262,7 @@ impl Batcher<'_> {
         let (control, impact) = self
             .checkpoint(&mut tx, (Some(cursor), &hi), counts, size)
             .await?;
-        tx.commit().await.map_err(self.sql_err("commit"))?;
-        Ok(Some(Attempted::Committed(Committed {
+        let mut done = Committed {
             scanned,
             changed,
             skipped,
@@ -269,7 +271,22 @@ impl Batcher<'_> {
             writing,
             control,
             impact,
-        })))
+        };
+        *self.doubt() = Some(done.clone());
+        tx.commit().await.map_err(self.sql_err("commit"))?;
+        *self.doubt() = None;
+        done.elapsed = started.elapsed();
+        Ok(Some(Attempted::Committed(done)))
+    }
+
+    fn doubt(&self) -> std::sync::MutexGuard<'_, Option<Committed>> {
+        // A poisoned lock only means a panic mid-assignment of a plain value.
+        self.in_doubt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The batch whose commit went unacknowledged, if the last one did; cleared.
+    pub fn take_in_doubt(&self) -> Option<Committed> {
+        self.doubt().take()
     }
 
     /// An archiving statement that names a column dropped since it was written fails with 42703:

@@ -315,3 +315,52 @@ async fn a_lost_commit_is_redone_not_skipped(pool: PgPool) {
         daemon.log()
     );
 }
+
+/// A batch lost to a crash after the daemon saw it commit (asynchronous commit) is redone, and
+/// counted once in `backfilld_rows_changed_total`: it had been counted at its first commit and
+/// again at its redo (107,597 for 100,000 rows after three crashes in the report).
+#[sqlx::test]
+async fn a_lost_batch_is_counted_once_in_the_metrics(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, 600).await;
+    NewJob::new("lostm", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "100")
+        .raw("target_batch_ms", "5000")
+        .raw("sleep_ms", "1000")
+        .raw("parallelism", "1")
+        .insert(&db)
+        .await;
+    let port = common::free_port();
+    let mut daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    db.wait_for("lostm", "two batches", |r| r.rows_changed >= 200)
+        .await;
+    // The last batch lost whole, as a crash before its commit reached disk leaves it.
+    db.exec(
+        "DO $$ DECLARE c bigint; BEGIN
+           SELECT (cursor->>0)::bigint INTO c FROM backfill.jobs WHERE name = 'lostm' FOR UPDATE;
+           UPDATE counters SET n = n - 1 WHERE id > c - 100 AND id <= c;
+           UPDATE backfill.jobs SET cursor = jsonb_build_array((c - 100)::text),
+                  rows_changed = rows_changed - 100, rows_scanned = rows_scanned - 100
+           WHERE name = 'lostm';
+         END $$",
+    )
+    .await;
+    db.wait_state("lostm", "succeeded").await;
+    assert_exactly_once(&db, "lostm", 600).await;
+    let (_, metrics) = common::http_get(port, "/metrics").await.expect("metrics");
+    for counted in [
+        "backfilld_rows_changed_total{job=\"lostm\"} 600",
+        "backfilld_rows_scanned_total{job=\"lostm\"} 600",
+        "backfilld_batch_errors_total{job=\"lostm\",kind=\"lost_commit\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in\n{metrics}");
+    }
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).await.success());
+}

@@ -12,6 +12,7 @@ struct Walk {
     controller: Controller,
     load: Load,
     retries: u32,
+    tally: Tally,
 }
 
 impl Attempt<'_> {
@@ -33,6 +34,7 @@ impl Attempt<'_> {
             controller: Controller::new(&throttle, self.row.batch_size_current.map(i64::from)),
             load: Load::default(),
             retries: 0,
+            tally: Tally::default(),
         };
         let mut health = Health::new(guard.relies_on_autovacuum());
         loop {
@@ -58,6 +60,7 @@ impl Attempt<'_> {
                     if e.is_retried_in_place() && walk.retries < cfg.worker.max_batch_retries =>
                 {
                     let next = self.retry(p, &e, slice, &mut walk, stop).await?;
+                    self.settle_doubt(&batcher, &e, slice, &mut walk, progress);
                     self.record_stall(walk.controller.size(), progress);
                     next
                 }
@@ -102,7 +105,8 @@ impl Attempt<'_> {
         progress: &std::sync::Mutex<Progress>,
     ) -> ControlFlow<Option<Outcome>> {
         walk.retries = 0;
-        self.record(done, size, progress);
+        let counts = walk.tally.absorb(done);
+        self.record(done, counts, size, progress);
         let full = done.scanned >= size;
         if full {
             walk.controller.observe(done.elapsed);
@@ -151,6 +155,31 @@ impl Attempt<'_> {
         Ok(ControlFlow::Continue(()))
     }
 
+    /// After a retry reloaded the stored cursor: a batch whose COMMIT went unacknowledged is
+    /// counted when the cursor shows it landed (it had never reached the metrics), and batches
+    /// a crash lost after they were counted (`CheckpointMoved`) are credited, so their redo does
+    /// not count them twice.
+    fn settle_doubt(
+        &self,
+        batcher: &Batcher<'_>,
+        e: &JobError,
+        slice: &Slice,
+        walk: &mut Walk,
+        progress: &std::sync::Mutex<Progress>,
+    ) {
+        let stored = walk.cursor.as_ref().map(Key::to_json);
+        if let Some(done) = batcher.take_in_doubt()
+            && stored == Some(done.last.to_json())
+        {
+            let counts = walk.tally.absorb(&done);
+            self.record(&done, counts, walk.controller.size(), progress);
+        }
+        if matches!(e, JobError::CheckpointMoved { .. }) {
+            let start = slice.cursor.as_ref().map(Key::to_json);
+            walk.tally.forget_after(stored.as_ref(), start.as_ref());
+        }
+    }
+
     /// The batch runner of one slice, with the configuration and throttle given.
     pub(super) fn batcher<'b>(
         &'b self,
@@ -180,6 +209,7 @@ impl Attempt<'_> {
             max_affected: p.spec.max_affected,
             window: WindowSql::new(&p.keyset),
             slot: slice.slot,
+            in_doubt: Default::default(),
         }
     }
 
@@ -261,4 +291,101 @@ fn timeout_hint(e: JobError, batcher: &Batcher<'_>, retries: u32, size: i64) -> 
          keys, did not: raise the job's max_batch_ms, or look for what makes its rows slow to \
          change (triggers, large rows, foreign key checks)"
     ))
+}
+
+/// Rows of a slice's batches counted into the metrics this attempt, the most recent kept to
+/// settle lost commits against (`forget_after`), and rows credited for batches a crash lost
+/// after they were counted (their redo is not counted again).
+#[derive(Debug, Default)]
+struct Tally {
+    /// Each counted batch: its last key and its rows changed and scanned.
+    counted: std::collections::VecDeque<(serde_json::Value, i64, i64)>,
+    credit: (i64, i64),
+}
+
+/// How many counted batches a slice remembers: a lost asynchronous commit loses the last few.
+const TALLIED: usize = 1024;
+
+impl Tally {
+    /// Counts a committed batch; returns its rows changed and scanned less any credit.
+    fn absorb(&mut self, done: &Committed) -> (i64, i64) {
+        if self.counted.len() == TALLIED {
+            self.counted.pop_front();
+        }
+        self.counted
+            .push_back((done.last.to_json(), done.changed, done.scanned));
+        let changed = done.changed.min(self.credit.0);
+        let scanned = done.scanned.min(self.credit.1);
+        self.credit = (self.credit.0 - changed, self.credit.1 - scanned);
+        (done.changed - changed, done.scanned - scanned)
+    }
+
+    /// The checkpoint is back at `stored` (a batch's last key, or the slice's `start`): the
+    /// batches counted after it were lost, and their rows are credited. A cursor that is
+    /// neither (not a batch boundary this slice saw) credits nothing.
+    fn forget_after(
+        &mut self,
+        stored: Option<&serde_json::Value>,
+        start: Option<&serde_json::Value>,
+    ) {
+        let kept = match self
+            .counted
+            .iter()
+            .rposition(|(hi, _, _)| Some(hi) == stored)
+        {
+            Some(at) => at + 1,
+            None if stored == start => 0,
+            None => return,
+        };
+        for (_, changed, scanned) in self.counted.drain(kept..) {
+            self.credit = (self.credit.0 + changed, self.credit.1 + scanned);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(last: i64, rows: i64) -> Committed {
+        Committed {
+            scanned: rows,
+            changed: rows,
+            skipped: 0,
+            last: Key(vec![last.to_string()]),
+            elapsed: Duration::from_millis(5),
+            writing: Duration::from_millis(4),
+            control: Control::Run,
+            impact: Default::default(),
+        }
+    }
+
+    fn json(last: i64) -> serde_json::Value {
+        Key(vec![last.to_string()]).to_json()
+    }
+
+    #[test]
+    fn batches_lost_after_they_were_counted_are_not_counted_again() {
+        let mut t = Tally::default();
+        for last in [100, 200, 300] {
+            assert_eq!(t.absorb(&batch(last, 100)), (100, 100));
+        }
+        // The checkpoint is back at 100: the batches up to 200 and 300 were lost.
+        t.forget_after(Some(&json(100)), None);
+        assert_eq!(t.absorb(&batch(250, 150)), (0, 0), "redone, counted before");
+        assert_eq!(t.absorb(&batch(300, 50)), (0, 0));
+        assert_eq!(
+            t.absorb(&batch(400, 100)),
+            (100, 100),
+            "new rows count again"
+        );
+        // Back at the slice's start: every batch counted since was lost.
+        t.forget_after(None, None);
+        assert_eq!(t.absorb(&batch(100, 100)), (0, 0));
+        // A cursor that is no batch boundary this slice saw credits nothing.
+        let mut u = Tally::default();
+        u.absorb(&batch(100, 100));
+        u.forget_after(Some(&json(50)), None);
+        assert_eq!(u.absorb(&batch(150, 100)), (100, 100));
+    }
 }

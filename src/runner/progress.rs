@@ -3,9 +3,12 @@
 use super::*;
 
 impl Attempt<'_> {
+    /// A committed batch into the metrics and the progress, with `(changed, scanned)` its rows
+    /// as counted (less rows a lost commit had counted before: see `batches::Tally`).
     pub(super) fn record(
         &self,
         done: &Committed,
+        (changed, scanned): (i64, i64),
         size: i64,
         progress: &std::sync::Mutex<Progress>,
     ) {
@@ -15,10 +18,10 @@ impl Attempt<'_> {
         let job = [self.row.name.as_str()];
         m.rows_changed
             .with_label_values(&job)
-            .inc_by(done.changed as u64);
+            .inc_by(changed as u64);
         m.rows_scanned
             .with_label_values(&job)
-            .inc_by(done.scanned as u64);
+            .inc_by(scanned as u64);
         m.batch_duration
             .with_label_values(&job)
             .observe(done.elapsed.as_secs_f64());
@@ -26,7 +29,7 @@ impl Attempt<'_> {
         m.last_batch
             .with_label_values(&job)
             .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-        progress.advance(done.scanned);
+        progress.advance(scanned);
         if let Some(ratio) = progress.ratio() {
             m.progress.with_label_values(&job).set(ratio);
         }
