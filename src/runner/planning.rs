@@ -180,8 +180,9 @@ impl Attempt<'_> {
     /// settings, in a transaction it rolls back: this server's speed for this change, which the
     /// estimate scales. When the job archives, the archive table is created inside that
     /// transaction (and is gone with it), so the trial writes the before-images too. Not run for
-    /// an insert or a set clause that may call `nextval` (a rolled-back row still takes its
-    /// sequence value), or for a delete that cascades into child tables. A trial cancelled at the
+    /// a set clause that may call `nextval`, or an insert whose target's defaults would (a
+    /// rolled-back row still takes its sequence value), or for a delete that cascades into
+    /// child tables. A trial cancelled at the
     /// batch ceiling is kept as a lower bound; one whose first window waited too long for a row
     /// lock says nothing about speed and is dropped. Any other error in the first window fails
     /// the plan, as the first batch would fail; in a later one it ends the trial.
@@ -193,8 +194,16 @@ impl Attempt<'_> {
         upper: &Key,
         cfg: &Config,
     ) -> Result<Option<plan::Trial>, JobError> {
-        if p.into.is_some() || !plan.cascades.is_empty() || takes_sequence_values(&p.fragments) {
+        if !plan.cascades.is_empty() || takes_sequence_values(&p.fragments) {
             return Ok(None);
+        }
+        if let Some(into) = &p.into {
+            let written = p.written.as_ref().unwrap_or(&p.fragments);
+            if takes_sequence_values(written)
+                || defaults_draw_sequences(&self.ctx.pool, into, written).await
+            {
+                return Ok(None);
+            }
         }
         let mut archive = self.planned_archive(p);
         let change = self.change_for(p, archive.as_ref());
@@ -358,6 +367,30 @@ fn takes_sequence_values(fragments: &Fragments) -> bool {
                 .split(|c: char| !c.is_alphanumeric() && c != '_')
                 .any(|w| w == "default")
     })
+}
+
+/// Whether an insert into `into` draws sequence values for the columns its set clause leaves
+/// to their defaults (an identity column, or a default calling `nextval`), which a rolled-back
+/// trial would take for good. When it cannot tell, it says so.
+async fn defaults_draw_sequences(pool: &crate::db::Db, into: &Target, written: &Fragments) -> bool {
+    let assigned: Vec<&str> = written
+        .assignments
+        .iter()
+        .map(|a| a.column.as_str())
+        .collect();
+    let drawn: sqlx::Result<bool> = crate::sql::query_scalar(
+        "SELECT EXISTS (
+           SELECT FROM pg_attribute a
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+           WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             AND a.attname::text <> ALL ($2::text[])
+             AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) ~* 'nextval'))",
+    )
+    .bind(sqlx::postgres::types::Oid(into.oid))
+    .bind(&assigned)
+    .fetch_one(pool)
+    .await;
+    drawn.unwrap_or(true)
 }
 
 /// Windows of a trial write, at most.
