@@ -327,7 +327,7 @@ impl Resolve<'_> {
     }
 }
 
-/// A valid, non-partial, plain-column unique index.
+/// A valid, plain-column unique index: not partial, except where `partial_unique_indexes` says.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct UniqueIndex {
     pub columns: Vec<String>,
@@ -342,6 +342,12 @@ pub struct UniqueIndex {
     pub nulls_not_distinct: bool,
     /// Not deferrable: checked by each statement, as `ON CONFLICT` needs.
     pub immediate: bool,
+    /// For a partial index: its predicate (`pg_get_expr`), over the table's bare column names.
+    #[sqlx(default)]
+    pub only: Option<String>,
+    /// For a partial index: the columns it depends on besides its keys (those of `only`).
+    #[sqlx(default)]
+    pub only_columns: Vec<String>,
 }
 
 /// Valid, non-partial, plain-column unique indexes of `oid`; the primary key first, then the
@@ -367,6 +373,41 @@ pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<V
          -- index unique under another (`COLLATE \"C\"` on a case-insensitive column) is not a key.
          HAVING bool_and(i.indcollation[(k.ord - 1)::int] = a.attcollation AND opc.opcdefault)
          ORDER BY i.indisprimary DESC, count(*), i.indexrelid",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(conn)
+    .await
+}
+
+/// Valid, plain-column, partial unique indexes of `oid` (`UNIQUE (user_id, group_id) WHERE
+/// deleted_at IS NULL`): never a job's key, but an insert's `ON CONFLICT DO NOTHING` skips rows
+/// that conflict with one, so the insert counts them as inserted already.
+pub async fn partial_unique_indexes(
+    conn: &mut PgConnection,
+    oid: u32,
+) -> sqlx::Result<Vec<UniqueIndex>> {
+    crate::sql::query_as(
+        "SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
+                array_agg(t.typname::text ORDER BY k.ord) AS types,
+                array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS declared_types,
+                bool_and(a.attnotnull) AS not_null,
+                bool_or(coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false))
+                    AS nulls_not_distinct,
+                bool_and(i.indimmediate) AS immediate,
+                pg_get_expr(i.indpred, i.indrelid) AS only,
+                ARRAY(SELECT d.attname::text FROM pg_depend p
+                      JOIN pg_attribute d ON d.attrelid = p.refobjid AND d.attnum = p.refobjsubid
+                      WHERE p.classid = 'pg_class'::regclass AND p.objid = i.indexrelid
+                        AND p.refobjid = i.indrelid AND p.refobjsubid > 0
+                        AND p.refobjsubid <> ALL (i.indkey::int2[])) AS only_columns
+         FROM pg_index i
+         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         JOIN pg_type t ON t.oid = a.atttypid
+         WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
+           AND i.indpred IS NOT NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+         GROUP BY i.indexrelid, i.indpred, i.indrelid, i.indkey
+         ORDER BY i.indexrelid",
     )
     .bind(sqlx::postgres::types::Oid(oid))
     .fetch_all(conn)

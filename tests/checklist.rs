@@ -1559,6 +1559,53 @@ async fn an_insert_plan_counts_rows_its_batches_would_fail_on(pool: PgPool) {
     );
 }
 
+/// An insert into a table with a partial unique index (soft delete: `UNIQUE (user_id, group_id)
+/// WHERE deleted_at IS NULL`): `ON CONFLICT DO NOTHING` skips the rows a live row covers, and
+/// the plan, the run-twice check and the verification now count them as inserted already.
+/// They had counted every source row: a plan of 3,000 for 2,000 inserted, "not idempotent",
+/// and a `wait` that never passed (3,000 still matching after success).
+#[sqlx::test]
+async fn an_insert_counts_rows_a_partial_unique_index_skips(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE users (id bigint PRIMARY KEY, default_group_id bigint NOT NULL);
+         INSERT INTO users SELECT g, g % 7 FROM generate_series(1, 3000) g;
+         CREATE TABLE members (id bigserial PRIMARY KEY, user_id bigint NOT NULL,
+                               group_id bigint NOT NULL, deleted_at timestamptz);
+         CREATE UNIQUE INDEX members_live ON members (user_id, group_id) WHERE deleted_at IS NULL;
+         INSERT INTO members (user_id, group_id) SELECT g, g % 7 FROM generate_series(1, 1000) g;
+         INSERT INTO members (user_id, group_id, deleted_at)
+         SELECT g, g % 7, now() FROM generate_series(1001, 1500) g;",
+    )
+    .await;
+    insert_job(
+        "join_default",
+        "members",
+        "users",
+        "user_id = id, group_id = default_group_id",
+    )
+    .raw("mode", "'dry_run'")
+    .insert(&db)
+    .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let planned = db.job("join_default").await;
+    assert_eq!(planned.state, "planned", "{:?}", planned.last_error);
+    let plan = planned.plan.expect("a plan");
+    assert_eq!(plan["rows_matching"], 2000, "{plan}");
+    let twice = plan["idempotency"]["summary"].to_string();
+    assert!(
+        twice.contains("idempotent") && !twice.contains("not idempotent"),
+        "{twice}"
+    );
+    backfilld::ops::approve(&db.lib, &db.names, "join_default")
+        .await
+        .expect("approve");
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let done = db.job("join_default").await;
+    assert_eq!(done.state, "succeeded", "{:?}", done.last_error);
+    assert_eq!((done.rows_changed, done.remaining), (2000, Some(0)));
+}
+
 /// A trigger on the job's table, or row-level security over its role, changes what the job does
 /// in ways its archive and counts do not see: the plan says so. (A BEFORE trigger that changed
 /// rows left the revert reporting every row restored while a third held the trigger's values;

@@ -66,7 +66,11 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
 /// constraints make the statement name its arbiter ([`Conflicts::Keys`]), that one only: a
 /// source row that conflicts on another key fails the batch, so it is not already inserted.
 async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueIndex>> {
-    let all = crate::target::unique_indexes(conn, into.oid).await?;
+    let mut all = crate::target::unique_indexes(conn, into.oid).await?;
+    // A bare `ON CONFLICT DO NOTHING` skips conflicts with partial unique indexes too.
+    if into.conflicts == Conflicts::Any {
+        all.extend(crate::target::partial_unique_indexes(conn, into.oid).await?);
+    }
     let arbiter = |k: &UniqueIndex| match into.conflicts {
         Conflicts::Any => true,
         Conflicts::Keys => k.columns.iter().eq(into.keys.iter().map(|c| &c.name)),
@@ -129,11 +133,15 @@ async fn pending(
 /// EXISTS` a target row with the values the row would get: the source rows still to insert. The
 /// target's columns are renamed inside the subquery (`_bf_u0`, …) so that the assigned
 /// expressions' unqualified names keep meaning the source row's columns. Keys the set clause
-/// leaves to defaults (a serial id) are skipped: their values are new by construction.
+/// leaves to defaults (a serial id) are skipped: their values are new by construction. A partial
+/// index counts the target rows its predicate covers (evaluated inside the subquery, over the
+/// target's columns), if the set clause assigns none of the predicate's columns (the new row
+/// then takes their defaults, which a soft-delete predicate such as `deleted_at IS NULL` covers).
 pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueIndex]) -> String {
     let assigned = |column: &str| f.assignments.iter().find(|a| a.column == column);
     let absent: Vec<String> = keys
         .iter()
+        .filter(|key| key.only_columns.iter().all(|c| assigned(c).is_none()))
         .filter_map(|key| {
             let exprs: Vec<_> = key
                 .columns
@@ -164,8 +172,12 @@ pub fn pending_predicate(into: &Target, f: &Fragments, keys: &[UniqueIndex]) -> 
             // the planner hashes the whole target once a window is large (measured: a 35k-row
             // window of a 2M-row copy took 400 ms instead of 32 ms), so counting would cost the
             // target's size per window instead of the window's.
+            let only = key
+                .only
+                .as_ref()
+                .map_or(String::new(), |p| format!(" WHERE {p}"));
             Some(format!(
-                "NOT EXISTS (SELECT 1 FROM (SELECT {} FROM {}) AS _bf_t WHERE {} OFFSET 0)",
+                "NOT EXISTS (SELECT 1 FROM (SELECT {} FROM {}{only}) AS _bf_t WHERE {} OFFSET 0)",
                 renamed.join(", "),
                 into.quoted,
                 matches.join(" AND ")
@@ -203,6 +215,8 @@ mod tests {
             not_null: !nulls_not_distinct,
             nulls_not_distinct,
             immediate: true,
+            only: None,
+            only_columns: Vec::new(),
         }
     }
 
@@ -232,6 +246,31 @@ mod tests {
             pending_predicate(&into, &f, &keys),
             "(true) AND NOT EXISTS (SELECT 1 FROM (SELECT \"user_id\" AS _bf_u0 FROM \"public\".\"t\") \
              AS _bf_t WHERE _bf_t._bf_u0 IS NOT DISTINCT FROM CAST((id) AS bigint) OFFSET 0)"
+        );
+        let live = UniqueIndex {
+            only: Some("(deleted_at IS NULL)".into()),
+            only_columns: vec!["deleted_at".into()],
+            ..key(&["user_id"], false)
+        };
+        assert!(
+            pending_predicate(&into, &f, std::slice::from_ref(&live))
+                .contains("FROM \"public\".\"t\" WHERE (deleted_at IS NULL)) AS _bf_t"),
+            "a partial index counts the rows its predicate covers"
+        );
+        let reviving = Fragments {
+            assignments: vec![
+                f.assignments[0].clone(),
+                Assignment {
+                    column: "deleted_at".into(),
+                    expr: "NULL".into(),
+                },
+            ],
+            ..f.clone()
+        };
+        assert_eq!(
+            pending_predicate(&into, &reviving, &[live]),
+            "true",
+            "unless the insert assigns the predicate's columns"
         );
     }
 }
