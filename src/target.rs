@@ -350,21 +350,39 @@ pub struct UniqueIndex {
     pub only_columns: Vec<String>,
 }
 
-/// Valid, non-partial, plain-column unique indexes of `oid`; the primary key first, then the
-/// narrowest.
-pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
-    crate::sql::query_as(
+/// The select list `unique_indexes` and `partial_unique_indexes` share: one row per index, its
+/// key columns in order.
+macro_rules! unique_index_columns {
+    () => {
         "SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
                 array_agg(t.typname::text ORDER BY k.ord) AS types,
                 array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS declared_types,
                 bool_and(a.attnotnull) AS not_null,
                 bool_or(coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false))
                     AS nulls_not_distinct,
-                bool_and(i.indimmediate) AS immediate
+                bool_and(i.indimmediate) AS immediate"
+    };
+}
+
+/// The `FROM` of those queries: each index's key columns (`k`), their attributes (`a`) and types
+/// (`t`).
+macro_rules! unique_index_from {
+    () => {
+        "
          FROM pg_index i
          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         JOIN pg_type t ON t.oid = a.atttypid
+         JOIN pg_type t ON t.oid = a.atttypid"
+    };
+}
+
+/// Valid, non-partial, plain-column unique indexes of `oid`; the primary key first, then the
+/// narrowest.
+pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<UniqueIndex>> {
+    crate::sql::query_as(concat!(
+        unique_index_columns!(),
+        unique_index_from!(),
+        "
          JOIN pg_opclass opc ON opc.oid = i.indclass[(k.ord - 1)::int]
          WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
            AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
@@ -372,8 +390,8 @@ pub async fn unique_indexes(conn: &mut PgConnection, oid: u32) -> sqlx::Result<V
          -- The walk compares keys with the columns' own collation and default operators: an
          -- index unique under another (`COLLATE \"C\"` on a case-insensitive column) is not a key.
          HAVING bool_and(i.indcollation[(k.ord - 1)::int] = a.attcollation AND opc.opcdefault)
-         ORDER BY i.indisprimary DESC, count(*), i.indexrelid",
-    )
+         ORDER BY i.indisprimary DESC, count(*), i.indexrelid"
+    ))
     .bind(sqlx::postgres::types::Oid(oid))
     .fetch_all(conn)
     .await
@@ -386,29 +404,22 @@ pub async fn partial_unique_indexes(
     conn: &mut PgConnection,
     oid: u32,
 ) -> sqlx::Result<Vec<UniqueIndex>> {
-    crate::sql::query_as(
-        "SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
-                array_agg(t.typname::text ORDER BY k.ord) AS types,
-                array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS declared_types,
-                bool_and(a.attnotnull) AS not_null,
-                bool_or(coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false))
-                    AS nulls_not_distinct,
-                bool_and(i.indimmediate) AS immediate,
+    crate::sql::query_as(concat!(
+        unique_index_columns!(),
+        ",
                 pg_get_expr(i.indpred, i.indrelid) AS only,
                 ARRAY(SELECT d.attname::text FROM pg_depend p
                       JOIN pg_attribute d ON d.attrelid = p.refobjid AND d.attnum = p.refobjsubid
                       WHERE p.classid = 'pg_class'::regclass AND p.objid = i.indexrelid
                         AND p.refobjid = i.indrelid AND p.refobjsubid > 0
-                        AND p.refobjsubid <> ALL (i.indkey::int2[])) AS only_columns
-         FROM pg_index i
-         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         JOIN pg_type t ON t.oid = a.atttypid
+                        AND p.refobjsubid <> ALL (i.indkey::int2[])) AS only_columns",
+        unique_index_from!(),
+        "
          WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
            AND i.indpred IS NOT NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
          GROUP BY i.indexrelid, i.indpred, i.indrelid, i.indkey
-         ORDER BY i.indexrelid",
-    )
+         ORDER BY i.indexrelid"
+    ))
     .bind(sqlx::postgres::types::Oid(oid))
     .fetch_all(conn)
     .await

@@ -838,6 +838,34 @@ async fn a_dry_run_commits_nothing_a_set_clause_function_writes(pool: PgPool) {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM audit").await, 0);
 }
 
+/// Starts an archived job (`set`: an update's set clause, `None`: a delete) in batches of 100
+/// with a pause between them, and returns its daemon once two batches committed: the moment a
+/// migration's DDL comes mid-run.
+async fn archived_job_two_batches_in(
+    db: &Db,
+    name: &str,
+    table: &str,
+    predicate: &str,
+    set: Option<&str>,
+) -> common::Daemon {
+    let job = NewJob::new(name, table)
+        .predicate(predicate)
+        .raw("archive", "true")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "50");
+    let job = match set {
+        Some(set) => job.set(set),
+        None => job.raw("action", "'delete'"),
+    };
+    job.insert(db).await;
+    let daemon = db.daemon().until_idle().spawn();
+    common::wait_until("a few batches", String::new, async || {
+        db.job(name).await.batches >= 2
+    })
+    .await;
+    daemon
+}
+
 /// A migration adds a column while an archived delete runs, and the application fills it. The
 /// batch that first deletes under the new column rolls back (its statement archives the old
 /// columns only: the value would have been lost, and the revert put back the default), and the
@@ -846,19 +874,8 @@ async fn a_dry_run_commits_nothing_a_set_clause_function_writes(pool: PgPool) {
 async fn an_archived_delete_follows_a_column_added_mid_run(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
-    NewJob::new("purge_live", "orders")
-        .raw("action", "'delete'")
-        .predicate("status = 'paid'")
-        .raw("archive", "true")
-        .raw("batch_size", "100")
-        .raw("sleep_ms", "50")
-        .insert(&db)
-        .await;
-    let mut daemon = db.daemon().until_idle().spawn();
-    common::wait_until("a few batches", String::new, async || {
-        db.job("purge_live").await.batches >= 2
-    })
-    .await;
+    let mut daemon =
+        archived_job_two_batches_in(&db, "purge_live", "orders", "status = 'paid'", None).await;
     // One transaction: the rows left then are those the revert must give their region back.
     db.exec(
         "ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu';
@@ -901,19 +918,8 @@ async fn an_archived_delete_follows_a_column_added_mid_run(pool: PgPool) {
 async fn an_archived_delete_goes_on_when_a_column_is_dropped_mid_run(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 2000).await;
-    NewJob::new("purge_drop", "orders")
-        .raw("action", "'delete'")
-        .predicate("status = 'paid'")
-        .raw("archive", "true")
-        .raw("batch_size", "100")
-        .raw("sleep_ms", "50")
-        .insert(&db)
-        .await;
-    let mut daemon = db.daemon().until_idle().spawn();
-    common::wait_until("a few batches", String::new, async || {
-        db.job("purge_drop").await.batches >= 2
-    })
-    .await;
+    let mut daemon =
+        archived_job_two_batches_in(&db, "purge_drop", "orders", "status = 'paid'", None).await;
     db.exec("ALTER TABLE orders DROP COLUMN note").await;
     daemon.wait_ok().await;
     let job = db.job("purge_drop").await;
@@ -941,19 +947,8 @@ async fn an_archived_update_follows_a_column_retyped_mid_run(pool: PgPool) {
          INSERT INTO prices SELECT g, g * 1.25, 0 FROM generate_series(1, 2000) g;",
     )
     .await;
-    NewJob::new("triple", "prices")
-        .predicate("v = 0")
-        .set("price = price * 3, v = 1")
-        .raw("archive", "true")
-        .raw("batch_size", "100")
-        .raw("sleep_ms", "50")
-        .insert(&db)
-        .await;
-    let mut daemon = db.daemon().until_idle().spawn();
-    common::wait_until("a few batches", String::new, async || {
-        db.job("triple").await.batches >= 2
-    })
-    .await;
+    let set = Some("price = price * 3, v = 1");
+    let mut daemon = archived_job_two_batches_in(&db, "triple", "prices", "v = 0", set).await;
     db.exec(
         "ALTER TABLE prices ALTER COLUMN price TYPE numeric(12,4);
          UPDATE prices SET price = price + 0.0001 WHERE v = 0;
