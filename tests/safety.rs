@@ -877,8 +877,10 @@ async fn an_archived_delete_follows_a_column_added_mid_run(pool: PgPool) {
     let mut daemon =
         archived_job_two_batches_in(&db, "purge_live", "orders", "status = 'paid'", None).await;
     // One transaction: the rows left then are those the revert must give their region back.
+    // NOT NULL: the rows archived before the column came must come back with its default (the
+    // archive had held NULL for them, and the revert failed with 23502).
     db.exec(
-        "ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu';
+        "ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';
          UPDATE orders SET region = 'r' || id;
          CREATE TABLE regions AS SELECT id, region FROM orders;",
     )
@@ -908,6 +910,44 @@ async fn an_archived_delete_follows_a_column_added_mid_run(pool: PgPool) {
         .await,
         0,
         "every region deleted after the column came is back"
+    );
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM orders o WHERE region = 'eu'
+             AND NOT EXISTS (SELECT FROM regions r WHERE r.id = o.id)"
+        )
+        .await,
+        db.scalar_i64("SELECT 2000 - count(*) FROM regions").await,
+        "the rows deleted before it take its default"
+    );
+}
+
+/// A delete's column is retyped after the job, text to integer: the revert converts the images
+/// to the table's type (PostgreSQL has no implicit cast from text to integer: it failed 42804).
+#[sqlx::test]
+async fn a_delete_is_reverted_after_its_column_was_retyped(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE codes (id int PRIMARY KEY, w text NOT NULL);
+         INSERT INTO codes SELECT g, (g * 10)::text FROM generate_series(1, 100) g;",
+    )
+    .await;
+    NewJob::new("purge_codes", "codes")
+        .raw("action", "'delete'")
+        .predicate("id <= 30")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    db.exec("ALTER TABLE codes ALTER COLUMN w TYPE int USING w::int")
+        .await;
+    let reverted = db.revert("purge_codes").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 30);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM codes WHERE w = id * 10")
+            .await,
+        100
     );
 }
 

@@ -101,11 +101,12 @@ impl ArchiveTable {
     ) -> sqlx::Result<Vec<String>> {
         let mut actions = Vec::new();
         let mut changes = Vec::new();
+        let mut added = Vec::new();
         for (name, wanted) in self.wanted(target) {
             let column = quote_ident(&name);
             match self.type_of(&name) {
                 None if adding && self.kind == ArchiveKind::Delete => {
-                    actions.push(format!("ADD COLUMN {column} {wanted}"));
+                    added.push(name.clone());
                     changes.push(format!("{name} {wanted} added"));
                 }
                 Some(was) if was != wanted => {
@@ -121,11 +122,65 @@ impl ArchiveTable {
             // The types are format_type() output of the server's own catalog, not job input.
             let alter = format!("ALTER TABLE {} {}", self.quoted, actions.join(", "));
             conn.execute(alter.as_str()).await?;
+        }
+        if !added.is_empty() {
+            self.add(conn, target, &added).await?;
+        }
+        if !actions.is_empty() || !added.is_empty() {
             self.columns = columns_of(conn, &self.quoted).await?;
         }
         Ok(changes)
     }
+
+    /// Adds the columns `names` the table gained to a delete's archive. The images archived
+    /// before hold what the table gave its existing rows when the column came: its default (an
+    /// identity or `serial` column: a value from its sequence), else NULL, as a revert inserting
+    /// them explicitly must (NULL had failed a NOT NULL column's revert with 23502). A generated
+    /// column's expression is not a default: it stays NULL, and the revert leaves it out.
+    async fn add(
+        &self,
+        conn: &mut PgConnection,
+        target: &Target,
+        names: &[String],
+    ) -> sqlx::Result<()> {
+        let rows: Vec<(String, String, Option<String>)> = crate::sql::query_as(ADDED)
+            .bind(sqlx::postgres::types::Oid(target.oid))
+            .bind(names)
+            .fetch_all(&mut *conn)
+            .await?;
+        for (name, sql_type, default) in rows {
+            let column = quote_ident(&name);
+            let Some(default) = default else {
+                let add = format!("ALTER TABLE {} ADD COLUMN {column} {sql_type}", self.quoted);
+                conn.execute(add.as_str()).await?;
+                continue;
+            };
+            // The default fills the archived rows, then goes: an image written later names
+            // every column the table has, and one the table drops since must stay NULL.
+            let add = format!(
+                "ALTER TABLE {t} ADD COLUMN {column} {sql_type} DEFAULT {default}; \
+                 ALTER TABLE {t} ALTER COLUMN {column} DROP DEFAULT",
+                t = self.quoted
+            );
+            conn.execute(add.as_str()).await?;
+        }
+        Ok(())
+    }
 }
+
+/// The columns `$2` of table `$1`: name, declared type, and the value its existing rows took
+/// when it was added (its default expression, or for an identity column its sequence's next
+/// value; none for a generated column or one without a default).
+const ADDED: &str = "
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+       CASE WHEN a.attgenerated <> '' THEN NULL
+            WHEN a.attidentity <> '' THEN format('nextval(%L::regclass)',
+                 pg_get_serial_sequence(a.attrelid::regclass::text, a.attname))
+            ELSE pg_get_expr(d.adbin, d.adrelid) END
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = $1 AND a.attname = ANY ($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum";
 
 /// The declared type of `target`'s column `name`.
 fn declared(target: &Target, name: &str) -> Option<String> {

@@ -134,9 +134,10 @@ impl Attempt<'_> {
             .parent_checks(conn, target)
             .await
             .map_err(self.err("reading the target's foreign keys"))?;
-        if matches!(archive.kind, ArchiveKind::Update { .. }) {
-            // A column retyped since the update: its after-images compare with the values as
-            // the table now holds them (`numeric(10,2)` 1.50 is 1.5000 in `numeric(12,4)`).
+        if archive.kind != ArchiveKind::Insert {
+            // A column retyped since the job: an update's after-images compare with the values
+            // as the table now holds them (`numeric(10,2)` 1.50 is 1.5000 in `numeric(12,4)`),
+            // a delete's images go back in the table's types (text to int has no implicit cast).
             let changes = archive
                 .follow(conn, target, false)
                 .await
