@@ -1012,6 +1012,40 @@ async fn an_archived_update_follows_a_column_retyped_mid_run(pool: PgPool) {
     );
 }
 
+/// A retype mid-run whose conversion the archived images cannot take (`'a7'` to integer): the
+/// job fails naming that step and the archive, not "creating the archive table".
+#[sqlx::test]
+async fn an_archive_that_cannot_follow_a_retype_says_so(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE tags (id int PRIMARY KEY, w text NOT NULL, done bool NOT NULL DEFAULT false);
+         INSERT INTO tags SELECT g, 'a' || g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    let set = Some("w = id * 10, done = true");
+    let mut daemon = archived_job_two_batches_in(&db, "renumber", "tags", "NOT done", set).await;
+    db.exec(
+        "ALTER TABLE tags ALTER COLUMN w TYPE int
+         USING CASE WHEN w LIKE 'a%' THEN -1 ELSE w::int END",
+    )
+    .await;
+    daemon.wait_ok().await;
+    let job = db.job("renumber").await;
+    assert_eq!(job.state, "failed");
+    let error = job.last_error.unwrap_or_default();
+    assert!(
+        error.contains("bringing the archive in line with the table's columns")
+            && error.contains("22P02")
+            && error.contains("archive \"backfill\"."),
+        "{error}"
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("the table changed; the next attempt follows it")
+    );
+}
+
 /// A column an update set is retyped after the update finished: the revert compares its
 /// after-images with the values as the table now holds them (it had skipped every row as
 /// changed since: `3.75` is not `3.7500` as text).

@@ -228,8 +228,8 @@ impl ArchiveTable {
     }
 
     /// Creates the archive table if missing (a retried attempt finds it already there), with
-    /// autovacuum off: see [`NO_AUTOVACUUM`]; then reads its columns back (`columns`) and brings
-    /// an existing one in line with the table (`follow`).
+    /// autovacuum off: see [`NO_AUTOVACUUM`]; then reads its columns back (`columns`). An
+    /// existing one may have been made for the table as it was: see `follow`.
     pub async fn create(
         &mut self,
         conn: &mut PgConnection,
@@ -287,15 +287,6 @@ impl ArchiveTable {
         conn.execute(format!("{create}; {comment}").as_str())
             .await?;
         self.columns = columns_of(conn, &self.quoted).await?;
-        // A retried attempt finds the archive made for the table as it was.
-        let changes = self.follow(conn, target, true).await?;
-        if !changes.is_empty() {
-            tracing::warn!(
-                archive = %self.quoted,
-                ?changes,
-                "the table's columns changed since the archive was made; the archive follows them"
-            );
-        }
         Ok(())
     }
 

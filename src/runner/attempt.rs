@@ -243,7 +243,12 @@ impl Attempt<'_> {
     fn release_after_error(&self, e: &JobError) -> Release {
         self.count_error(e);
         if e.is_retryable() {
-            tracing::warn!(error = %e, "attempt gave up after repeated transient errors");
+            match e {
+                JobError::TableChanged { .. } => {
+                    tracing::warn!(error = %e, "the table changed; the next attempt follows it")
+                }
+                _ => tracing::warn!(error = %e, "attempt gave up after repeated transient errors"),
+            }
             Release::Retry {
                 delay: backoff(self.lease.attempt as u32 + 3, BACKOFF_BASE),
                 error: e.to_string(),

@@ -277,6 +277,15 @@ impl Attempt<'_> {
             .create(&mut conn, p.written(), &p.spec.name)
             .await
             .map_err(self.err("creating the archive table"))?;
+        // A retried attempt finds the archive made for the table as it was.
+        let changes = archive.follow(&mut conn, p.written(), true).await;
+        let changes = changes.map_err(|e| {
+            self.err("bringing the archive in line with the table's columns")(e)
+                .at(format!("archive {}", archive.quoted))
+        })?;
+        if !changes.is_empty() {
+            tracing::warn!(archive = %archive.quoted, ?changes, "the table's columns changed since the archive was made; the archive follows them");
+        }
         self.hand_back(conn).await?;
         if self.row.archive_table.is_none() {
             self.store(RowUpdate {
