@@ -134,9 +134,16 @@ async fn an_insert_plan_times_a_trial_unless_it_would_draw_sequence_values(pool:
         "CREATE TABLE people (id bigint PRIMARY KEY, plan text NOT NULL);
          INSERT INTO people SELECT g, 'free' FROM generate_series(1, 20000) g;
          CREATE TABLE copies (id bigint PRIMARY KEY, plan text NOT NULL);
-         CREATE TABLE events (id bigserial PRIMARY KEY, person bigint NOT NULL);",
+         CREATE TABLE events (id bigserial PRIMARY KEY, person bigint NOT NULL);
+         CREATE SEQUENCE ticket_seq;
+         CREATE DOMAIN ticket AS bigint DEFAULT nextval('ticket_seq');
+         CREATE TABLE tickets (person bigint PRIMARY KEY, n ticket);",
     )
     .await;
+    insert_job("issue", "tickets", "people", "person = id")
+        .raw("mode", "'dry_run'")
+        .insert(&db)
+        .await;
     insert_job("copy", "copies", "people", "id = id, plan = plan")
         .raw("mode", "'dry_run'")
         .insert(&db)
@@ -158,6 +165,14 @@ async fn an_insert_plan_times_a_trial_unless_it_would_draw_sequence_values(pool:
     assert!(copy.contains("a trial write"), "{copy}");
     let log = basis("log").await;
     assert!(log.contains("roughly: no trial write"), "{log}");
+    // The domain's default draws from a sequence too (a trial had drawn 2,010 values).
+    let issue = basis("issue").await;
+    assert!(issue.contains("roughly: no trial write"), "{issue}");
+    assert!(
+        db.scalar_i64("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ticket_seq")
+            .await
+            <= 20
+    );
     assert_eq!(
         db.scalar_i64("SELECT count(*) FROM copies").await,
         0,

@@ -370,7 +370,8 @@ fn takes_sequence_values(fragments: &Fragments) -> bool {
 }
 
 /// Whether an insert into `into` draws sequence values for the columns its set clause leaves
-/// to their defaults (an identity column, or a default calling `nextval`), which a rolled-back
+/// to their defaults (an identity column, or a default calling `nextval`, the column's or its
+/// domain's), which a rolled-back
 /// trial would take for good. When it cannot tell, it says so.
 async fn defaults_draw_sequences(pool: &crate::db::Db, into: &Target, written: &Fragments) -> bool {
     let assigned: Vec<&str> = written
@@ -384,7 +385,11 @@ async fn defaults_draw_sequences(pool: &crate::db::Db, into: &Target, written: &
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
            WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
              AND a.attname::text <> ALL ($2::text[])
-             AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) ~* 'nextval'))",
+             AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) ~* 'nextval'
+                  -- A domain's default, where the column has none of its own.
+                  OR (d.adbin IS NULL AND EXISTS (
+                        SELECT FROM pg_type ty WHERE ty.oid = a.atttypid AND ty.typtype = 'd'
+                          AND ty.typdefault ~* 'nextval'))))",
     )
     .bind(sqlx::postgres::types::Oid(into.oid))
     .bind(&assigned)
