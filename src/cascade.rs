@@ -104,11 +104,13 @@ macro_rules! key_columns {
 }
 pub(crate) use key_columns;
 
-/// Foreign keys referencing `target`, one row each. A key involving partitioned tables has a
-/// `pg_constraint` row per partition on each side: those of the referencing side's partitions
-/// (whose parent constraint references the same table) are left out, so a referenced partitioned
-/// table lists its key once; those of the referenced side's partitions are kept, so a single
-/// partition as the target finds the keys that reference it (`conparentid <> 0`).
+/// Foreign keys referencing `target` or one of its partitions (a key may reference a leaf
+/// partition's own unique index: the plan had not seen it), one row each. A key involving
+/// partitioned tables has a `pg_constraint` row per partition on each side: those of the
+/// referencing side's partitions (whose parent constraint references the same table), and those
+/// of the referenced side's partitions whose parent constraint references the target's tree, are
+/// left out, so a referenced partitioned table lists its key once; a single partition as the
+/// target keeps the copies of keys referencing its parent (`conparentid <> 0`).
 const FOREIGN_KEYS: &str = concat!(
     "
 SELECT c.conname::text,
@@ -126,9 +128,13 @@ SELECT c.conname::text,
 FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
-WHERE c.contype = 'f' AND c.confrelid = $1
+WHERE c.contype = 'f'
+  AND c.confrelid IN (SELECT $1 UNION SELECT relid FROM pg_partition_tree($1::oid::regclass))
   AND NOT EXISTS (SELECT FROM pg_constraint pc
-                  WHERE pc.oid = c.conparentid AND pc.confrelid = c.confrelid)
+                  WHERE pc.oid = c.conparentid
+                    AND (pc.confrelid = c.confrelid
+                         OR pc.confrelid IN (SELECT $1 UNION
+                                             SELECT relid FROM pg_partition_tree($1::oid::regclass))))
 ORDER BY 1"
 );
 

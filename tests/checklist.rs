@@ -358,9 +358,21 @@ async fn a_delete_on_one_partition_sees_the_keys_that_reference_its_table(pool: 
          FROM generate_series(1, 1000) g;
          INSERT INTO order_items (order_id, order_created) SELECT id, created FROM orders;
          INSERT INTO refunds (order_id, order_created)
-         SELECT id, created FROM orders WHERE id IN (16, 516);",
+         SELECT id, created FROM orders WHERE id IN (16, 516);
+         CREATE TABLE disputes (id bigserial PRIMARY KEY, order_id bigint NOT NULL,
+                                order_created date NOT NULL,
+                                FOREIGN KEY (order_id, order_created) REFERENCES orders_2020
+                                ON DELETE CASCADE);
+         INSERT INTO disputes (order_id, order_created) SELECT id, created FROM orders
+         WHERE id = 517;",
     )
     .await;
+    // A key on a leaf partition's own unique index, seen from the partitioned table.
+    NewJob::new("leaf_keyed", "orders")
+        .predicate("id = 517")
+        .raw("action", "'delete'")
+        .insert(&db)
+        .await;
     for (name, predicate) in [
         ("cascading", "status = 'cancelled'"),
         ("refunded", "id = 16"),
@@ -385,6 +397,14 @@ async fn a_delete_on_one_partition_sees_the_keys_that_reference_its_table(pool: 
     let err = refunded.last_error.unwrap_or_default();
     assert!(
         err.contains("on public.refunds (ON DELETE NO ACTION, 1 child rows)"),
+        "{err}"
+    );
+    let leaf_keyed = db.job("leaf_keyed").await;
+    assert_eq!(leaf_keyed.state, "failed");
+    let err = leaf_keyed.last_error.unwrap_or_default();
+    assert!(
+        err.contains("on public.disputes (ON DELETE CASCADE, 1 child rows)")
+            && err.contains("on public.order_items (ON DELETE CASCADE, 1 child rows)"),
         "{err}"
     );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 1000);
