@@ -102,6 +102,7 @@ pub async fn run_daemon(
         config: config_rx,
         metrics,
         owner: replica_id(&cfg),
+        tallies: Default::default(),
     });
     let reloader = tokio::spawn(reload_on_hup(
         reloads,

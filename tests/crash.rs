@@ -364,3 +364,59 @@ async fn a_lost_batch_is_counted_once_in_the_metrics(pool: PgPool) {
     daemon.signal("TERM");
     assert!(daemon.wait(Duration::from_secs(30)).await.success());
 }
+
+/// The same loss, seen only as a reloaded cursor: the batch after it fails on a row lock before
+/// its checkpoint, so no `CheckpointMoved` says so, and the retry resumes from the stored cursor,
+/// behind the batches counted. Those are credited all the same.
+#[sqlx::test]
+async fn a_lost_batch_found_on_a_retry_is_counted_once(pool: PgPool) {
+    let db = Db::new(pool).await;
+    counter_table(&db, 600).await;
+    NewJob::new("lostr", "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "100")
+        .raw("target_batch_ms", "100")
+        .raw("max_batch_ms", "200")
+        .raw("sleep_ms", "1000")
+        .raw("parallelism", "1")
+        .insert(&db)
+        .await;
+    let port = common::free_port();
+    let mut daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    db.wait_for("lostr", "two batches", |r| r.rows_changed >= 200)
+        .await;
+    // A row of the next window, locked: that batch fails before its checkpoint.
+    let held = db
+        .hold(
+            "SELECT 1 FROM counters WHERE id = (SELECT (cursor->>0)::bigint + 50
+             FROM backfill.jobs WHERE name = 'lostr') FOR UPDATE",
+        )
+        .await;
+    db.exec(
+        "DO $$ DECLARE c bigint; BEGIN
+           SELECT (cursor->>0)::bigint INTO c FROM backfill.jobs WHERE name = 'lostr' FOR UPDATE;
+           UPDATE counters SET n = n - 1 WHERE id > c - 100 AND id <= c;
+           UPDATE backfill.jobs SET cursor = jsonb_build_array((c - 100)::text),
+                  rows_changed = rows_changed - 100, rows_scanned = rows_scanned - 100
+           WHERE name = 'lostr';
+         END $$",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    held.commit().await;
+    db.wait_state("lostr", "succeeded").await;
+    assert_exactly_once(&db, "lostr", 600).await;
+    let (_, metrics) = common::http_get(port, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("backfilld_rows_changed_total{job=\"lostr\"} 600"),
+        "{metrics}"
+    );
+    assert!(daemon.log().contains("55P03"), "{}", daemon.log());
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).await.success());
+}

@@ -26,16 +26,37 @@ impl Attempt<'_> {
         guard: &BloatGuard,
         stop: &CancellationToken,
     ) -> Result<Option<Outcome>, JobError> {
-        let mut cfg = self.ctx.config();
         let throttle = self.throttle(p);
-        let mut batcher = self.batcher(p, change, slice, &throttle, &cfg);
+        // What this process counted of the slice in earlier attempts: batches a crash lost
+        // after they were counted are credited when this attempt starts before them.
+        let key = (self.row.id, slice.slot);
+        let mut tally = self.ctx.tallies().remove(&key).unwrap_or_default();
+        tally.resume_at(slice.cursor.as_ref().map(Key::to_json).as_ref());
         let mut walk = Walk {
             cursor: slice.cursor.clone(),
             controller: Controller::new(&throttle, self.row.batch_size_current.map(i64::from)),
             load: Load::default(),
             retries: 0,
-            tally: Tally::default(),
+            tally,
         };
+        let ended = self
+            .walk(p, change, slice, (progress, guard, stop), &mut walk)
+            .await;
+        self.ctx.tallies().insert(key, walk.tally);
+        ended
+    }
+
+    /// The batches of one slice's walk, from `walk`'s cursor.
+    async fn walk(
+        &self,
+        p: &Prepared,
+        change: &Change,
+        slice: &Slice,
+        (progress, guard, stop): (&std::sync::Mutex<Progress>, &BloatGuard, &CancellationToken),
+        walk: &mut Walk,
+    ) -> Result<Option<Outcome>, JobError> {
+        let mut cfg = self.ctx.config();
+        let mut batcher = self.batcher(p, change, slice, &self.throttle(p), &cfg);
         let mut health = Health::new(guard.relies_on_autovacuum());
         loop {
             if let Some(outcome) = self.ready(p, &mut health, stop).await {
@@ -54,13 +75,13 @@ impl Attempt<'_> {
                 Ok(None) => return Ok(None),
                 Ok(Some(done)) => {
                     let ctx = (p, guard, stop);
-                    self.committed(ctx, &done, size, &mut walk, progress).await
+                    self.committed(ctx, &done, size, walk, progress).await
                 }
                 Err(e)
                     if e.is_retried_in_place() && walk.retries < cfg.worker.max_batch_retries =>
                 {
-                    let next = self.retry(p, &e, slice, &mut walk, stop).await?;
-                    self.settle_doubt(&batcher, &e, slice, &mut walk, progress);
+                    let next = self.retry(p, &e, slice, walk, stop).await?;
+                    self.settle_doubt(&batcher, walk, progress);
                     self.record_stall(walk.controller.size(), progress);
                     next
                 }
@@ -157,13 +178,12 @@ impl Attempt<'_> {
 
     /// After a retry reloaded the stored cursor: a batch whose COMMIT went unacknowledged is
     /// counted when the cursor shows it landed (it had never reached the metrics), and batches
-    /// a crash lost after they were counted (`CheckpointMoved`) are credited, so their redo does
-    /// not count them twice.
+    /// a crash lost after they were counted are credited, so their redo does not count them
+    /// twice. The loss shows as a `CheckpointMoved`, or, after a connection error, only as the
+    /// reloaded cursor being behind the last batch counted.
     fn settle_doubt(
         &self,
         batcher: &Batcher<'_>,
-        e: &JobError,
-        slice: &Slice,
         walk: &mut Walk,
         progress: &std::sync::Mutex<Progress>,
     ) {
@@ -174,10 +194,7 @@ impl Attempt<'_> {
             let counts = walk.tally.absorb(&done);
             self.record(&done, counts, walk.controller.size(), progress);
         }
-        if matches!(e, JobError::CheckpointMoved { .. }) {
-            let start = slice.cursor.as_ref().map(Key::to_json);
-            walk.tally.forget_after(stored.as_ref(), start.as_ref());
-        }
+        walk.tally.resume_at(stored.as_ref());
     }
 
     /// The batch runner of one slice, with the configuration and throttle given.
@@ -293,11 +310,11 @@ fn timeout_hint(e: JobError, batcher: &Batcher<'_>, retries: u32, size: i64) -> 
     ))
 }
 
-/// Rows of a slice's batches counted into the metrics this attempt, the most recent kept to
-/// settle lost commits against (`forget_after`), and rows credited for batches a crash lost
-/// after they were counted (their redo is not counted again).
+/// Rows of a slice's batches this process counted into the metrics, the most recent kept to
+/// settle lost commits against (`resume_at`), and rows credited for batches a crash lost after
+/// they were counted (their redo is not counted again). Kept across attempts (`Context`).
 #[derive(Debug, Default)]
-struct Tally {
+pub struct Tally {
     /// Each counted batch: its last key and its rows changed and scanned.
     counted: std::collections::VecDeque<(serde_json::Value, i64, i64)>,
     credit: (i64, i64),
@@ -320,24 +337,19 @@ impl Tally {
         (done.changed - changed, done.scanned - scanned)
     }
 
-    /// The checkpoint is back at `stored` (a batch's last key, or the slice's `start`): the
-    /// batches counted after it were lost, and their rows are credited. A cursor that is
-    /// neither (not a batch boundary this slice saw) credits nothing.
-    fn forget_after(
-        &mut self,
-        stored: Option<&serde_json::Value>,
-        start: Option<&serde_json::Value>,
-    ) {
-        let kept = match self
+    /// The stored checkpoint is at `stored`: when that is a batch boundary counted before the
+    /// last one, the batches counted after it were lost, and their rows are credited. A cursor
+    /// this slice did not count up to (the walk's start, another replica's progress) credits
+    /// nothing.
+    fn resume_at(&mut self, stored: Option<&serde_json::Value>) {
+        let Some(at) = self
             .counted
             .iter()
             .rposition(|(hi, _, _)| Some(hi) == stored)
-        {
-            Some(at) => at + 1,
-            None if stored == start => 0,
-            None => return,
+        else {
+            return;
         };
-        for (_, changed, scanned) in self.counted.drain(kept..) {
+        for (_, changed, scanned) in self.counted.drain(at + 1..) {
             self.credit = (self.credit.0 + changed, self.credit.1 + scanned);
         }
     }
@@ -371,7 +383,7 @@ mod tests {
             assert_eq!(t.absorb(&batch(last, 100)), (100, 100));
         }
         // The checkpoint is back at 100: the batches up to 200 and 300 were lost.
-        t.forget_after(Some(&json(100)), None);
+        t.resume_at(Some(&json(100)));
         assert_eq!(t.absorb(&batch(250, 150)), (0, 0), "redone, counted before");
         assert_eq!(t.absorb(&batch(300, 50)), (0, 0));
         assert_eq!(
@@ -379,13 +391,14 @@ mod tests {
             (100, 100),
             "new rows count again"
         );
-        // Back at the slice's start: every batch counted since was lost.
-        t.forget_after(None, None);
-        assert_eq!(t.absorb(&batch(100, 100)), (0, 0));
-        // A cursor that is no batch boundary this slice saw credits nothing.
+        // At the last batch counted: nothing lost.
+        t.resume_at(Some(&json(400)));
+        assert_eq!(t.absorb(&batch(500, 100)), (100, 100));
+        // A cursor that is no batch boundary this slice counted credits nothing.
         let mut u = Tally::default();
         u.absorb(&batch(100, 100));
-        u.forget_after(Some(&json(50)), None);
+        u.resume_at(Some(&json(50)));
+        u.resume_at(None);
         assert_eq!(u.absorb(&batch(150, 100)), (100, 100));
     }
 }

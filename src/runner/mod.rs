@@ -45,11 +45,22 @@ pub struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     pub metrics: Metrics,
     pub owner: String,
+    /// Per job and slice, the batches this process counted into the metrics (`batches::Tally`),
+    /// kept across attempts; dropped when the job finishes here.
+    pub tallies: std::sync::Mutex<Tallies>,
 }
+
+/// See `Context::tallies`.
+pub type Tallies = std::collections::HashMap<(i64, Option<usize>), batches::Tally>;
 
 impl Context {
     pub fn config(&self) -> Arc<Config> {
         self.config.borrow().clone()
+    }
+
+    fn tallies(&self) -> std::sync::MutexGuard<'_, Tallies> {
+        // A poisoned lock only means a panic mid-update of plain numbers.
+        self.tallies.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -113,6 +124,12 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
         attempt.interrupt.cancel();
         stop_heartbeat.cancel();
         let state = attempt.finish(result).await;
+        if state
+            .as_deref()
+            .is_some_and(|s| State::FINISHED.iter().any(|f| f.as_str() == s))
+        {
+            ctx.tallies().retain(|(job, _), _| *job != attempt.row.id);
+        }
         ctx.metrics
             .attempt_ended(&attempt.row.name, state.as_deref() == Some("succeeded"));
     }
