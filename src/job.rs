@@ -511,6 +511,19 @@ fn parse_mode(value: Option<&str>) -> Result<Mode, String> {
 }
 
 impl Throttle {
+    /// The throttle of one of `slices` parallel slices: with a rate cap, each window holds at
+    /// most its share of one second's rows (`RatePace` shares the pace itself).
+    pub fn shared_by(mut self, slices: usize) -> Throttle {
+        let slices = slices.max(1) as i64;
+        if self.max_rows_per_second > 0 && slices > 1 {
+            let share = (self.max_rows_per_second + slices - 1) / slices;
+            self.initial_size = self.initial_size.min(share);
+            self.min_size = self.min_size.min(share);
+            self.max_size = self.max_size.min(share);
+        }
+        self
+    }
+
     /// The job's overrides over the configured defaults, range-checked.
     pub fn from_row(row: &JobRow, batch: &BatchConfig) -> Result<Throttle, String> {
         let preset = Preset::parse(row.preset.as_deref())?;

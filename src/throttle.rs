@@ -761,6 +761,23 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_s_window_holds_its_share_of_the_rate_cap() {
+        let capped = Throttle {
+            max_rows_per_second: 1000,
+            ..throttle()
+        };
+        let one = capped.clone().shared_by(1);
+        assert_eq!((one.initial_size, one.max_size), (1000, 10_000));
+        let three = capped.shared_by(3);
+        assert_eq!(
+            (three.initial_size, three.min_size, three.max_size),
+            (334, 100, 334)
+        );
+        let uncapped = throttle().shared_by(3);
+        assert_eq!(uncapped.max_size, 10_000);
+    }
+
+    #[test]
     fn parallel_slices_share_the_rate_cap() {
         let pace = RatePace::default();
         let t0 = Instant::now();

@@ -1,6 +1,8 @@
 //! The attempt as a state machine: execute (prepare → plan → ceiling → archive → slices → verify),
 //! retry transient errors in place, and record how it ended.
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 use crate::db::Conn;
 
@@ -163,9 +165,14 @@ impl Attempt<'_> {
     }
 
     /// The job's throttle under the current configuration (SIGHUP may have changed defaults).
+    /// With a rate cap and parallel slices, each slice's window holds at most its share of one
+    /// second's rows: the slices' first batches (and those after a stall) run at once, and had
+    /// changed a whole second's rows each, three times the cap in that second with three.
     pub(super) fn throttle(&self, p: &Prepared) -> Throttle {
         let cfg = self.ctx.config();
-        Throttle::from_row(&self.row, &cfg.batch).unwrap_or_else(|_| p.spec.throttle.clone())
+        let t =
+            Throttle::from_row(&self.row, &cfg.batch).unwrap_or_else(|_| p.spec.throttle.clone());
+        t.shared_by(self.slice_count.load(Ordering::Relaxed))
     }
 
     /// Writes how the attempt ended and updates metrics; returns the state written, `None` when

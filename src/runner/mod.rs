@@ -117,6 +117,7 @@ pub async fn run(ctx: Arc<Context>, row: JobRow, shutdown: CancellationToken) {
             longest_wait: Default::default(),
             batches_gave_up: Default::default(),
             rate: Default::default(),
+            slice_count: Default::default(),
         };
         let result = attempt
             .execute_with_retries(cfg.worker.max_batch_retries)
@@ -209,4 +210,6 @@ struct Attempt<'a> {
     batches_gave_up: std::sync::atomic::AtomicBool,
     /// The job's rows-per-second cap, shared by its slices.
     rate: crate::throttle::RatePace,
+    /// How many slices walk at once (set by `run_slices`).
+    slice_count: std::sync::atomic::AtomicUsize,
 }

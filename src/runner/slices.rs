@@ -17,6 +17,8 @@ impl Attempt<'_> {
         plan: &Plan,
     ) -> Result<Option<Outcome>, JobError> {
         let slices = self.slices(p, plan, upper).await?;
+        self.slice_count
+            .store(slices.len(), std::sync::atomic::Ordering::Relaxed);
         if slices.len() > 1 {
             tracing::info!(
                 slices = slices.len(),
