@@ -41,6 +41,9 @@ pub struct Cascade {
     child_columns: Vec<String>,
     #[serde(skip)]
     parent_columns: Vec<String>,
+    /// The referencing table's oid (to follow a cascade below it).
+    #[serde(skip)]
+    child_oid: u32,
     /// For a key below the target: the tables whose rows the delete removes through `ON DELETE
     /// CASCADE` on the way to this key's table, nearest the target first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -113,6 +116,7 @@ pub(crate) use key_columns;
 /// target keeps the copies of keys referencing its parent (`conparentid <> 0`).
 const FOREIGN_KEYS: &str = concat!(
     "
+WITH tree AS (SELECT $1::oid AS relid UNION SELECT relid FROM pg_partition_tree($1::oid::regclass))
 SELECT c.conname::text,
        format('%I.%I', n.nspname, t.relname),
        CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT'
@@ -124,17 +128,15 @@ SELECT c.conname::text,
          OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
        ",
     key_columns!(),
-    "
+    ",
+       c.conrelid
 FROM pg_constraint c
 JOIN pg_class t ON t.oid = c.conrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
-WHERE c.contype = 'f'
-  AND c.confrelid IN (SELECT $1 UNION SELECT relid FROM pg_partition_tree($1::oid::regclass))
+WHERE c.contype = 'f' AND c.confrelid IN (SELECT relid FROM tree)
   AND NOT EXISTS (SELECT FROM pg_constraint pc
                   WHERE pc.oid = c.conparentid
-                    AND (pc.confrelid = c.confrelid
-                         OR pc.confrelid IN (SELECT $1 UNION
-                                             SELECT relid FROM pg_partition_tree($1::oid::regclass))))
+                    AND (pc.confrelid = c.confrelid OR pc.confrelid IN (SELECT relid FROM tree)))
 ORDER BY 1"
 );
 
@@ -146,6 +148,7 @@ type Row = (
     bool,
     Vec<String>,
     Vec<String>,
+    sqlx::postgres::types::Oid,
 );
 
 /// The foreign keys referencing `target`, uncounted.
@@ -260,12 +263,7 @@ impl Below<'_> {
             .collect();
         let mut found = Vec::new();
         while let Some(chain) = chains.pop() {
-            let Some(oid) = self
-                .table_oid(chain.last().map_or("", |c| &c.child))
-                .await?
-            else {
-                continue;
-            };
+            let oid = chain.last().map_or(0, |c| c.child_oid);
             if seen.contains(&oid) || chain.len() > MAX_DEPTH {
                 continue;
             }
@@ -288,29 +286,15 @@ impl Below<'_> {
         Ok(found)
     }
 
-    async fn table_oid(&self, table: &str) -> Result<Option<u32>, JobError> {
-        let oid: Option<sqlx::postgres::types::Oid> =
-            crate::sql::query_scalar("SELECT to_regclass($1)::oid")
-                .bind(table)
-                .fetch_one(self.pool)
-                .await
-                .map_err(|e| {
-                    JobError::sql(self.job, &self.target.display(), "following cascades", e)
-                })?;
-        Ok(oid.map(|o| o.0))
-    }
-
     /// Rows of `key`'s table referencing a row of the chain's last table that the delete
-    /// removes through the chain.
+    /// removes through the chain: those the chain extended by `key` removes (or fails on).
     fn count_sql(&self, chain: &[Cascade], key: &Cascade) -> String {
-        let last = chain.len() - 1;
-        let alias = format!("_bf_n{last}");
+        let mut through = chain.to_vec();
+        through.push(key.clone());
         format!(
-            "SELECT count(*) FROM {} AS _bf_c WHERE EXISTS (SELECT 1 FROM {} AS {alias} WHERE {} AND {})",
+            "SELECT count(*) FROM {} AS _bf_c WHERE {}",
             key.child,
-            chain[last].child,
-            joined(key, &alias, "_bf_c"),
-            self.removed(chain, &alias)
+            self.removed(&through, "_bf_c")
         )
     }
 
@@ -364,11 +348,12 @@ async fn count(pool: &Db, c: &Cascade, sql: &str, upper: &Key) -> Option<i64> {
 }
 
 fn cascade(
-    (constraint, child, on_delete, on_update, self_referencing, child_columns, parent_columns): Row,
+    (constraint, child, on_delete, on_update, self_referencing, child_columns, parent_columns, oid): Row,
 ) -> Cascade {
     Cascade {
         constraint,
         child,
+        child_oid: oid.0,
         on_delete,
         on_update,
         child_rows: None,
