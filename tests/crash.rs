@@ -316,53 +316,80 @@ async fn a_lost_commit_is_redone_not_skipped(pool: PgPool) {
     );
 }
 
+/// Starts a 600-row counting job `name` (batches of 100, a second apart) on a daemon serving
+/// metrics, and returns once two batches committed: the daemon and its metrics port.
+async fn counting_job_past_two_batches(db: &Db, name: &str) -> (common::Daemon, u16) {
+    counter_table(db, 600).await;
+    NewJob::new(name, "counters")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("batch_size", "100")
+        .raw("target_batch_ms", "100")
+        .raw("max_batch_ms", "200")
+        .raw("sleep_ms", "1000")
+        .raw("parallelism", "1")
+        .insert(db)
+        .await;
+    let port = common::free_port();
+    let daemon = db
+        .daemon()
+        .max_batch(100)
+        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
+        .spawn();
+    db.wait_for(name, "two batches", |r| r.rows_changed >= 200)
+        .await;
+    (daemon, port)
+}
+
+/// Rewinds job `name` by its last batch, rows and checkpoint, as a crash before that batch's
+/// asynchronous commit reached disk leaves them.
+async fn lose_the_last_batch(db: &Db, name: &str) {
+    db.exec(&format!(
+        "DO $$ DECLARE c bigint; BEGIN
+           SELECT (cursor->>0)::bigint INTO c FROM backfill.jobs WHERE name = '{name}' FOR UPDATE;
+           UPDATE counters SET n = n - 1 WHERE id > c - 100 AND id <= c;
+           UPDATE backfill.jobs SET cursor = jsonb_build_array((c - 100)::text),
+                  rows_changed = rows_changed - 100, rows_scanned = rows_scanned - 100
+           WHERE name = '{name}';
+         END $$"
+    ))
+    .await;
+}
+
+/// The job finishes with every row changed once, counted once in the metrics (with `also`).
+async fn assert_counted_once(
+    db: &Db,
+    (daemon, port): (&mut common::Daemon, u16),
+    name: &str,
+    also: &[&str],
+) {
+    db.wait_state(name, "succeeded").await;
+    assert_exactly_once(db, name, 600).await;
+    let (_, metrics) = common::http_get(port, "/metrics").await.expect("metrics");
+    let also = also.iter().map(|s| s.to_string());
+    for counted in [
+        format!("backfilld_rows_changed_total{{job=\"{name}\"}} 600"),
+        format!("backfilld_rows_scanned_total{{job=\"{name}\"}} 600"),
+    ]
+    .into_iter()
+    .chain(also)
+    {
+        assert!(metrics.contains(&counted), "{counted} in\n{metrics}");
+    }
+    daemon.signal("TERM");
+    assert!(daemon.wait(Duration::from_secs(30)).await.success());
+}
+
 /// A batch lost to a crash after the daemon saw it commit (asynchronous commit) is redone, and
 /// counted once in `backfilld_rows_changed_total`: it had been counted at its first commit and
 /// again at its redo (107,597 for 100,000 rows after three crashes in the report).
 #[sqlx::test]
 async fn a_lost_batch_is_counted_once_in_the_metrics(pool: PgPool) {
     let db = Db::new(pool).await;
-    counter_table(&db, 600).await;
-    NewJob::new("lostm", "counters")
-        .predicate("true")
-        .set("n = n + 1")
-        .raw("batch_size", "100")
-        .raw("target_batch_ms", "5000")
-        .raw("sleep_ms", "1000")
-        .raw("parallelism", "1")
-        .insert(&db)
-        .await;
-    let port = common::free_port();
-    let mut daemon = db
-        .daemon()
-        .max_batch(100)
-        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
-        .spawn();
-    db.wait_for("lostm", "two batches", |r| r.rows_changed >= 200)
-        .await;
-    // The last batch lost whole, as a crash before its commit reached disk leaves it.
-    db.exec(
-        "DO $$ DECLARE c bigint; BEGIN
-           SELECT (cursor->>0)::bigint INTO c FROM backfill.jobs WHERE name = 'lostm' FOR UPDATE;
-           UPDATE counters SET n = n - 1 WHERE id > c - 100 AND id <= c;
-           UPDATE backfill.jobs SET cursor = jsonb_build_array((c - 100)::text),
-                  rows_changed = rows_changed - 100, rows_scanned = rows_scanned - 100
-           WHERE name = 'lostm';
-         END $$",
-    )
-    .await;
-    db.wait_state("lostm", "succeeded").await;
-    assert_exactly_once(&db, "lostm", 600).await;
-    let (_, metrics) = common::http_get(port, "/metrics").await.expect("metrics");
-    for counted in [
-        "backfilld_rows_changed_total{job=\"lostm\"} 600",
-        "backfilld_rows_scanned_total{job=\"lostm\"} 600",
-        "backfilld_batch_errors_total{job=\"lostm\",kind=\"lost_commit\"} 1",
-    ] {
-        assert!(metrics.contains(counted), "{counted} in\n{metrics}");
-    }
-    daemon.signal("TERM");
-    assert!(daemon.wait(Duration::from_secs(30)).await.success());
+    let (mut daemon, port) = counting_job_past_two_batches(&db, "lostm").await;
+    lose_the_last_batch(&db, "lostm").await;
+    let lost = "backfilld_batch_errors_total{job=\"lostm\",kind=\"lost_commit\"} 1";
+    assert_counted_once(&db, (&mut daemon, port), "lostm", &[lost]).await;
 }
 
 /// The same loss, seen only as a reloaded cursor: the batch after it fails on a row lock before
@@ -371,25 +398,7 @@ async fn a_lost_batch_is_counted_once_in_the_metrics(pool: PgPool) {
 #[sqlx::test]
 async fn a_lost_batch_found_on_a_retry_is_counted_once(pool: PgPool) {
     let db = Db::new(pool).await;
-    counter_table(&db, 600).await;
-    NewJob::new("lostr", "counters")
-        .predicate("true")
-        .set("n = n + 1")
-        .raw("batch_size", "100")
-        .raw("target_batch_ms", "100")
-        .raw("max_batch_ms", "200")
-        .raw("sleep_ms", "1000")
-        .raw("parallelism", "1")
-        .insert(&db)
-        .await;
-    let port = common::free_port();
-    let mut daemon = db
-        .daemon()
-        .max_batch(100)
-        .env("BACKFILLD_METRICS__LISTEN", &format!("127.0.0.1:{port}"))
-        .spawn();
-    db.wait_for("lostr", "two batches", |r| r.rows_changed >= 200)
-        .await;
+    let (mut daemon, port) = counting_job_past_two_batches(&db, "lostr").await;
     // A row of the next window, locked: that batch fails before its checkpoint.
     let held = db
         .hold(
@@ -397,26 +406,9 @@ async fn a_lost_batch_found_on_a_retry_is_counted_once(pool: PgPool) {
              FROM backfill.jobs WHERE name = 'lostr') FOR UPDATE",
         )
         .await;
-    db.exec(
-        "DO $$ DECLARE c bigint; BEGIN
-           SELECT (cursor->>0)::bigint INTO c FROM backfill.jobs WHERE name = 'lostr' FOR UPDATE;
-           UPDATE counters SET n = n - 1 WHERE id > c - 100 AND id <= c;
-           UPDATE backfill.jobs SET cursor = jsonb_build_array((c - 100)::text),
-                  rows_changed = rows_changed - 100, rows_scanned = rows_scanned - 100
-           WHERE name = 'lostr';
-         END $$",
-    )
-    .await;
+    lose_the_last_batch(&db, "lostr").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     held.commit().await;
-    db.wait_state("lostr", "succeeded").await;
-    assert_exactly_once(&db, "lostr", 600).await;
-    let (_, metrics) = common::http_get(port, "/metrics").await.expect("metrics");
-    assert!(
-        metrics.contains("backfilld_rows_changed_total{job=\"lostr\"} 600"),
-        "{metrics}"
-    );
+    assert_counted_once(&db, (&mut daemon, port), "lostr", &[]).await;
     assert!(daemon.log().contains("55P03"), "{}", daemon.log());
-    daemon.signal("TERM");
-    assert!(daemon.wait(Duration::from_secs(30)).await.success());
 }
