@@ -204,6 +204,11 @@ type CheckpointRow = (
 );
 
 impl Batcher<'_> {
+    /// Whether the batch's statements stay prepared on the connection (`Db::keeps_statements`).
+    fn keep(&self) -> bool {
+        self.pool.keeps_statements()
+    }
+
     fn sql_err(&self, step: &'static str) -> impl Fn(sqlx::Error) -> JobError + '_ {
         move |e| JobError::sql(&self.lease.job, self.table, step, e)
     }
@@ -376,7 +381,7 @@ impl Batcher<'_> {
             &self.window.first
         };
         self.keyset
-            .read_window(conn, sql, (cursor, self.upper), size)
+            .read_window_kept(conn, (sql, self.keep()), (cursor, self.upper), size)
             .await
             .map_err(self.sql_err("reading the next window"))
     }
@@ -404,7 +409,7 @@ impl Batcher<'_> {
             Some(_) => (self.change.statement(has_cursor), true),
             None => (self.change.statement(has_cursor), false),
         };
-        let query = bind_keys(crate::sql::query(sql), &bounds);
+        let query = bind_keys(crate::sql::query(sql).persistent(self.keep()), &bounds);
         if !optimistic {
             let done = query.execute(conn).await.map_err(failed)?;
             return Ok(Some(done.rows_affected() as i64));
@@ -431,6 +436,7 @@ impl Batcher<'_> {
         let watched = self.change.watched();
         let row: Option<CheckpointRow> =
             crate::sql::query_as(&claim::fenced(self.names, CHECKPOINT))
+                .persistent(self.keep())
                 .bind(self.lease.job_id)
                 .bind(self.lease.attempt)
                 .bind(&self.lease.owner)

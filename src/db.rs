@@ -7,7 +7,8 @@
 //! 1. **Unnamed statements only.** Named prepared statements live on a server connection, so a
 //!    pooler hands them to other clients (`prepared statement "sqlx_s_1" already exists`) or
 //!    loses them. Every statement is built with `sql::query*`, which marks it non-persistent
-//!    (clippy's `disallowed-methods` keeps `sqlx::query*` out of the crate).
+//!    (clippy's `disallowed-methods` keeps `sqlx::query*` out of the crate). Without a
+//!    transaction pooler the batch's statements are kept prepared (`keeps_statements`).
 //! 2. **No statement outside a transaction** (`database.pool_mode = "transaction"` only). sqlx
 //!    sends an unnamed statement's Parse and its Bind/Execute in two round trips, each ending in
 //!    Sync; between them the server is idle and the pooler may give it to another client. Inside
@@ -168,6 +169,15 @@ impl Db {
 
     fn pooled(&self) -> bool {
         self.mode == PoolMode::Transaction
+    }
+
+    /// Whether a statement may stay prepared on its connection (rule 1's exception): only when
+    /// every connection is ours for the session. Batches run the same three statements
+    /// thousands of times, and a prepared one skips the Parse round trip and the parse (under
+    /// CPU contention each round trip is a scheduling delay, and the checkpoint's are spent
+    /// holding the batch's row locks).
+    pub fn keeps_statements(&self) -> bool {
+        !self.pooled()
     }
 
     /// A transaction with the session defaults.

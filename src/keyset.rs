@@ -183,7 +183,19 @@ impl Keyset {
         bounds: (Option<&Key>, &Key),
         size: i64,
     ) -> sqlx::Result<Option<(i64, Key)>> {
-        let Some((keys, row)) = fetch_window(db, sql, bounds, size).await? else {
+        self.read_window_kept(db, (sql, false), bounds, size).await
+    }
+
+    /// `read_window`, keeping the statement prepared on the connection when `keep` (see
+    /// `Db::keeps_statements`).
+    pub async fn read_window_kept<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
+        (sql, keep): (&str, bool),
+        bounds: (Option<&Key>, &Key),
+        size: i64,
+    ) -> sqlx::Result<Option<(i64, Key)>> {
+        let Some((keys, row)) = fetch_window(db, (sql, keep), bounds, size).await? else {
             return Ok(None);
         };
         Ok(Some((keys, Key::from_row(&row, 1, self.width())?)))
@@ -221,13 +233,13 @@ impl Keyset {
 /// window's keys: that count and the row; `None` when the window is empty.
 pub async fn fetch_window<'e>(
     db: impl sqlx::PgExecutor<'e>,
-    sql: &str,
+    (sql, keep): (&str, bool),
     (cursor, upper): (Option<&Key>, &Key),
     size: i64,
 ) -> sqlx::Result<Option<(i64, sqlx::postgres::PgRow)>> {
     use sqlx::Row;
     let bounds: Vec<&Key> = cursor.into_iter().chain([upper]).collect();
-    let row = bind_keys(crate::sql::query(sql), &bounds)
+    let row = bind_keys(crate::sql::query(sql).persistent(keep), &bounds)
         .bind(size)
         .fetch_optional(db)
         .await?;

@@ -325,7 +325,8 @@ impl Counter<'_> {
         cursor: Option<&Key>,
         size: i64,
     ) -> sqlx::Result<Option<(i64, i64, Key)>> {
-        let window = crate::keyset::fetch_window(conn, sql, (cursor, self.upper), size).await?;
+        let window =
+            crate::keyset::fetch_window(conn, (sql, false), (cursor, self.upper), size).await?;
         let Some((in_window, row)) = window else {
             return Ok(None);
         };
