@@ -33,6 +33,9 @@ pub struct Cascade {
     pub child_rows: Option<i64>,
     #[serde(skip)]
     self_referencing: bool,
+    /// `ON DELETE SET NULL` into a `NOT NULL` column: the delete fails on every child row.
+    #[serde(skip)]
+    nulls_refused: bool,
     /// For a key the target holds on itself that forbids the delete: rows the delete selects
     /// that reference another row it selects (see `count_sql`).
     #[serde(skip)]
@@ -48,26 +51,65 @@ pub struct Cascade {
     /// CASCADE` on the way to this key's table, nearest the target first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub via: Vec<String>,
+    /// A key on a table `MAX_DEPTH` cascades below the target: listed, not counted, and the
+    /// keys below it not followed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub beyond_depth: bool,
 }
 
 impl std::fmt::Display for Cascade {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rows = self
-            .child_rows
-            .map_or("uncounted".to_owned(), |n| format!("{n} child rows"));
+        let rows = self.rows_counted();
         let via = match self.via.as_slice() {
             [] => String::new(),
             tables => format!(", through {}", tables.join(", ")),
         };
+        let refused = if self.nulls_refused {
+            " into a NOT NULL column"
+        } else {
+            ""
+        };
         write!(
             f,
-            "{} on {} (ON DELETE {}, {rows}{via})",
+            "{} on {} (ON DELETE {}{refused}, {rows}{via})",
             self.constraint, self.child, self.on_delete
         )
     }
 }
 
 impl Cascade {
+    /// `12 child rows`, `1 child row`, or `uncounted`.
+    pub fn rows_counted(&self) -> String {
+        match self.child_rows {
+            Some(1) => "1 child row".to_owned(),
+            Some(n) => format!("{n} child rows"),
+            None => "uncounted".to_owned(),
+        }
+    }
+
+    /// What the plan could not count about this key, and what that leaves to chance; `None`
+    /// when it was counted.
+    fn uncounted(&self) -> Option<String> {
+        if self.child_rows.is_some() {
+            return None;
+        }
+        let why = if self.beyond_depth {
+            format!(
+                "it lies more than {MAX_DEPTH} tables below the target, where the plan stops \
+                 following cascades"
+            )
+        } else {
+            "counting them failed (see the log)".to_owned()
+        };
+        let risk = if self.changes_children() {
+            "the rows it changes, and any foreign keys below them, are not in the plan"
+        } else {
+            "a batch deleting a row they reference fails the job, with the batches before it \
+             committed"
+        };
+        Some(format!("{self}: its rows were not counted ({why}); {risk}"))
+    }
+
     /// The key's `ON UPDATE` action.
     pub fn on_update(&self) -> &str {
         &self.on_update
@@ -84,9 +126,10 @@ impl Cascade {
         self.self_referencing && !self.changes_children()
     }
 
-    /// A key that forbids the delete while the count found referencing rows it leaves behind.
+    /// A key that forbids the delete while the count found referencing rows it leaves behind,
+    /// or sets NULL where its table refuses NULL (PostgreSQL raises 23502 on the first such row).
     fn blocks(&self) -> bool {
-        !self.changes_children() && self.child_rows.is_some_and(|n| n > 0)
+        (!self.changes_children() || self.nulls_refused) && self.child_rows.is_some_and(|n| n > 0)
     }
 }
 
@@ -126,6 +169,12 @@ SELECT c.conname::text,
        -- A key on the table itself, or (the target a partition) on a table it is part of.
        c.conrelid = c.confrelid
          OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
+       -- ON DELETE SET NULL into a NOT NULL column (all the key's columns, or those listed).
+       c.confdeltype = 'n' AND EXISTS (
+           SELECT FROM pg_attribute a
+           WHERE a.attrelid = c.conrelid AND a.attnotnull
+             AND a.attnum = ANY (CASE WHEN cardinality(c.confdelsetcols) > 0
+                                      THEN c.confdelsetcols ELSE c.conkey END)),
        ",
     key_columns!(),
     ",
@@ -145,6 +194,7 @@ type Row = (
     String,
     String,
     String,
+    bool,
     bool,
     Vec<String>,
     Vec<String>,
@@ -236,7 +286,7 @@ pub async fn find(
 }
 
 /// How deep below the target the plan follows `ON DELETE CASCADE` keys.
-const MAX_DEPTH: usize = 6;
+const MAX_DEPTH: usize = 16;
 
 /// The foreign keys below the target: a delete of a target row deletes the rows that
 /// reference it `ON DELETE CASCADE`, and the keys referencing *those* rows act in turn (cascade
@@ -253,7 +303,8 @@ struct Below<'a> {
 
 impl Below<'_> {
     /// Walks down from the target's cascading keys (`direct`), each table once, to
-    /// `MAX_DEPTH` levels; returns the keys found below, counted.
+    /// `MAX_DEPTH` levels; returns the keys found below, counted. Keys on a table at that depth
+    /// are listed uncounted (`beyond_depth`), and the plan warns about them.
     async fn find(&self, direct: &[Cascade]) -> Result<Vec<Cascade>, JobError> {
         let mut seen = vec![self.target.oid];
         let mut chains: Vec<Vec<Cascade>> = direct
@@ -264,7 +315,7 @@ impl Below<'_> {
         let mut found = Vec::new();
         while let Some(chain) = chains.pop() {
             let oid = chain.last().map_or(0, |c| c.child_oid);
-            if seen.contains(&oid) || chain.len() > MAX_DEPTH {
+            if seen.contains(&oid) {
                 continue;
             }
             seen.push(oid);
@@ -273,6 +324,11 @@ impl Below<'_> {
                     continue;
                 }
                 key.via = chain.iter().map(|c| c.child.clone()).collect();
+                if chain.len() >= MAX_DEPTH {
+                    key.beyond_depth = true;
+                    found.push(key);
+                    continue;
+                }
                 key.child_rows =
                     count(self.pool, &key, &self.count_sql(&chain, &key), self.upper).await;
                 if key.on_delete == "CASCADE" {
@@ -348,7 +404,17 @@ async fn count(pool: &Db, c: &Cascade, sql: &str, upper: &Key) -> Option<i64> {
 }
 
 fn cascade(
-    (constraint, child, on_delete, on_update, self_referencing, child_columns, parent_columns, oid): Row,
+    (
+        constraint,
+        child,
+        on_delete,
+        on_update,
+        self_referencing,
+        nulls_refused,
+        child_columns,
+        parent_columns,
+        oid,
+    ): Row,
 ) -> Cascade {
     Cascade {
         constraint,
@@ -357,7 +423,9 @@ fn cascade(
         on_delete,
         on_update,
         child_rows: None,
+        beyond_depth: false,
         self_referencing,
+        nulls_refused,
         interlinked: None,
         child_columns,
         parent_columns,
@@ -475,6 +543,7 @@ pub fn judge(
                 c.constraint, c.on_delete
             )
         })
+        .chain(found.iter().filter_map(Cascade::uncounted))
         .collect();
     let cascading: Vec<Cascade> = found
         .into_iter()

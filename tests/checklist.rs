@@ -236,6 +236,50 @@ async fn a_delete_that_would_cascade_fails_in_its_plan(pool: PgPool) {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM child").await, 300);
 }
 
+/// `ON DELETE SET NULL` into a column that refuses NULL fails like `NO ACTION` (23502 on the first
+/// child row), whatever `allow_cascade` says: the plan refuses it before any batch, here through
+/// the whole key and through a PostgreSQL 15 column list, where it used to pass as a cascade.
+#[sqlx::test]
+async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE team (id int PRIMARY KEY, gone bool NOT NULL);
+         CREATE TABLE member (id int PRIMARY KEY,
+                              team_id int NOT NULL REFERENCES team ON DELETE SET NULL);
+         CREATE TABLE badge (tenant int NOT NULL, team_id int, PRIMARY KEY (tenant, team_id),
+                             FOREIGN KEY (team_id) REFERENCES team ON DELETE SET NULL (team_id));
+         CREATE TABLE memo (id int PRIMARY KEY, team_id int REFERENCES team ON DELETE SET NULL);
+         INSERT INTO team SELECT g, g <= 5 FROM generate_series(1, 20) g;
+         INSERT INTO member VALUES (1, 3), (2, 15);
+         INSERT INTO badge VALUES (1, 4);
+         INSERT INTO memo VALUES (1, 2);",
+    )
+    .await;
+    NewJob::new("disband", "team")
+        .predicate("gone")
+        .raw("action", "'delete'")
+        .raw("allow_cascade", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("disband").await;
+    let err = job.last_error.unwrap_or_default();
+    assert_eq!((job.state.as_str(), job.batches), ("failed", 0), "{err}");
+    for want in [
+        "member_team_id_fkey on public.member (ON DELETE SET NULL into a NOT NULL column, 1 \
+         child row)",
+        "badge_team_id_fkey on public.badge (ON DELETE SET NULL into a NOT NULL column, 1 child \
+         row)",
+    ] {
+        assert!(err.contains(want), "expected {want:?} in: {err}");
+    }
+    assert!(
+        !err.contains("memo_"),
+        "a nullable column takes the NULL: {err}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM team").await, 20);
+}
+
 #[sqlx::test]
 async fn allow_cascade_runs_the_delete_and_the_plan_still_lists_the_children(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -295,7 +339,7 @@ async fn a_delete_plans_the_keys_below_the_tables_it_cascades_into(pool: PgPool)
     let err = job.last_error.unwrap_or_default();
     assert!(
         err.contains(
-            "notes_build_id_fkey on public.notes (ON DELETE NO ACTION, 1 child rows, through \
+            "notes_build_id_fkey on public.notes (ON DELETE NO ACTION, 1 child row, through \
              public.builds)"
         ),
         "build 999 belongs to project 100: {err}"
@@ -331,6 +375,74 @@ async fn a_delete_plans_the_keys_below_the_tables_it_cascades_into(pool: PgPool)
     assert_eq!(listed[1].0, "public.artifacts");
     assert_eq!(listed[1].2, "[\"public.builds\"]");
     assert!(listed[1].1 > 0, "{cascades}");
+}
+
+/// Cascades are followed sixteen tables down; a key deeper than that is listed uncounted, and the
+/// plan warns that a batch reaching a row it protects would fail. (The plan used to stop six
+/// tables down without a word: a RESTRICT key seven levels below failed the job mid-run.)
+#[sqlx::test]
+async fn a_delete_plans_deep_cascades_and_warns_past_the_depth_it_follows(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let chain = |prefix: &str, levels: usize| {
+        let mut sql = format!(
+            "CREATE TABLE {prefix}0 (id int PRIMARY KEY);
+             INSERT INTO {prefix}0 SELECT generate_series(1, 10);"
+        );
+        for i in 1..=levels {
+            sql += &format!(
+                "CREATE TABLE {prefix}{i} (id int PRIMARY KEY,
+                                           up int REFERENCES {prefix}{} ON DELETE CASCADE);
+                 INSERT INTO {prefix}{i} SELECT g, g FROM generate_series(1, 10) g;",
+                i - 1
+            );
+        }
+        sql + &format!(
+            "CREATE TABLE {prefix}_kept (id int PRIMARY KEY,
+                                         up int REFERENCES {prefix}{levels} ON DELETE RESTRICT);
+             INSERT INTO {prefix}_kept VALUES (1, 2);"
+        )
+    };
+    db.exec(&chain("s", 7)).await;
+    db.exec(&chain("d", 16)).await;
+    let purge = |name: &'static str, table: &'static str| {
+        NewJob::new(name, table)
+            .predicate("id <= 3")
+            .raw("action", "'delete'")
+            .raw("allow_cascade", "true")
+    };
+    purge("seven", "s0").insert(&db).await;
+    purge("sixteen", "d0").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+
+    let seven = db.job("seven").await;
+    let err = seven.last_error.unwrap_or_default();
+    assert_eq!(
+        (seven.state.as_str(), seven.batches),
+        ("failed", 0),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "s_kept_up_fkey on public.s_kept (ON DELETE RESTRICT, 1 child row, through \
+                      public.s1, public.s2, public.s3, public.s4, public.s5, public.s6, public.s7)"
+        ),
+        "{err}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM s0").await, 10);
+
+    let sixteen = db.job("sixteen").await;
+    let err = sixteen.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("violates foreign key constraint"),
+        "the key past the depth is not counted, so the run meets it: {err}"
+    );
+    let warnings = sixteen.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        warnings.contains("d_kept_up_fkey on public.d_kept (ON DELETE RESTRICT, uncounted")
+            && warnings.contains("more than 16 tables below the target")
+            && warnings.contains("a batch deleting a row they reference fails the job"),
+        "{warnings}"
+    );
 }
 
 /// A delete aimed at one partition (purging an old partition at a time) finds the foreign keys
@@ -396,15 +508,15 @@ async fn a_delete_on_one_partition_sees_the_keys_that_reference_its_table(pool: 
     assert_eq!(refunded.state, "failed");
     let err = refunded.last_error.unwrap_or_default();
     assert!(
-        err.contains("on public.refunds (ON DELETE NO ACTION, 1 child rows)"),
+        err.contains("on public.refunds (ON DELETE NO ACTION, 1 child row)"),
         "{err}"
     );
     let leaf_keyed = db.job("leaf_keyed").await;
     assert_eq!(leaf_keyed.state, "failed");
     let err = leaf_keyed.last_error.unwrap_or_default();
     assert!(
-        err.contains("on public.disputes (ON DELETE CASCADE, 1 child rows)")
-            && err.contains("on public.order_items (ON DELETE CASCADE, 1 child rows)"),
+        err.contains("on public.disputes (ON DELETE CASCADE, 1 child row)")
+            && err.contains("on public.order_items (ON DELETE CASCADE, 1 child row)"),
         "{err}"
     );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM orders").await, 1000);
