@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{self, Check, Report};
-use crate::config::{Config, Source};
+use crate::config::{Config, LogFormat, Source};
 use crate::job::{JobRow, Requested};
 use crate::ops::{self, Gate, NewJob};
 use crate::plan::Plan;
@@ -321,14 +321,15 @@ pub async fn main(cli: Cli) -> ExitCode {
     let cfg = match source.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("backfilld: {e}");
+            fatal(source.log_format(), &e.to_string());
             return ExitCode::from(2);
         }
     };
+    let format = cfg.log.format;
     let telemetry = match telemetry::init(&cfg.log, &cfg.telemetry) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("backfilld: cannot set up logging: {e}");
+            fatal(format, &format!("cannot set up logging: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -346,12 +347,31 @@ pub async fn main(cli: Cli) -> ExitCode {
         Err(e) => {
             // Every error of ours quotes its cause in its own message: `{e}` says it once
             // (the alternate form would repeat each cause after it).
-            eprintln!("backfilld: {e}");
+            fatal(format, &e.to_string());
             let configuration = e
                 .downcast_ref::<crate::error::Error>()
                 .is_some_and(crate::error::Error::is_configuration);
             ExitCode::from(if configuration { 2 } else { 1 })
         }
+    }
+}
+
+/// The error a command exits with, on stderr in the configured log format: with `log.format =
+/// "json"` one JSON object shaped like the log's own lines, since a pipeline reading the log would
+/// drop a plain line, the very one that says why the daemon exited.
+fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("backfilld: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": chrono::Utc::now()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "ERROR",
+                "fields": { "message": format!("backfilld: {message}") },
+                "target": "backfilld",
+            })
+        ),
     }
 }
 
@@ -850,13 +870,13 @@ fn print_plan(plan: &Plan) {
         out!("  run twice    {}", v.summary);
     }
     for c in &plan.cascades {
-        let rows = c.child_rows.map_or("uncounted".into(), |n| n.to_string());
+        let rows = c.rows_counted();
         let via = match c.via.as_slice() {
             [] => String::new(),
             tables => format!(", through {}", tables.join(", ")),
         };
         out!(
-            "  cascade      {} ON DELETE {}: {rows} child rows ({}{via})",
+            "  cascade      {} ON DELETE {}: {rows} ({}{via})",
             c.child,
             c.on_delete,
             c.constraint

@@ -352,9 +352,34 @@ impl Source {
 
     /// Reads file, environment and `DATABASE_URL`, then validates.
     pub fn load(&self) -> Result<Config> {
+        let mut cfg: Config = self.sources()?.try_deserialize()?;
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            cfg.database.url = url;
+        }
+        if let Some(url) = &self.database_url {
+            cfg.database.url = url.clone();
+        }
+        cfg.normalise();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `log.format` alone, for reporting a configuration that does not load (another key may be
+    /// what is wrong): text when it cannot be read either.
+    pub fn log_format(&self) -> LogFormat {
+        self.sources()
+            .and_then(|c| c.get::<LogFormat>("log.format"))
+            .unwrap_or(LogFormat::Text)
+    }
+
+    /// File and environment, merged.
+    fn sources(&self) -> std::result::Result<config::Config, config::ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = &self.path {
-            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+            // TOML whatever the name: `File::from` guesses the format from the extension and
+            // calls a file without one (`/dev/null`, a mounted `config`) "not found".
+            let file = config::File::from(path.as_path()).format(config::FileFormat::Toml);
+            builder = builder.add_source(file.required(true));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("BACKFILLD")
@@ -365,16 +390,7 @@ impl Source {
                 .try_parsing(true)
                 .source(Some(section_variables())),
         );
-        let mut cfg: Config = builder.build()?.try_deserialize()?;
-        if let Ok(url) = std::env::var("DATABASE_URL") {
-            cfg.database.url = url;
-        }
-        if let Some(url) = &self.database_url {
-            cfg.database.url = url.clone();
-        }
-        cfg.normalise();
-        cfg.validate()?;
-        Ok(cfg)
+        builder.build()
     }
 }
 

@@ -55,6 +55,69 @@ fn the_example_config_is_valid_and_bad_config_exits_2() {
     assert!(stdout(&help).contains("Examples:"));
 }
 
+/// With `log.format = "json"` the error a command exits with is one JSON object like every other
+/// stderr line, also when the configuration itself is what fails (it was a plain text line, which
+/// a JSON log pipeline drops). A configuration file without an extension is read as TOML (it was
+/// "not found").
+#[test]
+fn exit_errors_follow_the_log_format_and_any_file_name_is_toml() {
+    let dir = std::env::temp_dir().join(format!("backfilld-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config");
+    std::fs::write(&file, "[log]\nformat = \"json\"\n").unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_backfilld"));
+        cmd.args(["--config", file.to_str().unwrap(), "status"])
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("BACKFILLD_DATABASE__CONNECT_TIMEOUT", "1s");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let lines = |o: &std::process::Output| -> Vec<serde_json::Value> {
+        stderr(o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let bad = run(&[("BACKFILLD_WORKER__CONCURRENCY", "abc")]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    let logged = lines(&bad);
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["level"], "ERROR");
+    let message = logged[0]["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("concurrency"), "{message}");
+
+    let unreachable = run(&[]);
+    assert_eq!(
+        unreachable.status.code(),
+        Some(1),
+        "{}",
+        stderr(&unreachable)
+    );
+    let logged = lines(&unreachable);
+    let last = logged.last().expect("an error line");
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("backfilld: ")
+    );
+
+    std::fs::write(&file, "").unwrap();
+    let text = run(&[("BACKFILLD_BATCH__MIN_SIZE", "0")]);
+    assert_eq!(text.status.code(), Some(2));
+    assert!(
+        stderr(&text).starts_with("backfilld: invalid configuration: batch.min_size"),
+        "an empty file is a valid one, and text the default format: {}",
+        stderr(&text)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A job command on a database nobody migrated says to run `backfilld migrate`.
 #[sqlx::test]
 async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
