@@ -18,6 +18,9 @@ use crate::job::State;
 use crate::listen::Wakeups;
 use crate::runner::{self, Context};
 
+/// A state, its jobs in the ledger, and when the last of them finished (Unix seconds).
+type StateCount = (String, i64, Option<f64>);
+
 /// What `/healthz` and `/readyz` report.
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -186,28 +189,30 @@ impl Daemon {
         Ok(jobs)
     }
 
-    async fn count_states(
-        &self,
-        conn: &mut sqlx::PgConnection,
-    ) -> sqlx::Result<Vec<(String, i64)>> {
-        let sql = self
-            .ctx
-            .names
-            .render("SELECT state, count(*) FROM {jobs} GROUP BY state");
+    /// Jobs per state, and when the last of them finished (Unix seconds).
+    async fn count_states(&self, conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<StateCount>> {
+        let sql = self.ctx.names.render(
+            "SELECT state, count(*), extract(epoch FROM max(finished_at))::float8
+             FROM {jobs} GROUP BY state",
+        );
         crate::sql::query_as(&sql).fetch_all(conn).await
     }
 
-    fn set_gauges(&self, counts: &[(String, i64)]) {
+    fn set_gauges(&self, counts: &[StateCount]) {
+        let metrics = &self.ctx.metrics;
         for state in State::ALL {
-            let n = counts
-                .iter()
-                .find(|(s, _)| s == state.as_str())
-                .map_or(0, |(_, n)| *n);
-            self.ctx
-                .metrics
+            let label = [state.as_str()];
+            let found = counts.iter().find(|(s, ..)| s == state.as_str());
+            metrics
                 .jobs
-                .with_label_values(&[state.as_str()])
-                .set(n);
+                .with_label_values(&label)
+                .set(found.map_or(0, |(_, n, _)| *n));
+            match found.and_then(|(.., finished)| *finished) {
+                Some(at) => metrics.jobs_last_finished.with_label_values(&label).set(at),
+                None => {
+                    let _ = metrics.jobs_last_finished.remove_label_values(&label);
+                }
+            }
         }
     }
 

@@ -16,6 +16,7 @@ use crate::throttle::Reason;
 pub struct Metrics {
     registry: Registry,
     pub jobs: IntGaugeVec,
+    pub jobs_last_finished: GaugeVec,
     pub rows_changed: IntCounterVec,
     pub rows_scanned: IntCounterVec,
     pub batch_duration: HistogramVec,
@@ -44,6 +45,10 @@ pub struct Metrics {
 /// Prometheus rejects only malformed names or label sets; ours are constants, checked by the
 /// unit test below, so a failure here is a programming error.
 const LAST_BATCH: &str = "Unix time of the last committed batch";
+/// Read from the ledger, so an alert sees a failure whenever it happened: one before the
+/// replica's first scrape shows in `backfilld_jobs` only as a series that starts at 1.
+const LAST_FINISHED: &str =
+    "Unix time the most recently finished job in each state finished (jobs in backfill.jobs)";
 const RUNNING: &str =
     "1 while this replica runs an attempt at the job (planning, batches, verifying), 0 after";
 const BLOCKED: &str = "Sessions found waiting on a batch's row locks just before it committed";
@@ -88,6 +93,10 @@ impl Metrics {
         let m = Self {
             jobs: must(IntGaugeVec::new(
                 opts("jobs", "Jobs in backfill.jobs by state"),
+                &["state"],
+            )),
+            jobs_last_finished: must(GaugeVec::new(
+                opts("jobs_last_finished_timestamp_seconds", LAST_FINISHED),
                 &["state"],
             )),
             rows_changed: per_job(IntCounterVec::new, "rows_changed_total", "Rows changed"),
@@ -262,6 +271,7 @@ impl Metrics {
     fn register_all(&self) {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.jobs.clone()),
+            Box::new(self.jobs_last_finished.clone()),
             Box::new(self.rows_changed.clone()),
             Box::new(self.rows_scanned.clone()),
             Box::new(self.batch_duration.clone()),
