@@ -58,25 +58,27 @@ pub struct Target {
 /// What `ON CONFLICT DO NOTHING` may arbitrate on a table. PostgreSQL refuses a bare `ON CONFLICT
 /// DO NOTHING` (55000) on a table with any deferrable unique, primary-key or exclusion
 /// constraint; naming a non-deferrable unique index instead still works.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Conflicts {
     /// No deferrable constraint: a conflict on any unique key is skipped.
     #[default]
     Any,
-    /// Deferrable constraints exist, the keys' own unique index is not deferrable: only a
-    /// conflict on the keys is skipped (one on another unique key fails the statement).
-    Keys,
+    /// Deferrable constraints exist: only a conflict on these columns' unique index, not
+    /// deferrable, is skipped (one on another unique key fails the statement). The keys' own
+    /// index when it is not deferrable, else another on NOT NULL columns (a row already inserted
+    /// conflicts on every key, so it is skipped all the same).
+    On(Vec<String>),
 }
 
 impl Target {
     /// `ON CONFLICT DO NOTHING`, or `ON CONFLICT ("k") DO NOTHING` where deferrable
     /// constraints forbid the bare form (see [`Conflicts`]).
     pub fn on_conflict(&self) -> String {
-        match self.conflicts {
+        match &self.conflicts {
             Conflicts::Any => "ON CONFLICT DO NOTHING".into(),
-            Conflicts::Keys => format!(
+            Conflicts::On(columns) => format!(
                 "ON CONFLICT ({}) DO NOTHING",
-                column_list(self.keys.iter().map(|k| k.name.as_str()))
+                column_list(columns.iter().map(String::as_str))
             ),
         }
     }
@@ -259,12 +261,17 @@ impl Resolve<'_> {
         .fetch_one(conn)
         .await
         .map_err(|e| JobError::sql(self.job, display, "reading constraints", e))?;
-        let conflicts = match (deferrable, chosen.immediate) {
+        let immediate = if chosen.immediate {
+            Some(chosen)
+        } else {
+            indexes.iter().find(|i| i.immediate && i.not_null)
+        };
+        let conflicts = match (deferrable, immediate) {
             (false, _) => Conflicts::Any,
-            // The keys' own constraint is deferrable: no arbiter exists, and PostgreSQL's own
-            // error says so if a statement needs one.
-            (true, false) => Conflicts::Any,
-            (true, true) => Conflicts::Keys,
+            (true, Some(arbiter)) => Conflicts::On(arbiter.columns.clone()),
+            // Every unique key is deferrable: no arbiter exists, and PostgreSQL's own error
+            // says so if a statement needs one.
+            (true, None) => Conflicts::Any,
         };
         Ok((keys, conflicts))
     }

@@ -1125,6 +1125,33 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
     assert_eq!(copied.state, "succeeded", "{:?}", copied.last_error);
     assert_eq!(copied.rows_changed, 100, "ids 201..300; 150..200 exist");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 300);
+
+    // The primary key itself deferrable: the insert names another unique key on NOT NULL
+    // columns (it named none, and every batch failed with 55000).
+    db.exec(
+        "CREATE TABLE dpk (uid int, email text NOT NULL UNIQUE,
+                           CONSTRAINT dpk_pk PRIMARY KEY (uid) DEFERRABLE);
+         INSERT INTO dpk VALUES (3, 'u3');
+         CREATE TABLE dpksrc (id int PRIMARY KEY, email text NOT NULL);
+         INSERT INTO dpksrc SELECT g, 'u' || g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    NewJob::new("dpk_copy", "dpk")
+        .raw("action", "'insert'")
+        .raw("archive", "true")
+        .text("source_table", "public.dpksrc")
+        .predicate("true")
+        .set("uid = id, email = email")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let copied = db.job("dpk_copy").await;
+    assert_eq!(copied.state, "succeeded", "{:?}", copied.last_error);
+    assert_eq!(copied.rows_changed, 9, "u3 exists");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM dpk").await, 10);
+    let reverted = db.revert("dpk_copy").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM dpk").await, 1);
 }
 
 /// A job row the daemon must reject: it fails with `error_words` in its `last_error` and

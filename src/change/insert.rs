@@ -63,7 +63,7 @@ fn archived(into: &Target, archive: &ArchiveTable, insert: &str) -> String {
 
 /// The unique indexes of the insert's target whose conflicts `ON CONFLICT DO NOTHING` skips: not
 /// deferrable (plain columns and not partial, as every [`UniqueIndex`] is), and where deferrable
-/// constraints make the statement name its arbiter ([`Conflicts::Keys`]), that one only: a
+/// constraints make the statement name its arbiter ([`Conflicts::On`]), that one only: a
 /// source row that conflicts on another key fails the batch, so it is not already inserted.
 async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec<UniqueIndex>> {
     let mut all = crate::target::unique_indexes(conn, into.oid).await?;
@@ -71,9 +71,9 @@ async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec
     if into.conflicts == Conflicts::Any {
         all.extend(crate::target::partial_unique_indexes(conn, into.oid).await?);
     }
-    let arbiter = |k: &UniqueIndex| match into.conflicts {
+    let arbiter = |k: &UniqueIndex| match &into.conflicts {
         Conflicts::Any => true,
-        Conflicts::Keys => k.columns.iter().eq(into.keys.iter().map(|c| &c.name)),
+        Conflicts::On(columns) => &k.columns == columns,
     };
     Ok(all
         .into_iter()
