@@ -33,7 +33,8 @@ pub struct Cascade {
     pub child_rows: Option<i64>,
     #[serde(skip)]
     self_referencing: bool,
-    /// `ON DELETE SET NULL` into a `NOT NULL` column: the delete fails on every child row.
+    /// `ON DELETE SET NULL` (or `SET DEFAULT` without a default) into a column that refuses
+    /// NULL: the delete fails on every child row.
     #[serde(skip)]
     nulls_refused: bool,
     /// For a key the target holds on itself that forbids the delete: rows the delete selects
@@ -64,10 +65,10 @@ impl std::fmt::Display for Cascade {
             [] => String::new(),
             tables => format!(", through {}", tables.join(", ")),
         };
-        let refused = if self.nulls_refused {
-            " into a NOT NULL column"
-        } else {
-            ""
+        let refused = match (self.nulls_refused, self.on_delete.as_str()) {
+            (false, _) => "",
+            (true, "SET NULL") => " into a NOT NULL column",
+            (true, _) => " into a NOT NULL column without a default",
         };
         write!(
             f,
@@ -169,12 +170,16 @@ SELECT c.conname::text,
        -- A key on the table itself, or (the target a partition) on a table it is part of.
        c.conrelid = c.confrelid
          OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
-       -- ON DELETE SET NULL into a NOT NULL column (all the key's columns, or those listed).
-       c.confdeltype = 'n' AND EXISTS (
-           SELECT FROM pg_attribute a
-           WHERE a.attrelid = c.conrelid AND a.attnotnull
+       -- ON DELETE SET NULL, or SET DEFAULT where the column has no default, into a column
+       -- that refuses NULL (NOT NULL, or a NOT NULL domain): all the key's columns, or those
+       -- listed.
+       c.confdeltype IN ('n', 'd') AND EXISTS (
+           SELECT FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+           WHERE a.attrelid = c.conrelid
              AND a.attnum = ANY (CASE WHEN cardinality(c.confdelsetcols) > 0
-                                      THEN c.confdelsetcols ELSE c.conkey END)),
+                                      THEN c.confdelsetcols ELSE c.conkey END)
+             AND (a.attnotnull OR ty.typnotnull)
+             AND (c.confdeltype = 'n' OR (NOT a.atthasdef AND ty.typdefaultbin IS NULL))),
        ",
     key_columns!(),
     ",

@@ -365,33 +365,54 @@ impl Source {
     }
 
     /// `log.format` alone, for reporting a configuration that does not load (another key may be
-    /// what is wrong): text when it cannot be read either.
+    /// what is wrong, or the file): from file and environment, else from the environment alone,
+    /// else text.
     pub fn log_format(&self) -> LogFormat {
+        let format = |c: config::Config| c.get::<LogFormat>("log.format");
         self.sources()
-            .and_then(|c| c.get::<LogFormat>("log.format"))
+            .and_then(format)
+            .or_else(|_| {
+                let env = config::Config::builder().add_source(environment());
+                env.build().and_then(format)
+            })
             .unwrap_or(LogFormat::Text)
     }
 
-    /// File and environment, merged.
+    /// File and environment, merged. The file is read here and parsed as TOML whatever its name:
+    /// `config::File` guesses the format from the extension and takes only regular files, so
+    /// `/dev/null`, a process substitution or a mounted `config` were "not found".
     fn sources(&self) -> std::result::Result<config::Config, config::ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = &self.path {
-            // TOML whatever the name: `File::from` guesses the format from the extension and
-            // calls a file without one (`/dev/null`, a mounted `config`) "not found".
-            let file = config::File::from(path.as_path()).format(config::FileFormat::Toml);
-            builder = builder.add_source(file.required(true));
+            let shown = path.display();
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                config::ConfigError::Message(format!("configuration file {shown}: {e}"))
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("BACKFILLD")
-                .prefix_separator("_")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("safety.allowed_tables")
-                .try_parsing(true)
-                .source(Some(section_variables())),
-        );
-        builder.build()
+        builder
+            .add_source(environment())
+            .build()
+            .map_err(|e| match e {
+                // Parsed from a string, the file's syntax errors would not say which file.
+                config::ConfigError::FileParse { uri: None, cause } => {
+                    let shown = self.path.as_deref().unwrap_or(Path::new("?")).display();
+                    config::ConfigError::Message(format!("configuration file {shown}: {cause}"))
+                }
+                e => e,
+            })
     }
+}
+
+/// The `BACKFILLD_<SECTION>__<KEY>` variables as a configuration source.
+fn environment() -> config::Environment {
+    config::Environment::with_prefix("BACKFILLD")
+        .prefix_separator("_")
+        .separator("__")
+        .list_separator(",")
+        .with_list_parse_key("safety.allowed_tables")
+        .try_parsing(true)
+        .source(Some(section_variables()))
 }
 
 /// `BACKFILLD_` variables that are neither configuration keys (`BACKFILLD_<SECTION>__<KEY>`)

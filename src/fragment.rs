@@ -132,6 +132,13 @@ pub enum FragmentError {
     KeySource { column: String, key: String },
     #[error("set_clause assigns column {0:?} twice")]
     AssignedTwice(String),
+    #[error(
+        "the target's key ({keys}) is DEFERRABLE, and ON CONFLICT cannot skip a row on a \
+         deferrable key; no other unique key of the target that is not deferrable, on NOT NULL \
+         columns, is assigned in full by set_clause, so rows inserted already would not be \
+         skipped. Make the key NOT DEFERRABLE, or assign (or add) such a unique key"
+    )]
+    NoArbiter { keys: String },
     #[error("{part} rejected by PostgreSQL: SQLSTATE {sqlstate}: {message}")]
     Rejected {
         part: Part,

@@ -63,24 +63,39 @@ pub enum Conflicts {
     /// No deferrable constraint: a conflict on any unique key is skipped.
     #[default]
     Any,
-    /// Deferrable constraints exist: only a conflict on these columns' unique index, not
-    /// deferrable, is skipped (one on another unique key fails the statement). The keys' own
-    /// index when it is not deferrable, else another on NOT NULL columns (a row already inserted
-    /// conflicts on every key, so it is skipped all the same).
+    /// Deferrable constraints exist, the keys' own unique index is not deferrable: only a
+    /// conflict on these columns is skipped (one on another unique key fails the statement).
     On(Vec<String>),
+    /// The keys' own constraint is deferrable: the unique keys on NOT NULL columns that are not
+    /// (columns each, primary key first), one of which a statement must name. A revert restoring
+    /// whole rows names the first; an insert the first its set clause assigns in full
+    /// (`change::insert`), since a key left to its default (a serial) never conflicts.
+    Deferred(Vec<Vec<String>>),
+}
+
+impl Conflicts {
+    /// The `ON CONFLICT … DO NOTHING` clause.
+    fn clause(&self) -> String {
+        match self {
+            Conflicts::Any => "ON CONFLICT DO NOTHING".into(),
+            Conflicts::On(columns) => format!(
+                "ON CONFLICT ({}) DO NOTHING",
+                column_list(columns.iter().map(String::as_str))
+            ),
+            // No such key: PostgreSQL's own error (55000) says why a statement cannot run.
+            Conflicts::Deferred(keys) => match keys.first() {
+                Some(columns) => Conflicts::On(columns.clone()).clause(),
+                None => "ON CONFLICT DO NOTHING".into(),
+            },
+        }
+    }
 }
 
 impl Target {
     /// `ON CONFLICT DO NOTHING`, or `ON CONFLICT ("k") DO NOTHING` where deferrable
     /// constraints forbid the bare form (see [`Conflicts`]).
     pub fn on_conflict(&self) -> String {
-        match &self.conflicts {
-            Conflicts::Any => "ON CONFLICT DO NOTHING".into(),
-            Conflicts::On(columns) => format!(
-                "ON CONFLICT ({}) DO NOTHING",
-                column_list(columns.iter().map(String::as_str))
-            ),
-        }
+        self.conflicts.clause()
     }
 
     /// `schema.table` for messages and metrics.
@@ -261,17 +276,16 @@ impl Resolve<'_> {
         .fetch_one(conn)
         .await
         .map_err(|e| JobError::sql(self.job, display, "reading constraints", e))?;
-        let immediate = if chosen.immediate {
-            Some(chosen)
-        } else {
-            indexes.iter().find(|i| i.immediate && i.not_null)
-        };
-        let conflicts = match (deferrable, immediate) {
+        let conflicts = match (deferrable, chosen.immediate) {
             (false, _) => Conflicts::Any,
-            (true, Some(arbiter)) => Conflicts::On(arbiter.columns.clone()),
-            // Every unique key is deferrable: no arbiter exists, and PostgreSQL's own error
-            // says so if a statement needs one.
-            (true, None) => Conflicts::Any,
+            (true, true) => Conflicts::On(chosen.columns.clone()),
+            (true, false) => Conflicts::Deferred(
+                indexes
+                    .iter()
+                    .filter(|i| i.immediate && i.not_null)
+                    .map(|i| i.columns.clone())
+                    .collect(),
+            ),
         };
         Ok((keys, conflicts))
     }

@@ -138,12 +138,13 @@ async fn insert(
     let source = scope
         .resolve(conn, &spec.name, ("source_table", source_name), keys)
         .await?;
-    let into = scope
+    let mut into = scope
         .resolve(conn, &spec.name, ("table_name", &spec.table_name), None)
         .await?;
     let set = spec.set_clause.as_deref().unwrap_or_default();
     let checked =
-        crate::change::checked_insert_fragments(conn, &spec.predicate, set, &source, &into).await;
+        crate::change::checked_insert_fragments(conn, &spec.predicate, set, &source, &mut into)
+            .await;
     match checked {
         Ok((written, counted)) => Ok(Validated {
             target: source,

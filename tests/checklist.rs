@@ -238,7 +238,8 @@ async fn a_delete_that_would_cascade_fails_in_its_plan(pool: PgPool) {
 
 /// `ON DELETE SET NULL` into a column that refuses NULL fails like `NO ACTION` (23502 on the first
 /// child row), whatever `allow_cascade` says: the plan refuses it before any batch, here through
-/// the whole key and through a PostgreSQL 15 column list, where it used to pass as a cascade.
+/// the whole key, a PostgreSQL 15 column list and a NOT NULL domain, where it used to pass as a
+/// cascade. So does `SET DEFAULT` into a NOT NULL column without a default.
 #[sqlx::test]
 async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: PgPool) {
     let db = Db::new(pool).await;
@@ -249,10 +250,19 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
          CREATE TABLE badge (tenant int NOT NULL, team_id int, PRIMARY KEY (tenant, team_id),
                              FOREIGN KEY (team_id) REFERENCES team ON DELETE SET NULL (team_id));
          CREATE TABLE memo (id int PRIMARY KEY, team_id int REFERENCES team ON DELETE SET NULL);
+         CREATE DOMAIN team_ref AS int NOT NULL;
+         CREATE TABLE seat (id int PRIMARY KEY, team_id team_ref REFERENCES team ON DELETE SET NULL);
+         CREATE TABLE desk (id int PRIMARY KEY,
+                            team_id int NOT NULL REFERENCES team ON DELETE SET DEFAULT);
+         CREATE TABLE room (id int PRIMARY KEY,
+                            team_id int NOT NULL DEFAULT 20 REFERENCES team ON DELETE SET DEFAULT);
          INSERT INTO team SELECT g, g <= 5 FROM generate_series(1, 20) g;
          INSERT INTO member VALUES (1, 3), (2, 15);
          INSERT INTO badge VALUES (1, 4);
-         INSERT INTO memo VALUES (1, 2);",
+         INSERT INTO memo VALUES (1, 2);
+         INSERT INTO seat VALUES (1, 1);
+         INSERT INTO desk VALUES (1, 5);
+         INSERT INTO room VALUES (1, 5);",
     )
     .await;
     NewJob::new("disband", "team")
@@ -270,6 +280,10 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
          child row)",
         "badge_team_id_fkey on public.badge (ON DELETE SET NULL into a NOT NULL column, 1 child \
          row)",
+        "seat_team_id_fkey on public.seat (ON DELETE SET NULL into a NOT NULL column, 1 child \
+         row)",
+        "desk_team_id_fkey on public.desk (ON DELETE SET DEFAULT into a NOT NULL column without \
+         a default, 1 child row)",
     ] {
         assert!(err.contains(want), "expected {want:?} in: {err}");
     }
@@ -277,6 +291,7 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
         !err.contains("memo_"),
         "a nullable column takes the NULL: {err}"
     );
+    assert!(!err.contains("room_"), "a default fills the column: {err}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM team").await, 20);
 }
 

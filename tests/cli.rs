@@ -115,7 +115,37 @@ fn exit_errors_follow_the_log_format_and_any_file_name_is_toml() {
         "an empty file is a valid one, and text the default format: {}",
         stderr(&text)
     );
+
+    // A file that does not parse, and one that is not there: the environment still says json.
+    std::fs::write(&file, "[log\nformat = 1").unwrap();
+    let broken = run(&[("BACKFILLD_LOG__FORMAT", "json")]);
+    assert_eq!(broken.status.code(), Some(2));
+    let logged = lines(&broken);
+    let message = logged[0]["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        logged.len() == 1 && message.contains(&format!("{}: TOML parse error", file.display())),
+        "{logged:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
+    let missing = run(&[("BACKFILLD_LOG__FORMAT", "json")]);
+    assert_eq!(missing.status.code(), Some(2));
+    let logged = lines(&missing);
+    let message = logged[0]["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("No such file"), "{message}");
+
+    // Not a regular file: read all the same (it was "not found").
+    let null = Command::new(env!("CARGO_BIN_EXE_backfilld"))
+        .args(["--config", "/dev/null", "status"])
+        .env_clear()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("BACKFILLD_BATCH__MIN_SIZE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&null).starts_with("backfilld: invalid configuration: batch.min_size"),
+        "{}",
+        stderr(&null)
+    );
 }
 
 /// A job command on a database nobody migrated says to run `backfilld migrate`.

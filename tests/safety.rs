@@ -1152,6 +1152,39 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
     let reverted = db.revert("dpk_copy").await;
     assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM dpk").await, 1);
+
+    // The only other unique key is a serial the insert leaves to its default: it never
+    // conflicts, so rows inserted already would not be skipped. Refused in the plan (it ran,
+    // then counted every row as still to insert, and a second run failed on the primary key).
+    db.exec(
+        "CREATE TABLE dsn (id int PRIMARY KEY DEFERRABLE, sn bigserial UNIQUE, v text);
+         INSERT INTO dsn (id, v) VALUES (3, 'u3');",
+    )
+    .await;
+    NewJob::new("dsn_copy", "dsn")
+        .raw("action", "'insert'")
+        .text("source_table", "public.dpksrc")
+        .predicate("true")
+        .set("id = id, v = email")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = db.job("dsn_copy").await;
+    let err = refused.last_error.unwrap_or_default();
+    assert_eq!(
+        (refused.state.as_str(), refused.batches),
+        ("failed", 0),
+        "{err}"
+    );
+    for want in [
+        "job dsn_copy",
+        "public.dsn",
+        "the target's key (id) is DEFERRABLE",
+        "assigned in full by set_clause",
+    ] {
+        assert!(err.contains(want), "expected {want:?} in: {err}");
+    }
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM dsn").await, 1);
 }
 
 /// A job row the daemon must reject: it fails with `error_words` in its `last_error` and

@@ -14,7 +14,7 @@
 
 use super::Statements;
 use crate::archive::ArchiveTable;
-use crate::fragment::{Fragments, ServerCheck, insert_select};
+use crate::fragment::{FragmentError, Fragments, ServerCheck, insert_select};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
 use crate::target::{Conflicts, Target, UniqueIndex};
@@ -74,11 +74,34 @@ async fn unique_keys(conn: &mut PgConnection, into: &Target) -> sqlx::Result<Vec
     let arbiter = |k: &UniqueIndex| match &into.conflicts {
         Conflicts::Any => true,
         Conflicts::On(columns) => &k.columns == columns,
+        Conflicts::Deferred(keys) => keys.first() == Some(&k.columns),
     };
     Ok(all
         .into_iter()
         .filter(|k| k.immediate && arbiter(k))
         .collect())
+}
+
+/// Where the target's keys are deferrable ([`Conflicts::Deferred`]), the unique key the insert
+/// names in `ON CONFLICT`: the first (not deferrable, on NOT NULL columns) that the set clause
+/// assigns in full. A key left to its default (a serial) never conflicts, so rows inserted
+/// already would go in again and fail on the deferrable key, and none would ever count as done.
+fn arbiter(into: &Target, f: &Fragments) -> Result<Conflicts, FragmentError> {
+    let Conflicts::Deferred(keys) = &into.conflicts else {
+        return Ok(into.conflicts.clone());
+    };
+    let assigned = |c: &String| f.assignments.iter().any(|a| &a.column == c);
+    keys.iter()
+        .find(|k| k.iter().all(assigned))
+        .map(|k| Conflicts::On(k.clone()))
+        .ok_or_else(|| FragmentError::NoArbiter {
+            keys: into
+                .keys
+                .iter()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// An insert job's fragments, shape-checked and parsed by the server: `(written, counted)`, the
@@ -89,9 +112,10 @@ pub async fn checked_fragments(
     predicate: &str,
     set: &str,
     source: &Target,
-    into: &Target,
+    into: &mut Target,
 ) -> Result<(Fragments, Fragments), ServerCheck> {
     let written = crate::fragment::validate_insert(predicate, set, into)?;
+    into.conflicts = arbiter(into, &written)?;
     crate::fragment::validate_insert_on_server(conn, source, into, &written).await?;
     let counted = pending(conn, source, into, &written).await?;
     Ok((written, counted))
