@@ -123,8 +123,10 @@ impl Cascade {
 
     /// A key the target holds on itself that forbids the delete: rows the delete selects may
     /// reference each other (see `Linking`).
+    /// So does one that sets NULL where the table refuses it (`nulls_refused`): a selected
+    /// child is deleted with its parent when they share a batch.
     fn is_tree(&self) -> bool {
-        self.self_referencing && !self.changes_children()
+        self.self_referencing && (!self.changes_children() || self.nulls_refused)
     }
 
     /// A key that forbids the delete while the count found referencing rows it leaves behind,

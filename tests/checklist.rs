@@ -293,6 +293,47 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
     );
     assert!(!err.contains("room_"), "a default fills the column: {err}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM team").await, 20);
+
+    // A table's key on itself that sets NULL where it may not is judged like a tree's NO ACTION
+    // key: children the delete leaves behind refuse it; selected children only warn (they go
+    // with their parent when the batch holds both).
+    db.exec(
+        "CREATE TABLE node (id int PRIMARY KEY,
+                            up int NOT NULL REFERENCES node ON DELETE SET NULL);
+         INSERT INTO node VALUES (1, 1), (2, 1), (3, 2), (4, 2), (5, 1);",
+    )
+    .await;
+    let prune = |name: &'static str, predicate: &'static str| {
+        NewJob::new(name, "node")
+            .predicate(predicate)
+            .raw("action", "'delete'")
+            .raw("allow_cascade", "true")
+    };
+    prune("leaves_a_child", "id = 2 OR id = 3")
+        .insert(&db)
+        .await;
+    prune("whole_subtree", "id BETWEEN 2 AND 4")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = db.job("leaves_a_child").await;
+    let err = refused.last_error.unwrap_or_default();
+    assert_eq!(refused.state, "failed", "{err}");
+    assert!(
+        err.contains(
+            "node_up_fkey on public.node (ON DELETE SET NULL into a NOT NULL column, 1 \
+                      child row)"
+        ),
+        "{err}"
+    );
+    let subtree = db.job("whole_subtree").await;
+    assert_eq!(subtree.state, "succeeded", "{:?}", subtree.last_error);
+    let warnings = subtree.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        warnings.contains("reference other rows it selects"),
+        "{warnings}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM node").await, 2);
 }
 
 #[sqlx::test]
