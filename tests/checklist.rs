@@ -309,9 +309,11 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
             .raw("action", "'delete'")
             .raw("allow_cascade", "true")
     };
+    // One at a time: the subtree's delete would leave the other nothing to refuse.
     prune("leaves_a_child", "id = 2 OR id = 3")
         .insert(&db)
         .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
     prune("whole_subtree", "id BETWEEN 2 AND 4")
         .insert(&db)
         .await;
