@@ -172,16 +172,29 @@ SELECT c.conname::text,
        -- A key on the table itself, or (the target a partition) on a table it is part of.
        c.conrelid = c.confrelid
          OR c.conrelid IN (SELECT relid FROM pg_partition_ancestors(c.confrelid)),
-       -- ON DELETE SET NULL, or SET DEFAULT where the column has no default, into a column
-       -- that refuses NULL (NOT NULL, or a NOT NULL domain): all the key's columns, or those
-       -- listed.
+       -- ON DELETE SET NULL, or SET DEFAULT where the default is NULL, into a column that
+       -- refuses NULL (NOT NULL, or a NOT NULL domain at any depth): all the key's columns, or
+       -- those listed. The default is the column's (an explicit NULL overrides a domain's),
+       -- else the nearest domain's.
        c.confdeltype IN ('n', 'd') AND EXISTS (
-           SELECT FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+           SELECT FROM pg_attribute a
+           LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+           CROSS JOIN LATERAL (
+               WITH RECURSIVE dom (depth, not_null, dflt, base) AS (
+                   SELECT 0, d.typnotnull, d.typdefault, d.typbasetype
+                   FROM pg_type d WHERE d.oid = a.atttypid AND d.typtype = 'd'
+                   UNION ALL
+                   SELECT dom.depth + 1, d.typnotnull, d.typdefault, d.typbasetype
+                   FROM pg_type d JOIN dom ON d.oid = dom.base WHERE d.typtype = 'd')
+               SELECT coalesce(bool_or(not_null), false) AS not_null,
+                      (array_agg(dflt ORDER BY depth) FILTER (WHERE dflt IS NOT NULL))[1] AS dflt
+               FROM dom) ty
            WHERE a.attrelid = c.conrelid
              AND a.attnum = ANY (CASE WHEN cardinality(c.confdelsetcols) > 0
                                       THEN c.confdelsetcols ELSE c.conkey END)
-             AND (a.attnotnull OR ty.typnotnull)
-             AND (c.confdeltype = 'n' OR (NOT a.atthasdef AND ty.typdefaultbin IS NULL))),
+             AND (a.attnotnull OR ty.not_null)
+             AND (c.confdeltype = 'n'
+                  OR coalesce(pg_get_expr(ad.adbin, ad.adrelid), ty.dflt, 'NULL') ~ '^NULL($|::)')),
        ",
     key_columns!(),
     ",

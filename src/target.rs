@@ -82,10 +82,11 @@ impl Conflicts {
                 "ON CONFLICT ({}) DO NOTHING",
                 column_list(columns.iter().map(String::as_str))
             ),
-            // No such key: PostgreSQL's own error (55000) says why a statement cannot run.
+            // No such key: no clause (the bare form fails with 55000). An insert is refused
+            // then (`change::insert`); a revert's re-insert skips rows by its keys itself.
             Conflicts::Deferred(keys) => match keys.first() {
                 Some(columns) => Conflicts::On(columns.clone()).clause(),
-                None => "ON CONFLICT DO NOTHING".into(),
+                None => String::new(),
             },
         }
     }
@@ -96,6 +97,12 @@ impl Target {
     /// constraints forbid the bare form (see [`Conflicts`]).
     pub fn on_conflict(&self) -> String {
         self.conflicts.clause()
+    }
+
+    /// Whether the keys' own unique constraint is deferrable, so no `ON CONFLICT` can skip a
+    /// row on them.
+    pub fn keys_deferrable(&self) -> bool {
+        matches!(self.conflicts, Conflicts::Deferred(_))
     }
 
     /// `schema.table` for messages and metrics.

@@ -256,13 +256,24 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
                             team_id int NOT NULL REFERENCES team ON DELETE SET DEFAULT);
          CREATE TABLE room (id int PRIMARY KEY,
                             team_id int NOT NULL DEFAULT 20 REFERENCES team ON DELETE SET DEFAULT);
+         CREATE DOMAIN team_ref_deep AS team_ref;
+         CREATE TABLE chair (id int PRIMARY KEY,
+                             team_id team_ref_deep REFERENCES team ON DELETE SET NULL);
+         CREATE DOMAIN team_ref_20 AS int NOT NULL DEFAULT 20;
+         CREATE TABLE lamp (id int PRIMARY KEY,
+                            team_id team_ref_20 DEFAULT NULL REFERENCES team ON DELETE SET DEFAULT);
+         CREATE TABLE shelf (id int PRIMARY KEY,
+                             team_id team_ref_20 REFERENCES team ON DELETE SET DEFAULT);
          INSERT INTO team SELECT g, g <= 5 FROM generate_series(1, 20) g;
          INSERT INTO member VALUES (1, 3), (2, 15);
          INSERT INTO badge VALUES (1, 4);
          INSERT INTO memo VALUES (1, 2);
          INSERT INTO seat VALUES (1, 1);
          INSERT INTO desk VALUES (1, 5);
-         INSERT INTO room VALUES (1, 5);",
+         INSERT INTO room VALUES (1, 5);
+         INSERT INTO chair VALUES (1, 2);
+         INSERT INTO lamp VALUES (1, 2);
+         INSERT INTO shelf VALUES (1, 2);",
     )
     .await;
     NewJob::new("disband", "team")
@@ -284,6 +295,10 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
          row)",
         "desk_team_id_fkey on public.desk (ON DELETE SET DEFAULT into a NOT NULL column without \
          a default, 1 child row)",
+        "chair_team_id_fkey on public.chair (ON DELETE SET NULL into a NOT NULL column, 1 child \
+         row)",
+        "lamp_team_id_fkey on public.lamp (ON DELETE SET DEFAULT into a NOT NULL column without \
+         a default, 1 child row)",
     ] {
         assert!(err.contains(want), "expected {want:?} in: {err}");
     }
@@ -292,6 +307,10 @@ async fn a_delete_setting_null_into_a_not_null_column_fails_in_its_plan(pool: Pg
         "a nullable column takes the NULL: {err}"
     );
     assert!(!err.contains("room_"), "a default fills the column: {err}");
+    assert!(
+        !err.contains("shelf_"),
+        "the domain's default fills it: {err}"
+    );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM team").await, 20);
 
     // A table's key on itself that sets NULL where it may not is judged like a tree's NO ACTION

@@ -1185,6 +1185,52 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
         assert!(err.contains(want), "expected {want:?} in: {err}");
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM dsn").await, 1);
+
+    // The revert of a delete where the deferrable primary key is the only unique key (no
+    // arbiter at all: it failed with 55000), and where another key is the arbiter (a row whose
+    // primary key came back failed the revert with 23505): a row whose key exists again is
+    // skipped and counted, the others come back.
+    db.exec(
+        "CREATE TABLE donly (id int PRIMARY KEY DEFERRABLE, g int);
+         INSERT INTO donly SELECT g, g FROM generate_series(1, 300) g;
+         CREATE TABLE dmail (id int PRIMARY KEY DEFERRABLE, email text NOT NULL UNIQUE);
+         INSERT INTO dmail SELECT g, 'm' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    for table in ["donly", "dmail"] {
+        let name: &'static str = if table == "donly" {
+            "donly_purge"
+        } else {
+            "dmail_purge"
+        };
+        NewJob::new(name, table)
+            .raw("action", "'delete'")
+            .predicate("id <= 100")
+            .raw("archive", "true")
+            .insert(&db)
+            .await;
+        db.daemon().until_idle().spawn().wait_ok().await;
+        assert_eq!(db.job(name).await.rows_changed, 100);
+    }
+    db.exec("INSERT INTO donly VALUES (10, -1); INSERT INTO dmail VALUES (10, 'other');")
+        .await;
+    for (name, table) in [("donly_purge", "donly"), ("dmail_purge", "dmail")] {
+        let reverted = db.revert(name).await;
+        assert_eq!(
+            reverted.state, "succeeded",
+            "{table}: {:?}",
+            reverted.last_error
+        );
+        assert_eq!(
+            (reverted.rows_changed, reverted.rows_skipped),
+            (99, 1),
+            "{table}"
+        );
+        let rows = db
+            .scalar_i64(&format!("SELECT count(*) FROM {table}"))
+            .await;
+        assert_eq!(rows, 300, "{table}");
+    }
 }
 
 /// A job row the daemon must reject: it fails with `error_words` in its `last_error` and

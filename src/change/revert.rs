@@ -174,9 +174,24 @@ fn reinsert(target: &Target, archive: &ArchiveTable, range: &str) -> String {
     } else {
         ""
     };
+    // A deferrable key cannot be an arbiter: a row whose key exists again is skipped here.
+    let key_free = if target.keys_deferrable() {
+        let same: Vec<String> = target
+            .keys
+            .iter()
+            .map(|k| format!("_bf_t.{0} = _bf_a.{0}", quote_ident(&k.name)))
+            .collect();
+        format!(
+            " AND NOT EXISTS (SELECT 1 FROM {} AS _bf_t WHERE {})",
+            target.quoted,
+            same.join(" AND ")
+        )
+    } else {
+        String::new()
+    };
     format!(
         "INSERT INTO {table} ({list}){overriding}
-         SELECT {select} FROM {archive} AS _bf_a WHERE {range}{parents}
+         SELECT {select} FROM {archive} AS _bf_a WHERE {range}{parents}{key_free}
          {on_conflict}",
         parents = archive
             .parents
