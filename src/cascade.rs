@@ -340,10 +340,17 @@ impl Below<'_> {
             }
             seen.push(oid);
             for mut key in referencing_oid(self.pool, self.job, self.target, oid).await? {
+                key.via = chain.iter().map(|c| c.child.clone()).collect();
                 if key.self_referencing {
+                    key.child_rows =
+                        count(self.pool, &key, &self.kept_sql(&chain, &key), self.upper).await;
+                    if key.is_tree() {
+                        let sql = self.interlinked_sql(&chain, &key);
+                        key.interlinked = count(self.pool, &key, &sql, self.upper).await;
+                    }
+                    found.push(key);
                     continue;
                 }
-                key.via = chain.iter().map(|c| c.child.clone()).collect();
                 if chain.len() >= MAX_DEPTH {
                     key.beyond_depth = true;
                     found.push(key);
@@ -371,6 +378,35 @@ impl Below<'_> {
             "SELECT count(*) FROM {} AS _bf_c WHERE {}",
             key.child,
             self.removed(&through, "_bf_c")
+        )
+    }
+
+    /// Rows of the chain's last table that the delete keeps but that reference, through `key`
+    /// (that table's key on itself), a row the chain removes there: a key that forbids the
+    /// delete (or sets NULL where it may not) fails on them.
+    fn kept_sql(&self, chain: &[Cascade], key: &Cascade) -> String {
+        format!(
+            "SELECT count(*) FROM {t} AS _bf_c WHERE NOT {kept}
+               AND EXISTS (SELECT 1 FROM {t} AS _bf_p WHERE {join} AND {gone})",
+            t = key.child,
+            kept = self.removed(chain, "_bf_c"),
+            join = joined(key, "_bf_p", "_bf_c"),
+            gone = self.removed(chain, "_bf_p"),
+        )
+    }
+
+    /// Rows the chain removes from its last table that reference, through `key` (that table's
+    /// key on itself), another row it removes there: they pass only when one batch's cascade
+    /// removes both.
+    fn interlinked_sql(&self, chain: &[Cascade], key: &Cascade) -> String {
+        format!(
+            "SELECT count(*) FROM {t} AS _bf_c WHERE {gone_c}
+               AND EXISTS (SELECT 1 FROM {t} AS _bf_p WHERE {join} AND {gone_p}
+                             AND (_bf_p.tableoid, _bf_p.ctid) <> (_bf_c.tableoid, _bf_c.ctid))",
+            t = key.child,
+            gone_c = self.removed(chain, "_bf_c"),
+            join = joined(key, "_bf_p", "_bf_c"),
+            gone_p = self.removed(chain, "_bf_p"),
         )
     }
 
@@ -554,14 +590,23 @@ pub fn judge(
     let warnings = found
         .iter()
         .filter_map(|c| c.interlinked.filter(|n| *n > 0).map(|n| (c, n)))
-        .map(|(c, n)| {
-            format!(
+        .map(|(c, n)| match c.via.as_slice() {
+            [] => format!(
                 "{n} rows the delete selects reference other rows it selects through {} (ON \
                  DELETE {}): a batch deleting a referenced row before the rows referencing it \
                  fails; keyset batches walk the key in ascending order, so delete the \
                  referencing rows first (another job) or make the key ON DELETE CASCADE",
                 c.constraint, c.on_delete
-            )
+            ),
+            via => format!(
+                "{n} rows of {} that the delete removes through {} reference other such rows \
+                 through {} (ON DELETE {}): a batch whose cascade removes a referenced row \
+                 before the rows referencing it fails (they pass when one batch removes both)",
+                c.child,
+                via.join(", "),
+                c.constraint,
+                c.on_delete
+            ),
         })
         .chain(found.iter().filter_map(Cascade::uncounted))
         .collect();

@@ -454,6 +454,58 @@ async fn a_delete_plans_the_keys_below_the_tables_it_cascades_into(pool: PgPool)
     assert!(listed[1].1 > 0, "{cascades}");
 }
 
+/// A table a cascade empties may hold a key on itself: rows the cascade keeps that reference a
+/// row it removes make that key fail (here SET NULL into NOT NULL, 23502 at the first batch
+/// after the plan passed). Counted through the chain like any key below; rows whose parent
+/// goes with them do not count.
+#[sqlx::test]
+async fn a_delete_plans_a_key_on_itself_below_a_cascade(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE pe (id int PRIMARY KEY);
+         CREATE TABLE ce (id int PRIMARY KEY, pid int REFERENCES pe ON DELETE CASCADE,
+                          parent int NOT NULL REFERENCES ce ON DELETE SET NULL);
+         INSERT INTO pe SELECT generate_series(1, 10);
+         INSERT INTO ce VALUES (1, 5, 1), (2, 9, 1), (3, 5, 1), (4, 7, 4);",
+    )
+    .await;
+    let purge = |name: &'static str, predicate: &'static str| {
+        NewJob::new(name, "pe")
+            .predicate(predicate)
+            .raw("action", "'delete'")
+            .raw("allow_cascade", "true")
+    };
+    purge("keeps_a_child", "id = 5").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let refused = db.job("keeps_a_child").await;
+    let err = refused.last_error.unwrap_or_default();
+    assert_eq!(
+        (refused.state.as_str(), refused.batches),
+        ("failed", 0),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "ce_parent_fkey on public.ce (ON DELETE SET NULL into a NOT NULL column, 1 child \
+             row, through public.ce)"
+        ),
+        "row 2 stays and references row 1: {err}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM ce").await, 4);
+
+    purge("whole_family", "id IN (5, 9)").insert(&db).await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let family = db.job("whole_family").await;
+    assert_eq!(family.state, "succeeded", "{:?}", family.last_error);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM ce").await, 1);
+    // Rows 2 and 3 go with row 1 only when one batch removes them all: the plan says so.
+    let warnings = family.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        warnings.contains("2 rows of public.ce that the delete removes through public.ce"),
+        "{warnings}"
+    );
+}
+
 /// Cascades are followed sixteen tables down; a key deeper than that is listed uncounted, and the
 /// plan warns that a batch reaching a row it protects would fail. (The plan used to stop six
 /// tables down without a word: a RESTRICT key seven levels below failed the job mid-run.)
