@@ -333,7 +333,7 @@ impl Run<'_> {
         );
         let before = self.vacuum_count(conn).await?;
         let running = crate::sql::query(&vacuum).execute(&mut *conn);
-        let cancel = self.pool.cancel_backend(pid, true);
+        let cancel = || self.pool.cancel_backend(pid, true);
         crate::db::cancellable(running, self.wake, cancel).await?;
         Ok(before.is_none() || self.vacuum_count(conn).await? != before)
     }

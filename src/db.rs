@@ -519,30 +519,76 @@ impl<'c> Executor<'c> for &'c Db {
     }
 }
 
-/// Runs `statement` to its end. When `wake` fires first, runs `cancel` (a lazy future, e.g.
+/// Runs `statement` to its end. When `wake` fires first, runs `cancel` (e.g.
 /// [`Db::cancel_backend`] of the statement's backend) and waits for the statement to end, with
 /// 57014 at its next interrupt check: a stop never waits out a long VACUUM or index build, and
-/// the connection is left idle, not mid-statement.
-pub async fn cancellable<T>(
+/// the connection is left idle, not mid-statement. The cancel is sent again every
+/// `CANCEL_AGAIN` while the statement runs on: one that reached the backend before the
+/// statement did (the stop came as it was being sent, or before its first poll) cancels nothing.
+pub async fn cancellable<T, F>(
     statement: impl std::future::Future<Output = sqlx::Result<T>>,
     wake: &tokio_util::sync::CancellationToken,
-    cancel: impl std::future::Future<Output = sqlx::Result<()>>,
-) -> sqlx::Result<T> {
+    cancel: impl Fn() -> F,
+) -> sqlx::Result<T>
+where
+    F: std::future::Future<Output = sqlx::Result<()>>,
+{
     tokio::pin!(statement);
     tokio::select! {
-        done = &mut statement => done,
-        _ = wake.cancelled() => {
-            if let Err(e) = cancel.await {
-                tracing::warn!(error = %e, "could not cancel a statement on stopping");
-            }
-            statement.await
+        done = &mut statement => return done,
+        _ = wake.cancelled() => {}
+    }
+    loop {
+        if let Err(e) = cancel().await {
+            tracing::warn!(error = %e, "could not cancel a statement on stopping");
+        }
+        tokio::select! {
+            done = &mut statement => return done,
+            _ = tokio::time::sleep(CANCEL_AGAIN) => {}
         }
     }
 }
 
+/// How long a statement cancelled on stopping may run on before it is cancelled again.
+const CANCEL_AGAIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[cfg(test)]
 mod tests {
     use super::date_order;
+
+    /// A stop that comes as the statement is being sent: the first cancel reaches a backend
+    /// that is not running it yet and is lost (a final VACUUM then ran its whole course, which
+    /// a cost-limited one made minutes). The cancel is sent again until the statement ends.
+    #[tokio::test]
+    async fn a_cancel_that_came_too_early_is_sent_again() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let wake = tokio_util::sync::CancellationToken::new();
+        wake.cancel();
+        let cancels = Arc::new(AtomicU32::new(0));
+        let seen = cancels.clone();
+        let statement = async move {
+            // Only the second cancel finds the statement running.
+            while seen.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err::<(), _>(sqlx::Error::Protocol("canceling statement".into()))
+        };
+        let cancel = || {
+            let cancels = cancels.clone();
+            async move {
+                cancels.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        };
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            super::cancellable(statement, &wake, cancel),
+        )
+        .await;
+        assert!(matches!(ended, Ok(Err(_))), "{ended:?}");
+        assert_eq!(cancels.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn date_order_reads_datestyle_as_postgresql_does() {

@@ -270,7 +270,7 @@ impl Counter<'_> {
         let step = "counting matching rows";
         let (mut conn, pid) = self.counting_connection().await?;
         let counting = self.count_window_on(&mut conn, sql, cursor, size);
-        let cancel = self.pool.cancel_backend(pid, false);
+        let cancel = || self.pool.cancel_backend(pid, false);
         let counted = crate::db::cancellable(counting, self.cancel, cancel)
             .await
             .map_err(self.err(step))?;
@@ -449,7 +449,7 @@ impl Counter<'_> {
                 .bind(format!("({to},0)"))
                 .try_map(|row: sqlx::postgres::PgRow| row.try_get(0))
                 .fetch_one(&mut *conn);
-            let cancel = self.pool.cancel_backend(pid, false);
+            let cancel = || self.pool.cancel_backend(pid, false);
             let n: i64 = match crate::db::cancellable(counting, self.cancel, cancel).await {
                 Err(_) if self.cancel.is_cancelled() => return Ok(None),
                 counted => counted.map_err(self.err("verifying"))?,

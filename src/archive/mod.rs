@@ -375,7 +375,7 @@ impl ArchiveTable {
         .fetch_one(&mut *tx)
         .await?;
         // Cancelled from the pool, whose role runs the build.
-        let cancel = db.cancel_backend(pid, false);
+        let cancel = || db.cancel_backend(pid, false);
         crate::db::cancellable(tx.execute(index.as_str()), wake, cancel).await?;
         tx.execute(format!("ANALYZE {}", self.quoted).as_str())
             .await?;
