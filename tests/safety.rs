@@ -1125,9 +1125,14 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
     assert_eq!(copied.state, "succeeded", "{:?}", copied.last_error);
     assert_eq!(copied.rows_changed, 100, "ids 201..300; 150..200 exist");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM df").await, 300);
+}
 
-    // The primary key itself deferrable: the insert names another unique key on NOT NULL
-    // columns (it named none, and every batch failed with 55000).
+/// The primary key itself deferrable: an insert names another unique key on NOT NULL columns
+/// that its set clause assigns (it named none, and every batch failed with 55000), and is
+/// refused in its plan when there is none.
+#[sqlx::test]
+async fn an_insert_under_a_deferrable_primary_key_names_a_key_it_assigns(pool: PgPool) {
+    let db = Db::new(pool).await;
     db.exec(
         "CREATE TABLE dpk (uid int, email text NOT NULL UNIQUE,
                            CONSTRAINT dpk_pk PRIMARY KEY (uid) DEFERRABLE);
@@ -1185,11 +1190,15 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
         assert!(err.contains(want), "expected {want:?} in: {err}");
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM dsn").await, 1);
+}
 
-    // The revert of a delete where the deferrable primary key is the only unique key (no
-    // arbiter at all: it failed with 55000), and where another key is the arbiter (a row whose
-    // primary key came back failed the revert with 23505): a row whose key exists again is
-    // skipped and counted, the others come back.
+/// The revert of a delete where the deferrable primary key is the only unique key (no arbiter
+/// at all: it failed with 55000), and where another key is the arbiter (a row whose primary key
+/// came back failed the revert with 23505): a row whose key exists again is skipped and
+/// counted, the others come back.
+#[sqlx::test]
+async fn a_revert_skips_rows_whose_deferrable_key_exists_again(pool: PgPool) {
+    let db = Db::new(pool).await;
     db.exec(
         "CREATE TABLE donly (id int PRIMARY KEY DEFERRABLE, g int);
          INSERT INTO donly SELECT g, g FROM generate_series(1, 300) g;
@@ -1197,12 +1206,8 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
          INSERT INTO dmail SELECT g, 'm' || g FROM generate_series(1, 300) g;",
     )
     .await;
-    for table in ["donly", "dmail"] {
-        let name: &'static str = if table == "donly" {
-            "donly_purge"
-        } else {
-            "dmail_purge"
-        };
+    let purges = [("donly_purge", "donly"), ("dmail_purge", "dmail")];
+    for (name, table) in purges {
         NewJob::new(name, table)
             .raw("action", "'delete'")
             .predicate("id <= 100")
@@ -1214,7 +1219,7 @@ async fn deferrable_unique_constraints_do_not_block_a_revert_or_an_insert(pool: 
     }
     db.exec("INSERT INTO donly VALUES (10, -1); INSERT INTO dmail VALUES (10, 'other');")
         .await;
-    for (name, table) in [("donly_purge", "donly"), ("dmail_purge", "dmail")] {
+    for (name, table) in purges {
         let reverted = db.revert(name).await;
         assert_eq!(
             reverted.state, "succeeded",
