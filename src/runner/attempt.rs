@@ -193,7 +193,11 @@ impl Attempt<'_> {
             let names = &self.ctx.names;
             match claim::release(&self.ctx.pool, names, &self.lease, &release, max_attempts).await {
                 Ok(Some(state)) => {
-                    if state == "planned" || State::FINISHED.iter().any(|f| *f == state.as_str()) {
+                    let finished = State::FINISHED.iter().any(|f| *f == state.as_str());
+                    if finished {
+                        self.ctx.forget_tallies(self.row.id);
+                    }
+                    if state == "planned" || finished {
                         self.ctx.metrics.job_finished(&self.row.name);
                     }
                     let waited = *self.longest_wait.lock().unwrap_or_else(|e| e.into_inner());

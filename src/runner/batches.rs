@@ -6,6 +6,15 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 
+/// What a slice's walk starts from: the throttle its controller was made with, the shared
+/// progress, the bloat guard and the slice's stop token.
+type WalkContext<'a> = (
+    &'a Throttle,
+    &'a std::sync::Mutex<Progress>,
+    &'a BloatGuard,
+    &'a CancellationToken,
+);
+
 /// What one slice's batch loop carries from one batch to the next.
 struct Walk {
     cursor: Option<Key>,
@@ -40,7 +49,13 @@ impl Attempt<'_> {
             tally,
         };
         let ended = self
-            .walk(p, change, slice, (progress, guard, stop), &mut walk)
+            .walk(
+                p,
+                change,
+                slice,
+                (&throttle, progress, guard, stop),
+                &mut walk,
+            )
             .await;
         self.ctx.tallies().insert(key, walk.tally);
         ended
@@ -52,11 +67,11 @@ impl Attempt<'_> {
         p: &Prepared,
         change: &Change,
         slice: &Slice,
-        (progress, guard, stop): (&std::sync::Mutex<Progress>, &BloatGuard, &CancellationToken),
+        (throttle, progress, guard, stop): WalkContext<'_>,
         walk: &mut Walk,
     ) -> Result<Option<Outcome>, JobError> {
         let mut cfg = self.ctx.config();
-        let mut batcher = self.batcher(p, change, slice, &self.throttle(p), &cfg);
+        let mut batcher = self.batcher(p, change, slice, throttle, &cfg);
         let mut health = Health::new(guard.relies_on_autovacuum());
         loop {
             if let Some(outcome) = self.ready(p, &mut health, stop).await {

@@ -62,6 +62,11 @@ impl Context {
         // A poisoned lock only means a panic mid-update of plain numbers.
         self.tallies.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Drops the tallies of a job that finished: no attempt will redo its batches.
+    fn forget_tallies(&self, job_id: i64) {
+        self.tallies().retain(|(id, _), _| *id != job_id);
+    }
 }
 
 /// How an attempt ended short of an error.
