@@ -92,6 +92,8 @@ pub struct Batcher<'a> {
     /// Walks the table whose keys the job visits (the target, or the archive for a revert).
     pub keyset: &'a Keyset,
     pub change: &'a Change,
+    /// The tables the statements name, with the oids the checkpoint expects them to have.
+    pub pinned: &'a crate::target::Pinned,
     pub upper: &'a Key,
     pub settings: TxSettings,
     pub lease_ttl: Duration,
@@ -183,7 +185,12 @@ RETURNING requested_state, rows_changed, (
   (SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute
    WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped),
   (SELECT array_agg(format_type(atttypid, atttypmod) ORDER BY attnum) FROM pg_attribute
-   WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped)";
+   WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped),
+  -- The oids the job's tables ($14, by name) have as this batch wrote them (0: none has the
+  -- name), against those pinned when it planned: a table swapped under a name since (renamed
+  -- away, another renamed in) must not be followed. A rename waits for the batch's lock too.
+  ARRAY(SELECT coalesce(to_regclass(n)::oid::int8, 0)
+        FROM unnest($14::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i)";
 
 /// A table's column names and declared types, in order.
 const COLUMNS: &str = "
@@ -201,6 +208,7 @@ type CheckpointRow = (
     Vec<f64>,
     Option<Vec<String>>,
     Option<Vec<String>>,
+    Vec<i64>,
 );
 
 impl Batcher<'_> {
@@ -450,12 +458,22 @@ impl Batcher<'_> {
                 .bind(from.flatten().map(Key::to_json))
                 .bind(from.is_some())
                 .bind(watched.map(|w| i64::from(w.oid)))
+                .bind(self.pinned.names())
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(self.sql_err("writing the checkpoint"))?;
-        let Some((requested, total_changed, waiters, names, types)) = row else {
+        let Some((requested, total_changed, waiters, names, types, oids)) = row else {
             return Err(self.checkpoint_refused(conn, from.flatten()).await);
         };
+        if let Some((name, planned, now)) = self.pinned.replaced_by(&oids) {
+            return Err(JobError::TableReplaced {
+                job: self.lease.job.clone(),
+                table: self.table.to_owned(),
+                name,
+                planned,
+                now,
+            });
+        }
         if let Some(changed) = watched.and_then(|w| self.table_changed(w, names, types)) {
             return Err(changed);
         }

@@ -116,6 +116,25 @@ pub enum JobError {
         table: String,
         changes: String,
     },
+    /// A table the job's statements name is not the one the job planned on: it was renamed
+    /// away or dropped, and another table took its name (a swap). The frozen bound, the
+    /// checkpoint and the archive belong to the old table, so the job fails; the batch that
+    /// found it rolled back.
+    #[error(
+        "job {job} on {table}: {name} is not the table this job planned and started on (oid \
+         {planned} then, {now} now): it was renamed or dropped and another table took its name. \
+         The job stops here (its last batch rolled back), since its frozen bound, checkpoint and \
+         archive belong to the old table; to change the table that has the name now, insert the \
+         job again under a new name"
+    )]
+    TableReplaced {
+        job: String,
+        table: String,
+        name: String,
+        planned: u32,
+        /// `none` when no table has the name now.
+        now: String,
+    },
     /// The job would change more rows than its ceiling allows.
     #[error(
         "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is \
@@ -225,12 +244,13 @@ impl JobError {
     }
 
     /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "invalid",
         "connection",
         "lease_lost",
         "lost_commit",
         "table_changed",
+        "table_replaced",
         "ceiling",
         "lock_timeout",
         "deadlock",
@@ -247,6 +267,7 @@ impl JobError {
             Self::LeaseLost { .. } => "lease_lost",
             Self::CheckpointMoved { .. } => "lost_commit",
             Self::TableChanged { .. } => "table_changed",
+            Self::TableReplaced { .. } => "table_replaced",
             Self::Ceiling { .. } => "ceiling",
         }
     }

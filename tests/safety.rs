@@ -974,6 +974,99 @@ async fn an_archived_delete_goes_on_when_a_column_is_dropped_mid_run(pool: PgPoo
     );
 }
 
+/// Swaps `orders` for a copy under the same name (the rename dance of a manual table rewrite),
+/// in one transaction, and returns how many rows the copy took over already changed.
+async fn swap_orders_for_a_copy(db: &Db) -> i64 {
+    db.exec(
+        "BEGIN;
+         CREATE TABLE orders_copy (LIKE orders INCLUDING ALL);
+         INSERT INTO orders_copy SELECT * FROM orders;
+         ALTER TABLE orders RENAME TO orders_old;
+         ALTER TABLE orders_copy RENAME TO orders;
+         CREATE TABLE swapped AS SELECT count(*) AS changed FROM orders WHERE status = 'pending';
+         COMMIT;",
+    )
+    .await;
+    db.scalar_i64("SELECT changed FROM swapped").await
+}
+
+/// A table swapped under the job's table name mid-run (renamed away, a copy renamed in) is not
+/// followed: the statements name the table, and PostgreSQL analyses a prepared statement again
+/// after DDL, so the batches went on into the copy from the old table's cursor, under the old
+/// table's bound and into the old table's archive. The checkpoint now compares the oid the name
+/// resolves to with the one pinned when the job planned; the batch rolls back and the job fails,
+/// naming the table.
+#[sqlx::test]
+async fn a_table_swapped_under_the_name_mid_run_is_not_followed(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    let mut daemon = archived_job_two_batches_in(
+        &db,
+        "stamp_swap",
+        "orders",
+        "status IS NULL",
+        Some("status = 'pending'"),
+    )
+    .await;
+    let changed_at_swap = swap_orders_for_a_copy(&db).await;
+    daemon.wait_ok().await;
+    let job = db.job("stamp_swap").await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    let error = job.last_error.unwrap_or_default();
+    assert!(
+        error.contains("\"public\".\"orders\" is not the table this job planned"),
+        "{error}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+            .await,
+        changed_at_swap,
+        "the copy under the name is left as it was swapped in"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders_old WHERE status = 'pending'")
+            .await,
+        job.rows_changed,
+        "the old table holds what the job's counters say it changed"
+    );
+}
+
+/// A dry run planned on one table and approved after the table was swapped under its name
+/// fails before any batch: its plan (counts, samples, bound) was of the old table.
+#[sqlx::test]
+async fn an_approved_plan_of_a_table_swapped_since_changes_nothing(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 300).await;
+    NewJob::new("stamp_later", "orders")
+        .raw("mode", "'dry_run'")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("stamp_later").await.state, "planned");
+    assert_eq!(swap_orders_for_a_copy(&db).await, 0);
+    backfilld::ops::approve(&db.lib, &db.names, "stamp_later")
+        .await
+        .expect("approve");
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let job = db.job("stamp_later").await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("renamed or dropped and another table took its name"),
+        "{:?}",
+        job.last_error
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+            .await,
+        0
+    );
+}
+
 /// A migration widens a column an archived update sets while the update runs, and the
 /// application writes values of the new precision. The archive's columns had the old type: the
 /// images would have been rounded, and the revert would have skipped the rows as changed since

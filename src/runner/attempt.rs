@@ -109,6 +109,9 @@ impl Attempt<'_> {
                 None => return Ok(self.interruption()),
             },
         };
+        // A plan stored by an earlier attempt (a resume, an approved dry run) is of the table
+        // that had the name then.
+        p.replaced_since(&plan)?;
         // Before the dry run ends too: a plan over the ceiling fails rather than waiting for an
         // approval that could only fail.
         self.check_ceiling(&p, &plan)?;

@@ -229,6 +229,7 @@ impl Attempt<'_> {
             table: &p.named,
             keyset: &p.keyset,
             change,
+            pinned: &p.pinned,
             upper: &slice.upper,
             settings: TxSettings::capped(
                 cfg.batch.lock_timeout,

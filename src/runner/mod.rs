@@ -23,7 +23,7 @@ use crate::keyset::{Key, Keyset};
 use crate::metrics::Metrics;
 use crate::plan::{self, Counter, Plan};
 use crate::sql::Names;
-use crate::target::Target;
+use crate::target::{Pinned, Target};
 use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
 
 mod attempt;
@@ -187,6 +187,8 @@ struct Prepared {
     written: Option<Fragments>,
     /// How messages name the job's table (`Target::named_with`).
     named: String,
+    /// The target and an insert's table, with the oids they have now.
+    pinned: Pinned,
 }
 
 impl Prepared {
@@ -195,6 +197,20 @@ impl Prepared {
     /// health signals watch (an insert's source only gets read).
     fn written(&self) -> &Target {
         self.into.as_ref().unwrap_or(&self.target)
+    }
+
+    /// `TableReplaced` when a table pinned by the stored plan has another oid now.
+    fn replaced_since(&self, plan: &Plan) -> Result<(), JobError> {
+        match self.pinned.replaced_since(&plan.tables) {
+            Some((name, planned, now)) => Err(JobError::TableReplaced {
+                job: self.spec.name.clone(),
+                table: self.named.clone(),
+                name,
+                planned,
+                now,
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -66,7 +66,9 @@ impl Attempt<'_> {
             self.store(freeze).await?;
         }
         let (into, written) = validated.into.unzip();
+        let pinned = Pinned::of(std::iter::once(&validated.target).chain(&into));
         Ok(Prepared {
+            pinned,
             named: validated.target.named_with(into.as_ref()),
             spec,
             target: validated.target,
