@@ -318,10 +318,10 @@ pub struct EnqueueArgs {
 /// Runs the parsed command; prints errors; returns the process exit status.
 pub async fn main(cli: Cli) -> ExitCode {
     let source = Source::new(cli.config.clone(), cli.database_url.clone());
-    let cfg = match source.load() {
+    let cfg = match source.load_reporting() {
         Ok(c) => c,
-        Err(e) => {
-            fatal(source.log_format(), &e.to_string());
+        Err((e, format)) => {
+            fatal(format, &e.to_string());
             return ExitCode::from(2);
         }
     };
@@ -340,6 +340,9 @@ pub async fn main(cli: Cli) -> ExitCode {
              underscores after the section, e.g. BACKFILLD_METRICS__LISTEN)"
         );
     }
+    for warning in cfg.warnings() {
+        tracing::warn!("{warning}");
+    }
     let result = dispatch(cli.command, source, cfg, &telemetry).await;
     telemetry.shutdown();
     match result {
@@ -354,6 +357,27 @@ pub async fn main(cli: Cli) -> ExitCode {
             ExitCode::from(if configuration { 2 } else { 1 })
         }
     }
+}
+
+/// Bad usage (an unknown subcommand or option): clap's own message and status 2, as one JSON
+/// object when the environment or the default file sets `log.format = "json"` (the arguments,
+/// `--config` among them, did not parse). Help and version go out as clap prints them.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    let format = Source::new(None, None).log_format();
+    if shown || format == LogFormat::Text {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let message = text.trim().trim_start_matches("error: ");
+    fatal(format, message);
+    ExitCode::from(2)
 }
 
 /// The error a command exits with, on stderr in the configured log format: with `log.format =

@@ -352,7 +352,26 @@ impl Source {
 
     /// Reads file, environment and `DATABASE_URL`, then validates.
     pub fn load(&self) -> Result<Config> {
-        let mut cfg: Config = self.sources()?.try_deserialize()?;
+        self.load_reporting().map_err(|(e, _)| e)
+    }
+
+    /// `load`, and when it fails the `log.format` to report the failure in (`log_format`), both
+    /// from one read of the file: a process substitution or a pipe cannot be read twice.
+    pub fn load_reporting(&self) -> std::result::Result<Config, (ConfigError, LogFormat)> {
+        let text = match self.file_text() {
+            Ok(text) => text,
+            Err(e) => return Err((e.into(), log_format(None))),
+        };
+        let text = text.as_deref();
+        self.load_from(text)
+            .map_err(|e| (e, log_format(self.sources(text, true).ok())))
+    }
+
+    fn load_from(&self, text: Option<&str>) -> Result<Config> {
+        let mut cfg: Config = self
+            .sources(text, true)?
+            .try_deserialize()
+            .map_err(|e| self.locate(e, text))?;
         if let Ok(url) = std::env::var("DATABASE_URL") {
             cfg.database.url = url;
         }
@@ -364,44 +383,88 @@ impl Source {
         Ok(cfg)
     }
 
+    /// Says where a value that does not fit came from when the error does not (the file is
+    /// parsed from a string, so its values carry no origin; an unknown key has none either):
+    /// the file, if it fails alone, else the environment.
+    fn locate(&self, e: config::ConfigError, text: Option<&str>) -> config::ConfigError {
+        use config::ConfigError::{At, Message, Type};
+        if matches!(
+            &e,
+            Type {
+                origin: Some(_),
+                ..
+            } | At {
+                origin: Some(_),
+                ..
+            }
+        ) {
+            return e;
+        }
+        let file_alone = self
+            .sources(text, false)
+            .and_then(|c| c.try_deserialize::<Config>());
+        match (&self.path, file_alone) {
+            (Some(path), Err(_)) => Message(format!("configuration file {}: {e}", path.display())),
+            _ => Message(format!("{e}, set by a BACKFILLD_ environment variable")),
+        }
+    }
+
     /// `log.format` alone, for reporting a configuration that does not load (another key may be
     /// what is wrong, or the file): from file and environment, else from the environment alone,
     /// else text.
     pub fn log_format(&self) -> LogFormat {
-        let format = |c: config::Config| c.get::<LogFormat>("log.format");
-        self.sources()
-            .and_then(format)
-            .or_else(|_| {
-                let env = config::Config::builder().add_source(environment());
-                env.build().and_then(format)
-            })
-            .unwrap_or(LogFormat::Text)
+        let text = self.file_text().ok().flatten();
+        log_format(self.sources(text.as_deref(), true).ok())
     }
 
-    /// File and environment, merged. The file is read here and parsed as TOML whatever its name:
+    /// The configuration file's text, read here and parsed as TOML whatever its name:
     /// `config::File` guesses the format from the extension and takes only regular files, so
     /// `/dev/null`, a process substitution or a mounted `config` were "not found".
-    fn sources(&self) -> std::result::Result<config::Config, config::ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = &self.path {
-            let shown = path.display();
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                config::ConfigError::Message(format!("configuration file {shown}: {e}"))
-            })?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        }
-        builder
-            .add_source(environment())
-            .build()
-            .map_err(|e| match e {
-                // Parsed from a string, the file's syntax errors would not say which file.
-                config::ConfigError::FileParse { uri: None, cause } => {
-                    let shown = self.path.as_deref().unwrap_or(Path::new("?")).display();
-                    config::ConfigError::Message(format!("configuration file {shown}: {cause}"))
-                }
-                e => e,
-            })
+    fn file_text(&self) -> std::result::Result<Option<String>, config::ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path).map(Some).map_err(|e| {
+            config::ConfigError::Message(format!("configuration file {}: {e}", path.display()))
+        })
     }
+
+    /// The file's `text` and (with `env`) the environment, merged.
+    fn sources(
+        &self,
+        text: Option<&str>,
+        env: bool,
+    ) -> std::result::Result<config::Config, config::ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(text) = text {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        }
+        if env {
+            builder = builder.add_source(environment());
+        }
+        builder.build().map_err(|e| match e {
+            // Parsed from a string, the file's syntax errors would not say which file.
+            config::ConfigError::FileParse { uri: None, cause } => {
+                let shown = self.path.as_deref().unwrap_or(Path::new("?")).display();
+                config::ConfigError::Message(format!("configuration file {shown}: {cause}"))
+            }
+            e => e,
+        })
+    }
+}
+
+/// `log.format` from `merged` (file and environment) if it reads, else from the environment
+/// alone, else text.
+fn log_format(merged: Option<config::Config>) -> LogFormat {
+    let format = |c: config::Config| c.get::<LogFormat>("log.format");
+    merged
+        .ok_or(config::ConfigError::Frozen)
+        .and_then(format)
+        .or_else(|_| {
+            let env = config::Config::builder().add_source(environment());
+            env.build().and_then(format)
+        })
+        .unwrap_or(LogFormat::Text)
 }
 
 /// The `BACKFILLD_<SECTION>__<KEY>` variables as a configuration source.
@@ -444,6 +507,23 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Settings that load but work against each other: warned about at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (connect, lease) = (self.database.connect_timeout, self.worker.lease_ttl);
+        if connect >= lease {
+            warnings.push(format!(
+                "database.connect_timeout ({}s) is not shorter than worker.lease_ttl ({}s): a \
+                 heartbeat that waits that long for a connection (the pool busy, the server slow \
+                 to accept) lets its lease expire, and another replica takes the job over; the \
+                 batch in flight then rolls back at its checkpoint",
+                connect.as_secs_f64(),
+                lease.as_secs_f64()
+            ));
+        }
+        warnings
+    }
+
     /// Rejects values the daemon could not run with, naming the key.
     pub fn validate(&self) -> Result<()> {
         self.database.validate()?;

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = backfilld::cli::Cli::parse();
+    let cli = match backfilld::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return backfilld::cli::usage_error(e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

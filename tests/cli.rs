@@ -148,6 +148,121 @@ fn exit_errors_follow_the_log_format_and_any_file_name_is_toml() {
     );
 }
 
+/// A value of the wrong type, or an unknown key, says where it came from: the configuration file
+/// (it named only the key), or the environment. A file read from a pipe is read once, so its
+/// own `log.format` reports its error (it was read again, found empty, and the error was text).
+/// A usage error follows `log.format` from the environment. A lease shorter than the connect
+/// timeout is warned about.
+#[test]
+fn configuration_errors_say_where_the_value_came_from() {
+    let dir = std::env::temp_dir().join(format!("backfilld-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("backfilld.toml");
+    let run = |args: &[&str], env: &[(&str, &str)], stdin: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_backfilld"));
+        cmd.args(args)
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("BACKFILLD_DATABASE__CONNECT_TIMEOUT", "1s")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let config = file.to_str().unwrap();
+    std::fs::write(&file, "[worker]\nconcurrency = \"many\"\n").unwrap();
+    let typed = run(&["--config", config, "status"], &[], None);
+    assert_eq!(typed.status.code(), Some(2));
+    assert!(
+        stderr(&typed).contains(&format!(
+            "configuration file {config}: invalid type: string \"many\""
+        )),
+        "{}",
+        stderr(&typed)
+    );
+    std::fs::write(&file, "[worker]\nconcurency = 3\n").unwrap();
+    let unknown = run(&["--config", config, "status"], &[], None);
+    assert!(
+        stderr(&unknown).contains(&format!(
+            "configuration file {config}: unknown field `concurency`"
+        )),
+        "{}",
+        stderr(&unknown)
+    );
+    std::fs::write(&file, "").unwrap();
+    let from_env = run(
+        &["--config", config, "status"],
+        &[("BACKFILLD_WORKER__CONCURENCY", "3")],
+        None,
+    );
+    let message = stderr(&from_env);
+    assert!(
+        message.contains("unknown field `concurency`")
+            && message.contains("set by a BACKFILLD_ environment variable")
+            && !message.contains(config),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+
+    let piped = run(
+        &["--config", "/dev/stdin", "status"],
+        &[],
+        Some("[log]\nformat = \"json\"\n[worker]\nconcurrency = \"x\"\n"),
+    );
+    let line: serde_json::Value = serde_json::from_str(stderr(&piped).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", stderr(&piped)));
+    let message = line["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("configuration file /dev/stdin: invalid type"),
+        "{message}"
+    );
+
+    let usage = run(&["bogus"], &[("BACKFILLD_LOG__FORMAT", "json")], None);
+    assert_eq!(usage.status.code(), Some(2));
+    let line: serde_json::Value = serde_json::from_str(stderr(&usage).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", stderr(&usage)));
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("backfilld: unrecognized subcommand 'bogus'"),
+        "{line}"
+    );
+    let plain = run(&["bogus"], &[], None);
+    assert!(
+        stderr(&plain).starts_with("error: unrecognized subcommand 'bogus'"),
+        "{}",
+        stderr(&plain)
+    );
+
+    let short_lease = run(
+        &["status"],
+        &[
+            ("BACKFILLD_WORKER__LEASE_TTL", "1s"),
+            ("BACKFILLD_WORKER__HEARTBEAT_INTERVAL", "500ms"),
+        ],
+        None,
+    );
+    assert!(
+        stderr(&short_lease)
+            .contains("database.connect_timeout (1s) is not shorter than worker.lease_ttl (1s)"),
+        "{}",
+        stderr(&short_lease)
+    );
+}
+
 /// A job command on a database nobody migrated says to run `backfilld migrate`.
 #[sqlx::test]
 async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
