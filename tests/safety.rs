@@ -1067,6 +1067,89 @@ async fn an_approved_plan_of_a_table_swapped_since_changes_nothing(pool: PgPool)
     );
 }
 
+/// A migration renames a column while an archived delete runs. The archive records which
+/// column of the table each of its columns holds (by number, which a rename keeps), so the next
+/// attempt renames the archive's column instead of taking the rename for a dropped column and
+/// an added one: the revert puts back every value, those archived before the rename too (they
+/// came back NULL).
+#[sqlx::test]
+async fn an_archived_delete_follows_a_column_renamed_mid_run(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 2000).await;
+    let mut daemon =
+        archived_job_two_batches_in(&db, "purge_rename", "orders", "status = 'paid'", None).await;
+    db.exec("ALTER TABLE orders RENAME COLUMN note TO memo")
+        .await;
+    daemon.wait_ok().await;
+    let job = db.job("purge_rename").await;
+    assert_eq!(job.state, "succeeded", "{:?}", job.last_error);
+    assert_eq!(job.rows_changed, 500);
+    let log = daemon.log();
+    assert!(log.contains("note renamed memo"), "{log}");
+    let reverted = db.revert("purge_rename").await;
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (500, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE memo = 'n' || id")
+            .await,
+        2000,
+        "every note is back, those deleted before the rename too"
+    );
+}
+
+/// Columns renamed between a job and its revert: an update's set column, and two columns of a
+/// deleted table that traded names. The revert follows each column, not its old name (the
+/// update's revert failed on the column it could not find; the delete's put each value into
+/// the other column).
+#[sqlx::test]
+async fn a_revert_follows_columns_renamed_after_the_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 400).await;
+    NewJob::new("double_paid", "orders")
+        .predicate("status = 'paid'")
+        .set("amount = amount * 2")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.exec(
+        "CREATE TABLE pairs (id int PRIMARY KEY, a text, b text);
+         INSERT INTO pairs SELECT g, 'a' || g, 'b' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    NewJob::new("purge_pairs", "pairs")
+        .raw("action", "'delete'")
+        .predicate("id % 3 = 0")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("double_paid").await.rows_changed, 100);
+    assert_eq!(db.job("purge_pairs").await.rows_changed, 100);
+    db.exec(
+        "ALTER TABLE orders RENAME COLUMN amount TO total;
+         ALTER TABLE pairs RENAME COLUMN a TO swap;
+         ALTER TABLE pairs RENAME COLUMN b TO a;
+         ALTER TABLE pairs RENAME COLUMN swap TO b;",
+    )
+    .await;
+    let reverted = db.revert("double_paid").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (100, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE total = id * 1.25")
+            .await,
+        400
+    );
+    let reverted = db.revert("purge_pairs").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (100, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pairs WHERE b = 'a' || id AND a = 'b' || id")
+            .await,
+        300,
+        "each value is back in the column that was renamed, not in the one that took its name"
+    );
+}
+
 /// A migration widens a column an archived update sets while the update runs, and the
 /// application writes values of the new precision. The archive's columns had the old type: the
 /// images would have been rounded, and the revert would have skipped the rows as changed since

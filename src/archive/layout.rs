@@ -99,8 +99,8 @@ impl ArchiveTable {
         target: &Target,
         adding: bool,
     ) -> sqlx::Result<Vec<String>> {
+        let mut changes = self.follow_renames(conn, target).await?;
         let mut actions = Vec::new();
-        let mut changes = Vec::new();
         let mut added = Vec::new();
         for (name, wanted) in self.wanted(target) {
             let column = quote_ident(&name);
@@ -128,6 +128,9 @@ impl ArchiveTable {
         }
         if !actions.is_empty() || !added.is_empty() {
             self.columns = columns_of(conn, &self.quoted).await?;
+        }
+        if !added.is_empty() {
+            self.record_origins(conn, target, &added).await?;
         }
         Ok(changes)
     }

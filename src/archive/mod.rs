@@ -45,11 +45,30 @@ pub struct ArchiveTable {
     pub parents: Vec<String>,
 }
 
-/// A column of an existing archive: its name and `format_type()`.
+/// A column of an existing archive: its name and `format_type()`, and for one that holds a
+/// column of the target, which (`origin`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveColumn {
     pub name: String,
     pub sql_type: String,
+    /// The target column it was made for, as the table's oid and the column's number (recorded
+    /// in the column's comment, `ORIGIN_PREFIX`): a number stays with its column through a
+    /// rename, so the archive can follow one (`follow`). `None` in archives made before.
+    pub origin: Option<(u32, i16)>,
+}
+
+/// The comment recording an archive column's origin: `backfilld: column 3 of table 16402`.
+const ORIGIN_PREFIX: &str = "backfilld: column ";
+
+fn origin_comment(table: u32, attnum: i16) -> String {
+    format!("{ORIGIN_PREFIX}{attnum} of table {table}")
+}
+
+fn parse_origin(comment: &str) -> Option<(u32, i16)> {
+    let (attnum, table) = comment
+        .strip_prefix(ORIGIN_PREFIX)?
+        .split_once(" of table ")?;
+    Some((table.parse().ok()?, attnum.parse().ok()?))
 }
 
 /// Prefix of the columns holding an update's after-values.
@@ -287,7 +306,109 @@ impl ArchiveTable {
         conn.execute(format!("{create}; {comment}").as_str())
             .await?;
         self.columns = columns_of(conn, &self.quoted).await?;
+        if self.columns.iter().all(|c| c.origin.is_none()) {
+            // Made now (or by a version that did not record origins, whose columns are then
+            // taken by name, as that version took them).
+            let names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
+            self.record_origins(conn, target, &names).await?;
+        }
         Ok(())
+    }
+
+    /// Records in each archive column `names` that holds a target column of the same name which
+    /// one it is (`ArchiveColumn::origin`), then reads the columns back.
+    async fn record_origins(
+        &mut self,
+        conn: &mut PgConnection,
+        target: &Target,
+        names: &[String],
+    ) -> sqlx::Result<()> {
+        let numbered = numbered_columns(conn, target.oid).await?;
+        let comments: Vec<String> = numbered
+            .iter()
+            .filter(|(_, name)| names.contains(name))
+            .map(|(attnum, name)| {
+                format!(
+                    "COMMENT ON COLUMN {}.{} IS {}",
+                    self.quoted,
+                    quote_ident(name),
+                    quote_literal(&origin_comment(target.oid, *attnum))
+                )
+            })
+            .collect();
+        if comments.is_empty() {
+            return Ok(());
+        }
+        conn.execute(comments.join("; ").as_str()).await?;
+        self.columns = columns_of(conn, &self.quoted).await?;
+        Ok(())
+    }
+
+    /// Renames the archive's columns whose target column was renamed since (same table, same
+    /// column number, another name), and the update's touched columns with them; names that
+    /// traded places are renamed through temporary ones. Returns what changed, for the log.
+    /// Without this, the images of a column renamed mid-run or before a revert were left behind
+    /// as a dropped column's, and the revert put back NULL (or, for two names swapped, each
+    /// column's values into the other).
+    async fn follow_renames(
+        &mut self,
+        conn: &mut PgConnection,
+        target: &Target,
+    ) -> sqlx::Result<Vec<String>> {
+        let numbered = numbered_columns(conn, target.oid).await?;
+        let renamed_to = |c: &ArchiveColumn| {
+            let (_, attnum) = c.origin.filter(|(t, _)| *t == target.oid)?;
+            let now = &numbered.iter().find(|(n, _)| *n == attnum)?.1;
+            (*now != c.name).then(|| now.clone())
+        };
+        let mut renames: Vec<(String, String)> = self
+            .columns
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), renamed_to(c)?)))
+            .collect();
+        // A new name another column keeps (not renamed itself) cannot be taken; dropping one
+        // rename may keep the column another wanted to take the name of.
+        loop {
+            let moving: Vec<String> = renames.iter().map(|(was, _)| was.clone()).collect();
+            let kept = |name: &String| {
+                self.columns.iter().any(|c| c.name == *name) && !moving.contains(name)
+            };
+            let before = renames.len();
+            renames.retain(|(_, now)| !kept(now));
+            if renames.len() == before {
+                break;
+            }
+        }
+        if renames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rename = |from: &str, to: &str| {
+            format!(
+                "ALTER TABLE {} RENAME COLUMN {} TO {}",
+                self.quoted,
+                quote_ident(from),
+                quote_ident(to)
+            )
+        };
+        let parked = |i: usize| format!("_bf_renaming_{i}");
+        let statements: Vec<String> = (renames.iter().enumerate())
+            .map(|(i, (was, _))| rename(was, &parked(i)))
+            .chain((renames.iter().enumerate()).map(|(i, (_, now))| rename(&parked(i), now)))
+            .collect();
+        // One query string: one implicit transaction, all or none.
+        conn.execute(statements.join("; ").as_str()).await?;
+        if let ArchiveKind::Update { touched } = &mut self.kind {
+            for t in touched.iter_mut() {
+                if let Some((_, now)) = renames.iter().find(|(was, _)| was == t) {
+                    *t = now.clone();
+                }
+            }
+        }
+        self.columns = columns_of(conn, &self.quoted).await?;
+        Ok(renames
+            .into_iter()
+            .map(|(was, now)| format!("{was} renamed {now}"))
+            .collect())
     }
 
     /// For an insert's archive (it has [`ROW_COLUMN`]): the key columns it holds, the target's
@@ -459,8 +580,9 @@ ORDER BY c.conname"
 
 /// The columns of table `quoted` (`"schema"."name"`), in order; none when it does not exist.
 async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<ArchiveColumn>> {
-    let rows: Vec<(String, String)> = crate::sql::query_as(
-        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+    let rows: Vec<(String, String, Option<String>)> = crate::sql::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod), col_description(attrelid, attnum)
+         FROM pg_attribute
          WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
     )
     .bind(quoted)
@@ -468,8 +590,23 @@ async fn columns_of(conn: &mut PgConnection, quoted: &str) -> sqlx::Result<Vec<A
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, sql_type)| ArchiveColumn { name, sql_type })
+        .map(|(name, sql_type, comment)| ArchiveColumn {
+            name,
+            sql_type,
+            origin: comment.as_deref().and_then(parse_origin),
+        })
         .collect())
+}
+
+/// The columns of table `oid` by number: what a recorded origin names now.
+async fn numbered_columns(conn: &mut PgConnection, oid: u32) -> sqlx::Result<Vec<(i16, String)>> {
+    crate::sql::query_as(
+        "SELECT attnum, attname::text FROM pg_attribute
+         WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+    )
+    .bind(sqlx::postgres::types::Oid(oid))
+    .fetch_all(conn)
+    .await
 }
 
 const EXPIRED: &str = "
