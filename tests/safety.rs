@@ -1150,6 +1150,40 @@ async fn a_revert_follows_columns_renamed_after_the_job(pool: PgPool) {
     );
 }
 
+/// The revert of a job whose table was swapped for a copy since restores into the table that
+/// has the name now, matching columns by name, and says so: the archive's columns record the
+/// table they were made for.
+#[sqlx::test]
+async fn a_revert_into_a_table_replaced_since_the_job_says_so(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 400).await;
+    NewJob::new("stamp_then_swap", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(swap_orders_for_a_copy(&db).await, 300);
+    let revert = backfilld::ops::revert(&db.lib, &db.names, "stamp_then_swap", false)
+        .await
+        .expect("revert");
+    let mut daemon = db.daemon().until_idle().spawn();
+    daemon.wait_ok().await;
+    let reverted = db.job(&revert.name).await;
+    assert_eq!((reverted.rows_changed, reverted.rows_skipped), (300, 0));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status IS NULL")
+            .await,
+        300
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("the archive was made for another table under this name"),
+        "{log}"
+    );
+}
+
 /// A migration widens a column an archived update sets while the update runs, and the
 /// application writes values of the new precision. The archive's columns had the old type: the
 /// images would have been rounded, and the revert would have skipped the rows as changed since

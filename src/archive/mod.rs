@@ -344,6 +344,14 @@ impl ArchiveTable {
         Ok(())
     }
 
+    /// The table the archive's columns were made for (their recorded origin), when that is not
+    /// `target` by oid: the table under the name was replaced (or restored from a dump) since,
+    /// and the archive's columns are matched by name.
+    pub fn made_for_another(&self, target: &Target) -> Option<u32> {
+        let table = self.columns.iter().find_map(|c| c.origin)?.0;
+        (table != target.oid).then_some(table)
+    }
+
     /// Renames the archive's columns whose target column was renamed since (same table, same
     /// column number, another name), and the update's touched columns with them; names that
     /// traded places are renamed through temporary ones. Returns what changed, for the log.

@@ -148,6 +148,18 @@ impl Attempt<'_> {
                 tracing::warn!(archive = %archive.quoted, ?changes, "revert: the archive takes the types the table's columns have now");
             }
         }
+        if let Some(table) = archive.made_for_another(target) {
+            tracing::warn!(
+                archive = %archive.quoted,
+                made_for = table,
+                now = target.oid,
+                "revert: the archive was made for another table under this name (oid {table}; \
+                 {} is oid {} now: replaced, or restored from a dump, since the job); its \
+                 columns are matched by name",
+                target.display(),
+                target.oid
+            );
+        }
         let lost = archive.lost_columns(target);
         if !lost.is_empty() {
             tracing::warn!(
