@@ -20,6 +20,7 @@ use crate::change::Change;
 use crate::claim::{self, Control, Lease};
 use crate::error::JobError;
 use crate::keyset::{Key, Keyset, bind_keys};
+use crate::pin::{Found, Pinned};
 use crate::sql::Names;
 use crate::throttle::Impact;
 
@@ -92,8 +93,8 @@ pub struct Batcher<'a> {
     /// Walks the table whose keys the job visits (the target, or the archive for a revert).
     pub keyset: &'a Keyset,
     pub change: &'a Change,
-    /// The tables the statements name, with the oids the checkpoint expects them to have.
-    pub pinned: &'a crate::target::Pinned,
+    /// What the job planned under, which each checkpoint compares (`pin`), and where to look.
+    pub pinned: &'a Pinned,
     pub upper: &'a Key,
     pub settings: TxSettings,
     pub lease_ttl: Duration,
@@ -143,7 +144,8 @@ pub struct Committed {
     pub impact: Impact,
 }
 
-const CHECKPOINT: &str = "
+const CHECKPOINT: &str = concat!(
+    "
 UPDATE {jobs}
 SET cursor = CASE WHEN $10::int IS NULL THEN $4 ELSE cursor END,
     slices = CASE WHEN $10::int IS NULL THEN slices
@@ -186,11 +188,13 @@ RETURNING requested_state, rows_changed, (
    WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped),
   (SELECT array_agg(format_type(atttypid, atttypmod) ORDER BY attnum) FROM pg_attribute
    WHERE attrelid = $13::int8::oid AND attnum > 0 AND NOT attisdropped),
-  -- The oids the job's tables ($14, by name) have as this batch wrote them (0: none has the
-  -- name), against those pinned when it planned: a table swapped under a name since (renamed
-  -- away, another renamed in) must not be followed. A rename waits for the batch's lock too.
-  ARRAY(SELECT coalesce(to_regclass(n)::oid::int8, 0)
-        FROM unnest($14::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i)";
+  -- The job's tables ($14, by name), the walked table's keys ($15, of table $16) and the
+  -- written table ($17) as this batch wrote them, against what the job pinned (`pin`): a table
+  -- swapped under a name, a key retyped, policies or an inheritance child since. DDL waits for
+  -- the batch's lock, so what this reads is what the change wrote under.
+  ",
+    crate::pin::found_sql!("$14", "$15", "$16", "$17")
+);
 
 /// A table's column names and declared types, in order.
 const COLUMNS: &str = "
@@ -209,6 +213,9 @@ type CheckpointRow = (
     Option<Vec<String>>,
     Option<Vec<String>>,
     Vec<i64>,
+    Vec<String>,
+    bool,
+    bool,
 );
 
 impl Batcher<'_> {
@@ -252,14 +259,18 @@ impl Batcher<'_> {
     ) -> Result<Option<Attempted>, JobError> {
         let started = Instant::now();
         let mut tx = self.begin(locked).await?;
-        let Some((scanned, hi)) = self.window(&mut tx, cursor, size).await? else {
+        let window = match self.window(&mut tx, cursor, size).await {
+            Ok(window) => window,
+            Err(e) => return Err(self.explained(e).await),
+        };
+        let Some((scanned, hi)) = window else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
             return Ok(None);
         };
         let writing = Instant::now();
         let applied = match self.apply_change(&mut tx, cursor, &hi, locked).await {
             Ok(applied) => applied,
-            Err(e) => return Err(self.dropped_column(e).await),
+            Err(e) => return Err(self.explained(self.dropped_column(e).await).await),
         };
         let Some(changed) = applied else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
@@ -300,6 +311,25 @@ impl Batcher<'_> {
     /// The batch whose commit went unacknowledged, if the last one did; cleared.
     pub fn take_in_doubt(&self) -> Option<Committed> {
         self.doubt().take()
+    }
+
+    /// A statement that failed the way DDL on the table makes it fail (a column gone, a cached
+    /// plan whose result type changed, an operator or a cast that no longer fits the key): when
+    /// a pinned thing did change (`pin`), that is the error, naming it; otherwise `e`.
+    async fn explained(&self, e: JobError) -> JobError {
+        let ddl = [
+            "42703", "0A000", "42883", "42804", "22P02", "22007", "22008",
+        ];
+        if !e.sqlstate().is_some_and(|code| ddl.contains(&code)) {
+            return e;
+        }
+        match self.pinned.found(self.pool).await {
+            Ok(found) => match self.pinned.drift(&found) {
+                Some(drift) => drift.error(&self.lease.job, self.table),
+                None => e,
+            },
+            Err(_) => e,
+        }
     }
 
     /// An archiving statement that names a column dropped since it was written fails with 42703:
@@ -459,20 +489,25 @@ impl Batcher<'_> {
                 .bind(from.is_some())
                 .bind(watched.map(|w| i64::from(w.oid)))
                 .bind(self.pinned.names())
+                .bind(&self.pinned.sites.key_names)
+                .bind(self.pinned.sites.keyed.map(i64::from))
+                .bind(i64::from(self.pinned.sites.written))
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(self.sql_err("writing the checkpoint"))?;
-        let Some((requested, total_changed, waiters, names, types, oids)) = row else {
+        let Some((requested, total_changed, waiters, names, types, oids, keys, rls, inherited)) =
+            row
+        else {
             return Err(self.checkpoint_refused(conn, from.flatten()).await);
         };
-        if let Some((name, planned, now)) = self.pinned.replaced_by(&oids) {
-            return Err(JobError::TableReplaced {
-                job: self.lease.job.clone(),
-                table: self.table.to_owned(),
-                name,
-                planned,
-                now,
-            });
+        let found = Found {
+            oids,
+            keys,
+            row_security: rls,
+            inherited,
+        };
+        if let Some(drift) = self.pinned.drift(&found) {
+            return Err(drift.error(&self.lease.job, self.table));
         }
         if let Some(changed) = watched.and_then(|w| self.table_changed(w, names, types)) {
             return Err(changed);

@@ -135,6 +135,18 @@ pub enum JobError {
         /// `none` when no table has the name now.
         now: String,
     },
+    /// The job's table changed since it planned in a way the job cannot follow (`pin::Drift`:
+    /// its key retyped or re-collated, row-level security hiding rows, an inheritance child);
+    /// the batch that found it rolled back.
+    #[error(
+        "job {job} on {table}: {what}. The job stops here (its last batch rolled back); to change \
+         the table as it is now, insert the job again under a new name"
+    )]
+    TableAltered {
+        job: String,
+        table: String,
+        what: String,
+    },
     /// The job would change more rows than its ceiling allows.
     #[error(
         "job {job} on {table}: ceiling exceeded: {would_change} rows would change, max_affected is \
@@ -244,13 +256,14 @@ impl JobError {
     }
 
     /// Every value `kind` returns: the `kind` label of `backfilld_batch_errors_total`.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 13] = [
         "invalid",
         "connection",
         "lease_lost",
         "lost_commit",
         "table_changed",
         "table_replaced",
+        "table_altered",
         "ceiling",
         "lock_timeout",
         "deadlock",
@@ -268,6 +281,7 @@ impl JobError {
             Self::CheckpointMoved { .. } => "lost_commit",
             Self::TableChanged { .. } => "table_changed",
             Self::TableReplaced { .. } => "table_replaced",
+            Self::TableAltered { .. } => "table_altered",
             Self::Ceiling { .. } => "ceiling",
         }
     }

@@ -26,6 +26,7 @@ pub mod keyset;
 pub mod listen;
 pub mod metrics;
 pub mod ops;
+pub mod pin;
 pub mod plan;
 pub mod runner;
 pub mod schema;

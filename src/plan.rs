@@ -52,9 +52,9 @@ pub struct Plan {
     pub unmatched_staged_keys: Option<i64>,
     /// Tables other than the target that every batch would read in full (`fullscan`).
     pub warnings: Vec<String>,
-    /// The job's tables by name and oid when it planned: a later attempt refuses a table
-    /// swapped under the name since (`JobError::TableReplaced`). Empty in older plans.
-    pub tables: crate::target::Pinned,
+    /// What the job planned under (its tables' oids, its key, row-level security): a later
+    /// attempt refuses what changed since (`pin`). Empty in older plans.
+    pub pinned: crate::pin::Pinned,
 }
 
 impl Plan {

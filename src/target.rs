@@ -20,55 +20,6 @@ const KEY_TYPES: &[&str] = &[
     "date",
 ];
 
-/// The tables a job's statements name, each with the oid it had when the job planned (stored in
-/// the plan as `tables`). Statements name tables by name, and PostgreSQL analyses a prepared
-/// statement again after DDL, so a table swapped under the name (renamed away, another renamed
-/// in) would be followed silently; each checkpoint and each later attempt compares.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Pinned(pub Vec<(String, u32)>);
-
-impl Pinned {
-    pub fn of<'t>(tables: impl IntoIterator<Item = &'t Target>) -> Self {
-        Self(
-            tables
-                .into_iter()
-                .map(|t| (t.quoted.clone(), t.oid))
-                .collect(),
-        )
-    }
-
-    /// The names, for `to_regclass` in the checkpoint.
-    pub fn names(&self) -> Vec<&str> {
-        self.0.iter().map(|(n, _)| n.as_str()).collect()
-    }
-
-    /// The first table that `now` (the oids the names resolve to, in order; 0 for none) shows
-    /// replaced: its name, its pinned oid, and what the name is now.
-    pub fn replaced_by(&self, now: &[i64]) -> Option<(String, u32, String)> {
-        self.0
-            .iter()
-            .zip(now)
-            .find(|((_, oid), now)| i64::from(*oid) != **now)
-            .map(|((name, oid), now)| (name.clone(), *oid, oid_text(*now)))
-    }
-
-    /// The first table `earlier` (pinned when the job planned) names whose oid differs here.
-    pub fn replaced_since(&self, earlier: &Pinned) -> Option<(String, u32, String)> {
-        earlier.0.iter().find_map(|(name, was)| {
-            let now = self.0.iter().find(|(n, _)| n == name)?.1;
-            (now != *was).then(|| (name.clone(), *was, now.to_string()))
-        })
-    }
-}
-
-fn oid_text(oid: i64) -> String {
-    if oid == 0 {
-        "none".into()
-    } else {
-        oid.to_string()
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct KeyColumn {
     pub name: String,

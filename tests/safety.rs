@@ -1150,11 +1150,12 @@ async fn a_revert_follows_columns_renamed_after_the_job(pool: PgPool) {
     );
 }
 
-/// The revert of a job whose table was swapped for a copy since restores into the table that
-/// has the name now, matching columns by name, and says so: the archive's columns record the
-/// table they were made for.
+/// The revert of a job whose table was swapped for another since (renamed in under the name)
+/// refuses: its images belong to the table the job changed (it reverted the newcomer's rows,
+/// and left the job's table as it was). With the pin cleared, as for a table restored from a
+/// dump, it restores into the table under the name, matching columns by name, and says so.
 #[sqlx::test]
-async fn a_revert_into_a_table_replaced_since_the_job_says_so(pool: PgPool) {
+async fn a_revert_refuses_a_table_replaced_since_the_job(pool: PgPool) {
     let db = Db::new(pool).await;
     orders(&db, 400).await;
     NewJob::new("stamp_then_swap", "orders")
@@ -1165,6 +1166,22 @@ async fn a_revert_into_a_table_replaced_since_the_job_says_so(pool: PgPool) {
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
     assert_eq!(swap_orders_for_a_copy(&db).await, 300);
+    let refused = db.revert("stamp_then_swap").await;
+    assert_eq!(refused.state, "failed");
+    let error = refused.last_error.unwrap_or_default();
+    assert!(
+        error.contains("public.orders is oid") && error.contains("it was replaced"),
+        "{error}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM orders WHERE status = 'pending'")
+            .await,
+        300,
+        "the table under the name is left alone"
+    );
+
+    db.exec("UPDATE backfill.jobs SET plan = plan - 'pinned' WHERE name = 'stamp_then_swap'")
+        .await;
     let revert = backfilld::ops::revert(&db.lib, &db.names, "stamp_then_swap", false)
         .await
         .expect("revert");
@@ -1182,6 +1199,197 @@ async fn a_revert_into_a_table_replaced_since_the_job_says_so(pool: PgPool) {
         log.contains("the archive was made for another table under this name"),
         "{log}"
     );
+}
+
+/// Pauses `name` once it ran two batches, and waits until it is paused.
+async fn paused_two_batches_in(db: &Db, name: &str) {
+    db.wait_for(name, "two batches", |r| r.batches >= 2).await;
+    db.set_requested(name, "paused").await;
+    db.wait_state(name, "paused").await;
+}
+
+/// A key retyped while the job is paused: `int` to `bigint` sorts and prints alike, and the
+/// job goes on, every row once; `int` to `text` does not (the cursor '1000' would sort before
+/// '999'), and the resumed job stops before any batch, naming the key. Before, it succeeded
+/// with rows skipped, and with `n = n + 1` rows changed twice.
+#[sqlx::test]
+async fn a_key_retyped_while_paused_is_followed_only_where_it_sorts_alike(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE wide (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO wide (id) SELECT generate_series(1, 3000);
+         CREATE TABLE texty (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO texty (id) SELECT generate_series(1, 3000);",
+    )
+    .await;
+    for table in ["wide", "texty"] {
+        NewJob::new(&format!("bump_{table}"), table)
+            .predicate("true")
+            .set("n = n + 1")
+            .raw("batch_size", "100")
+            .raw("sleep_ms", "50")
+            .insert(&db)
+            .await;
+        let mut daemon = db.daemon().max_batch(100).spawn();
+        paused_two_batches_in(&db, &format!("bump_{table}")).await;
+        let retype = if table == "wide" { "bigint" } else { "text" };
+        db.exec(&format!(
+            "ALTER TABLE {table} ALTER COLUMN id TYPE {retype}"
+        ))
+        .await;
+        db.set_requested(&format!("bump_{table}"), "running").await;
+        db.wait_for(&format!("bump_{table}"), "the end", |r| {
+            r.state.is_finished()
+        })
+        .await;
+        daemon.signal("TERM");
+        daemon.wait(std::time::Duration::from_secs(15)).await;
+    }
+    let wide = db.job("bump_wide").await;
+    assert_eq!(wide.state, "succeeded", "{:?}", wide.last_error);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM wide WHERE n = 1").await,
+        3000,
+        "every row once"
+    );
+    let texty = db.job("bump_texty").await;
+    assert_eq!(texty.state, "failed");
+    let error = texty.last_error.unwrap_or_default();
+    assert!(
+        error.contains(
+            "the key changed since the job planned (then id: column 1, an integer; now id: \
+             column 1, text collate"
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM texty WHERE n > 1")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM texty WHERE n = 1")
+            .await,
+        texty.rows_changed
+    );
+}
+
+/// Mid-run, between two batches: the key's collation changes (the walk's order with it), and a
+/// table attaches itself as an inheritance child (the statements, without ONLY, would reach its
+/// rows). Each stops the job at the next batch, naming what changed (the first failed with
+/// "cached plan must not change result type", the second went on into the child's rows).
+#[sqlx::test]
+async fn a_key_recollated_or_a_child_attached_mid_run_stops_the_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE coded (code text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO coded (code) SELECT 'c' || g FROM generate_series(1, 3000) g;
+         CREATE TABLE parent (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO parent (id) SELECT generate_series(1, 3000);
+         CREATE TABLE child (id int NOT NULL, n int NOT NULL DEFAULT 0);
+         INSERT INTO child (id) SELECT generate_series(1, 3000);",
+    )
+    .await;
+    let cases = [
+        (
+            "coded",
+            "ALTER TABLE coded ALTER COLUMN code TYPE text COLLATE \"C\"",
+            "the key changed",
+        ),
+        (
+            "parent",
+            "ALTER TABLE child INHERIT parent",
+            "a table inherits from it",
+        ),
+    ];
+    for (table, ddl, said) in cases {
+        let name = format!("bump_{table}");
+        NewJob::new(&name, table)
+            .predicate("true")
+            .set("n = n + 1")
+            .raw("batch_size", "100")
+            .raw("sleep_ms", "100")
+            .insert(&db)
+            .await;
+        let mut daemon = db.daemon().max_batch(100).until_idle().spawn();
+        db.wait_for(&name, "two batches", |r| r.batches >= 2).await;
+        db.exec(ddl).await;
+        daemon.wait_ok().await;
+        let job = db.job(&name).await;
+        assert_eq!(job.state, "failed", "{table}: {job:?}");
+        let error = job.last_error.unwrap_or_default();
+        assert!(error.contains(said), "{table}: {error}");
+        assert_eq!(
+            db.scalar_i64(&format!("SELECT count(*) FROM ONLY {table} WHERE n = 1"))
+                .await,
+            job.rows_changed,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM child WHERE n <> 0")
+            .await,
+        0
+    );
+}
+
+/// Row-level security turned on mid-run over the daemon's role: the rows its policy hides
+/// would be skipped, and the verification could not count them (the job "succeeded", remaining
+/// 0, half the rows untouched). The next batch stops the job, naming the cause.
+#[sqlx::test]
+async fn row_security_enabled_mid_run_stops_the_job(pool: PgPool) {
+    let db = Db::new(pool).await;
+    let role = db.cluster_unique("bfrlsmid").await;
+    db.exec(&format!(
+        "CREATE TABLE tenants (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO tenants (id) SELECT generate_series(1, 3000);
+         CREATE ROLE {role} LOGIN PASSWORD 'rls';
+         GRANT USAGE ON SCHEMA backfill TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
+         GRANT SELECT, UPDATE ON tenants TO {role};"
+    ))
+    .await;
+    NewJob::new("bump_tenants", "tenants")
+        .predicate("true")
+        .set("n = n + 1")
+        .raw("archive", "false")
+        .raw("batch_size", "100")
+        .raw("sleep_ms", "100")
+        .insert(&db)
+        .await;
+    let mut daemon = db
+        .daemon()
+        .database_url(&db.url_as(&role, "rls"))
+        .max_batch(100)
+        .until_idle()
+        .spawn();
+    db.wait_for("bump_tenants", "two batches", |r| r.batches >= 2)
+        .await;
+    db.exec(
+        "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY odd ON tenants USING (id % 2 = 1);",
+    )
+    .await;
+    daemon.wait_ok().await;
+    let job = db.job("bump_tenants").await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    let error = job.last_error.unwrap_or_default();
+    assert!(
+        error.contains("row-level security hides rows of the table from the daemon's role"),
+        "{error}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM tenants WHERE n = 1")
+            .await,
+        job.rows_changed
+    );
+    db.exec(&format!(
+        "DROP TABLE tenants; REVOKE ALL ON ALL TABLES IN SCHEMA backfill FROM {role};
+         REVOKE ALL ON ALL SEQUENCES IN SCHEMA backfill FROM {role};
+         REVOKE ALL ON SCHEMA backfill FROM {role}; DROP ROLE {role};"
+    ))
+    .await;
 }
 
 /// A migration widens a column an archived update sets while the update runs, and the

@@ -111,7 +111,7 @@ impl Attempt<'_> {
         };
         // A plan stored by an earlier attempt (a resume, an approved dry run) is of the table
         // that had the name then.
-        p.replaced_since(&plan)?;
+        p.drifted_since(&plan)?;
         // Before the dry run ends too: a plan over the ceiling fails rather than waiting for an
         // approval that could only fail.
         self.check_ceiling(&p, &plan)?;

@@ -21,9 +21,10 @@ use crate::fragment::Fragments;
 use crate::job::{Action, JobRow, JobSpec, Mode, State, Throttle};
 use crate::keyset::{Key, Keyset};
 use crate::metrics::Metrics;
+use crate::pin::Pinned;
 use crate::plan::{self, Counter, Plan};
 use crate::sql::Names;
-use crate::target::{Pinned, Target};
+use crate::target::Target;
 use crate::throttle::{self, Controller, Health, Impact, Load, Reason};
 
 mod attempt;
@@ -199,16 +200,10 @@ impl Prepared {
         self.into.as_ref().unwrap_or(&self.target)
     }
 
-    /// `TableReplaced` when a table pinned by the stored plan has another oid now.
-    fn replaced_since(&self, plan: &Plan) -> Result<(), JobError> {
-        match self.pinned.replaced_since(&plan.tables) {
-            Some((name, planned, now)) => Err(JobError::TableReplaced {
-                job: self.spec.name.clone(),
-                table: self.named.clone(),
-                name,
-                planned,
-                now,
-            }),
+    /// The error for what changed since the stored plan pinned it (`pin::Drift`), if anything.
+    fn drifted_since(&self, plan: &Plan) -> Result<(), JobError> {
+        match self.pinned.drift_since(&plan.pinned) {
+            Some(drift) => Err(drift.error(&self.spec.name, &self.named)),
             None => Ok(()),
         }
     }

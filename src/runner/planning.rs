@@ -82,7 +82,7 @@ impl Attempt<'_> {
             cascades,
             unmatched_staged_keys: self.unmatched_staged_keys(p).await?,
             warnings,
-            tables: p.pinned.clone(),
+            pinned: p.pinned.clone(),
             ..Default::default()
         };
         self.estimate(p, &mut plan, upper, cfg).await?;

@@ -27,6 +27,8 @@ impl Attempt<'_> {
             };
             let keys = spec.key_columns.as_deref().or(archived_keys.as_deref());
             let target = scope.resolve(&mut conn, &spec.name, table, keys).await?;
+            self.same_table_as_the_job(&mut conn, &spec, &target)
+                .await?;
             let archive = self
                 .source_archive(&mut conn, &spec, &name, &target)
                 .await?;
@@ -58,6 +60,9 @@ impl Attempt<'_> {
             None => Keyset::new(&validated.target),
         };
         let (upper, freeze) = self.upper_bound(&mut conn, &keyset).await?;
+        let pinned = pins(&mut conn, &validated, &keyset, source_archive.is_none())
+            .await
+            .map_err(self.err("reading the table's key and policies"))?;
         self.hand_back(conn).await?;
         // Stored on another connection once this one is back: holding one while waiting for a
         // second, jobs starting together each held one and waited for the pool's last (until
@@ -66,7 +71,6 @@ impl Attempt<'_> {
             self.store(freeze).await?;
         }
         let (into, written) = validated.into.unzip();
-        let pinned = Pinned::of(std::iter::once(&validated.target).chain(&into));
         Ok(Prepared {
             pinned,
             named: validated.target.named_with(into.as_ref()),
@@ -82,6 +86,52 @@ impl Attempt<'_> {
     }
 
     /// The name of the archive of the job a revert undoes, checked to be that job's own.
+    /// A revert restores into the table the reverted job changed, not another one that took
+    /// its name since (renamed in, or created again): the job's plan pinned its oid.
+    async fn same_table_as_the_job(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        spec: &JobSpec,
+        target: &Target,
+    ) -> Result<(), JobError> {
+        let original = spec.reverts.as_deref().unwrap_or_default();
+        let stored: Option<Value> = crate::sql::query_scalar(
+            &self
+                .ctx
+                .names
+                .render("SELECT plan -> 'pinned' FROM {jobs} WHERE name = $1"),
+        )
+        .bind(original)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(self.err("reading the reverted job's plan"))?
+        .flatten();
+        let pinned: crate::pin::Pinned = stored
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let planned = pinned
+            .tables
+            .iter()
+            .find(|(name, _)| *name == target.quoted);
+        match planned {
+            Some((_, oid)) if *oid != target.oid => Err(JobError::invalid(
+                &spec.name,
+                format!(
+                    "the archive holds rows of {table} as job {original} changed them (table \
+                     oid {oid}); {table} is oid {now} now: it was replaced (renamed, or dropped \
+                     and created again) since, and its images would go into another table's \
+                     rows. If it is the same table restored from a dump, clear the pin with \
+                     UPDATE {jobs} SET plan = plan - 'pinned' WHERE name = '{original}', and \
+                     revert again",
+                    table = target.display(),
+                    now = target.oid,
+                    jobs = self.ctx.names.jobs,
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn archive_name(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -343,4 +393,29 @@ pub(super) fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Targ
         table: archive.name.clone(),
         ..target.clone()
     }
+}
+
+/// What the job's statements depend on as it is now (`pin`): its tables by oid, the walked
+/// table's key (when it walks the target, not an archive) and row-level security on the table
+/// it writes.
+async fn pins(
+    conn: &mut sqlx::PgConnection,
+    validated: &crate::validate::Validated,
+    keyset: &Keyset,
+    walks_target: bool,
+) -> sqlx::Result<Pinned> {
+    let target = &validated.target;
+    let into = validated.into.as_ref().map(|(t, _)| t);
+    let tables = std::iter::once(target).chain(into);
+    let tables = tables.map(|t| (t.quoted.clone(), t.oid)).collect();
+    let sites = crate::pin::Sites {
+        key_names: if walks_target {
+            keyset.names()
+        } else {
+            Vec::new()
+        },
+        keyed: walks_target.then_some(target.oid),
+        written: into.unwrap_or(target).oid,
+    };
+    Pinned::now(conn, tables, sites).await
 }
