@@ -550,17 +550,19 @@ impl Gate {
     }
 }
 
-/// The revert that undid, undoes or will undo job `name`'s change: the latest job reverting it,
-/// unless that one failed or was cancelled before restoring anything.
+/// The revert that undid, undoes or will undo job `name`'s change: the latest job reverting it
+/// that restored rows or may still (not failed or cancelled before restoring anything). Every
+/// revert counts, not only the latest: one cancelled after restoring rows, then another cancelled
+/// before restoring any, still left the change partly undone (the gate had passed).
 pub async fn revert_of(pool: &Db, names: &Names, name: &str) -> Result<Option<JobRow>> {
-    let latest: Option<JobRow> = crate::sql::query_as(
-        &names.render("SELECT {job_row} FROM {jobs} WHERE reverts = $1 ORDER BY id DESC LIMIT 1"),
-    )
+    Ok(crate::sql::query_as(&names.render(
+        "SELECT {job_row} FROM {jobs}
+         WHERE reverts = $1 AND (rows_changed > 0 OR state NOT IN ('failed', 'cancelled'))
+         ORDER BY id DESC LIMIT 1",
+    ))
     .bind(name)
     .fetch_optional(pool)
-    .await?;
-    Ok(latest
-        .filter(|r| r.rows_changed > 0 || !matches!(r.state, State::Failed | State::Cancelled)))
+    .await?)
 }
 
 /// Why a job whose change a revert undid does not pass the gate, naming the revert.

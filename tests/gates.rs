@@ -390,6 +390,53 @@ async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
     );
 }
 
+/// A revert cancelled after restoring rows, then another cancelled before restoring any: the
+/// change is still partly undone. Only the latest revert was read, and dropped for restoring
+/// nothing, so the gate passed.
+#[sqlx::test]
+async fn wait_counts_a_partial_revert_behind_an_empty_one(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, s text);
+         INSERT INTO items SELECT g, NULL FROM generate_series(1, 50) g;",
+    )
+    .await;
+    NewJob::new("fill", "public.items")
+        .predicate("s IS NULL")
+        .set("s = 'x'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    // The first revert as a cancel mid-run leaves it: 20 rows restored, then cancelled (set
+    // here rather than raced); the second is cancelled before it runs.
+    assert!(run(&db, &["revert", "fill"]).await.status.success());
+    db.exec(
+        "UPDATE items SET s = NULL WHERE id <= 20;
+         UPDATE backfill.jobs SET state = 'cancelled', rows_changed = 20, finished_at = now()
+         WHERE name = 'fill__revert'",
+    )
+    .await;
+    assert!(run(&db, &["revert", "fill"]).await.status.success());
+    assert!(
+        run(&db, &["cancel", "fill__revert2"])
+            .await
+            .status
+            .success()
+    );
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("fill__revert2").await.state, "cancelled");
+    let out = run(&db, &["wait", "fill"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(
+            "fill: was partly reverted by fill__revert (cancelled after restoring 20 rows)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// A dry run on an empty table ended `succeeded` without an approval, so `wait` passed a job
 /// nobody approved and `execute` was refused. It now plans 0 rows and waits for the approval;
 /// the empty range is frozen, so rows that arrive before the approval are not changed unseen.
