@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result, is_transient_sqlstate};
 use crate::job::{Action, JobRow, JobSpec, Requested, State};
 use crate::keyset::{Key, Keyset};
+use crate::pin::Pinned;
 use crate::plan::Counter;
 use crate::sql::Names;
 use crate::staging::{self, Staged};
@@ -397,8 +398,16 @@ pub async fn verify(pool: &Db, names: &Names, cfg: &Config, name: &str) -> Resul
         into,
     } = crate::validate::job(&mut conn, &spec, scope, crate::validate::Parts::Predicate).await?;
     let named = target.named_with(into.as_ref().map(|(t, _)| t));
-    conn.finish().await?;
     let keyset = Keyset::new(&target);
+    // Counted on the table the job planned on, as the job's batches check (`pin`): one swapped
+    // in under the name since was counted, and its rows stored as the job's `remaining`.
+    let planned = Pinned::stored(row.plan.as_ref());
+    let into = into.map(|(t, _)| t);
+    let now = Pinned::of_job(&mut conn, &target, into.as_ref(), Some(keyset.names())).await?;
+    if let Some(drift) = now.drift_since(&planned) {
+        return Err(drift.error(name, &named).into());
+    }
+    conn.finish().await?;
     let upper = match row
         .upper_bound
         .as_ref()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
 use crate::error::JobError;
+use crate::target::Target;
 
 /// The state a job planned under, stored in the plan as `pinned`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +122,33 @@ macro_rules! found_sql {
 pub(crate) use {found_sql, key_identity};
 
 impl Pinned {
+    /// The pins of a job on `target` (an insert's source) and `into` (the table an insert
+    /// writes), with the key names its walk uses when it walks `target` (`None` for a revert,
+    /// which walks its archive), as they are now.
+    pub async fn of_job(
+        conn: &mut PgConnection,
+        target: &Target,
+        into: Option<&Target>,
+        walked_keys: Option<Vec<String>>,
+    ) -> sqlx::Result<Self> {
+        let tables = std::iter::once(target).chain(into);
+        let tables = tables.map(|t| (t.quoted.clone(), t.oid)).collect();
+        let sites = Sites {
+            keyed: walked_keys.is_some().then_some(target.oid),
+            key_names: walked_keys.unwrap_or_default(),
+            written: into.unwrap_or(target).oid,
+        };
+        Self::now(conn, tables, sites).await
+    }
+
+    /// The pins stored in a job's `plan` (none in an older plan, or none at all).
+    pub fn stored(plan: Option<&serde_json::Value>) -> Self {
+        let stored = plan.and_then(|p| p.get("pinned")).cloned();
+        stored
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+
     /// The pins of a job's tables (`tables`, the written one last), its walked table's key
     /// `keys` (none for a revert) as they are now.
     pub async fn now(

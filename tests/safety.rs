@@ -1029,6 +1029,16 @@ async fn a_table_swapped_under_the_name_mid_run_is_not_followed(pool: PgPool) {
         job.rows_changed,
         "the old table holds what the job's counters say it changed"
     );
+    // `verify` counts on the table the job planned on too (it counted the copy's rows and
+    // stored them as the job's `remaining`).
+    let cfg = backfilld::config::Config::default();
+    let verified = backfilld::ops::verify(&db.lib, &db.names, &cfg, "stamp_swap").await;
+    let error = verified.expect_err("refused").to_string();
+    assert!(
+        error.contains("is not the table this job planned"),
+        "{error}"
+    );
+    assert_eq!(db.job("stamp_swap").await.remaining, None);
 }
 
 /// A dry run planned on one table and approved after the table was swapped under its name

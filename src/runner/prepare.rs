@@ -60,7 +60,9 @@ impl Attempt<'_> {
             None => Keyset::new(&validated.target),
         };
         let (upper, freeze) = self.upper_bound(&mut conn, &keyset).await?;
-        let pinned = pins(&mut conn, &validated, &keyset, source_archive.is_none())
+        let into = validated.into.as_ref().map(|(t, _)| t);
+        let walked = source_archive.is_none().then(|| keyset.names());
+        let pinned = Pinned::of_job(&mut conn, &validated.target, into, walked)
             .await
             .map_err(self.err("reading the table's key and policies"))?;
         self.hand_back(conn).await?;
@@ -95,20 +97,18 @@ impl Attempt<'_> {
         target: &Target,
     ) -> Result<(), JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let stored: Option<Value> = crate::sql::query_scalar(
+        let plan: Option<Value> = crate::sql::query_scalar(
             &self
                 .ctx
                 .names
-                .render("SELECT plan -> 'pinned' FROM {jobs} WHERE name = $1"),
+                .render("SELECT plan FROM {jobs} WHERE name = $1"),
         )
         .bind(original)
         .fetch_optional(&mut *conn)
         .await
         .map_err(self.err("reading the reverted job's plan"))?
         .flatten();
-        let pinned: crate::pin::Pinned = stored
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
+        let pinned = Pinned::stored(plan.as_ref());
         let planned = pinned
             .tables
             .iter()
@@ -393,29 +393,4 @@ pub(super) fn archive_as_target(archive: &ArchiveTable, target: &Target) -> Targ
         table: archive.name.clone(),
         ..target.clone()
     }
-}
-
-/// What the job's statements depend on as it is now (`pin`): its tables by oid, the walked
-/// table's key (when it walks the target, not an archive) and row-level security on the table
-/// it writes.
-async fn pins(
-    conn: &mut sqlx::PgConnection,
-    validated: &crate::validate::Validated,
-    keyset: &Keyset,
-    walks_target: bool,
-) -> sqlx::Result<Pinned> {
-    let target = &validated.target;
-    let into = validated.into.as_ref().map(|(t, _)| t);
-    let tables = std::iter::once(target).chain(into);
-    let tables = tables.map(|t| (t.quoted.clone(), t.oid)).collect();
-    let sites = crate::pin::Sites {
-        key_names: if walks_target {
-            keyset.names()
-        } else {
-            Vec::new()
-        },
-        keyed: walks_target.then_some(target.oid),
-        written: into.unwrap_or(target).oid,
-    };
-    Pinned::now(conn, tables, sites).await
 }
