@@ -51,6 +51,12 @@ pub enum CheckError {
     #[error("--references: no table {given:?} (a view or another relation does not count)")]
     NoParent { given: String },
     #[error(
+        "--references {parent}({column}): {parent} has no unique key on exactly ({column}) (a \
+         primary key, unique constraint or unique index, neither partial nor deferrable): a \
+         foreign key cannot reference it, whatever the data"
+    )]
+    NotReferable { parent: String, column: String },
+    #[error(
         "counting duplicates of ({columns}) in {table} reached statement_timeout ({timeout}): it \
          reads the whole table in one statement; raise it for this command, e.g. \
          BACKFILLD_BATCH__STATEMENT_TIMEOUT=10m"
@@ -455,14 +461,20 @@ async fn comparable(
 /// the column. It is only read (one probe per child row), so the allowlist, which names the tables
 /// jobs may change, does not apply to it.
 async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, CheckError> {
-    // Schema, table, whether it has the column, and the column's type and collation.
-    type Found = (String, String, bool, Option<String>, Option<String>);
+    // Schema, table, whether it has the column, the column's type and collation, and whether a
+    // foreign key could reference the column: a unique key on exactly it, neither partial nor
+    // deferrable (PostgreSQL refuses the key otherwise, whatever the data).
+    type Found = (String, String, bool, Option<String>, Option<String>, bool);
     let row: Option<Found> = crate::sql::query_as(
         "SELECT n.nspname::text, c.relname::text, a.attnum IS NOT NULL,
                 format_type(a.atttypid, a.atttypmod),
                 (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname)
                  FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace
-                 WHERE co.oid = a.attcollation)
+                 WHERE co.oid = a.attcollation),
+                EXISTS (SELECT FROM pg_index i
+                        WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate
+                          AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+                          AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum)
          FROM pg_class c
          LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0
                                  AND NOT a.attisdropped
@@ -474,7 +486,7 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, Che
     .fetch_optional(pool)
     .await
     .map_err(|e| CheckError::Sql(JobError::sql(LABEL, given, "resolving the parent table", e)))?;
-    let Some((schema, table, has_column, sql_type, collation)) = row else {
+    let Some((schema, table, has_column, sql_type, collation, referable)) = row else {
         return Err(CheckError::NoParent {
             given: given.into(),
         });
@@ -483,6 +495,12 @@ async fn find_parent(pool: &Db, given: &str, column: &str) -> Result<Parent, Che
     if !has_column {
         return Err(CheckError::UnknownColumn {
             table: display,
+            column: column.into(),
+        });
+    }
+    if !referable {
+        return Err(CheckError::NotReferable {
+            parent: display,
             column: column.into(),
         });
     }

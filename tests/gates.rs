@@ -194,7 +194,11 @@ async fn check_refuses_unknown_columns_and_tables_jobs_may_not_target(pool: PgPo
     let db = Db::new(pool).await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, a text); CREATE TABLE nokey (a int);")
         .await;
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["check", "t", "--orphans", "a", "--references", "t(a)"],
+            "public.t has no unique key on exactly (a)",
+        ),
         (
             &["check", "t", "--not-null", "a; DROP TABLE t"],
             "table public.t has no column \"a; DROP TABLE t\"",
