@@ -535,8 +535,8 @@ async fn wait(pool: &crate::db::Db, names: &Names, args: &WaitArgs) -> anyhow::R
                 "message": message,
             })
         ),
-        Output::Text if gate.passed() => out!("{message}"),
-        Output::Text => eprintln!("backfilld: {message}"),
+        Output::Text if gate.passed() => out!("{}", printable(&message)),
+        Output::Text => eprintln!("backfilld: {}", printable(&message)),
     }
     Ok(match gate {
         Gate::Passed => ExitCode::SUCCESS,
@@ -819,9 +819,12 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// One job in full. Its text fields come from whoever inserted the job (and the server's
+/// errors): each is shown on one line with control characters escaped, so an escape sequence in
+/// a predicate does not reach the operator's terminal, nor a newline break the layout.
 fn print_detail(r: &JobRow) {
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    out!("job            {} (id {})", r.name, r.id);
+    let opt = |v: &Option<String>| printable(v.as_deref().unwrap_or("-"));
+    out!("job            {} (id {})", printable(&r.name), r.id);
     out!(
         "state          {}   requested: {}   attempt: {}",
         r.state,
@@ -860,8 +863,14 @@ fn print_detail(r: &JobRow) {
         r.started_at.map_or("-".into(), |t| t.to_rfc3339()),
         r.finished_at.map_or("-".into(), |t| t.to_rfc3339())
     );
+    if r.state == crate::job::State::Pending && r.run_at > chrono::Utc::now() {
+        out!(
+            "run at         {} (not claimed before)",
+            r.run_at.to_rfc3339()
+        );
+    }
     if let Some(e) = &r.last_error {
-        out!("last error     {e}");
+        out!("last error     {}", printable(e));
     }
     match r.plan.as_ref().map(Plan::from_stored) {
         Some(Ok(plan)) => print_plan(&plan),
@@ -900,17 +909,18 @@ fn print_plan(plan: &Plan) {
             tables => format!(", through {}", tables.join(", ")),
         };
         out!(
-            "  cascade      {} ON DELETE {}: {rows} ({}{via})",
-            c.child,
+            "  cascade      {} ON DELETE {}: {rows} ({}{})",
+            printable(&c.child),
             c.on_delete,
-            c.constraint
+            printable(&c.constraint),
+            printable(&via)
         );
     }
     if let Some(n) = plan.unmatched_staged_keys {
         out!("  staged keys  {n} match no row of the table");
     }
     for w in &plan.warnings {
-        out!("  warning      {w}");
+        out!("  warning      {}", printable(w));
     }
     for s in &plan.samples {
         out!("  sample       {s}");

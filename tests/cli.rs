@@ -263,6 +263,38 @@ fn configuration_errors_say_where_the_value_came_from() {
     );
 }
 
+/// A job's text comes from whoever inserted it: `status NAME` and `wait` show it with control
+/// characters escaped, as the list view does (an escape sequence in a predicate reached the
+/// operator's terminal; a newline broke the layout). A job scheduled for later says when.
+#[sqlx::test]
+async fn the_detail_view_escapes_control_characters_and_shows_run_at(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE t8 (id int PRIMARY KEY, w text);
+         INSERT INTO backfill.jobs (name, table_name, predicate, set_clause, run_at)
+         VALUES (E'esc\\nname', 't8', E'w IS DISTINCT FROM \\'\\033[2J\\'\\nAND w IS NULL',
+                 'w = 1', now() + interval '1 day');",
+    )
+    .await;
+    let out = backfilld(&db.url, &["status", "esc\nname"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains("job            esc\\nname (id"), "{text}");
+    assert!(
+        text.contains("predicate      w IS DISTINCT FROM '\\u{1b}[2J'\\nAND w IS NULL"),
+        "{text}"
+    );
+    assert!(text.contains("run at         "), "{text}");
+    let wait = backfilld(&db.url, &["wait", "esc\nname", "--timeout", "1s"]);
+    assert_eq!(wait.status.code(), Some(4));
+    assert!(
+        stderr(&wait).contains("esc\\nname: still pending"),
+        "{}",
+        stderr(&wait)
+    );
+}
+
 /// A job command on a database nobody migrated says to run `backfilld migrate`.
 #[sqlx::test]
 async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
