@@ -60,7 +60,7 @@ pub struct DatabaseConfig {
 
 /// What kind of connection `database.url` gives (see `db`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum PoolMode {
     /// PostgreSQL itself, or a pooler that keeps a server per client (PgBouncer `session`).
     #[default]
@@ -196,10 +196,45 @@ pub struct MetricsConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// An enum value from its name, or an error listing the names (serde's own said "enum PoolMode
+/// does not have variant constructor statement").
+fn one_of<T: Copy>(value: &str, names: &[(&str, T)]) -> std::result::Result<T, String> {
+    let found = names
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(value.trim()));
+    found.map(|(_, v)| *v).ok_or_else(|| {
+        let listed: Vec<String> = names.iter().map(|(n, _)| format!("{n:?}")).collect();
+        format!("{value:?} is not one of {}", listed.join(", "))
+    })
+}
+
+impl TryFrom<String> for PoolMode {
+    type Error = String;
+    fn try_from(value: String) -> std::result::Result<Self, String> {
+        one_of(
+            &value,
+            &[
+                ("session", PoolMode::Session),
+                ("transaction", PoolMode::Transaction),
+            ],
+        )
+    }
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+    fn try_from(value: String) -> std::result::Result<Self, String> {
+        one_of(
+            &value,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -535,12 +570,19 @@ impl Config {
                 "must exceed worker.concurrency (each job also needs a heartbeat connection)",
             ));
         }
-        if self.worker.heartbeat_interval.is_zero()
-            || self.worker.heartbeat_interval * 2 > self.worker.lease_ttl
-        {
+        let (heartbeat, lease) = (self.worker.heartbeat_interval, self.worker.lease_ttl);
+        if lease.is_zero() {
+            return Err(invalid("worker.lease_ttl", "must be positive"));
+        }
+        if heartbeat.is_zero() || heartbeat * 2 > lease {
             return Err(invalid(
                 "worker.heartbeat_interval",
-                "must be non-zero and at most half of worker.lease_ttl",
+                format!(
+                    "must be non-zero and at most half of worker.lease_ttl (it is {}s, and \
+                     worker.lease_ttl {}s): lower it, or raise worker.lease_ttl",
+                    heartbeat.as_secs_f64(),
+                    lease.as_secs_f64()
+                ),
             ));
         }
         self.batch.validate()?;
@@ -829,7 +871,11 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D:
     }
     match Raw::deserialize(d)? {
         Raw::Secs(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(serde::de::Error::custom),
+        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a duration such as \"30s\", \"5m\" or \"1h 30m\" ({e})"
+            ))
+        }),
     }
 }
 
@@ -892,6 +938,10 @@ mod tests {
             (
                 "worker.heartbeat_interval",
                 Box::new(|c| c.worker.heartbeat_interval = Duration::from_secs(60)),
+            ),
+            (
+                "worker.lease_ttl",
+                Box::new(|c| c.worker.lease_ttl = Duration::ZERO),
             ),
             (
                 "metrics.listen",

@@ -214,6 +214,33 @@ fn configuration_errors_say_where_the_value_came_from() {
             && !message.contains(config),
         "{message}"
     );
+    // Values that do not parse say what would.
+    for (var, value, said) in [
+        (
+            "BACKFILLD_DATABASE__POOL_MODE",
+            "statement",
+            "\"statement\" is not one of \"session\", \"transaction\"",
+        ),
+        (
+            "BACKFILLD_WORKER__LEASE_TTL",
+            "forever",
+            "\"forever\" is not a duration such as \"30s\"",
+        ),
+        (
+            "BACKFILLD_WORKER__LEASE_TTL",
+            "8s",
+            "worker.heartbeat_interval: must be non-zero and at most half of worker.lease_ttl \
+             (it is 5s, and worker.lease_ttl 8s)",
+        ),
+    ] {
+        let out = run(&["--config", config, "status"], &[(var, value)], None);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            stderr(&out).contains(said),
+            "{var}={value}: {}",
+            stderr(&out)
+        );
+    }
     std::fs::remove_dir_all(&dir).ok();
 
     let piped = run(
