@@ -165,8 +165,9 @@ For the migration after a backfill (the one that adds NOT NULL or drops the old 
 Reads the job row every second until the job has finished, then exits:
   0  it succeeded and was verified with remaining = 0
   1  error (no such job, database unreachable)
-  3  it failed, was cancelled, succeeded with rows remaining or unverified, or is a dry run
-     awaiting approval
+  2  bad usage or configuration (an unknown option, a --timeout without a unit)
+  3  it failed, was cancelled, succeeded with rows remaining or unverified, is a dry run
+     awaiting approval, or a revert undid or is undoing its change
   4  still pending, running or paused when --timeout passed
 
 Example:
@@ -176,7 +177,9 @@ const CHECK_HELP: &str = "\
 Counts in throttled keyset windows over the table's key (duplicates: one grouped statement under
 batch.statement_timeout), prints each check's count and up to 5 offending keys or values, and exits:
   0  no violation
-  1  error (unknown table or column, refused table, statement failed)
+  1  error (unknown table or column, refused table, a parent column no foreign key can
+     reference, statement failed)
+  2  bad usage or configuration (no check given, an unknown option)
   3  violations found
 Rows with a NULL in --unique columns are reported but are not violations: a unique index lets them in.
 
