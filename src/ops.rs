@@ -297,9 +297,18 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
     .fetch_one(&mut *tx)
     .await?;
     if archive.is_none() {
-        return Err(refuse(
-            "it has no archive (archive was off, it never ran, or the archive expired)".into(),
-        ));
+        // Say which: an archiving job that changed nothing never made its archive.
+        let reason = if job.archive == Some(false) {
+            "it kept no archive (archive was off)".to_owned()
+        } else if job.rows_changed == 0 && job.state.is_finished() {
+            format!(
+                "it changed no rows ({}, {} rows changed), so there is nothing to revert",
+                job.state, job.rows_changed
+            )
+        } else {
+            "it has no archive (it never ran, or the archive expired)".to_owned()
+        };
+        return Err(refuse(reason));
     }
     let earlier: Vec<(String, State)> = crate::sql::query_as(
         &names.render("SELECT name, state FROM {jobs} WHERE reverts = $1 ORDER BY id"),

@@ -432,6 +432,30 @@ async fn a_job_is_reverted_once_unless_its_revert_was_cancelled(pool: PgPool) {
 /// `revert` checked the job's archive before taking its row lock: a revert asked for while the
 /// retention sweep dropped the expired archive (holding that lock) was queued, and could only
 /// fail. Here a transaction standing in for the sweep clears `archive_table` under the lock.
+/// The revert of an archiving job that changed nothing (its table was empty) says so: it said
+/// "archive was off, it never ran, or the archive expired", none of which was true.
+#[sqlx::test]
+async fn a_revert_of_a_job_that_changed_nothing_says_so(pool: PgPool) {
+    let db = Db::new(pool).await;
+    orders(&db, 0).await;
+    NewJob::new("nothing", "orders")
+        .predicate("status IS NULL")
+        .set("status = 'pending'")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    assert_eq!(db.job("nothing").await.state, "succeeded");
+    let refused = backfilld::ops::revert(&db.lib, &db.names, "nothing", false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("it changed no rows (succeeded, 0 rows changed)"),
+        "{refused}"
+    );
+}
+
 #[sqlx::test]
 async fn a_revert_asked_for_while_the_archive_expires_is_refused(pool: PgPool) {
     let db = Db::new(pool).await;
