@@ -466,10 +466,14 @@ async fn operate(
             ops::request(pool, names, &name, Requested::Cancelled).await?,
             "cancel requested",
         ),
-        Command::Execute { name } => report(
-            ops::approve(pool, names, &name).await?,
-            "approved for execution",
-        ),
+        Command::Execute { name } => {
+            let already = ops::get(pool, names, &name).await?.mode.as_deref() == Some("execute");
+            let what = match already {
+                true => "already approved (mode execute); nothing changed",
+                false => "approved for execution",
+            };
+            report(ops::approve(pool, names, &name).await?, what)
+        }
         Command::Revert {
             name,
             allow_cascade,
@@ -695,7 +699,7 @@ fn new_job(a: EnqueueArgs) -> NewJob {
 }
 
 fn report(row: JobRow, what: &str) {
-    out!("{}: {what} (state {})", row.name, row.state);
+    out!("{}: {what} (state {})", printable(&row.name), row.state);
 }
 
 async fn status(

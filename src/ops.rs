@@ -276,10 +276,18 @@ pub async fn revert(pool: &Db, names: &Names, name: &str, allow_cascade: bool) -
         reason,
     };
     if !job.state.is_finished() {
-        return Err(refuse(format!(
-            "it is {}; cancel it or let it finish before reverting",
-            job.state
-        )));
+        let reason = match (job.state, job.requested_state.as_deref()) {
+            (State::Planned, _) if job.mode.as_deref() != Some("execute") => {
+                "it is a dry run awaiting approval (planned): it changed no rows, so there is \
+                 nothing to revert; cancel it if it should not run"
+                    .to_owned()
+            }
+            (state, Some("cancelled")) => {
+                format!("it is {state} and its cancel was requested: revert it once it ended")
+            }
+            (state, _) => format!("it is {state}; cancel it or let it finish before reverting"),
+        };
+        return Err(refuse(reason));
     }
     if let Some(original) = &job.reverts {
         return Err(refuse(format!(

@@ -322,6 +322,45 @@ async fn the_detail_view_escapes_control_characters_and_shows_run_at(pool: PgPoo
     );
 }
 
+/// `revert` of a planned dry run says it changed nothing (it said "cancel it or let it finish");
+/// `execute` of a job already approved says so (it said "approved for execution" again).
+#[sqlx::test]
+async fn revert_and_execute_say_what_a_dry_run_is(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE t5 (id int PRIMARY KEY, w text);
+         INSERT INTO t5 SELECT g, NULL FROM generate_series(1, 10) g;",
+    )
+    .await;
+    NewJob::new("dry5", "t5")
+        .predicate("w IS NULL")
+        .set("w = 'x'")
+        .text("mode", "dry_run")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let revert = backfilld(&db.url, &["revert", "dry5"]);
+    assert_eq!(revert.status.code(), Some(1));
+    assert!(
+        stderr(&revert).contains("it is a dry run awaiting approval (planned): it changed no rows"),
+        "{}",
+        stderr(&revert)
+    );
+    let first = backfilld(&db.url, &["execute", "dry5"]);
+    assert!(
+        stdout(&first).contains("dry5: approved for execution"),
+        "{}",
+        stdout(&first)
+    );
+    let again = backfilld(&db.url, &["execute", "dry5"]);
+    assert!(again.status.success());
+    assert!(
+        stdout(&again).contains("dry5: already approved (mode execute); nothing changed"),
+        "{}",
+        stdout(&again)
+    );
+}
+
 /// A job command on a database nobody migrated says to run `backfilld migrate`.
 #[sqlx::test]
 async fn commands_on_an_unmigrated_schema_say_to_migrate(pool: PgPool) {
