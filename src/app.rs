@@ -161,6 +161,8 @@ impl Waiting<'_> {
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "database not usable yet; retrying (/readyz answers 503 meanwhile)");
                     self.readiness.alive();
+                    self.readiness
+                        .not_reached(format!("database not usable yet: {e}"));
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return Ok(None),
                         _ = tokio::time::sleep(delay) => {}

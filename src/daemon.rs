@@ -29,9 +29,36 @@ pub struct Readiness {
     /// Unix seconds of the last loop iteration at all.
     pub last_tick: AtomicI64,
     pub stopping: AtomicBool,
+    /// Why the loop last failed to reach the database (or a usable schema), until it next does:
+    /// what `/readyz` says.
+    pub why_not: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
+    /// The loop reached the database: ready (unless stopping).
+    pub fn reached(&self) {
+        self.mark(&self.last_ok);
+        *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The loop did not reach the database, or found it unusable, for `why`.
+    pub fn not_reached(&self, why: String) {
+        *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// What `/readyz` answers when not ready.
+    pub fn why_not(&self) -> String {
+        if self.stopping.load(Ordering::Relaxed) {
+            return "stopping".into();
+        }
+        let why = self
+            .why_not
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        why.unwrap_or_else(|| "the daemon has not reached the database lately".into())
+    }
+
     fn mark(&self, field: &AtomicI64) {
         field.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
     }
@@ -84,11 +111,13 @@ impl Daemon {
             self.readiness.mark(&self.readiness.last_tick);
             let claimed = match self.tick(&mut tasks, &mut last_sweep).await {
                 Ok(n) => {
-                    self.readiness.mark(&self.readiness.last_ok);
+                    self.readiness.reached();
                     n
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "poll failed; retrying at the next interval");
+                    self.readiness
+                        .not_reached(format!("polling for jobs failed: {e}"));
                     0
                 }
             };

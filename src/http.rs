@@ -85,11 +85,11 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let window = (s.poll_interval() * 3).max(Duration::from_secs(10));
     if s.readiness.is_ready(window) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "database not reachable or stopping\n",
+            format!("not ready: {}\n", s.readiness.why_not()),
         )
     }
 }

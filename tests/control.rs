@@ -97,7 +97,10 @@ async fn readyz_says_stopping_during_the_drain(pool: PgPool) {
     common::wait_until(
         "/readyz saying stopping",
         || daemon.log(),
-        async || matches!(common::http_get(port, "/readyz").await, Some((503, _))),
+        async || {
+            matches!(common::http_get(port, "/readyz").await,
+                     Some((503, body)) if body == "not ready: stopping\n")
+        },
     )
     .await;
     holder.commit().await;
@@ -226,9 +229,14 @@ async fn a_daemon_waits_for_its_schema_alive_but_not_ready(pool: PgPool) {
         "/healthz 200 and /readyz 503 while the schema is missing",
         || daemon.log(),
         async || {
+            let ready = common::http_get(port, "/readyz").await;
             matches!(common::http_get(port, "/healthz").await, Some((200, _)))
-                && matches!(common::http_get(port, "/readyz").await, Some((503, _)))
-                && daemon.log().contains("database not usable yet")
+                && ready.as_ref().is_some_and(|(code, body)| {
+                    // It says why (it said "database not reachable", which it was).
+                    *code == 503
+                        && body.starts_with("not ready: database not usable yet")
+                        && body.contains("later")
+                })
         },
     )
     .await;
