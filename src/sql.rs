@@ -6,6 +6,22 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// An identifier as PostgreSQL's `quote_ident` shows it: bare when it is lower-case letters,
+/// digits, `_` and `$` (not first), else quoted, so `public."Order Items"` and `"my.schema".t`
+/// read unambiguously in messages.
+pub fn shown_ident(ident: &str) -> String {
+    let mut chars = ident.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+    if plain {
+        ident.to_owned()
+    } else {
+        quote_ident(ident)
+    }
+}
+
 /// `"schema"."name"`.
 pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))

@@ -105,9 +105,14 @@ impl Target {
         matches!(self.conflicts, Conflicts::Deferred(_))
     }
 
-    /// `schema.table` for messages and metrics.
+    /// `schema.table` for messages and metrics, each part quoted where it needs it
+    /// (`public."Order Items"`), as PostgreSQL shows names.
     pub fn display(&self) -> String {
-        format!("{}.{}", self.schema, self.table)
+        format!(
+            "{}.{}",
+            crate::sql::shown_ident(&self.schema),
+            crate::sql::shown_ident(&self.table)
+        )
     }
 
     /// How a job's messages name its table: the table it changes, and for an insert also the

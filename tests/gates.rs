@@ -192,9 +192,17 @@ async fn orphans_counts_children_without_a_parent_including_self_references(pool
 #[sqlx::test]
 async fn check_refuses_unknown_columns_and_tables_jobs_may_not_target(pool: PgPool) {
     let db = Db::new(pool).await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, a text); CREATE TABLE nokey (a int);")
-        .await;
-    let cases: [(&[&str], &str); 7] = [
+    db.exec(
+        r#"CREATE TABLE t (id int PRIMARY KEY, a text); CREATE TABLE nokey (a int);
+           CREATE TABLE "Odd T" (id int PRIMARY KEY);"#,
+    )
+    .await;
+    let cases: [(&[&str], &str); 8] = [
+        (
+            // Names are shown as PostgreSQL shows them, quoted where they need it.
+            &["check", r#"public."Odd T""#, "--not-null", "a"],
+            r#"table public."Odd T" has no column "a""#,
+        ),
         (
             &["check", "t", "--orphans", "a", "--references", "t(a)"],
             "public.t has no unique key on exactly (a)",
