@@ -318,6 +318,22 @@ pub struct EnqueueArgs {
     pub output: Output,
 }
 
+impl Command {
+    /// The output the command was asked for: a command asked for JSON that fails prints a JSON
+    /// error object too, so a script parsing its stdout gets one (it got nothing).
+    fn output(&self) -> Output {
+        match self {
+            Command::Enqueue(args) => args.output,
+            Command::Status { output, .. }
+            | Command::Revert { output, .. }
+            | Command::Verify { output, .. } => *output,
+            Command::Wait(args) => args.output,
+            Command::Check(args) => args.output,
+            _ => Output::Text,
+        }
+    }
+}
+
 /// Runs the parsed command; prints errors; returns the process exit status.
 pub async fn main(cli: Cli) -> ExitCode {
     let source = Source::new(cli.config.clone(), cli.database_url.clone());
@@ -346,6 +362,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     for warning in cfg.warnings() {
         tracing::warn!("{warning}");
     }
+    let output = cli.command.output();
     let result = dispatch(cli.command, source, cfg, &telemetry).await;
     telemetry.shutdown();
     match result {
@@ -357,7 +374,14 @@ pub async fn main(cli: Cli) -> ExitCode {
             let configuration = e
                 .downcast_ref::<crate::error::Error>()
                 .is_some_and(crate::error::Error::is_configuration);
-            ExitCode::from(if configuration { 2 } else { 1 })
+            let code = if configuration { 2 } else { 1 };
+            if matches!(output, Output::Json) {
+                out!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string(), "exit_code": code })
+                );
+            }
+            ExitCode::from(code)
         }
     }
 }

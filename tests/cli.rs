@@ -346,6 +346,18 @@ async fn revert_and_execute_say_what_a_dry_run_is(pool: PgPool) {
         "{}",
         stderr(&revert)
     );
+    // Asked for JSON, a failing command prints a JSON error on stdout too (it printed nothing).
+    let json = backfilld(&db.url, &["revert", "dry5", "--output", "json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_str(stdout(&json).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", stdout(&json)));
+    assert_eq!(error["exit_code"], 1);
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("dry run awaiting approval")),
+        "{error}"
+    );
     let first = backfilld(&db.url, &["execute", "dry5"]);
     assert!(
         stdout(&first).contains("dry5: approved for execution"),
