@@ -1,5 +1,5 @@
-//! What a job's plan cannot see in its own statements, and says in `plan.warnings`: user
-//! triggers that fire on its writes (a BEFORE trigger that changes the row, or one that writes
+//! What a job's plan cannot see in its own statements, and says in `plan.warnings`: rules that
+//! rewrite its writes, user triggers that fire on its writes (a BEFORE trigger that changes the row, or one that writes
 //! or deletes other rows: neither is in the archive, and a revert cannot undo it), and row-level
 //! security that hides rows from the daemon's role (the job changes only the rows its policies
 //! let it see; `remaining` does not count the others).
@@ -18,6 +18,14 @@ pub async fn warnings(pool: &Db, target: &Target, event: Event) -> sqlx::Result<
             "{} has triggers that fire on this job's {event}s: {triggers}. A BEFORE trigger that \
              changes the row, or a trigger that writes or deletes other rows, is not in the \
              archive: the job's counts and its revert do not cover what they do",
+            target.display()
+        ));
+    }
+    if let Some(rules) = rules(pool, target, event).await? {
+        found.push(format!(
+            "{} has rules on this job's {event}s: {rules}. A rule rewrites the job's statements \
+             (DO INSTEAD NOTHING skips every row, and the job then ends with rows remaining); \
+             the job's counts, archive and revert see only what the rewritten statement returns",
             target.display()
         ));
     }
@@ -51,6 +59,26 @@ async fn triggers(pool: &Db, target: &Target, event: Event) -> sqlx::Result<Opti
     )
     .bind(target.oid as i64)
     .bind(bit)
+    .fetch_one(pool)
+    .await
+}
+
+/// `name (INSTEAD)`, … for the enabled rules on `event`; `None` without any.
+async fn rules(pool: &Db, target: &Target, event: Event) -> sqlx::Result<Option<String>> {
+    // pg_rewrite.ev_type: '2' UPDATE, '3' INSERT, '4' DELETE ('1' SELECT: a view's _RETURN).
+    let kind = match event {
+        "INSERT" => "3",
+        "DELETE" => "4",
+        _ => "2",
+    };
+    crate::sql::query_scalar(
+        "SELECT string_agg(format('%s (%s)', r.rulename,
+                    CASE WHEN r.is_instead THEN 'INSTEAD' ELSE 'ALSO' END), ', ' ORDER BY r.rulename)
+         FROM pg_rewrite r
+         WHERE r.ev_class = $1::oid AND r.ev_type = $2::\"char\" AND r.ev_enabled <> 'D'",
+    )
+    .bind(target.oid as i64)
+    .bind(kind)
     .fetch_one(pool)
     .await
 }

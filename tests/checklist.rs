@@ -1923,6 +1923,19 @@ async fn the_plan_warns_of_triggers_and_row_security(pool: PgPool) {
         ),
         "{scaled}"
     );
+    // A rule rewriting the job's statement (DO INSTEAD NOTHING: the job "succeeded" with every
+    // row remaining, unwarned).
+    db.exec(
+        "CREATE RULE acct_nothing AS ON UPDATE TO acct DO INSTEAD NOTHING;
+         UPDATE backfill.jobs SET plan = NULL, state = 'pending' WHERE name = 'scaled';",
+    )
+    .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    let ruled = db.job("scaled").await.plan.expect("a plan")["warnings"].to_string();
+    assert!(
+        ruled.contains("public.acct has rules on this job's UPDATEs: acct_nothing (INSTEAD)"),
+        "{ruled}"
+    );
     db.exec("UPDATE backfill.jobs SET plan = NULL, state = 'pending' WHERE name = 'hidden'")
         .await;
     db.daemon()
