@@ -642,7 +642,10 @@ async fn enqueue(
 ) -> anyhow::Result<()> {
     let (output, file) = (args.output, args.from_csv.clone());
     let derived = match (&args.name, &file) {
-        (None, Some(file)) => Some(csv_job_name(&args.table, file)?),
+        (None, Some(file)) => Some(csv_job_name(
+            &canonical_table(pool, &args.table).await,
+            file,
+        )?),
         _ => None,
     };
     let mut job = new_job(args);
@@ -666,6 +669,22 @@ async fn enqueue(
     };
     print_jobs(&[row], output, true);
     Ok(())
+}
+
+/// The table as the server resolves `given` (`public.prices` for `PRICES`, `"prices"` or
+/// `public.prices`), so one table gets one derived job name however it is spelled; `given`
+/// itself when it resolves to none (enqueueing then says why).
+async fn canonical_table(pool: &crate::db::Db, given: &str) -> String {
+    let resolved: Option<String> = crate::sql::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+    )
+    .bind(given)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten();
+    resolved.unwrap_or_else(|| given.to_owned())
 }
 
 /// `csv_<table>_<file stem>_<digest>`: letters, digits and underscores of the table's and the

@@ -671,6 +671,14 @@ async fn a_csv_job_without_a_name_is_named_from_its_file(pool: PgPool) {
     let again = backfilld(&db.url, &args);
     assert!(!again.status.success(), "the same file twice");
     assert!(stderr(&again).contains(&name), "{}", stderr(&again));
+    // However the table is spelled (each spelling was a new job with its own digest).
+    for spelled in ["public.prices", "PUBLIC.PRICES", "\"prices\""] {
+        let mut respelled = args;
+        respelled[6] = spelled;
+        let out = backfilld(&db.url, &respelled);
+        assert!(!out.status.success(), "{spelled}");
+        assert!(stderr(&out).contains(&name), "{spelled}: {}", stderr(&out));
+    }
     std::fs::write(&file, "id,price\n1,11\n2,21\n").unwrap();
     let changed = backfilld(&db.url, &args);
     assert!(changed.status.success(), "{}", stderr(&changed));
