@@ -25,11 +25,13 @@ pub enum StagingError {
     },
     #[error("{path} has no header line")]
     NoHeader { path: String },
-    #[error("{path}: column {column:?} is not a column of {table}")]
+    #[error("{path}: column {column:?} is not a column of {table}{}", ambiguity(.alike))]
     UnknownColumn {
         path: String,
         column: String,
         table: String,
+        /// Columns it matches when case is ignored (more than one: ambiguous).
+        alike: Vec<String>,
     },
     #[error("{path}: column {column:?} appears twice in the header")]
     DuplicateColumn { path: String, column: String },
@@ -142,6 +144,19 @@ pub async fn stage_csv(
 }
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `: it matches both "price" and "Price" when case is ignored; …` for a header name that would
+/// have been taken for one of several columns.
+fn ambiguity(alike: &[String]) -> String {
+    if alike.len() < 2 {
+        return String::new();
+    }
+    let names: Vec<String> = alike.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        " (when case is ignored it matches {}: write the header as the column is spelled)",
+        names.join(" and ")
+    )
+}
 
 /// A header name that is not a column of the target, but matches exactly one column when case is
 /// ignored (`ID`, `Price` from a spreadsheet), is taken as that column.
@@ -465,10 +480,13 @@ fn check_columns(
     let mut seen = std::collections::HashSet::new();
     for column in header {
         let Some(c) = target.column(column) else {
+            let alike = target.columns.iter().map(|c| &c.name);
+            let alike = alike.filter(|n| n.eq_ignore_ascii_case(column)).cloned();
             return Err(StagingError::UnknownColumn {
                 path: path.to_owned(),
                 column: column.clone(),
                 table: target.display(),
+                alike: alike.collect(),
             });
         };
         if !seen.insert(column) {

@@ -1593,7 +1593,7 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
          INSERT INTO currencies VALUES ('EUR'), ('USD');
          CREATE TABLE prices (id bigint PRIMARY KEY, price numeric NOT NULL,
                               qty int CHECK (qty >= 0), cur text REFERENCES currencies,
-                              low numeric, high numeric, CHECK (low <= high));
+                              low numeric, high numeric, CHECK (low <= high), \"Low\" numeric);
          INSERT INTO prices SELECT g, 1, 0, 'EUR', 0, 10 FROM generate_series(1, 3) g;",
     )
     .await;
@@ -1630,6 +1630,11 @@ async fn a_bad_csv_file_fails_with_its_line_and_creates_nothing(pool: PgPool) {
             vec!["\"cost\"", "public.prices"],
         ),
         ("nokey", "price\n2\n", vec!["key column \"id\""]),
+        (
+            "ambiguous",
+            "id,LOW\n1,2\n",
+            vec!["\"LOW\"", "it matches \"low\" and \"Low\""],
+        ),
         (
             "unparsable",
             "id,price\n1,2\n2,two\n",
