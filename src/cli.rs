@@ -116,7 +116,8 @@ pub enum Command {
     )]
     Status {
         name: Option<String>,
-        /// Refresh every 2 seconds until the shown jobs have ended.
+        /// Refresh every 2 seconds until the shown jobs have ended. With --output json, each
+        /// refresh prints one JSON array of the shown jobs on its own line (JSON Lines).
         #[arg(long)]
         watch: bool,
         #[arg(long, value_enum, default_value_t)]
