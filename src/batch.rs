@@ -261,7 +261,7 @@ impl Batcher<'_> {
         let mut tx = self.begin(locked).await?;
         let window = match self.window(&mut tx, cursor, size).await {
             Ok(window) => window,
-            Err(e) => return Err(self.explained(e).await),
+            Err(e) => return Err(self.failed(tx, e).await),
         };
         let Some((scanned, hi)) = window else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
@@ -270,7 +270,7 @@ impl Batcher<'_> {
         let writing = Instant::now();
         let applied = match self.apply_change(&mut tx, cursor, &hi, locked).await {
             Ok(applied) => applied,
-            Err(e) => return Err(self.explained(self.dropped_column(e).await).await),
+            Err(e) => return Err(self.failed(tx, e).await),
         };
         let Some(changed) = applied else {
             tx.rollback().await.map_err(self.sql_err("rollback"))?;
@@ -313,6 +313,20 @@ impl Batcher<'_> {
         self.doubt().take()
     }
 
+    /// A batch statement failed in `tx`: a statement kept prepared that DDL made stale is
+    /// forgotten on this connection (every retry would fail the same way on it), and the error
+    /// is explained (`dropped_column`, `explained`).
+    async fn failed(&self, mut tx: Transaction<'static, Postgres>, e: JobError) -> JobError {
+        if e.is_stale_plan() {
+            use sqlx::Connection;
+            if let Err(clear) = tx.clear_cached_statements().await {
+                tracing::debug!(error = %clear, "forgetting the connection's statements failed");
+            }
+        }
+        drop(tx);
+        self.explained(self.dropped_column(e).await).await
+    }
+
     /// A statement that failed the way DDL on the table makes it fail (a column gone, a cached
     /// plan whose result type changed, an operator or a cast that no longer fits the key): when
     /// a pinned thing did change (`pin`), that is the error, naming it; otherwise `e`.
@@ -323,12 +337,17 @@ impl Batcher<'_> {
         if !e.sqlstate().is_some_and(|code| ddl.contains(&code)) {
             return e;
         }
-        match self.pinned.found(self.pool).await {
-            Ok(found) => match self.pinned.drift(&found) {
-                Some(drift) => drift.error(&self.lease.job, self.table),
-                None => e,
-            },
-            Err(_) => e,
+        let Ok(mut conn) = self.pool.acquire().await else {
+            return e;
+        };
+        let found = self.pinned.found(&mut *conn).await;
+        let drift = match found {
+            Ok(found) => self.pinned.check(&mut conn, &found).await,
+            Err(err) => Err(err),
+        };
+        match drift {
+            Ok(Some(drift)) => drift.error(&self.lease.job, self.table),
+            _ => e,
         }
     }
 
@@ -495,18 +514,28 @@ impl Batcher<'_> {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(self.sql_err("writing the checkpoint"))?;
-        let Some((requested, total_changed, waiters, names, types, oids, keys, rls, inherited)) =
-            row
+        let Some((
+            requested,
+            total_changed,
+            waiters,
+            names,
+            types,
+            oids,
+            fingerprint,
+            rls,
+            inherited,
+        )) = row
         else {
             return Err(self.checkpoint_refused(conn, from.flatten()).await);
         };
         let found = Found {
             oids,
-            keys,
+            fingerprint,
             row_security: rls,
             inherited,
         };
-        if let Some(drift) = self.pinned.drift(&found) {
+        let drift = self.pinned.check(&mut *conn, &found).await;
+        if let Some(drift) = drift.map_err(self.sql_err("reading the table's key"))? {
             return Err(drift.error(&self.lease.job, self.table));
         }
         if let Some(changed) = watched.and_then(|w| self.table_changed(w, names, types)) {

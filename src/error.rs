@@ -182,7 +182,7 @@ impl JobError {
                     job: job.into(),
                     table: table.into(),
                     step,
-                    retryable: is_transient_sqlstate(&code),
+                    retryable: is_transient_sqlstate(&code) || is_stale_plan(&code, db.message()),
                     message: db.message().to_owned(),
                     code,
                 }
@@ -306,6 +306,20 @@ impl JobError {
 /// database not there, 3D000): a password rotation, an expiring token or a failover's `pg_hba`
 /// reload refuses new sessions for a moment; a lasting refusal still fails the job once its
 /// attempts are used up.
+/// A statement kept prepared on a connection whose result type DDL changed (a key column given
+/// another collation, which its text output carries): the connection must forget its
+/// statements, and the batch is retried (`batch::Batcher`).
+pub fn is_stale_plan(code: &str, message: &str) -> bool {
+    code == "0A000" && message.starts_with("cached plan must not change result type")
+}
+
+impl JobError {
+    /// See [`is_stale_plan`].
+    pub fn is_stale_plan(&self) -> bool {
+        matches!(self, Self::Sql { code, message, .. } if is_stale_plan(code, message))
+    }
+}
+
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(
         code,

@@ -40,6 +40,9 @@ pub struct Sites {
     pub key_names: Vec<String>,
     pub keyed: Option<u32>,
     pub written: u32,
+    /// The key columns' raw fingerprint (`key_fingerprint!`) when pinned: a checkpoint reads
+    /// only that, and the full `key_identity!` when it differs.
+    pub fingerprint: Vec<String>,
 }
 
 /// What the pinned things are now: the oids the names resolve to (0: none), the key columns,
@@ -47,7 +50,8 @@ pub struct Sites {
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Found {
     pub oids: Vec<i64>,
-    pub keys: Vec<String>,
+    /// `key_fingerprint!`: column number, type and collation oids.
+    pub fingerprint: Vec<String>,
     pub row_security: bool,
     pub inherited: bool,
 }
@@ -78,8 +82,34 @@ macro_rules! key_identity {
                           CASE WHEN t.typname IN ('int2', 'int4', 'int8') THEN 'an integer'
                                WHEN t.typname IN ('text', 'varchar') THEN 'text'
                                ELSE format_type(a.atttypid, NULL) END,
-                          CASE WHEN a.attcollation <> 0
-                               THEN ' collate ' || quote_ident(co.collname) ELSE '' END),
+                          CASE WHEN a.attcollation = 0 THEN '' ELSE (
+                            -- What the collation sorts by, not its name: the database's default
+                            -- named explicitly, or C for C.UTF-8 (both code point order), is no
+                            -- change. Read through to_jsonb: the columns differ by version.
+                            SELECT ' sorted by '
+                                   || CASE WHEN l.provider = 'libc'
+                                                AND l.locale IN ('c', 'posix', 'c.utf8')
+                                           THEN 'code point' ELSE l.provider || ' ' || l.locale END
+                                   || l.extra
+                            FROM (SELECT 1 AS o,
+                                         CASE c ->> 'collprovider' WHEN 'i' THEN 'icu'
+                                              ELSE 'libc' END AS provider,
+                                         lower(replace(coalesce(c ->> 'colliculocale',
+                                               c ->> 'colllocale', c ->> 'collcollate'), '-', ''))
+                                           AS locale,
+                                         CASE WHEN (c ->> 'collisdeterministic')::bool THEN ''
+                                              ELSE ' (nondeterministic)' END AS extra
+                                  FROM (SELECT to_jsonb(co) AS c) x
+                                  WHERE c ->> 'collprovider' <> 'd'
+                                  UNION ALL
+                                  SELECT 2, CASE d ->> 'datlocprovider' WHEN 'i' THEN 'icu'
+                                                 ELSE 'libc' END,
+                                         lower(replace(coalesce(d ->> 'daticulocale',
+                                               d ->> 'datlocale', d ->> 'datcollate'), '-', '')),
+                                         ''
+                                  FROM (SELECT to_jsonb(db) AS d FROM pg_database db
+                                        WHERE db.datname = current_database()) y
+                                  ORDER BY 1 LIMIT 1) l) END),
                           k.name || ': gone')
       FROM unnest(",
             $names,
@@ -90,6 +120,25 @@ macro_rules! key_identity {
                               AND a.attnum > 0 AND NOT a.attisdropped
       LEFT JOIN pg_type t ON t.oid = a.atttypid
       LEFT JOIN pg_collation co ON co.oid = a.attcollation
+      ORDER BY k.i)"
+        )
+    };
+}
+
+/// One text per key column: its number, type and collation as oids. Cheap enough for every
+/// checkpoint; when it differs from the pinned one, `key_identity!` says whether the walk's
+/// order changed (`int` to `bigint` does not).
+macro_rules! key_fingerprint {
+    ($names:literal, $oid:literal) => {
+        concat!(
+            "ARRAY(SELECT coalesce(concat_ws(':', a.attnum, a.atttypid, a.attcollation), '')
+      FROM unnest(",
+            $names,
+            "::text[]) WITH ORDINALITY AS k(name, i)
+      LEFT JOIN pg_attribute a ON a.attrelid = ",
+            $oid,
+            "::int8::oid AND a.attname = k.name
+                              AND a.attnum > 0 AND NOT a.attisdropped
       ORDER BY k.i)"
         )
     };
@@ -106,8 +155,8 @@ macro_rules! found_sql {
             $names,
             "::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i) AS oids,
   ",
-            $crate::pin::key_identity!($keys, $keyed),
-            " AS keys,
+            $crate::pin::key_fingerprint!($keys, $keyed),
+            " AS fingerprint,
   coalesce(row_security_active(",
             $written,
             "::int8::oid), false) AS row_security,
@@ -119,7 +168,7 @@ macro_rules! found_sql {
         )
     };
 }
-pub(crate) use {found_sql, key_identity};
+pub(crate) use {found_sql, key_fingerprint};
 
 impl Pinned {
     /// The pins of a job on `target` (an insert's source) and `into` (the table an insert
@@ -137,6 +186,7 @@ impl Pinned {
             keyed: walked_keys.is_some().then_some(target.oid),
             key_names: walked_keys.unwrap_or_default(),
             written: into.unwrap_or(target).oid,
+            fingerprint: Vec::new(),
         };
         Self::now(conn, tables, sites).await
     }
@@ -161,10 +211,38 @@ impl Pinned {
             sites,
             ..Default::default()
         };
-        let found = pinned.found(conn).await?;
-        pinned.keys = found.keys;
+        let found = pinned.found(&mut *conn).await?;
+        pinned.keys = pinned.identity(conn).await?;
+        pinned.sites.fingerprint = found.fingerprint;
         pinned.row_security = found.row_security;
         Ok(pinned)
+    }
+
+    /// The walked key's columns as the walk sorts them now (`key_identity!`).
+    async fn identity<'e>(&self, conn: impl sqlx::PgExecutor<'e>) -> sqlx::Result<Vec<String>> {
+        crate::sql::query_scalar(concat!("SELECT ", key_identity!("$1", "$2")))
+            .bind(&self.sites.key_names)
+            .bind(self.sites.keyed.map(i64::from))
+            .fetch_one(conn)
+            .await
+    }
+
+    /// How `found` (by a checkpoint in the batch's transaction, on `conn`, or after a batch
+    /// failed) differs from these pins; the key's full identity is read on `conn` only when its
+    /// fingerprint changed.
+    pub async fn check(
+        &self,
+        conn: &mut PgConnection,
+        found: &Found,
+    ) -> sqlx::Result<Option<Drift>> {
+        if let Some(drift) = self.drift(found) {
+            return Ok(Some(drift));
+        }
+        if self.keys.is_empty() || found.fingerprint == self.sites.fingerprint {
+            return Ok(None);
+        }
+        let keys = self.identity(conn).await?;
+        Ok(self.changed(&keys, false))
     }
 
     /// What the pinned things are now, read outside any batch (after a batch failed).
@@ -183,8 +261,8 @@ impl Pinned {
         self.tables.iter().map(|(n, _)| n.as_str()).collect()
     }
 
-    /// How `found` (by a checkpoint, in the batch's transaction) differs from these pins.
-    pub fn drift(&self, found: &Found) -> Option<Drift> {
+    /// How `found` differs from these pins, the key aside (`check`).
+    fn drift(&self, found: &Found) -> Option<Drift> {
         let replaced = self
             .tables
             .iter()
@@ -197,7 +275,8 @@ impl Pinned {
                 now: oid_text(*now),
             });
         }
-        self.changed(&found.keys, found.row_security)
+        (found.row_security && !self.row_security)
+            .then_some(Drift::RowSecurity)
             .or_else(|| found.inherited.then_some(Drift::Inherited))
     }
 

@@ -1243,7 +1243,8 @@ async fn paused_two_batches_in(db: &Db, name: &str) {
 }
 
 /// A key retyped while the job is paused: `int` to `bigint` sorts and prints alike, and the
-/// job goes on, every row once; `int` to `text` does not (the cursor '1000' would sort before
+/// job goes on, every row once; so does a text key given, by name, the collation the database
+/// sorts it by already. `int` to `text` does not sort alike (the cursor '1000' would sort before
 /// '999'), and the resumed job stops before any batch, naming the key. Before, it succeeded
 /// with rows skipped, and with `n = n + 1` rows changed twice.
 #[sqlx::test]
@@ -1253,10 +1254,25 @@ async fn a_key_retyped_while_paused_is_followed_only_where_it_sorts_alike(pool: 
         "CREATE TABLE wide (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
          INSERT INTO wide (id) SELECT generate_series(1, 3000);
          CREATE TABLE texty (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO texty (id) SELECT generate_series(1, 3000);",
+         INSERT INTO texty (id) SELECT generate_series(1, 3000);
+         CREATE TABLE named (id text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO named (id) SELECT 'k' || g FROM generate_series(1, 3000) g;",
     )
     .await;
-    for table in ["wide", "texty"] {
+    // The database's own locale, under a collation's name.
+    let locale = db
+        .scalar_text("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+        .await;
+    db.exec(&format!(
+        "CREATE COLLATION same_as_default (provider = libc, locale = '{locale}')"
+    ))
+    .await;
+    let retypes = [
+        ("wide", "bigint"),
+        ("texty", "text"),
+        ("named", "text COLLATE same_as_default"),
+    ];
+    for (table, retype) in retypes {
         NewJob::new(&format!("bump_{table}"), table)
             .predicate("true")
             .set("n = n + 1")
@@ -1266,7 +1282,6 @@ async fn a_key_retyped_while_paused_is_followed_only_where_it_sorts_alike(pool: 
             .await;
         let mut daemon = db.daemon().max_batch(100).spawn();
         paused_two_batches_in(&db, &format!("bump_{table}")).await;
-        let retype = if table == "wide" { "bigint" } else { "text" };
         db.exec(&format!(
             "ALTER TABLE {table} ALTER COLUMN id TYPE {retype}"
         ))
@@ -1279,20 +1294,23 @@ async fn a_key_retyped_while_paused_is_followed_only_where_it_sorts_alike(pool: 
         daemon.signal("TERM");
         daemon.wait(std::time::Duration::from_secs(15)).await;
     }
-    let wide = db.job("bump_wide").await;
-    assert_eq!(wide.state, "succeeded", "{:?}", wide.last_error);
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM wide WHERE n = 1").await,
-        3000,
-        "every row once"
-    );
+    for table in ["wide", "named"] {
+        let job = db.job(&format!("bump_{table}")).await;
+        assert_eq!(job.state, "succeeded", "{table}: {:?}", job.last_error);
+        assert_eq!(
+            db.scalar_i64(&format!("SELECT count(*) FROM {table} WHERE n = 1"))
+                .await,
+            3000,
+            "{table}: every row once"
+        );
+    }
     let texty = db.job("bump_texty").await;
     assert_eq!(texty.state, "failed");
     let error = texty.last_error.unwrap_or_default();
     assert!(
         error.contains(
             "the key changed since the job planned (then id: column 1, an integer; now id: \
-             column 1, text collate"
+             column 1, text sorted by"
         ),
         "{error}"
     );
@@ -1327,7 +1345,7 @@ async fn a_key_recollated_or_a_child_attached_mid_run_stops_the_job(pool: PgPool
     let cases = [
         (
             "coded",
-            "ALTER TABLE coded ALTER COLUMN code TYPE text COLLATE \"C\"",
+            "ALTER TABLE coded ALTER COLUMN code TYPE text COLLATE \"und-x-icu\"",
             "the key changed",
         ),
         (
@@ -1375,51 +1393,60 @@ async fn row_security_enabled_mid_run_stops_the_job(pool: PgPool) {
     let db = Db::new(pool).await;
     let role = db.cluster_unique("bfrlsmid").await;
     db.exec(&format!(
-        "CREATE TABLE tenants (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO tenants (id) SELECT generate_series(1, 3000);
-         CREATE ROLE {role} LOGIN PASSWORD 'rls';
+        "CREATE ROLE {role} LOGIN PASSWORD 'rls';
          GRANT USAGE ON SCHEMA backfill TO {role};
          GRANT ALL ON ALL TABLES IN SCHEMA backfill TO {role};
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};
-         GRANT SELECT, UPDATE ON tenants TO {role};"
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA backfill TO {role};"
     ))
     .await;
-    NewJob::new("bump_tenants", "tenants")
-        .predicate("true")
-        .set("n = n + 1")
-        .raw("archive", "false")
-        .raw("batch_size", "100")
-        .raw("sleep_ms", "100")
-        .insert(&db)
+    // A policy that hides half the rows (a later batch's checkpoint sees it), and one that hides
+    // every row left (no batch follows: the walk ended as if done, "succeeded").
+    for (table, policy) in [("halves", "id % 2 = 1"), ("hides", "false")] {
+        db.exec(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+             INSERT INTO {table} (id) SELECT generate_series(1, 3000);
+             GRANT SELECT, UPDATE ON {table} TO {role};"
+        ))
         .await;
-    let mut daemon = db
-        .daemon()
-        .database_url(&db.url_as(&role, "rls"))
-        .max_batch(100)
-        .until_idle()
-        .spawn();
-    db.wait_for("bump_tenants", "two batches", |r| r.batches >= 2)
+        let name = format!("bump_{table}");
+        NewJob::new(&name, table)
+            .predicate("true")
+            .set("n = n + 1")
+            .raw("archive", "false")
+            .raw("batch_size", "100")
+            .raw("sleep_ms", "100")
+            .insert(&db)
+            .await;
+        let mut daemon = db
+            .daemon()
+            .database_url(&db.url_as(&role, "rls"))
+            .max_batch(100)
+            .until_idle()
+            .spawn();
+        db.wait_for(&name, "two batches", |r| r.batches >= 2).await;
+        db.exec(&format!(
+            "ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p ON {table} USING ({policy});"
+        ))
         .await;
-    db.exec(
-        "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
-         CREATE POLICY odd ON tenants USING (id % 2 = 1);",
-    )
-    .await;
-    daemon.wait_ok().await;
-    let job = db.job("bump_tenants").await;
-    assert_eq!(job.state, "failed", "{job:?}");
-    let error = job.last_error.unwrap_or_default();
-    assert!(
-        error.contains("row-level security hides rows of the table from the daemon's role"),
-        "{error}"
-    );
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM tenants WHERE n = 1")
-            .await,
-        job.rows_changed
-    );
+        daemon.wait_ok().await;
+        let job = db.job(&name).await;
+        assert_eq!(job.state, "failed", "{table}: {job:?}");
+        let error = job.last_error.unwrap_or_default();
+        assert!(
+            error.contains("row-level security hides rows of the table from the daemon's role"),
+            "{table}: {error}"
+        );
+        assert_eq!(
+            db.scalar_i64(&format!("SELECT count(*) FROM {table} WHERE n = 1"))
+                .await,
+            job.rows_changed,
+            "{table}"
+        );
+        db.exec(&format!("DROP TABLE {table}")).await;
+    }
     db.exec(&format!(
-        "DROP TABLE tenants; REVOKE ALL ON ALL TABLES IN SCHEMA backfill FROM {role};
+        "REVOKE ALL ON ALL TABLES IN SCHEMA backfill FROM {role};
          REVOKE ALL ON ALL SEQUENCES IN SCHEMA backfill FROM {role};
          REVOKE ALL ON SCHEMA backfill FROM {role}; DROP ROLE {role};"
     ))
