@@ -123,7 +123,7 @@ pub enum JobError {
     #[error(
         "job {job} on {table}: {name} is not the table this job planned and started on (oid \
          {planned} then, {now} now): it was renamed or dropped and another table took its name. \
-         The job stops here (its last batch rolled back), since its frozen bound, checkpoint and \
+         The job stops before changing anything more (a batch that found it rolled back), since its frozen bound, checkpoint and \
          archive belong to the old table; to change the table that has the name now, insert the \
          job again under a new name"
     )]
@@ -139,7 +139,7 @@ pub enum JobError {
     /// its key retyped or re-collated, row-level security hiding rows, an inheritance child);
     /// the batch that found it rolled back.
     #[error(
-        "job {job} on {table}: {what}. The job stops here (its last batch rolled back); to change \
+        "job {job} on {table}: {what}. The job stops before changing anything more (a batch that found it rolled back); to change \
          the table as it is now, insert the job again under a new name"
     )]
     TableAltered {

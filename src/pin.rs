@@ -78,7 +78,8 @@ pub enum Drift {
 macro_rules! key_identity {
     ($names:literal, $oid:literal) => {
         concat!(
-            "ARRAY(SELECT coalesce(format('%s: column %s, %s%s', a.attname, a.attnum,
+            "ARRAY(SELECT CASE WHEN a.attnum IS NULL THEN k.name || ': gone (dropped or renamed)'
+                          ELSE format('%s: column %s, %s%s', a.attname, a.attnum,
                           CASE WHEN t.typname IN ('int2', 'int4', 'int8') THEN 'an integer'
                                WHEN t.typname IN ('text', 'varchar') THEN 'text'
                                ELSE format_type(a.atttypid, NULL) END,
@@ -109,8 +110,7 @@ macro_rules! key_identity {
                                          ''
                                   FROM (SELECT to_jsonb(db) AS d FROM pg_database db
                                         WHERE db.datname = current_database()) y
-                                  ORDER BY 1 LIMIT 1) l) END),
-                          k.name || ': gone')
+                                  ORDER BY 1 LIMIT 1) l) END) END
       FROM unnest(",
             $names,
             "::text[]) WITH ORDINALITY AS k(name, i)

@@ -1184,6 +1184,36 @@ async fn a_revert_follows_columns_renamed_after_the_job(pool: PgPool) {
     );
 }
 
+/// A column dropped after an archived delete, and another renamed into its name: the revert puts
+/// the renamed column's values back under its new name, not the dropped column's (they went
+/// into the newcomer, matched by name).
+#[sqlx::test]
+async fn a_revert_does_not_restore_a_dropped_column_into_one_that_took_its_name(pool: PgPool) {
+    let db = Db::new(pool).await;
+    db.exec(
+        "CREATE TABLE reused (id int PRIMARY KEY, a text, b text);
+         INSERT INTO reused SELECT g, 'a' || g, 'b' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    NewJob::new("purge_reused", "reused")
+        .raw("action", "'delete'")
+        .predicate("id % 3 = 0")
+        .raw("archive", "true")
+        .insert(&db)
+        .await;
+    db.daemon().until_idle().spawn().wait_ok().await;
+    db.exec("ALTER TABLE reused DROP COLUMN a; ALTER TABLE reused RENAME COLUMN b TO a;")
+        .await;
+    let reverted = db.revert("purge_reused").await;
+    assert_eq!(reverted.state, "succeeded", "{:?}", reverted.last_error);
+    assert_eq!(reverted.rows_changed, 100);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM reused WHERE a = 'b' || id")
+            .await,
+        300
+    );
+}
+
 /// The revert of a job whose table was swapped for another since (renamed in under the name)
 /// refuses: its images belong to the table the job changed (it reverted the newcomer's rows,
 /// and left the job's table as it was). With the pin cleared, as for a table restored from a

@@ -366,8 +366,15 @@ impl ArchiveTable {
         let numbered = numbered_columns(conn, target.oid).await?;
         let renamed_to = |c: &ArchiveColumn| {
             let (_, attnum) = c.origin.filter(|(t, _)| *t == target.oid)?;
-            let now = &numbered.iter().find(|(n, _)| *n == attnum)?.1;
-            (*now != c.name).then(|| now.clone())
+            match numbered.iter().find(|(n, _)| *n == attnum) {
+                Some((_, now)) => (*now != c.name).then(|| now.clone()),
+                // Its column was dropped, and another took the name since: the images are the
+                // dropped column's, which must not go back into the newcomer.
+                None => numbered
+                    .iter()
+                    .any(|(_, name)| *name == c.name)
+                    .then(|| format!("{} (dropped column {attnum})", c.name)),
+            }
         };
         let mut renames: Vec<(String, String)> = self
             .columns
