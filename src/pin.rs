@@ -72,6 +72,22 @@ pub enum Drift {
     Inherited,
 }
 
+/// The key names `$names` (`k.name`, in order `k.i`) with their columns of table `$oid` (`a`,
+/// NULL for a name the table no longer has): the rows both key expressions read.
+macro_rules! key_columns {
+    ($names:literal, $oid:literal) => {
+        concat!(
+            "unnest(",
+            $names,
+            "::text[]) WITH ORDINALITY AS k(name, i)
+      LEFT JOIN pg_attribute a ON a.attrelid = ",
+            $oid,
+            "::int8::oid AND a.attname = k.name
+                              AND a.attnum > 0 AND NOT a.attisdropped"
+        )
+    };
+}
+
 /// One text per key column of a table, as the walk sorts it: its name, number, sort family (the
 /// integer types sort and print alike, so `int` to `bigint` is no change; so do `text` and
 /// `varchar`) and collation. Arguments: the placeholders of the key names and the table's oid.
@@ -111,13 +127,9 @@ macro_rules! key_identity {
                                   FROM (SELECT to_jsonb(db) AS d FROM pg_database db
                                         WHERE db.datname = current_database()) y
                                   ORDER BY 1 LIMIT 1) l) END) END
-      FROM unnest(",
-            $names,
-            "::text[]) WITH ORDINALITY AS k(name, i)
-      LEFT JOIN pg_attribute a ON a.attrelid = ",
-            $oid,
-            "::int8::oid AND a.attname = k.name
-                              AND a.attnum > 0 AND NOT a.attisdropped
+      FROM ",
+            key_columns!($names, $oid),
+            "
       LEFT JOIN pg_type t ON t.oid = a.atttypid
       LEFT JOIN pg_collation co ON co.oid = a.attcollation
       ORDER BY k.i)"
@@ -132,13 +144,9 @@ macro_rules! key_fingerprint {
     ($names:literal, $oid:literal) => {
         concat!(
             "ARRAY(SELECT coalesce(concat_ws(':', a.attnum, a.atttypid, a.attcollation), '')
-      FROM unnest(",
-            $names,
-            "::text[]) WITH ORDINALITY AS k(name, i)
-      LEFT JOIN pg_attribute a ON a.attrelid = ",
-            $oid,
-            "::int8::oid AND a.attname = k.name
-                              AND a.attnum > 0 AND NOT a.attisdropped
+      FROM ",
+            $crate::pin::key_columns!($names, $oid),
+            "
       ORDER BY k.i)"
         )
     };
@@ -168,7 +176,7 @@ macro_rules! found_sql {
         )
     };
 }
-pub(crate) use {found_sql, key_fingerprint};
+pub(crate) use {found_sql, key_columns, key_fingerprint};
 
 impl Pinned {
     /// The pins of a job on `target` (an insert's source) and `into` (the table an insert

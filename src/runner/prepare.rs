@@ -18,7 +18,7 @@ impl Attempt<'_> {
         };
         let (validated, source_archive) = if spec.action == Action::Revert {
             let table = ("table_name", spec.table_name.as_str());
-            let name = self.archive_name(&mut conn, &spec).await?;
+            let (name, pinned) = self.archive_name(&mut conn, &spec).await?;
             let archived_keys = match &spec.key_columns {
                 Some(_) => None,
                 None => ArchiveTable::insert_keys(&mut conn, &self.ctx.names, &name)
@@ -27,8 +27,7 @@ impl Attempt<'_> {
             };
             let keys = spec.key_columns.as_deref().or(archived_keys.as_deref());
             let target = scope.resolve(&mut conn, &spec.name, table, keys).await?;
-            self.same_table_as_the_job(&mut conn, &spec, &target)
-                .await?;
+            self.same_table_as_the_job(&spec, &pinned, &target)?;
             let archive = self
                 .source_archive(&mut conn, &spec, &name, &target)
                 .await?;
@@ -87,28 +86,16 @@ impl Attempt<'_> {
         })
     }
 
-    /// The name of the archive of the job a revert undoes, checked to be that job's own.
     /// A revert restores into the table the reverted job changed, not another one that took
-    /// its name since (renamed in, or created again): the job's plan pinned its oid.
-    async fn same_table_as_the_job(
+    /// its name since (renamed in, or created again): the job's plan pinned its oid (`pinned`,
+    /// read with the archive's name).
+    fn same_table_as_the_job(
         &self,
-        conn: &mut sqlx::PgConnection,
         spec: &JobSpec,
+        pinned: &Pinned,
         target: &Target,
     ) -> Result<(), JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let plan: Option<Value> = crate::sql::query_scalar(
-            &self
-                .ctx
-                .names
-                .render("SELECT plan FROM {jobs} WHERE name = $1"),
-        )
-        .bind(original)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(self.err("reading the reverted job's plan"))?
-        .flatten();
-        let pinned = Pinned::stored(plan.as_ref());
         let planned = pinned
             .tables
             .iter()
@@ -132,23 +119,25 @@ impl Attempt<'_> {
         }
     }
 
+    /// The name of the archive of the job a revert undoes, checked to be that job's own, and
+    /// what that job pinned when it planned.
     async fn archive_name(
         &self,
         conn: &mut sqlx::PgConnection,
         spec: &JobSpec,
-    ) -> Result<String, JobError> {
+    ) -> Result<(String, Pinned), JobError> {
         let original = spec.reverts.as_deref().unwrap_or_default();
-        let found: Option<(i64, Option<String>)> = crate::sql::query_as(
+        let found: Option<(i64, Option<String>, Option<Value>)> = crate::sql::query_as(
             &self
                 .ctx
                 .names
-                .render("SELECT id, archive_table FROM {jobs} WHERE name = $1"),
+                .render("SELECT id, archive_table, plan FROM {jobs} WHERE name = $1"),
         )
         .bind(original)
         .fetch_optional(&mut *conn)
         .await
         .map_err(self.err("finding the reverted job"))?;
-        let Some((original_id, Some(name))) = found else {
+        let Some((original_id, Some(name), plan)) = found else {
             return Err(JobError::invalid(
                 &spec.name,
                 format!("job {original} has no archive to revert (archive was off, or it expired)"),
@@ -160,7 +149,7 @@ impl Attempt<'_> {
                 format!("archive_table {name:?} of job {original} is not that job's archive"),
             ));
         }
-        Ok(name)
+        Ok((name, Pinned::stored(plan.as_ref())))
     }
 
     /// The archive `name` of the job a revert undoes (`ready_for_revert` indexes and vacuums it).
