@@ -354,12 +354,8 @@ async fn wait_times_out_on_a_running_job(pool: PgPool) {
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
 
-/// A gate passed a job whose change a revert had undone: `wait fill && DROP COLUMN old` would
-/// have run against restored rows. Now a revert that is queued, running, or has restored rows
-/// fails the gate, naming it; one that failed before restoring anything does not.
-#[sqlx::test]
-async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
-    let db = Db::new(pool).await;
+/// 50 rows of `items` filled by the archived job `fill`, run to its end.
+async fn filled_items(db: &Db) {
     db.exec(
         "CREATE TABLE items (id int PRIMARY KEY, s text);
          INSERT INTO items SELECT g, NULL FROM generate_series(1, 50) g;",
@@ -369,9 +365,18 @@ async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
         .predicate("s IS NULL")
         .set("s = 'x'")
         .raw("archive", "true")
-        .insert(&db)
+        .insert(db)
         .await;
     db.daemon().until_idle().spawn().wait_ok().await;
+}
+
+/// A gate passed a job whose change a revert had undone: `wait fill && DROP COLUMN old` would
+/// have run against restored rows. Now a revert that is queued, running, or has restored rows
+/// fails the gate, naming it; one that failed before restoring anything does not.
+#[sqlx::test]
+async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
+    let db = Db::new(pool).await;
+    filled_items(&db).await;
     assert_eq!(run(&db, &["wait", "fill"]).await.status.code(), Some(0));
 
     assert!(run(&db, &["revert", "fill"]).await.status.success());
@@ -408,18 +413,7 @@ async fn wait_fails_a_job_whose_change_a_revert_undoes(pool: PgPool) {
 #[sqlx::test]
 async fn wait_counts_a_partial_revert_behind_an_empty_one(pool: PgPool) {
     let db = Db::new(pool).await;
-    db.exec(
-        "CREATE TABLE items (id int PRIMARY KEY, s text);
-         INSERT INTO items SELECT g, NULL FROM generate_series(1, 50) g;",
-    )
-    .await;
-    NewJob::new("fill", "public.items")
-        .predicate("s IS NULL")
-        .set("s = 'x'")
-        .raw("archive", "true")
-        .insert(&db)
-        .await;
-    db.daemon().until_idle().spawn().wait_ok().await;
+    filled_items(&db).await;
     // The first revert as a cancel mid-run leaves it: 20 rows restored, then cancelled (set
     // here rather than raced); the second is cancelled before it runs.
     assert!(run(&db, &["revert", "fill"]).await.status.success());
