@@ -83,17 +83,12 @@ async fn rules(pool: &Db, target: &Target, event: Event) -> sqlx::Result<Option<
     .await
 }
 
-/// The connected role, when row-level security applies to it on `target`: enabled, and the role
-/// neither a superuser nor `BYPASSRLS`, nor the owner unless the table forces it on its owner.
+/// The connected role, when row-level security applies to it on `target` (enabled, and the role
+/// neither a superuser nor `BYPASSRLS`, nor the owner unless the table forces it on its owner):
+/// PostgreSQL's own `row_security_active`, which the job's pins compare too (`pin`).
 async fn row_security(pool: &Db, target: &Target) -> sqlx::Result<Option<String>> {
-    crate::sql::query_scalar(
-        "SELECT current_user::text
-         FROM pg_class c, pg_roles r
-         WHERE c.oid = $1::oid AND r.rolname = current_user AND c.relrowsecurity
-           AND NOT r.rolsuper AND NOT r.rolbypassrls
-           AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))",
-    )
-    .bind(target.oid as i64)
-    .fetch_optional(pool)
-    .await
+    crate::sql::query_scalar("SELECT current_user::text WHERE row_security_active($1::int8::oid)")
+        .bind(target.oid as i64)
+        .fetch_optional(pool)
+        .await
 }
